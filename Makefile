@@ -1,0 +1,59 @@
+# Two commands on a fresh clone: `make pipeline` (the whole DAG) and `make test` (the suite).
+# Both create .venv, install torch and the project, and build the C++/CUDA extension.
+PYTHON ?= python3
+VENV ?= .venv
+# CUDA users: make pipeline TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= all
+SNAKEMAKE_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_STAMP := $(VENV)/.torch-installed
+DEPS_STAMP := $(VENV)/.deps-installed
+EXT_STAMP := $(VENV)/.ext-built
+KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
+
+.PHONY: setup pipeline test lint bench dag clean-results mlflow-ui
+
+setup: $(EXT_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(TORCH_STAMP): $(PY)
+	$(PIP) install --quiet $(TORCH_SPEC)
+	touch $@
+
+# --no-build-isolation: an isolated build would fetch another torch.
+$(DEPS_STAMP): $(TORCH_STAMP) pyproject.toml constraints.txt
+	$(PIP) install --quiet setuptools wheel ninja -c constraints.txt
+	$(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) setup.py $(KERNEL_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+pipeline: setup
+	$(VENV)/bin/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/snakemake --lint
+
+bench: setup
+	$(PY) benchmarks/attention.py
+
+dag: setup
+	$(VENV)/bin/snakemake --dag | dot -Tsvg > dag.svg
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean-results:
+	rm -rf results logs .resume .snakemake/metadata
