@@ -11,7 +11,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 cpu_sources = sorted(glob.glob("csrc/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/*.cu"))
-use_cuda = bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("PIPELINE_NO_CUDA") != "1"
+use_cuda = (
+    bool(cuda_sources) and CUDA_HOME is not None and os.environ.get("PIPELINE_NO_CUDA") != "1"
+)
 
 cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
 extension_cls = CUDAExtension if use_cuda else CppExtension

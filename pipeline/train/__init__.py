@@ -1,0 +1,31 @@
+"""One training loop for every stage: ``fit`` plus its config, schedule, devices and resume."""
+
+from pipeline.train.device import measure_peak_flops, pick_device
+from pipeline.train.loop import (
+    Batches,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainLogger,
+    TrainResult,
+    configure_optimizer,
+    fit,
+    perplexity,
+)
+from pipeline.train.schedule import lr_at
+from pipeline.train.state import clear_resume_state, read_resume_meta
+
+__all__ = [
+    "Batches",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainLogger",
+    "TrainResult",
+    "clear_resume_state",
+    "configure_optimizer",
+    "fit",
+    "lr_at",
+    "measure_peak_flops",
+    "perplexity",
+    "pick_device",
+    "read_resume_meta",
+]

@@ -1,0 +1,109 @@
+"""The pipeline DAG: download -> prepare -> pretrain.
+
+Each rule runs one `python -m pipeline <stage>` entry point on the resolved config; the stage's
+config section is a rule `params` entry, so changing it reruns that stage and what depends on it.
+"""
+
+import os
+import sys
+
+from pipeline.config import validate, write_config
+from pipeline.paths import Paths
+from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
+
+
+configfile: "config.yaml"
+
+
+envvars:
+    "PATH",
+
+
+validate(config, source="Snakemake config (config.yaml + --configfile/--config)")
+
+PATHS = Paths.from_config(config)
+RESOLVED_CONFIG = str(PATHS.results / "config.resolved.yaml")
+write_config(config, RESOLVED_CONFIG)
+# Jobs run `python` from the environment that runs Snakemake, whether or not it is activated.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+TRACKING = config["tracking"]
+STAGES_WITH_METRICS = {"pretrain": PATHS.stage("pretrain") / "metrics.json"}
+
+
+onstart:
+    os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING["uri"], TRACKING["experiment"])
+
+
+onsuccess:
+    if PARENT_RUN_ENV in os.environ:
+        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], True, STAGES_WITH_METRICS)
+
+
+onerror:
+    if PARENT_RUN_ENV in os.environ:
+        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], False, STAGES_WITH_METRICS)
+
+
+rule all:
+    input:
+        STAGES_WITH_METRICS["pretrain"],
+    default_target: True
+
+
+rule download:
+    output:
+        [str(PATHS.source(s["name"])) for s in config["data"]["sources"]],
+    params:
+        sources=config["data"]["sources"],
+        mirrors=config["data"]["mirrors"],
+        config=RESOLVED_CONFIG,
+    log:
+        "logs/download.log",
+    benchmark:
+        "logs/benchmarks/download.tsv"
+    threads: 1
+    shell:
+        "python -m pipeline download --config {params.config} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        corpus=[str(PATHS.source(name)) for name in config["prepare"]["corpus"]],
+        bpe=[str(PATHS.bpe / "encoder.json"), str(PATHS.bpe / "vocab.bpe")],
+    output:
+        train=str(PATHS.tokens / "train.bin"),
+        val=str(PATHS.tokens / "val.bin"),
+        meta=str(PATHS.tokens / "meta.json"),
+    params:
+        prepare=config["prepare"],
+        config=RESOLVED_CONFIG,
+    log:
+        "logs/prepare.log",
+    benchmark:
+        "logs/benchmarks/prepare.tsv"
+    threads: 1
+    shell:
+        "python -m pipeline prepare --config {params.config} > {log} 2>&1"
+
+
+rule pretrain:
+    input:
+        rules.prepare.output,
+    output:
+        model=directory(str(PATHS.stage("pretrain") / "model")),
+        metrics=str(PATHS.stage("pretrain") / "metrics.json"),
+        curves=str(PATHS.stage("pretrain") / "loss.png"),
+        samples=str(PATHS.stage("pretrain") / "samples.txt"),
+    params:
+        model=config["model"],
+        pretrain=config["pretrain"],
+        seed=config["seed"],
+        device=config["device"],
+        config=RESOLVED_CONFIG,
+    log:
+        "logs/pretrain.log",
+    benchmark:
+        "logs/benchmarks/pretrain.tsv"
+    threads: workflow.cores
+    shell:
+        "python -m pipeline pretrain --config {params.config} --threads {threads} > {log} 2>&1"

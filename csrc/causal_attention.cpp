@@ -1,0 +1,390 @@
+// Fused causal attention for CPU: the `pipeline::causal_attention_fwd/bwd` operators.
+//
+//   out = softmax(Q K^T / sqrt(D) + causal mask) V,   lse = logsumexp of each score row
+//
+// FlashAttention-style: queries and keys are processed in 64 x 64 tiles with an online
+// softmax, so no T x T matrix is ever materialised; tiles above the diagonal are skipped and
+// only the diagonal tile is masked. The forward keeps `out` and the per-row `lse`; the
+// backward recomputes the probabilities tile by tile from them. The tile kernels live in
+// causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512; the
+// widest one the CPU supports is used (environment variable PIPELINE_CPU_CAPABILITY =
+// default | avx2 | avx512 caps the choice, e.g. to test the narrower code paths).
+//
+// Work split (at::parallel_for): the forward over (batch*head, query tile) items, the
+// backward over batch*head items. Each item is computed by one thread in a fixed order, so
+// results are bitwise identical from run to run and for any number of threads.
+//
+// This file also defines the Python module `pipeline.kernels._C` (importing it registers
+// the operators) and the `pipeline` operator namespace: other source files must add their
+// kernels with TORCH_LIBRARY_IMPL(pipeline, <key>, m), not a second TORCH_LIBRARY.
+
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "causal_attention_kernel.h"
+
+namespace pipeline::attention {
+namespace {
+
+// ----------------------------------------------------------------------------------------
+// Run-time choice of the instruction set.
+
+enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Capability supported_capability() {
+  static const Capability supported = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("fma")) {
+      return Capability::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return Capability::kAvx2;
+    }
+    return Capability::kDefault;
+  }();
+  return supported;
+}
+
+// The supported capability, capped by PIPELINE_CPU_CAPABILITY (read on every call so that
+// tests can switch code paths).
+Capability active_capability() {
+  const Capability supported = supported_capability();
+  const char* requested = std::getenv("PIPELINE_CPU_CAPABILITY");
+  if (requested == nullptr || *requested == '\0') {
+    return supported;
+  }
+  Capability cap = supported;
+  if (std::strcmp(requested, "default") == 0) {
+    cap = Capability::kDefault;
+  } else if (std::strcmp(requested, "avx2") == 0) {
+    cap = Capability::kAvx2;
+  } else if (std::strcmp(requested, "avx512") == 0) {
+    cap = Capability::kAvx512;
+  } else {
+    TORCH_CHECK(false, "PIPELINE_CPU_CAPABILITY must be one of default, avx2, avx512; got '",
+                requested, "'");
+  }
+  return static_cast<int>(cap) < static_cast<int>(supported) ? cap : supported;
+}
+
+const char* capability_name(Capability cap) {
+  switch (cap) {
+    case Capability::kAvx512:
+      return "avx512";
+    case Capability::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Work split: at::parallel_for runs ranges smaller than its grain size on the calling
+// thread. Give every chunk at least this many multiply-adds (~20-40 us of work) so that tiny
+// problems (gradcheck, decoding) skip the cost of waking threads, which is large when the
+// cores are busy.
+constexpr int64_t kMinParallelWork = int64_t{1} << 21;
+
+int64_t grain_size(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+}
+
+// ----------------------------------------------------------------------------------------
+// Scratch memory: one 64-byte aligned block per thread, carved into tiles.
+
+struct AlignedFree {
+  void operator()(void* ptr) const { std::free(ptr); }
+};
+
+template <typename T>
+class ScratchArena {
+ public:
+  // Elements that take(n) uses, padding included.
+  static int64_t footprint(int64_t n) {
+    return round_up(n, kAlign / static_cast<int64_t>(sizeof(T)));
+  }
+
+  explicit ScratchArena(int64_t capacity)
+      : capacity_(footprint(std::max<int64_t>(capacity, 1))),
+        data_(static_cast<T*>(std::aligned_alloc(kAlign, capacity_ * sizeof(T)))) {
+    TORCH_CHECK(data_ != nullptr, "causal_attention: out of memory for scratch buffers");
+  }
+
+  // The next n elements, 64-byte aligned.
+  T* take(int64_t n) {
+    T* ptr = data_.get() + used_;
+    used_ += footprint(n);
+    TORCH_INTERNAL_ASSERT(used_ <= capacity_, "causal_attention: scratch arena too small");
+    return ptr;
+  }
+
+ private:
+  static constexpr int64_t kAlign = 64;
+  int64_t capacity_;  // a multiple of kAlign bytes, as aligned_alloc requires
+  std::unique_ptr<T, AlignedFree> data_;
+  int64_t used_ = 0;
+};
+
+// ----------------------------------------------------------------------------------------
+// Input checks.
+
+bool is_supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble;
+}
+
+at::ScalarType lse_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "causal_attention: q must have shape (B, H, T, D), got ",
+              q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "causal_attention: k must have the shape of q ",
+              q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == q.sizes(), "causal_attention: v must have the shape of q ",
+              q.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(q.size(3) > 0, "causal_attention: head dimension D must be positive, got shape ",
+              q.sizes());
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(),
+                "causal_attention: the CPU kernel needs CPU tensors, got one on ", t->device());
+  }
+  TORCH_CHECK(is_supported_dtype(q.scalar_type()),
+              "causal_attention: dtype must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "causal_attention: q, k and v must have the same dtype, got ", q.scalar_type(),
+              ", ", k.scalar_type(), " and ", v.scalar_type());
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t>
+using ForwardFn = void (*)(const ForwardArgs<scalar_t>&, int64_t, int64_t,
+                           const ForwardScratch<acc_type<scalar_t>>&);
+
+template <typename scalar_t>
+ForwardFn<scalar_t> forward_kernel(Capability cap) {
+  switch (cap) {
+    case Capability::kAvx512:
+      return &forward_tile_avx512<scalar_t>;
+    case Capability::kAvx2:
+      return &forward_tile_avx2<scalar_t>;
+    default:
+      return &forward_tile_default<scalar_t>;
+  }
+}
+
+template <typename scalar_t>
+void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
+  using acc_t = acc_type<scalar_t>;
+  const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>(active_capability());
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t Dp = round_up(args.D, kColBlock);
+  using Arena = ScratchArena<acc_t>;
+  const int64_t scratch_size = 4 * Arena::footprint(kTile * Dp) +
+                               Arena::footprint(kTile * kTile) + 2 * Arena::footprint(kTile);
+
+  // Per item: on average (num_tiles + 1) / 2 key tiles, two matmuls each.
+  const int64_t work = (num_tiles + 1) * kTile * kTile * Dp;
+  at::parallel_for(0, BH * num_tiles, grain_size(work), [&](int64_t begin, int64_t end) {
+    Arena arena(scratch_size);
+    ForwardScratch<acc_t> scratch{};
+    scratch.q = arena.take(kTile * Dp);
+    scratch.kt = arena.take(kTile * Dp);
+    scratch.v = arena.take(kTile * Dp);
+    scratch.o = arena.take(kTile * Dp);
+    scratch.s = arena.take(kTile * kTile);
+    scratch.row_max = arena.take(kTile);
+    scratch.row_sum = arena.take(kTile);
+    for (const auto item : c10::irange(begin, end)) {
+      // Query tile i costs i + 1 key tiles: interleave cheap and expensive tiles
+      // (0, n-1, 1, n-2, ...) so that contiguous chunks of items balance across threads.
+      const int64_t bh = item / num_tiles;
+      const int64_t j = item % num_tiles;
+      const int64_t tile = j % 2 == 0 ? j / 2 : num_tiles - 1 - j / 2;
+      kernel(args, bh, tile, scratch);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
+  check_qkv(q_in, k_in, v_in);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor v = v_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  at::Tensor out = at::empty({B, H, T, D}, q.options());
+  at::Tensor lse = at::empty({B, H, T}, q.options().dtype(lse_dtype(q.scalar_type())));
+  if (out.numel() == 0) {
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_fwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    ForwardArgs<scalar_t> args{};
+    args.q = q.const_data_ptr<scalar_t>();
+    args.k = k.const_data_ptr<scalar_t>();
+    args.v = v.const_data_ptr<scalar_t>();
+    args.out = out.mutable_data_ptr<scalar_t>();
+    args.lse = lse.mutable_data_ptr<acc_t>();
+    args.T = T;
+    args.D = D;
+    args.scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
+    run_forward(args, B * H);
+  });
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward.
+
+template <typename scalar_t>
+using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, int64_t,
+                            const BackwardScratch<acc_type<scalar_t>>&);
+
+template <typename scalar_t>
+BackwardFn<scalar_t> backward_kernel(Capability cap) {
+  switch (cap) {
+    case Capability::kAvx512:
+      return &backward_head_avx512<scalar_t>;
+    case Capability::kAvx2:
+      return &backward_head_avx2<scalar_t>;
+    default:
+      return &backward_head_default<scalar_t>;
+  }
+}
+
+template <typename scalar_t>
+void run_backward(const BackwardArgs<scalar_t>& args, int64_t BH) {
+  using acc_t = acc_type<scalar_t>;
+  const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>(active_capability());
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t Dp = round_up(args.D, kColBlock);
+  using Arena = ScratchArena<acc_t>;
+  const int64_t scratch_size = 7 * Arena::footprint(kTile * Dp) +
+                               2 * Arena::footprint(kTile * kTile) +
+                               Arena::footprint(num_tiles * kTile * Dp) + Arena::footprint(args.T);
+
+  // Per head: num_tiles (num_tiles + 1) / 2 tile pairs, five matmuls each.
+  const int64_t work = num_tiles * (num_tiles + 1) / 2 * 5 * kTile * kTile * Dp;
+  at::parallel_for(0, BH, grain_size(work), [&](int64_t begin, int64_t end) {
+    Arena arena(scratch_size);
+    BackwardScratch<acc_t> scratch{};
+    scratch.q = arena.take(kTile * Dp);
+    scratch.dout = arena.take(kTile * Dp);
+    scratch.k = arena.take(kTile * Dp);
+    scratch.kt = arena.take(kTile * Dp);
+    scratch.vt = arena.take(kTile * Dp);
+    scratch.dk = arena.take(kTile * Dp);
+    scratch.dv = arena.take(kTile * Dp);
+    scratch.p = arena.take(kTile * kTile);
+    scratch.ds = arena.take(kTile * kTile);
+    scratch.dq = arena.take(num_tiles * kTile * Dp);
+    scratch.delta = arena.take(args.T);
+    for (const auto bh : c10::irange(begin, end)) {
+      kernel(args, bh, scratch);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
+  check_qkv(q_in, k_in, v_in);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(),
+              "causal_attention: grad_out must have the shape of q ", q_in.sizes(), ", got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "causal_attention: out must have the shape of q ",
+              q_in.sizes(), ", got ", out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
+                  out_in.scalar_type() == q_in.scalar_type(),
+              "causal_attention: grad_out and out must have the dtype of q (",
+              q_in.scalar_type(), "), got ", grad_out_in.scalar_type(), " and ",
+              out_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, T}),
+              "causal_attention: lse must have shape (B, H, T) = ", at::IntArrayRef({B, H, T}),
+              ", got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == lse_dtype(q_in.scalar_type()),
+              "causal_attention: lse must have dtype ", lse_dtype(q_in.scalar_type()), ", got ",
+              lse_in.scalar_type());
+  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
+    TORCH_CHECK(t->device().is_cpu(),
+                "causal_attention: the CPU kernel needs CPU tensors, got one on ", t->device());
+  }
+
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor v = v_in.contiguous();
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dq = at::empty({B, H, T, D}, q.options());
+  at::Tensor dk = at::empty({B, H, T, D}, q.options());
+  at::Tensor dv = at::empty({B, H, T, D}, q.options());
+  if (dq.numel() == 0) {
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    BackwardArgs<scalar_t> args{};
+    args.grad_out = grad_out.const_data_ptr<scalar_t>();
+    args.q = q.const_data_ptr<scalar_t>();
+    args.k = k.const_data_ptr<scalar_t>();
+    args.v = v.const_data_ptr<scalar_t>();
+    args.out = out.const_data_ptr<scalar_t>();
+    args.lse = lse.const_data_ptr<acc_t>();
+    args.dq = dq.mutable_data_ptr<scalar_t>();
+    args.dk = dk.mutable_data_ptr<scalar_t>();
+    args.dv = dv.mutable_data_ptr<scalar_t>();
+    args.T = T;
+    args.D = D;
+    args.scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
+    run_backward(args, B * H);
+  });
+  return {dq, dk, dv};
+}
+
+std::string cpu_capability() {
+  return capability_name(active_capability());
+}
+
+}  // namespace
+}  // namespace pipeline::attention
+
+TORCH_LIBRARY(pipeline, m) {
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor out, Tensor lse)");
+  m.def(
+      "causal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Which instruction set the CPU kernels use ("default", "avx2" or "avx512").
+  m.def("causal_attention_cpu_capability() -> str",
+        &pipeline::attention::cpu_capability);
+}
+
+TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
+  m.impl("causal_attention_fwd", &pipeline::attention::causal_attention_fwd_cpu);
+  m.impl("causal_attention_bwd", &pipeline::attention::causal_attention_bwd_cpu);
+}
+
+// `import pipeline.kernels._C` loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

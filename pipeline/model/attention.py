@@ -1,0 +1,176 @@
+"""Causal self-attention backends.
+
+Every backend takes already projected queries, keys and values of shape (B, H, T, D) and returns
+(B, H, T, D). None holds weights, so a model can switch backend without touching its state dict
+and every backend must give the same outputs.
+
+The three reference backends follow chapter 3 of *Build a Large Language Model (From Scratch)*:
+`simple` masks after the softmax and renormalises, `causal` masks before the softmax one head at
+a time, `multihead` does all heads in one batched matmul. `sdpa` is PyTorch's built-in kernel
+and `fused` is this project's compiled op (pipeline/kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("fused", "sdpa", "simple", "causal", "multihead")
+
+
+class SimpleSelfAttention(nn.Module):
+    """Scaled dot-product attention made causal the book's first way.
+
+    Softmax over all keys, then zero the weights of future tokens with a lower-triangular mask
+    and renormalise each row to sum to 1. That equals a masked softmax, but the future still
+    takes part in the softmax, which can underflow the past when future scores are large:
+    the reason the book moves on to masking with -inf.
+    """
+
+    def __init__(self, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(attn_dropout)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        t, d = q.shape[-2], q.shape[-1]
+        scores = q @ k.transpose(-2, -1)
+        weights = torch.softmax(scores / math.sqrt(d), dim=-1)
+        keep = torch.tril(torch.ones(t, t, device=q.device, dtype=weights.dtype))
+        weights = weights * keep
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = self.dropout(weights)
+        return weights @ v
+
+
+class CausalSelfAttention(nn.Module):
+    """One attention head: future scores set to -inf before the softmax, so they get weight 0.
+
+    Takes (B, T, D) for a single head; `MultiHeadAttentionWrapper` runs it once per head.
+    """
+
+    def __init__(self, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(attn_dropout)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        t, d = q.shape[-2], q.shape[-1]
+        scores = q @ k.transpose(-2, -1)
+        future = torch.triu(torch.ones(t, t, device=q.device, dtype=torch.bool), diagonal=1)
+        scores = scores.masked_fill(future, float("-inf"))
+        weights = torch.softmax(scores / math.sqrt(d), dim=-1)
+        weights = self.dropout(weights)
+        return weights @ v
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Multi-head attention as independent heads: one `CausalSelfAttention` call per head.
+
+    The results are stacked on the head axis, which is the book's concatenation along the
+    feature axis once the model merges heads back to (B, T, C). Clear, but H small matmuls.
+    """
+
+    def __init__(self, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.head = CausalSelfAttention(attn_dropout)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        heads = [self.head(q[:, h], k[:, h], v[:, h]) for h in range(q.shape[1])]
+        return torch.stack(heads, dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    """All heads in one batched matmul, with the causal mask built once as a buffer.
+
+    The buffer is non-persistent: it is derived from context_length, so it stays out of the
+    state dict and checkpoints are the same whichever backend wrote them.
+    """
+
+    mask: Tensor
+
+    def __init__(self, context_length: int, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(attn_dropout)
+        future = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
+        self.register_buffer("mask", future, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        t, d = q.shape[-2], q.shape[-1]
+        scores = q @ k.transpose(-2, -1)
+        scores = scores.masked_fill(self.mask[:t, :t], float("-inf"))
+        weights = torch.softmax(scores / math.sqrt(d), dim=-1)
+        weights = self.dropout(weights)
+        return weights @ v
+
+
+class SDPAttention(nn.Module):
+    """PyTorch's `scaled_dot_product_attention`: flash or memory-efficient kernels if available."""
+
+    def __init__(self, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn_dropout = attn_dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        dropout_p = self.attn_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+class FusedAttention(nn.Module):
+    """This project's compiled causal-attention op (pipeline/kernels); no attention dropout.
+
+    The kernel takes float32 or float64. Half-precision inputs (bf16 autocast) are computed in
+    float32 and cast back, which is what the kernel would accumulate in anyway.
+    """
+
+    def __init__(self, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn_dropout = attn_dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.training and self.attn_dropout > 0:
+            raise ValueError(
+                f"the 'fused' attention backend does not implement attention dropout "
+                f"(attn_dropout={self.attn_dropout}); set `model.attn_dropout: 0` "
+                f"or choose `model.attention: sdpa`"
+            )
+        try:
+            from pipeline.kernels import causal_attention
+        except ImportError as exc:
+            raise ImportError(
+                f"the 'fused' attention backend needs the compiled extension "
+                f"pipeline/kernels/_C, which could not be imported ({exc}); build it with "
+                f"`make setup` or choose another backend, e.g. `model.attention: sdpa`"
+            ) from exc
+        if q.dtype in (torch.float32, torch.float64):
+            return causal_attention(q, k, v)
+        return causal_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+
+def build_attention(name: str, *, context_length: int, attn_dropout: float = 0.0) -> nn.Module:
+    """The backend module called `name`; the single place that maps names to classes."""
+    if name == "fused":
+        return FusedAttention(attn_dropout)
+    if name == "sdpa":
+        return SDPAttention(attn_dropout)
+    if name == "simple":
+        return SimpleSelfAttention(attn_dropout)
+    if name == "causal":
+        return MultiHeadAttentionWrapper(attn_dropout)
+    if name == "multihead":
+        return MultiHeadAttention(context_length, attn_dropout)
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+
+
+def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Attention of Tq new query rows over Tk >= Tq keys, the last Tq of which are theirs.
+
+    Used when decoding with a KV cache. The causal mask is aligned bottom-right: query row i
+    sits at absolute position Tk - Tq + i. (`is_causal=True` would align it top-left.)
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = None
+    if tq > 1:
+        mask = torch.ones(tq, tk, device=q.device, dtype=torch.bool).tril(diagonal=tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

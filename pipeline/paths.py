@@ -1,0 +1,41 @@
+"""Where everything lives, derived from `config["paths"]`: one place for Snakefile and stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path
+    results: Path
+    resume: Path
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Paths:
+        p = config["paths"]
+        return cls(Path(p["data"]), Path(p["results"]), Path(p["resume"]))
+
+    @property
+    def raw(self) -> Path:
+        return self.data / "raw"
+
+    @property
+    def tokens(self) -> Path:
+        return self.data / "tokens"
+
+    @property
+    def bpe(self) -> Path:
+        return self.raw / "gpt2-bpe"
+
+    def source(self, name: str) -> Path:
+        return self.raw / name
+
+    def stage(self, name: str) -> Path:
+        return self.results / name
+
+    def stage_resume(self, name: str) -> Path:
+        return self.resume / name

@@ -1,0 +1,110 @@
+"""Device selection and the peak-FLOPS figure used as the MFU denominator."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("pipeline.train")
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks, matched against torch.cuda.get_device_name
+# in order, so the more specific names come first.
+_KNOWN_CUDA_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Resolve a config device name, failing loudly instead of silently training on the CPU.
+
+    ``"auto"`` picks cuda > mps > cpu; ``"cuda"``, ``"cuda:N"``, ``"mps"`` and ``"cpu"`` are
+    taken literally and must be usable here.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {name!r} requested but CUDA is not available "
+                "(CPU-only torch build or no GPU visible); use device 'auto' or 'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) visible"
+            )
+    elif device.type == "mps":
+        if not _mps_available():
+            raise RuntimeError(
+                f"device {name!r} requested but MPS is not available; use 'auto' or 'cpu'"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def known_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Datasheet dense peak for known GPUs in half precision, else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _KNOWN_CUDA_BF16_PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.2) -> float:
+    """FLOP/s for MFU: the datasheet peak of known GPUs, otherwise a short matmul measurement.
+
+    The measured figure is what a large dense matmul achieves here, so MFU against it reads
+    as "fraction of this machine's practical matmul throughput" rather than of a datasheet.
+    """
+    known = known_peak_flops(device, dtype)
+    if known is not None:
+        return known
+    n = 4096 if device.type in ("cuda", "mps") else 1024
+    g = torch.Generator().manual_seed(0)  # leaves the global RNG (training determinism) alone
+    a = torch.rand(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.rand(n, n, generator=g).to(device=device, dtype=dtype)
+    torch.matmul(a, b)
+    _synchronize(device)
+    per_sync = 8 if device.type in ("cuda", "mps") else 1
+    iters = 0
+    start = time.perf_counter()
+    elapsed = 0.0
+    while elapsed < seconds:
+        for _ in range(per_sync):
+            torch.matmul(a, b)
+        iters += per_sync
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+    flops = 2.0 * n**3 * iters / elapsed
+    log.info("measured peak %.3g FLOP/s (%s, %s, %dx%d matmul)", flops, device, dtype, n, n)
+    return flops

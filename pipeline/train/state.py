@@ -1,0 +1,241 @@
+"""Resume checkpoints: everything needed to continue a run bit-for-bit after a kill.
+
+A checkpoint is a directory ``resume_dir`` holding ``model.safetensors``, ``optimizer.pt``,
+``rng.safetensors`` and ``state.json``. It is written into a sibling temp directory and swapped
+in with renames, so a kill at any moment leaves either the old or the new checkpoint complete.
+Only ``torch.load(weights_only=True)`` is used to read the optimizer state: nothing else is
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+log = logging.getLogger("pipeline.train")
+
+STATE_VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+_FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE})
+
+
+@dataclass
+class ResumeState:
+    """The non-tensor part of a checkpoint, after the tensors were loaded into their owners."""
+
+    step: int
+    data_state: dict
+    history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    tokens_seen: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def canonical_json(obj: Any) -> Any:
+    """JSON round-trip so fingerprints compare equal however they were built (tuples, key order)."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _old_dir(resume_dir: Path) -> Path:
+    return resume_dir.with_name(f".{resume_dir.name}.old")
+
+
+def _tmp_dir(resume_dir: Path) -> Path:
+    return resume_dir.with_name(f".{resume_dir.name}.tmp-{os.getpid()}")
+
+
+def _is_ours(path: Path) -> bool:
+    """True when ``path`` holds nothing but checkpoint files, so replacing/deleting it is safe."""
+    return path.is_dir() and all(p.name in _FILES for p in path.iterdir())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _locate(resume_dir: Path) -> Path | None:
+    """The directory holding a complete checkpoint; the ``.old`` one if a swap was interrupted."""
+    for candidate in (resume_dir, _old_dir(resume_dir)):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        tensors["mps"] = torch.mps.get_rng_state()
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning(
+                "checkpoint has RNG states for %d GPUs, %d visible; CUDA RNG not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+    mps = getattr(torch.backends, "mps", None)
+    if "mps" in tensors and mps is not None and mps.is_available():
+        torch.mps.set_rng_state(tensors["mps"])
+
+
+def check_resume_dir(resume_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, if ``resume_dir`` is someone else's."""
+    resume_dir = Path(resume_dir)
+    if resume_dir.exists() and not _is_ours(resume_dir):
+        raise FileExistsError(
+            f"{resume_dir} exists and holds files other than a resume checkpoint; refusing to "
+            "use it as resume_dir"
+        )
+
+
+def save_resume_state(
+    resume_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: ResumeState,
+    fingerprint: Any,
+) -> None:
+    """Atomically replace the checkpoint in ``resume_dir`` with the current training state."""
+    resume_dir = Path(resume_dir)
+    check_resume_dir(resume_dir)
+    resume_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in resume_dir.parent.glob(f".{resume_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = _tmp_dir(resume_dir)
+    tmp.mkdir()
+    try:
+        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        rng = {k: v.contiguous() for k, v in _rng_tensors().items()}
+        safetensors.torch.save_file(rng, str(tmp / RNG_FILE))
+        meta = {
+            "version": STATE_VERSION,
+            "step": state.step,
+            "fingerprint": canonical_json(fingerprint),
+            "data_state": state.data_state,
+            "history": state.history,
+            "train_time_s": state.train_time_s,
+            "tokens_seen": state.tokens_seen,
+            "last_metrics": state.last_metrics,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+        for name in _FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _old_dir(resume_dir)
+    if old.exists():
+        if (old / STATE_FILE).is_file() and not (resume_dir / STATE_FILE).is_file():
+            shutil.rmtree(resume_dir, ignore_errors=True)  # interrupted swap: .old is the good one
+        else:
+            shutil.rmtree(old)
+    if resume_dir.exists():
+        os.replace(resume_dir, old)
+    os.replace(tmp, resume_dir)
+    _fsync(resume_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_resume_meta(resume_dir: Path) -> dict | None:
+    """The ``state.json`` of the checkpoint in ``resume_dir``, or None when there is none."""
+    found = _locate(Path(resume_dir))
+    if found is None:
+        return None
+    return json.loads((found / STATE_FILE).read_text())
+
+
+def load_resume_state(
+    resume_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: Any,
+    device: torch.device,
+) -> ResumeState | None:
+    """Load a matching checkpoint into ``model``/``optimizer``/the RNGs and return the rest.
+
+    Returns None (training starts fresh) when there is no checkpoint or its fingerprint differs;
+    the stale checkpoint is left in place until the new run writes its first one.
+    """
+    found = _locate(Path(resume_dir))
+    if found is None:
+        return None
+    meta = json.loads((found / STATE_FILE).read_text())
+    if meta.get("version") != STATE_VERSION:
+        log.warning("ignoring resume state in %s: format version %s", found, meta.get("version"))
+        return None
+    expected = canonical_json(fingerprint)
+    if meta.get("fingerprint") != expected:
+        stored = meta.get("fingerprint")
+        if isinstance(stored, dict) and isinstance(expected, dict):
+            keys = sorted(
+                k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k)
+            )
+            what = f"differs in {', '.join(keys)}"
+        else:
+            what = "differs"
+        log.warning(
+            "discarding resume state in %s (step %s): fingerprint %s; starting fresh",
+            found,
+            meta.get("step"),
+            what,
+        )
+        return None
+    safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=True, device=str(device))
+    optimizer.load_state_dict(
+        torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    )
+    _restore_rng(safetensors.torch.load_file(str(found / RNG_FILE)))
+    return ResumeState(
+        step=int(meta["step"]),
+        data_state=meta["data_state"],
+        history=meta["history"],
+        train_time_s=float(meta["train_time_s"]),
+        tokens_seen=int(meta["tokens_seen"]),
+        last_metrics=meta.get("last_metrics", {}),
+    )
+
+
+def clear_resume_state(resume_dir: Path) -> None:
+    """Delete a run's resume checkpoint once the stage's final outputs are safely written."""
+    resume_dir = Path(resume_dir)
+    for path in (resume_dir, _old_dir(resume_dir)):
+        if path.exists():
+            if not _is_ours(path):
+                raise FileExistsError(
+                    f"{path} holds files other than a resume checkpoint; not deleting it"
+                )
+            shutil.rmtree(path)
+    if resume_dir.parent.is_dir():
+        for stale in resume_dir.parent.glob(f".{resume_dir.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,216 @@
+"""The fused CPU causal attention op (csrc/causal_attention.cpp, pipeline/kernels)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+kernels = pytest.importorskip(
+    "pipeline.kernels", reason="pipeline.kernels._C is not built", exc_type=ImportError
+)
+causal_attention = kernels.causal_attention
+fwd_op = torch.ops.pipeline.causal_attention_fwd.default
+bwd_op = torch.ops.pipeline.causal_attention_bwd.default
+
+
+def make_qkv(
+    shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    return q * scale, k, v
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """SDPA output and input gradients, computed in the dtype of the inputs."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def ours(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = causal_attention(q, k, v)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref).abs().max().item()
+
+
+def assert_as_accurate_as_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """float32 output and gradients: error vs a float64 reference <= 2x SDPA's + 1e-6."""
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    exact = reference(q.double(), k.double(), v.double(), grad_out)
+    sdpa32 = reference(q, k, v, grad_out.float())
+    ours32 = ours(q, k, v, grad_out.float())
+    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), ours32, sdpa32, exact, strict=True):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert torch.isfinite(got).all(), name
+        err, sdpa_err = max_err(got, ref), max_err(base, ref)
+        assert err <= 2 * sdpa_err + 1e-6, f"{name}: error {err:.3g} vs SDPA's {sdpa_err:.3g}"
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
+def test_matches_sdpa_float32(seq_len: int, head_dim: int) -> None:
+    assert_as_accurate_as_sdpa(*make_qkv((2, 3, seq_len, head_dim)))
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_instruction_set(capability: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", capability)
+    if kernels.cpu_capability() != capability:
+        pytest.skip(f"this CPU does not support {capability}")
+    for seq_len, head_dim in [(5, 8), (130, 24), (300, 64)]:
+        assert_as_accurate_as_sdpa(*make_qkv((1, 2, seq_len, head_dim), seed=seq_len))
+    q, k, v = make_qkv((1, 2, 70, 16), dtype=torch.float64)
+    grad_out = torch.randn_like(q)
+    for got, ref in zip(ours(q, k, v, grad_out), reference(q, k, v, grad_out), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_capability_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx9000")
+    with pytest.raises(RuntimeError, match="PIPELINE_CPU_CAPABILITY must be one of"):
+        causal_attention(*make_qkv((1, 1, 4, 8)))
+
+
+def test_lse_and_dtypes() -> None:
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = make_qkv((2, 2, 70, 16), dtype=dtype)
+        out, lse = fwd_op(q, k, v)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert lse.dtype == dtype and lse.shape == (2, 2, 70)
+        scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(16)
+        mask = torch.ones(70, 70, dtype=torch.bool).triu(1)
+        expected = scores.masked_fill(mask, float("-inf")).logsumexp(-1)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(lse.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("seq_len", [1, 5, 70])
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_gradcheck_float64(seq_len: int, head_dim: int) -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv((1, 2, seq_len, head_dim), torch.float64))
+    assert torch.autograd.gradcheck(causal_attention, (q, k, v), fast_mode=seq_len > 8)
+
+
+def test_opcheck_forward() -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv((2, 2, 9, 8)))
+    torch.library.opcheck(fwd_op, (q, k, v))
+    torch.library.opcheck(fwd_op, make_qkv((1, 3, 70, 16), dtype=torch.float64))
+
+
+def test_opcheck_backward() -> None:
+    q, k, v = make_qkv((2, 2, 9, 8))
+    out, lse = fwd_op(q, k, v)
+    torch.library.opcheck(bwd_op, (torch.randn_like(out), q, k, v, out, lse))
+
+
+def test_non_contiguous_inputs() -> None:
+    batch, seq_len, heads, head_dim = 2, 67, 3, 16
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, T, D) views
+    assert not q.is_contiguous()
+    grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=gen).transpose(1, 2)
+    got = ours(q, k, v, grad_out)
+    expected = ours(q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous())
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert_as_accurate_as_sdpa(q, k, v)
+
+
+def test_large_scores_stay_finite() -> None:
+    q, k, v = make_qkv((1, 2, 130, 32), scale=100.0)
+    assert_as_accurate_as_sdpa(q, k, v)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    grad_out = torch.randn_like(q64)
+    for got, ref in zip(
+        ours(q64, k64, v64, grad_out), reference(q64, k64, v64, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_deterministic() -> None:
+    q, k, v = make_qkv((2, 3, 200, 32))
+    grad_out = torch.randn_like(q)
+    first = ours(q, k, v, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, ours(q, k, v, grad_out), strict=True))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ours(q, k, v, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, single, strict=True))
+
+
+def test_empty_inputs() -> None:
+    for shape in [(0, 2, 5, 8), (1, 2, 0, 8)]:
+        q, k, v = (t.requires_grad_() for t in make_qkv(shape))
+        out = causal_attention(q, k, v)
+        assert out.shape == shape
+        out.sum().backward()
+        assert q.grad is not None and q.grad.shape == shape
+
+
+def test_lse_gets_no_gradient() -> None:
+    q, k, v = (t.requires_grad_() for t in make_qkv((1, 1, 4, 8)))
+    out, lse = fwd_op(q, k, v)
+    assert out.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dtype", "match"),
+    [
+        ([(2, 3)] * 3, torch.float32, r"q must have shape \(B, H, T, D\), got \[2, 3\]"),
+        ([(1, 2, 3, 4, 5)] * 3, torch.float32, r"q must have shape \(B, H, T, D\)"),
+        ([(1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 5, 8)], torch.float32, "k must have the shape of q"),
+        ([(1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 4)], torch.float32, "v must have the shape of q"),
+        ([(1, 2, 5, 0)] * 3, torch.float32, "head dimension D must be positive"),
+        ([(1, 2, 5, 8)] * 3, torch.float16, "dtype must be float32 or float64, got Half"),
+        ([(1, 2, 5, 8)] * 3, torch.bfloat16, "dtype must be float32 or float64, got BFloat16"),
+    ],
+)
+def test_bad_inputs(shapes: list[tuple[int, ...]], dtype: torch.dtype, match: str) -> None:
+    q, k, v = (torch.zeros(shape, dtype=dtype) for shape in shapes)
+    with pytest.raises(RuntimeError, match=match):
+        causal_attention(q, k, v)
+
+
+def test_mixed_dtypes_and_bad_backward_args() -> None:
+    q, k, v = make_qkv((1, 2, 5, 8))
+    with pytest.raises(RuntimeError, match="q, k and v must have the same dtype"):
+        causal_attention(q, k.double(), v)
+    out, lse = fwd_op(q, k, v)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        bwd_op(out, q, k, v, out, lse[:, :1])
+    with pytest.raises(RuntimeError, match="lse must have dtype Float, got Double"):
+        bwd_op(out, q, k, v, out, lse.double())
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of q"):
+        bwd_op(out[..., :4], q, k, v, out, lse)
+
+
+def _loss(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (causal_attention(q * 2, k, v).sin() * v).sum()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile(backend: str) -> None:
+    torch._dynamo.reset()
+    q, k, v = (t.requires_grad_() for t in make_qkv((2, 2, 33, 16)))
+    expected = torch.autograd.grad(_loss(q, k, v), (q, k, v))
+    compiled = torch.compile(_loss, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import ATTENTION_BACKENDS, GPT, GPTConfig, KVCache, build_attention
+from pipeline.model.attention import attend_to_cache
+
+OTHERS = [name for name in ATTENTION_BACKENDS if name != "sdpa"]
+
+
+def tiny(**overrides):
+    fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
+    fields.update(overrides)
+    fields.setdefault("attention", "sdpa")
+    return GPTConfig(**fields)
+
+
+def forward_backward(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits = model(idx)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return logits.detach(), grads
+
+
+def test_backend_names():
+    assert set(ATTENTION_BACKENDS) == {"fused", "sdpa", "simple", "causal", "multihead"}
+    with pytest.raises(ValueError, match="sdpa"):
+        build_attention("flash", context_length=8)
+
+
+@pytest.mark.parametrize("backend", OTHERS)
+def test_backend_matches_sdpa_forward_and_backward(backend):
+    torch.manual_seed(0)
+    reference = GPT(tiny()).eval()
+    model = copy.deepcopy(reference)
+    model.set_attention(backend)
+    idx = torch.randint(0, 97, (3, 16))
+    targets = torch.randint(0, 97, (3, 16))
+    ref_logits, ref_grads = forward_backward(reference, idx, targets)
+    logits, grads = forward_backward(model, idx, targets)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", OTHERS)
+def test_backend_matches_sdpa_on_raw_qkv(backend):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 11, 8) for _ in range(3))
+    sdpa = build_attention("sdpa", context_length=16).eval()
+    other = build_attention(backend, context_length=16).eval()
+    torch.testing.assert_close(other(q, k, v), sdpa(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_refuses_attention_dropout_in_training():
+    model = GPT(tiny(attention="fused", attn_dropout=0.1)).train()
+    with pytest.raises(ValueError, match=r"model\.attn_dropout: 0.*sdpa"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_fused_allows_attention_dropout_config_in_eval():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention="fused", attn_dropout=0.1)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    fused = model(idx)
+    model.set_attention("sdpa")
+    torch.testing.assert_close(fused, model(idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "simple", "causal", "multihead"])
+def test_attention_dropout_is_active_only_in_training(backend):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8) for _ in range(3))
+    module = build_attention(backend, context_length=16, attn_dropout=0.5)
+    plain = build_attention("sdpa", context_length=16).eval()(q, k, v)
+    module.train()
+    a, b = module(q, k, v), module(q, k, v)
+    assert not torch.equal(a, b)
+    assert not torch.allclose(a, plain)
+    module.eval()
+    torch.testing.assert_close(module(q, k, v), plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["simple", "causal", "multihead"])
+def test_reference_dropout_zeroes_attention_weights(backend):
+    """With every weight dropped the output is exactly zero: dropout acts on the weights."""
+    module = build_attention(backend, context_length=16, attn_dropout=0.999999).train()
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    torch.manual_seed(0)
+    assert torch.count_nonzero(module(q, k, v)) == 0
+
+
+def test_attend_to_cache_aligns_causal_mask_bottom_right():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for new in (1, 3, 10):
+        torch.testing.assert_close(attend_to_cache(q[:, :, -new:], k, v), full[:, :, -new:])
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kv_cache_logits_match_full_forward(backend):
+    torch.manual_seed(0)
+    model = GPT(tiny(attention=backend)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    full = model(idx)
+    cache = KVCache(model.config.n_layer)
+    pieces = [model(idx[:, :6], cache), model(idx[:, 6:7], cache), model(idx[:, 7:12], cache)]
+    pieces += [model(idx[:, t : t + 1], cache) for t in range(12, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rebuild the cache"):
+        model(idx[:, :1], cache)
+
+
+def test_fused_runs_half_precision_inputs_in_float32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.bfloat16) for _ in range(3))
+    fused = build_attention("fused", context_length=16).eval()
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    out = fused(q, k, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16())

@@ -1,0 +1,221 @@
+"""The real DAG, end to end: Snakemake runs the stage entry points on a tiny config, MLflow
+records them in a real sqlite store, and the user-facing promises hold (no-op rerun, only the
+changed stage reruns, a corrupted mirror or a bad key fails clearly, kill -9 resumes)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def tiny_config(mirror: Path, **train) -> dict:
+    return {
+        "data": {"mirrors": [str(mirror)]},
+        "prepare": {"corpus": ["the-verdict.txt"]},
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "context_length": 32},
+        "pretrain": {
+            "sample_tokens": 8,
+            "peak_flops": 1.0e11,
+            "train": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "eval_every": 3,
+                "eval_batches": 2,
+                "checkpoint_every": 2,
+                "log_every": 1,
+                "warmup_steps": 1,
+                **train,
+            },
+        },
+    }
+
+
+def make_workdir(path: Path, repo: Path, config: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(repo / name, path / name)
+    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, *args: str, configfiles=("tiny.yaml",), check: bool = True):
+    cmd = [SNAKEMAKE, "--cores", "2", "--configfile", *configfiles, *args]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        logs = "".join(f"\n--- {p}\n{p.read_text()}" for p in (workdir / "logs").glob("*.log"))
+        raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}{logs}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, repo, mirror) -> Path:
+    """One full run of the DAG on the tiny config."""
+    workdir = make_workdir(tmp_path_factory.mktemp("dag"), repo, tiny_config(mirror))
+    snakemake(workdir)
+    return workdir
+
+
+def test_dag_produces_every_stage_output(done):
+    pretrain = done / "results" / "pretrain"
+    metrics = json.loads((pretrain / "metrics.json").read_text())
+    assert {"val_loss", "val_perplexity", "tokens_per_second"} <= set(metrics)
+    assert metrics["steps"] == 6
+    assert {p.name for p in (pretrain / "model").iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "tokenizer",
+    }
+    assert (pretrain / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (pretrain / "samples.txt").read_text().startswith("ROMEO:")
+    meta = json.loads((done / "data" / "tokens" / "meta.json").read_text())
+    assert meta["documents"][0]["tokens"] == 5145  # "The Verdict" in GPT-2 tokens
+    assert "val_loss" in (done / "logs" / "pretrain.log").read_text()
+    assert not (done / ".resume" / "pretrain").exists()  # resume state is cleared after success
+
+
+def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
+    client = MlflowClient(f"sqlite:///{done / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {
+        r.data.tags["pipeline.stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
+    assert set(children) == {"download", "prepare", "pretrain"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    pretrain = children["pretrain"]
+    assert pretrain.data.params["model.n_embd"] == "32"
+    assert {"git_commit", "git_dirty"} <= set(pretrain.data.tags)
+    steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "loss")]
+    assert steps == sorted(steps) and len(steps) >= 5
+    assert "val_loss" in pretrain.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"metrics.json", "loss.png", "samples.txt", "config.yaml", "model"} <= artifacts
+    assert "pretrain.val_loss" in parents[0].data.metrics
+
+
+def test_second_run_has_nothing_to_do(done):
+    result = snakemake(done, "--dry-run")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changed_pretrain_config_reruns_only_pretrain(done, mirror):
+    (done / "longer.yaml").write_text(yaml.safe_dump({"pretrain": {"train": {"max_steps": 7}}}))
+    result = snakemake(done, "--dry-run", configfiles=("tiny.yaml", "longer.yaml"))
+    jobs = result.stdout + result.stderr
+    assert "pretrain" in jobs and "rule prepare" not in jobs and "rule download" not in jobs
+    forced = snakemake(done, "--dry-run", "-R", "prepare").stdout
+    assert "rule prepare" in forced and "rule pretrain" in forced and "rule download" not in forced
+
+
+def test_generate_streams_from_the_checkpoint(done):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "generate",
+        "--checkpoint",
+        "results/pretrain/model",
+        "--prompt",
+        "I had always",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "1",
+    ]
+    first = subprocess.run(cmd, cwd=done, capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(cmd, cwd=done, capture_output=True, text=True, check=True).stdout
+    assert first.startswith("I had always") and first == second
+
+
+def test_corrupted_mirror_fails_with_the_hashes_and_no_model(tmp_path, repo, mirror):
+    bad_mirror = tmp_path / "mirror"
+    shutil.copytree(mirror, bad_mirror)
+    os.chmod(bad_mirror / "the-verdict.txt", 0o644)
+    (bad_mirror / "the-verdict.txt").write_text("tampered")
+    workdir = make_workdir(tmp_path / "work", repo, tiny_config(bad_mirror))
+    result = snakemake(workdir, check=False)
+    assert result.returncode != 0
+    log = (workdir / "logs" / "download.log").read_text()
+    assert "the-verdict.txt" in log and "sha256 mismatch" in log
+    assert "expected b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f" in log
+    assert not (workdir / "results" / "pretrain" / "model").exists()
+
+
+def test_bad_config_key_fails_naming_it(tmp_path, repo, mirror):
+    config = tiny_config(mirror)
+    config["pretrain"]["train"]["max_stepz"] = 3
+    workdir = make_workdir(tmp_path / "work", repo, config)
+    result = snakemake(workdir, check=False)
+    assert result.returncode != 0
+    assert "pretrain.train.max_stepz: unknown key" in result.stdout + result.stderr
+
+
+def test_kill_during_pretraining_then_rerun_resumes(tmp_path, repo, mirror):
+    config = tiny_config(mirror, max_steps=300, checkpoint_every=10, eval_every=100, log_every=10)
+    workdir = make_workdir(tmp_path / "work", repo, config)
+    snakemake(workdir, "--until", "prepare")
+    job = subprocess.Popen(
+        [SNAKEMAKE, "--cores", "2", "--configfile", "tiny.yaml"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = workdir / ".resume" / "pretrain" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    assert state.exists(), "no resume checkpoint appeared"
+    pids = subprocess.run(
+        ["pgrep", "-f", "pipeline pretrain"], capture_output=True, text=True
+    ).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    killed_at = json.loads(state.read_text())["step"]
+    assert 0 < killed_at < 300
+
+    snakemake(workdir)
+    log = (workdir / "logs" / "pretrain.log").read_text()
+    assert f"from step {killed_at}" in log
+    resumed = json.loads((workdir / "results" / "pretrain" / "metrics.json").read_text())
+
+    reference = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "pretrain",
+            "--config",
+            "results/config.resolved.yaml",
+            "--set",
+            "paths.results=reference",
+            "--set",
+            "paths.resume=.resume-reference",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    assert reference.returncode == 0, reference.stderr
+    uninterrupted = json.loads((workdir / "reference" / "pretrain" / "metrics.json").read_text())
+    assert resumed["steps"] == uninterrupted["steps"] == 300
+    assert resumed["val_loss"] == uninterrupted["val_loss"]
+    assert resumed["train_loss"] == uninterrupted["train_loss"]

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from pipeline.train import measure_peak_flops, pick_device
+
+
+def test_pick_device_cpu_and_auto():
+    assert pick_device("cpu") == torch.device("cpu")
+    auto = pick_device()
+    assert auto.type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        assert auto.type != "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_unknown_device_name():
+    with pytest.raises(ValueError, match="tpu"):
+        pick_device("tpu")
+
+
+def test_measure_peak_flops_cpu_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    flops = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
+    assert flops > 1e8
+    assert torch.equal(torch.rand(3), expected)
