@@ -143,6 +143,11 @@ class FusedAttention(nn.Module):
                 f"pipeline/kernels/_C, which could not be imported ({exc}); build it with "
                 f"`make setup` or choose another backend, e.g. `model.attention: sdpa`"
             ) from exc
+        if q.device.type != "cpu":
+            raise NotImplementedError(
+                f"the 'fused' attention op has a CPU kernel only (got {q.device.type} tensors); "
+                f"set `model.attention: sdpa` for this device"
+            )
         if q.dtype in (torch.float32, torch.float64):
             return causal_attention(q, k, v)
         return causal_attention(q.float(), k.float(), v.float()).to(q.dtype)
