@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,3 +53,48 @@ def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or directory's entry to disk (a rename is durable only after this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def old_sibling(target: Path) -> Path:
+    """Where `atomic_directory` parks the previous directory during a swap."""
+    return target.with_name(f".{target.name}.old")
+
+
+@contextmanager
+def atomic_directory(target: Path | str) -> Iterator[Path]:
+    """Yield an empty temporary sibling to fill; if the block succeeds it replaces `target`.
+
+    The swap is two renames (target -> `.NAME.old`, temp -> target), so at every moment a
+    complete directory exists: `target`, or `.NAME.old` if killed between the renames.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            fsync_path(path)
+        fsync_path(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = old_sibling(target)
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,9 +7,7 @@ to the token embedding and is stored once, as `tok_emb.weight`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.io import atomic_directory
 from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 
@@ -38,14 +37,6 @@ def _unwrap(model: nn.Module) -> GPT:
             raise TypeError(f"expected a GPT model, got {type(model).__name__}")
         model = inner
     return model
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_replaceable(target: Path) -> None:
@@ -106,37 +97,18 @@ def save_checkpoint(
     extras = _extra_file_targets(extra_files or {})
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(target)
     tensors = {
         name: t.detach().to("cpu").contiguous()
         for name, t in gpt.state_dict().items()
         if name != TIED_KEY
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_directory(target) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_text + "\n")
         for rel, source in extras.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / rel)
-        for path in [tmp / WEIGHTS_FILE, tmp / CONFIG_FILE, *(tmp / rel for rel in extras)]:
-            _fsync(path)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / target.name, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import nn
+
+from pipeline.io import atomic_directory, old_sibling
 
 log = logging.getLogger("pipeline.train")
 
@@ -48,30 +49,14 @@ def canonical_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def _old_dir(resume_dir: Path) -> Path:
-    return resume_dir.with_name(f".{resume_dir.name}.old")
-
-
-def _tmp_dir(resume_dir: Path) -> Path:
-    return resume_dir.with_name(f".{resume_dir.name}.tmp-{os.getpid()}")
-
-
 def _is_ours(path: Path) -> bool:
     """True when ``path`` holds nothing but checkpoint files, so replacing/deleting it is safe."""
     return path.is_dir() and all(p.name in _FILES for p in path.iterdir())
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _locate(resume_dir: Path) -> Path | None:
     """The directory holding a complete checkpoint; the ``.old`` one if a swap was interrupted."""
-    for candidate in (resume_dir, _old_dir(resume_dir)):
+    for candidate in (resume_dir, old_sibling(resume_dir)):
         if (candidate / STATE_FILE).is_file():
             return candidate
     return None
@@ -127,11 +112,7 @@ def save_resume_state(
     resume_dir = Path(resume_dir)
     check_resume_dir(resume_dir)
     resume_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in resume_dir.parent.glob(f".{resume_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = _tmp_dir(resume_dir)
-    tmp.mkdir()
-    try:
+    with atomic_directory(resume_dir) as tmp:
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         rng = {k: v.contiguous() for k, v in _rng_tensors().items()}
@@ -147,23 +128,6 @@ def save_resume_state(
             "last_metrics": state.last_metrics,
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-        for name in _FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = _old_dir(resume_dir)
-    if old.exists():
-        if (old / STATE_FILE).is_file() and not (resume_dir / STATE_FILE).is_file():
-            shutil.rmtree(resume_dir, ignore_errors=True)  # interrupted swap: .old is the good one
-        else:
-            shutil.rmtree(old)
-    if resume_dir.exists():
-        os.replace(resume_dir, old)
-    os.replace(tmp, resume_dir)
-    _fsync(resume_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_resume_meta(resume_dir: Path) -> dict | None:
@@ -229,7 +193,7 @@ def load_resume_state(
 def clear_resume_state(resume_dir: Path) -> None:
     """Delete a run's resume checkpoint once the stage's final outputs are safely written."""
     resume_dir = Path(resume_dir)
-    for path in (resume_dir, _old_dir(resume_dir)):
+    for path in (resume_dir, old_sibling(resume_dir)):
         if path.exists():
             if not _is_ours(path):
                 raise FileExistsError(

@@ -1,0 +1,111 @@
+"""Batches of (input, target) token windows of `context_length + 1` tokens from a token file.
+
+`TokenWindows` is resumable: its whole position is a couple of integers, so a restarted run
+draws exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+_SEED_STRIDE = 1_000_003
+
+
+def _check_length(tokens: np.ndarray, context_length: int, what: str) -> None:
+    if len(tokens) < context_length + 1:
+        raise ValueError(
+            f"{what}: {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1}"
+        )
+
+
+def windows_to_batch(
+    tokens: np.ndarray, starts: np.ndarray, context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = np.arange(context_length + 1)
+    block = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
+    return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+
+class TokenWindows:
+    """Training batches: random windows, or sliding windows (every `stride` tokens) in
+    shuffled epochs. Implements the training loop's `Batches` protocol."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        *,
+        sampling: str = "random",
+        stride: int | None = None,
+        seed: int = 0,
+        name: str = "train",
+    ) -> None:
+        _check_length(tokens, context_length, name)
+        if sampling not in ("random", "sliding"):
+            raise ValueError(f"sampling must be 'random' or 'sliding', got {sampling!r}")
+        self.tokens = tokens
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.sampling = sampling
+        self.stride = stride or context_length
+        self.seed = seed
+        self.last_start = len(tokens) - context_length - 1
+        self.num_windows = self.last_start // self.stride + 1
+        self.batches_drawn = 0
+
+    def _generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * _SEED_STRIDE + index)
+
+    def _sliding_starts(self) -> np.ndarray:
+        first = self.batches_drawn * self.batch_size
+        epochs: dict[int, np.ndarray] = {}
+        starts = []
+        for n in range(first, first + self.batch_size):
+            epoch, offset = divmod(n, self.num_windows)
+            if epoch not in epochs:
+                epochs[epoch] = torch.randperm(
+                    self.num_windows, generator=self._generator(epoch)
+                ).numpy()
+            starts.append(epochs[epoch][offset] * self.stride)
+        return np.asarray(starts, dtype=np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sampling == "random":
+            generator = self._generator(self.batches_drawn)
+            starts = torch.randint(
+                0, self.last_start + 1, (self.batch_size,), generator=generator
+            ).numpy()
+        else:
+            starts = self._sliding_starts()
+        self.batches_drawn += 1
+        return windows_to_batch(self.tokens, starts, self.context_length)
+
+    @property
+    def epoch(self) -> float:
+        return self.batches_drawn * self.batch_size / self.num_windows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_drawn": self.batches_drawn, "sampling": self.sampling, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("sampling") != self.sampling or state.get("seed") != self.seed:
+            raise ValueError(f"data state {state} does not belong to this {self.sampling} sampler")
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def evaluation_batches(
+    tokens: np.ndarray, context_length: int, batch_size: int, num_batches: int, name: str = "val"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same windows every time, spread evenly over the whole split."""
+    _check_length(tokens, context_length, name)
+    last_start = len(tokens) - context_length - 1
+    count = batch_size * num_batches
+    starts = np.linspace(0, last_start, num=count).round().astype(np.int64)
+    return [
+        windows_to_batch(tokens, starts[i : i + batch_size], context_length)
+        for i in range(0, count, batch_size)
+    ]

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.loader import TokenWindows, evaluation_batches
+
+TOKENS = np.arange(1000, dtype=np.uint16)
+
+
+def test_targets_are_inputs_shifted_by_one():
+    x, y = TokenWindows(TOKENS, 16, 4, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(y - x, torch.ones_like(x))  # consecutive ids
+
+
+@pytest.mark.parametrize("sampling", ["random", "sliding"])
+def test_restored_state_continues_with_the_same_batches(sampling):
+    first = TokenWindows(TOKENS, 16, 4, sampling=sampling, stride=8, seed=3)
+    for _ in range(5):
+        first.next_batch()
+    state = first.state_dict()
+    expected = [first.next_batch() for _ in range(30)]
+    second = TokenWindows(TOKENS, 16, 4, sampling=sampling, stride=8, seed=3)
+    second.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, (second.next_batch() for _ in range(30))):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with pytest.raises(ValueError, match="does not belong"):
+        TokenWindows(TOKENS, 16, 4, sampling=sampling, seed=4).load_state_dict(state)
+
+
+def test_sliding_epoch_visits_every_window_once():
+    tokens = np.arange(101, dtype=np.uint16)
+    windows = TokenWindows(tokens, 10, 5, sampling="sliding", stride=10, seed=0)
+    assert windows.num_windows == 10
+    batches = [windows.next_batch()[0] for _ in range(2)]
+    starts = sorted(int(x[i, 0]) for x in batches for i in range(5))
+    assert starts == list(range(0, 100, 10))
+    assert windows.epoch == 1.0
+
+
+def test_random_windows_stay_in_bounds_and_depend_on_seed():
+    a = TokenWindows(TOKENS, 100, 64, seed=0)
+    batches = [a.next_batch()[1] for _ in range(20)]
+    assert max(int(b.max()) for b in batches) <= 999
+    b = TokenWindows(TOKENS, 100, 64, seed=1)
+    assert not torch.equal(TokenWindows(TOKENS, 100, 64, seed=0).next_batch()[0], b.next_batch()[0])
+
+
+def test_evaluation_batches_are_fixed_and_cover_the_split():
+    batches = evaluation_batches(TOKENS, 16, 4, 3)
+    assert batches[0][0][0, 0] == 0
+    assert batches[-1][1][-1, -1] == 999
+    again = evaluation_batches(TOKENS, 16, 4, 3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+def test_too_short_split_is_named():
+    with pytest.raises(ValueError, match="val: 10 tokens, fewer than context_length"):
+        evaluation_batches(np.arange(10, dtype=np.uint16), 16, 1, 1, name="val")
