@@ -23,7 +23,7 @@ def test_restored_state_continues_with_the_same_batches(sampling):
     expected = [first.next_batch() for _ in range(30)]
     second = TokenWindows(TOKENS, 16, 4, sampling=sampling, stride=8, seed=3)
     second.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, (second.next_batch() for _ in range(30))):
+    for (x1, y1), (x2, y2) in zip(expected, (second.next_batch() for _ in range(30)), strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ValueError, match="does not belong"):
         TokenWindows(TOKENS, 16, 4, sampling=sampling, seed=4).load_state_dict(state)
@@ -52,7 +52,7 @@ def test_evaluation_batches_are_fixed_and_cover_the_split():
     assert batches[0][0][0, 0] == 0
     assert batches[-1][1][-1, -1] == 999
     again = evaluation_batches(TOKENS, 16, 4, 3)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
 
 
 def test_too_short_split_is_named():
