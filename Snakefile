@@ -23,7 +23,6 @@ validate(config, source="Snakemake config (config.yaml + --configfile/--config)"
 
 PATHS = Paths.from_config(config)
 RESOLVED_CONFIG = str(PATHS.results / "config.resolved.yaml")
-write_config(config, RESOLVED_CONFIG)
 # Jobs run `python` from the environment that runs Snakemake, whether or not it is activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 TRACKING = config["tracking"]
@@ -31,6 +30,7 @@ STAGES_WITH_METRICS = {"pretrain": PATHS.stage("pretrain") / "metrics.json"}
 
 
 onstart:
+    write_config(config, RESOLVED_CONFIG)
     os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING["uri"], TRACKING["experiment"])
 
 
@@ -56,7 +56,7 @@ rule download:
     params:
         sources=config["data"]["sources"],
         mirrors=config["data"]["mirrors"],
-        config=RESOLVED_CONFIG,
+        config=lambda wildcards, input: RESOLVED_CONFIG,
     log:
         "logs/download.log",
     benchmark:
@@ -76,7 +76,7 @@ rule prepare:
         meta=str(PATHS.tokens / "meta.json"),
     params:
         prepare=config["prepare"],
-        config=RESOLVED_CONFIG,
+        config=lambda wildcards, input: RESOLVED_CONFIG,
     log:
         "logs/prepare.log",
     benchmark:
@@ -99,7 +99,7 @@ rule pretrain:
         pretrain=config["pretrain"],
         seed=config["seed"],
         device=config["device"],
-        config=RESOLVED_CONFIG,
+        config=lambda wildcards, input: RESOLVED_CONFIG,
     log:
         "logs/pretrain.log",
     benchmark:

@@ -92,7 +92,10 @@ def generate_command(args: argparse.Namespace) -> None:
     from pipeline.train import pick_device
 
     device = pick_device(args.device)
-    model = GPT.from_checkpoint(args.checkpoint, device=device, attention=args.attention)
+    attention = args.attention
+    if attention is None and device.type != "cpu":
+        attention = "sdpa"  # the fused op has a CPU kernel only; all backends give the same output
+    model = GPT.from_checkpoint(args.checkpoint, device=device, attention=attention)
     tokenizer = checkpoint_tokenizer(args.checkpoint)
     generator = None
     if args.seed is not None:
@@ -142,6 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         importlib.import_module(f"pipeline.stages.{args.command}").run(config)
         return 0
-    except (ConfigError, DownloadError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DownloadError, NonFiniteLossError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -53,16 +53,23 @@ def _describe(error) -> str:
                 )
             lines.append(f"{key}: unknown key{hint}; expected one of: {', '.join(allowed)}")
         return "\n".join(lines)
-    if error.validator == "required":
-        return f"{where}: {error.message}"
     return f"{where}: {error.message}"
 
 
 def validate(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise ConfigError listing every key that does not match the schema."""
     errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        details = "\n".join("  " + line for e in errors for line in _describe(e).splitlines())
+    problems = [line for e in errors for line in _describe(e).splitlines()]
+    if not errors:
+        names = sorted(s["name"] for s in config["data"]["sources"])
+        problems += [
+            f"prepare.corpus.{i}: {name!r} is not a data.sources name; expected one of: "
+            f"{', '.join(names)}"
+            for i, name in enumerate(config["prepare"]["corpus"])
+            if name not in names
+        ]
+    if problems:
+        details = "\n".join("  " + line for line in problems)
         raise ConfigError(f"invalid configuration ({source}):\n{details}")
 
 

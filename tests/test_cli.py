@@ -11,9 +11,11 @@ def test_streamed_text_never_splits_a_character(mirror):
     tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
     text = "naïve 日本語 🚀 done"
     ids = tokenizer.encode_ordinary(text)
-    assert any(len(tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")) == 1
-               and "\ufffd" in tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")
-               for t in ids)  # some token holds only part of a character
+    assert any(
+        len(tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")) == 1
+        and "\ufffd" in tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")
+        for t in ids
+    )  # some token holds only part of a character
     pieces = list(stream_text(iter(ids), tokenizer))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -29,7 +31,9 @@ def test_config_command_prints_the_resolved_config(repo, capsys, monkeypatch):
 def test_bad_config_exits_1_with_the_key_and_no_traceback(repo):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "prepare", "--set", "prepare.val_fraction=2"],
-        cwd=repo, capture_output=True, text=True,
+        cwd=repo,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert "prepare.val_fraction: 2 is greater than or equal to the maximum of 1" in result.stderr

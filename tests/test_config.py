@@ -97,3 +97,9 @@ def test_write_config_keeps_an_unchanged_file(tmp_path):
     assert path.stat().st_mtime_ns == before
     write_config({"a": 2}, path)
     assert "a: 2" in path.read_text()
+
+
+def test_corpus_must_name_a_source(repo):
+    expected = r"prepare\.corpus\.0: 'the-verdict' is not a data.sources name"
+    with pytest.raises(ConfigError, match=expected):
+        load_config([repo / "config.yaml"], ["prepare.corpus=[the-verdict]"])

@@ -17,7 +17,8 @@ _SEED_STRIDE = 1_000_003
 def _check_length(tokens: np.ndarray, context_length: int, what: str) -> None:
     if len(tokens) < context_length + 1:
         raise ValueError(
-            f"{what}: {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1}"
+            f"{what}: {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1} "
+            "(use a larger corpus, a larger prepare.val_fraction or a smaller model.context_length)"
         )
 
 

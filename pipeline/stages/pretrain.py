@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.loader import TokenWindows, evaluation_batches
-from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.model import GPT, GPTConfig
@@ -85,6 +85,11 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = model_config(config["model"], vocab_size=meta["vocab_size"])
     train_cfg = TrainConfig.from_dict({**section["train"], "seed": config["seed"]})
     device = pick_device(config["device"])
+    if cfg.attention == "fused" and device.type != "cpu":
+        raise ValueError(
+            f"model.attention: 'fused' has a CPU kernel only, but device is {device.type}; "
+            "set `model.attention: sdpa` (or `device: cpu`)"
+        )
     torch.manual_seed(config["seed"])
     model = GPT(cfg)
     log.info(
@@ -104,12 +109,13 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         stride=section["stride"],
         seed=config["seed"],
     )
-    eval_sets = {
-        "train": lambda: evaluation_batches(
-            train_tokens, ctx, batch, train_cfg.eval_batches, "train"
-        ),
-        "val": lambda: evaluation_batches(val_tokens, ctx, batch, train_cfg.eval_batches, "val"),
+    fixed_batches = {
+        split: evaluation_batches(
+            tokens, ctx, batch, train_cfg.eval_batches, str(paths.tokens / f"{split}.bin")
+        )
+        for split, tokens in (("train", train_tokens), ("val", val_tokens))
     }
+    eval_sets = {split: (lambda b=b: b) for split, b in fixed_batches.items()}
     peak_flops = section["peak_flops"]
     if peak_flops is None:
         peak_flops = measure_peak_flops(
@@ -117,7 +123,6 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     fingerprint = {
         "model": cfg.to_dict(),
-        "train": section["train"],
         "seed": config["seed"],
         "sampling": section["sampling"],
         "stride": section["stride"],
@@ -162,7 +167,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
                 "metrics": metrics,
             },
-            extra_files={f"tokenizer/{p.name}": p for p in sorted(paths.bpe.iterdir())},
+            extra_files={f"tokenizer/{name}": paths.bpe / name for name in GPT2_BPE_FILES},
         )
         plot_training_curves(
             result.history, out_dir / "loss.png", title=f"pretrain ({config['model']['preset']})"

@@ -80,10 +80,12 @@ def start_parent_run(uri: str, experiment: str, name: str = "pipeline") -> str:
 def end_parent_run(
     uri: str, run_id: str, success: bool, metrics_files: Mapping[str, Path] = {}
 ) -> None:
-    """Close the parent run, copying each finished stage's metrics.json as `<stage>.<metric>`."""
+    """Close the parent run, copying as `<stage>.<metric>` each metrics.json that a stage wrote
+    during this invocation (older ones belong to earlier runs)."""
     client = _client(uri)
+    started_ms = client.get_run(run_id).info.start_time
     for stage, path in metrics_files.items():
-        if Path(path).is_file():
+        if Path(path).is_file() and Path(path).stat().st_mtime * 1000 >= started_ms:
             values = json.loads(Path(path).read_text())
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

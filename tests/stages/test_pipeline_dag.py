@@ -59,6 +59,20 @@ def snakemake(workdir: Path, *args: str, configfiles=("tiny.yaml",), check: bool
     return result
 
 
+def descendants(pid: int) -> list[int]:
+    """Processes started by `pid`, at any depth (only our own job is killed, never others')."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    children = [int(c) for c in out]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, repo, mirror) -> Path:
     """One full run of the DAG on the tiny config."""
@@ -183,11 +197,10 @@ def test_kill_during_pretraining_then_rerun_resumes(tmp_path, repo, mirror):
     while not state.exists() and time.time() < deadline and job.poll() is None:
         time.sleep(0.02)
     assert state.exists(), "no resume checkpoint appeared"
-    pids = subprocess.run(
-        ["pgrep", "-f", "pipeline pretrain"], capture_output=True, text=True
-    ).stdout.split()
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+    trainers = [pid for pid in descendants(job.pid) if b"pipeline\x00pretrain" in cmdline(pid)]
+    assert trainers, "the pretrain process was not found"
+    for pid in trainers:
+        os.kill(pid, signal.SIGKILL)
     assert job.wait(timeout=120) != 0
     killed_at = json.loads(state.read_text())["step"]
     assert 0 < killed_at < 300

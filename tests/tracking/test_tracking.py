@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -23,6 +24,9 @@ def tracked_config(tmp_path, default_config, monkeypatch):
 
 def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_path, monkeypatch):
     uri = tracked_config["tracking"]["uri"]
+    stale = tmp_path / "old-metrics.json"
+    stale.write_text(json.dumps({"val_loss": 9.0}))
+    os.utime(stale, (0, 0))  # written by an earlier invocation
     parent = start_parent_run(uri, "test")
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
     with stage_run(tracked_config, "pretrain") as run:
@@ -31,7 +35,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
         run.log_text("hello", "samples/step_000010.txt")
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"val_loss": 1.5, "note": "text is skipped"}))
-    end_parent_run(uri, parent, True, {"pretrain": metrics})
+    end_parent_run(uri, parent, True, {"pretrain": metrics, "older": stale})
 
     client = MlflowClient(uri)
     child = client.get_run(run.run_id)
