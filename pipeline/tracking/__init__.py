@@ -111,9 +111,6 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
-
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
