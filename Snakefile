@@ -1,4 +1,4 @@
-"""The pipeline DAG: download -> prepare -> pretrain.
+"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config; the stage's
 config section is a rule `params` entry, so changing it reruns that stage and what depends on it.
@@ -9,6 +9,7 @@ import sys
 
 from pipeline.config import validate, write_config
 from pipeline.paths import Paths
+from pipeline.stages.common import init_checkpoint_path
 from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
 
 
@@ -26,7 +27,9 @@ RESOLVED_CONFIG = str(PATHS.results / "config.resolved.yaml")
 # Jobs run `python` from the environment that runs Snakemake, whether or not it is activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 TRACKING = config["tracking"]
-STAGES_WITH_METRICS = {"pretrain": PATHS.stage("pretrain") / "metrics.json"}
+STAGES_WITH_METRICS = {
+    stage: PATHS.stage(stage) / "metrics.json" for stage in ("pretrain", "finetune-classifier")
+}
 
 
 onstart:
@@ -46,7 +49,7 @@ onerror:
 
 rule all:
     input:
-        STAGES_WITH_METRICS["pretrain"],
+        [str(path) for path in STAGES_WITH_METRICS.values()],
     default_target: True
 
 
@@ -107,3 +110,34 @@ rule pretrain:
     threads: workflow.cores
     shell:
         "python -m pipeline pretrain --config {params.config} --threads {threads} > {log} 2>&1"
+
+
+CLASSIFIER = config["finetune_classifier"]
+CLASSIFIER_DIR = PATHS.stage("finetune-classifier")
+
+
+rule finetune_classifier:
+    input:
+        data=str(PATHS.source(CLASSIFIER["data"])),
+        model=str(init_checkpoint_path(config, CLASSIFIER["init_from"])),
+    output:
+        model=directory(str(CLASSIFIER_DIR / "model")),
+        metrics=str(CLASSIFIER_DIR / "metrics.json"),
+        splits=[str(CLASSIFIER_DIR / f"{split}.tsv") for split in ("train", "val", "test")],
+        curves=str(CLASSIFIER_DIR / "loss.png"),
+        confusion=str(CLASSIFIER_DIR / "confusion_matrix.png"),
+        misclassified=str(CLASSIFIER_DIR / "misclassified.tsv"),
+    params:
+        finetune_classifier=CLASSIFIER,
+        attention=config["model"]["attention"],
+        seed=config["seed"],
+        device=config["device"],
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/finetune-classifier.log",
+    benchmark:
+        "logs/benchmarks/finetune-classifier.tsv"
+    threads: workflow.cores
+    shell:
+        "python -m pipeline finetune-classifier --config {params.config} --threads {threads} "
+        "> {log} 2>&1"

@@ -14,7 +14,7 @@ from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("download", "prepare", "pretrain")
+STAGES = ("download", "prepare", "pretrain", "finetune-classifier")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("config", help="print the resolved, validated configuration")
     )
 
+    cls = commands.add_parser("classify", help="label texts with a fine-tuned classifier")
+    cls.add_argument("--checkpoint", type=Path, required=True, help="classifier checkpoint")
+    cls.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    cls.add_argument(
+        "--input", type=Path, help="one text a line, or a TSV whose header has a 'text' column"
+    )
+    cls.add_argument("--output", type=Path, help="predictions TSV (default: stdout)")
+    cls.add_argument("--batch-size", type=int, default=32)
+    cls.add_argument("--device", default="auto")
+
     gen = commands.add_parser("generate", help="continue a prompt with a trained checkpoint")
     gen.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
     gen.add_argument("--prompt", required=True)
@@ -76,18 +86,11 @@ def stream_text(token_ids: Iterator[int], tokenizer) -> Iterator[str]:
         yield tail
 
 
-def checkpoint_tokenizer(checkpoint: Path):
-    """The tokenizer files saved beside the weights, else tiktoken's own GPT-2 encoding."""
-    from pipeline.data.tokenizer import gpt2_tokenizer
-
-    bpe_dir = checkpoint / "tokenizer"
-    return gpt2_tokenizer(bpe_dir if (bpe_dir / "encoder.json").is_file() else None)
-
-
 def generate_command(args: argparse.Namespace) -> None:
     import torch
 
     from pipeline.model import GPT
+    from pipeline.model.checkpoint import checkpoint_tokenizer
     from pipeline.model.generate import generate_tokens
     from pipeline.train import pick_device
 
@@ -118,6 +121,64 @@ def generate_command(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def read_texts(path: Path) -> list[str]:
+    """Texts from a TSV with a `text` column, else one per line; a clear error names the line."""
+    from pipeline.data.labeled_text import read_tsv
+
+    data = path.read_bytes()
+    first_line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if b"\t" in first_line and b"text" in first_line.split(b"\t"):
+        return [r.text for r in read_tsv(path, require_label=False)]
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"{path}:{number}: empty text")
+    return lines
+
+
+def classify_command(args: argparse.Namespace) -> None:
+    from pipeline.model import load_checkpoint
+    from pipeline.model.checkpoint import checkpoint_tokenizer
+    from pipeline.model.classifier import GPTClassifier
+    from pipeline.stages.finetune_classifier import encode_texts, predict_probabilities
+    from pipeline.train import pick_device
+
+    if bool(args.texts) == bool(args.input):
+        raise ValueError("give texts as arguments or --input FILE (one of the two)")
+    texts = read_texts(args.input) if args.input else list(args.texts)
+    for i, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise ValueError(f"text {i} is empty")
+    device = pick_device(args.device)
+    model = load_checkpoint(
+        args.checkpoint, device=device, attention=None if device.type == "cpu" else "sdpa"
+    )
+    if not isinstance(model, GPTClassifier):
+        raise ValueError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
+    model.eval()
+    tokenizer = checkpoint_tokenizer(args.checkpoint)
+    ids, truncated = encode_texts(texts, tokenizer, model.config.context_length)
+    if truncated:
+        log.info("%d text(s) truncated to %d tokens", truncated, model.config.context_length)
+    probs = predict_probabilities(model, ids, args.batch_size)
+    rows = ["label\tprobability\ttext"]
+    for text, p in zip(texts, probs, strict=True):
+        best = int(p.argmax())
+        rows.append(f"{model.labels[best]}\t{float(p[best]):.4f}\t{text}")
+    table = "\n".join(rows) + "\n"
+    if args.output:
+        from pipeline.io import atomic_write_text
+
+        atomic_write_text(args.output, table)
+        log.info("wrote %d predictions to %s", len(texts), args.output)
+    else:
+        sys.stdout.write(table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -128,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.train import NonFiniteLossError
 
     try:
-        if args.command == "generate":
-            generate_command(args)
+        if args.command in COMMANDS:
+            COMMANDS[args.command](args)
             return 0
         config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if args.command == "config":
@@ -143,8 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         import importlib
 
-        importlib.import_module(f"pipeline.stages.{args.command}").run(config)
+        importlib.import_module(f"pipeline.stages.{args.command.replace('-', '_')}").run(config)
         return 0
     except (ConfigError, DownloadError, NonFiniteLossError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+COMMANDS = {"generate": generate_command, "classify": classify_command}

@@ -56,6 +56,13 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
+def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, value) of every setting that names a `data.sources` entry."""
+    refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(config["prepare"]["corpus"])]
+    refs.append(("finetune_classifier.data", config["finetune_classifier"]["data"]))
+    return refs
+
+
 def validate(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise ConfigError listing every key that does not match the schema."""
     errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
@@ -63,9 +70,8 @@ def validate(config: Mapping[str, Any], source: str = "config") -> None:
     if not errors:
         names = sorted(s["name"] for s in config["data"]["sources"])
         problems += [
-            f"prepare.corpus.{i}: {name!r} is not a data.sources name; expected one of: "
-            f"{', '.join(names)}"
-            for i, name in enumerate(config["prepare"]["corpus"])
+            f"{key}: {name!r} is not a data.sources name; expected one of: {', '.join(names)}"
+            for key, name in _source_references(config)
             if name not in names
         ]
     if problems:

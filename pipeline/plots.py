@@ -40,3 +40,32 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, title: s
         fig.savefig(handle, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_confusion_matrix(counts: Any, labels: Sequence[str], path: Path, title: str = "") -> Path:
+    """counts[true, predicted] as an annotated heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(counts)
+    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 1.4 * len(labels) + 1.5), dpi=120)
+    ax.imshow(counts, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels)
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in ticks:
+        for j in ticks:
+            color = "white" if counts[i, j] > threshold else "black"
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -6,6 +6,7 @@ draws exactly the batches the interrupted one would have.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -110,3 +111,73 @@ def evaluation_batches(
         windows_to_batch(tokens, starts[i : i + batch_size], context_length)
         for i in range(0, count, batch_size)
     ]
+
+
+class ExampleBatches:
+    """Batches of whole examples (fine-tuning): each epoch visits every example once, in an
+    order drawn from `seed` and the epoch number, so the position is one integer.
+
+    `collate` turns a list of example indices into the batch tensors; `order` (optional)
+    replaces the plain shuffle, e.g. with length-bucketed batches. The last batch of an epoch
+    may be smaller. Implements the training loop's `Batches` protocol.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        collate: Callable[[list[int]], tuple[torch.Tensor, ...]],
+        *,
+        seed: int = 0,
+        order: Callable[[torch.Generator], list[int]] | None = None,
+        name: str = "train",
+    ) -> None:
+        if num_examples < 1:
+            raise ValueError(f"{name}: no examples to train on")
+        if batch_size < 1:
+            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed = seed
+        self.order = order
+        self.batches_drawn = 0
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+            if self.order is None:
+                indices = torch.randperm(self.num_examples, generator=generator).tolist()
+            else:
+                indices = list(self.order(generator))
+                if sorted(indices) != list(range(self.num_examples)):
+                    raise ValueError("order() must return a permutation of the example indices")
+            size = self.batch_size
+            batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        epoch, index = divmod(self.batches_drawn, self.steps_per_epoch)
+        batch = self._epoch_batches(epoch)[index]
+        self.batches_drawn += 1
+        return self.collate(batch)
+
+    @property
+    def epoch(self) -> float:
+        return self.batches_drawn / self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_drawn": self.batches_drawn, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(
+                f"data state {state} does not belong to this sampler (seed {self.seed})"
+            )
+        self.batches_drawn = int(state["batches_drawn"])

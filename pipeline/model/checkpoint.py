@@ -26,6 +26,7 @@ VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TIED_KEY = "lm_head.weight"
+TOKENIZER_DIR = "tokenizer"
 _RESERVED_KEYS = ("format", "version", "model")
 
 
@@ -171,16 +172,47 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     attention: str | None = None,
 ) -> GPT:
-    """A GPT built from a checkpoint's config and weights; see `GPT.from_checkpoint`."""
+    """A GPT built from a checkpoint's config and weights; see `GPT.from_checkpoint`.
+
+    A checkpoint whose config has a `classifier` section ({labels, pooling}) gives a
+    `GPTClassifier`.
+    """
+    from pipeline.model.classifier import GPTClassifier
+
     directory = Path(directory)
-    model_dict = dict(load_checkpoint_config(directory)["model"])
+    saved = load_checkpoint_config(directory)
+    model_dict = dict(saved["model"])
     if attention is not None:
         model_dict["attention"] = attention
     try:
         config = GPTConfig.from_dict(model_dict)
     except ValueError as exc:
         raise ValueError(f"{directory / CONFIG_FILE}: {exc}") from exc
+    head = saved.get("classifier")
     with torch.device(device):
-        model = GPT(config)
+        if head is None:
+            model = GPT(config)
+        else:
+            try:
+                model = GPTClassifier(config, head["labels"], head.get("pooling", "last"))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{directory / CONFIG_FILE}: bad 'classifier' section {head!r}: {exc}"
+                ) from exc
     load_weights(model, directory)
     return model
+
+
+def tokenizer_files(bpe_dir: str | Path) -> dict[str, Path]:
+    """`extra_files` for `save_checkpoint` that ship the BPE files a model was trained with."""
+    from pipeline.data.tokenizer import GPT2_BPE_FILES
+
+    return {f"{TOKENIZER_DIR}/{name}": Path(bpe_dir) / name for name in GPT2_BPE_FILES}
+
+
+def checkpoint_tokenizer(directory: str | Path):
+    """The tokenizer saved beside the weights, else tiktoken's own GPT-2 encoding."""
+    from pipeline.data.tokenizer import gpt2_tokenizer
+
+    bpe_dir = Path(directory) / TOKENIZER_DIR
+    return gpt2_tokenizer(bpe_dir if (bpe_dir / "encoder.json").is_file() else None)

@@ -149,6 +149,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); with a cache, T new tokens only."""
+        return self.lm_head(self.hidden_states(idx, kv_cache))
+
+    def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """The final-LayerNorm outputs (B, T, n_embd) that the LM head (or a task head) reads."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         t = idx.shape[1]
@@ -174,7 +178,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x, kv_cache)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         """Parameter count with the tied LM head counted once (as OpenAI and HF report it)."""

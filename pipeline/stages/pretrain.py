@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.loader import TokenWindows, evaluation_batches
-from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
+from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_text
 from pipeline.model import GPT, GPTConfig
-from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.checkpoint import save_checkpoint, tokenizer_files
 from pipeline.model.generate import generate_tokens
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
+from pipeline.stages.common import finish_stage, stage_device, train_config
 from pipeline.tracking import stage_run
-from pipeline.train import TrainConfig, clear_resume_state, fit, measure_peak_flops, pick_device
+from pipeline.train import clear_resume_state, fit, measure_peak_flops
 
 log = logging.getLogger("pipeline.pretrain")
 
@@ -83,13 +84,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     tokenizer = gpt2_tokenizer(paths.bpe)
 
     cfg = model_config(config["model"], vocab_size=meta["vocab_size"])
-    train_cfg = TrainConfig.from_dict({**section["train"], "seed": config["seed"]})
-    device = pick_device(config["device"])
-    if cfg.attention == "fused" and device.type != "cpu":
-        raise ValueError(
-            f"model.attention: 'fused' has a CPU kernel only, but device is {device.type}; "
-            "set `model.attention: sdpa` (or `device: cpu`)"
-        )
+    train_cfg = train_config(section["train"], config["seed"])
+    device = stage_device(config)
     torch.manual_seed(config["seed"])
     model = GPT(cfg)
     log.info(
@@ -167,19 +163,13 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
                 "metrics": metrics,
             },
-            extra_files={f"tokenizer/{name}": paths.bpe / name for name in GPT2_BPE_FILES},
+            extra_files=tokenizer_files(paths.bpe),
         )
         plot_training_curves(
             result.history, out_dir / "loss.png", title=f"pretrain ({config['model']['preset']})"
         )
         atomic_write_text(out_dir / "samples.txt", samples + "\n")
-        atomic_write_json(out_dir / "metrics.json", metrics)
-
-        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=result.step)
-        for name in ("metrics.json", "loss.png", "samples.txt"):
-            tracker.log_artifact(out_dir / name)
-        if config["tracking"]["log_model"]:
-            tracker.log_artifact(out_dir / "model", "model")
+        finish_stage(tracker, config, out_dir, metrics, result.step, ("loss.png", "samples.txt"))
     clear_resume_state(paths.stage_resume(STAGE))
     log.info(
         "pretrain done: val_loss %.4f, %.0f tokens/s",

@@ -241,11 +241,8 @@ def _format_train_line(entry: dict, max_steps: int) -> str:
 
 
 def _format_eval_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
-    names = [k[: -len("_loss")] for k in metrics if k.endswith("_loss")]
     parts = [f"step {step}/{max_steps}", "eval"]
-    parts += [
-        f"{n} loss {metrics[f'{n}_loss']:.4f} ppl {metrics[f'{n}_perplexity']:.2f}" for n in names
-    ]
+    parts += [f"{name} {value:.4g}" for name, value in metrics.items()]
     return " | ".join(parts)
 
 
@@ -265,6 +262,7 @@ def fit(
     fingerprint: dict | None = None,
     logger: TrainLogger | None = None,
     sample_fn: Callable[[nn.Module], str] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     tokens_in_batch: Callable[[tuple[Tensor, ...]], int] | None = None,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
@@ -273,11 +271,12 @@ def fit(
 
     Steps are numbered 1..max_steps; step ``s`` uses ``lr_at(s, cfg)``. At each evaluation
     (every ``eval_every`` steps and at the last) the mean loss over the first
-    ``cfg.eval_batches`` batches of every eval set is recorded, then ``sample_fn`` runs on the
-    uncompiled model. With ``resume_dir`` a checkpoint is written every ``checkpoint_every``
-    steps and at the last step (after that step's evaluation); a later call with the same
-    fingerprint and config continues from it and ends bitwise identical to an uninterrupted
-    run. ``flops_per_token`` (forward + backward) and ``peak_flops`` together enable MFU.
+    ``cfg.eval_batches`` batches of every eval set is recorded, ``eval_fn`` adds the stage's own
+    metrics (accuracy, rewards...), then ``sample_fn`` runs on the uncompiled model. With
+    ``resume_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the last step
+    (after that step's evaluation); a later call with the same fingerprint and config continues
+    from it and ends bitwise identical to an uninterrupted run. ``flops_per_token`` (forward +
+    backward) and ``peak_flops`` together enable MFU.
     """
     eval_sets = eval_sets or {}
     device = torch.device(device)
@@ -341,6 +340,9 @@ def fit(
                 metrics = _evaluate(
                     train_model, loss_fn, eval_sets, cfg.eval_batches, device, autocast
                 )
+                if eval_fn is not None:
+                    with autocast():
+                        metrics.update(eval_fn(train_model))
                 if metrics:
                     log.info(_format_eval_line(step, cfg.max_steps, metrics))
                     if logger is not None:

@@ -58,3 +58,37 @@ def test_evaluation_batches_are_fixed_and_cover_the_split():
 def test_too_short_split_is_named():
     with pytest.raises(ValueError, match="val: 10 tokens, fewer than context_length"):
         evaluation_batches(np.arange(10, dtype=np.uint16), 16, 1, 1, name="val")
+
+
+def test_example_batches_visit_every_example_once_per_epoch_and_resume():
+    from pipeline.data.loader import ExampleBatches
+
+    def collate(indices):
+        return (torch.tensor(indices),)
+
+    batches = ExampleBatches(10, 4, collate, seed=3)
+    assert batches.steps_per_epoch == 3
+    epoch = [batches.next_batch()[0].tolist() for _ in range(3)]
+    assert [len(b) for b in epoch] == [4, 4, 2]
+    assert sorted(sum(epoch, [])) == list(range(10))
+    second = [batches.next_batch()[0].tolist() for _ in range(3)]
+    assert sorted(sum(second, [])) == list(range(10)) and second != epoch
+    assert batches.epoch == 2.0
+
+    resumed = ExampleBatches(10, 4, collate, seed=3)
+    resumed.load_state_dict({"batches_drawn": 3, "seed": 3})
+    assert [resumed.next_batch()[0].tolist() for _ in range(3)] == second
+    with pytest.raises(ValueError, match="seed"):
+        resumed.load_state_dict({"batches_drawn": 3, "seed": 4})
+
+
+def test_example_batches_custom_order_must_be_a_permutation():
+    from pipeline.data.loader import ExampleBatches
+
+    sorted_order = ExampleBatches(
+        5, 2, lambda ix: (torch.tensor(ix),), order=lambda g: [4, 3, 2, 1, 0]
+    )
+    assert sorted_order.next_batch()[0].tolist() == [4, 3]
+    broken = ExampleBatches(5, 2, lambda ix: (torch.tensor(ix),), order=lambda g: [0, 0, 1, 2, 3])
+    with pytest.raises(ValueError, match="permutation"):
+        broken.next_batch()

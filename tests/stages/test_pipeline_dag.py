@@ -39,6 +39,11 @@ def tiny_config(mirror: Path, **train) -> dict:
                 **train,
             },
         },
+        "finetune_classifier": {
+            "epochs": 1,
+            "trainable_blocks": 1,
+            "train": {"max_steps": 4, "batch_size": 4, "eval_batches": 2, "log_every": 1},
+        },
     }
 
 
@@ -99,6 +104,23 @@ def test_dag_produces_every_stage_output(done):
     assert not (done / ".resume" / "pretrain").exists()  # resume state is cleared after success
 
 
+def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
+    out = done / "results" / "finetune-classifier"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert 0.0 <= metrics[f"test_{key}"] <= 1.0
+    assert metrics["steps"] == 4 and metrics["labels"] == ["ham", "spam"]
+    assert sum(map(sum, metrics["test_confusion_matrix"])) == 298  # 747 - 523 - 75, twice
+    splits = {s: (out / f"{s}.tsv").read_text().splitlines() for s in ("train", "val", "test")}
+    assert all(lines[0] == "label\ttext" for lines in splits.values())
+    assert [len(lines) - 1 for lines in splits.values()] == [1046, 150, 298]
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "misclassified.tsv").read_text().startswith("label\tpredicted\tprobability")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["classifier"]["labels"] == ["ham", "spam"]
+    assert (out / "model" / "tokenizer" / "encoder.json").is_file()
+
+
 def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     client = MlflowClient(f"sqlite:///{done / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gpt-pipeline")
@@ -110,7 +132,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
-    assert set(children) == {"download", "prepare", "pretrain"}
+    assert set(children) == {"download", "prepare", "pretrain", "finetune-classifier"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     pretrain = children["pretrain"]
     assert pretrain.data.params["model.n_embd"] == "32"
@@ -121,6 +143,13 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"metrics.json", "loss.png", "samples.txt", "config.yaml", "model"} <= artifacts
     assert "pretrain.val_loss" in parents[0].data.metrics
+    assert "finetune-classifier.test_accuracy" in parents[0].data.metrics
+    classifier = children["finetune-classifier"]
+    assert {"val_accuracy", "val_f1", "train_accuracy", "final_test_roc_auc"} <= set(
+        classifier.data.metrics
+    )
+    artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
+    assert {"confusion_matrix.png", "misclassified.tsv", "test.tsv", "model"} <= artifacts
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -135,6 +164,44 @@ def test_changed_pretrain_config_reruns_only_pretrain(done, mirror):
     assert "pretrain" in jobs and "rule prepare" not in jobs and "rule download" not in jobs
     forced = snakemake(done, "--dry-run", "-R", "prepare").stdout
     assert "rule prepare" in forced and "rule pretrain" in forced and "rule download" not in forced
+
+
+def test_changed_classifier_config_reruns_only_the_classifier(done):
+    (done / "mean.yaml").write_text(yaml.safe_dump({"finetune_classifier": {"pooling": "mean"}}))
+    jobs = snakemake(done, "--dry-run", configfiles=("tiny.yaml", "mean.yaml")).stdout
+    assert "rule finetune_classifier" in jobs and "rule pretrain" not in jobs
+
+
+def test_classify_labels_texts_and_files_from_the_stage_checkpoint(done, tmp_path):
+    def classify(*args: str) -> subprocess.CompletedProcess:
+        checkpoint = str(done / "results" / "finetune-classifier" / "model")
+        cmd = [sys.executable, "-m", "pipeline", "classify", "--checkpoint", checkpoint, *args]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    result = classify("WINNER! Claim your prize now", "see you at 6")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert rows[0] == ["label", "probability", "text"]
+    assert [r[2] for r in rows[1:]] == ["WINNER! Claim your prize now", "see you at 6"]
+    assert all(r[0] in ("ham", "spam") and 0.5 <= float(r[1]) <= 1 for r in rows[1:])
+
+    (tmp_path / "in.tsv").write_text("id\ttext\n1\tcall me\n2\tFREE\tentry\n")
+    result = classify("--input", str(tmp_path / "in.tsv"), "--output", str(tmp_path / "out.tsv"))
+    assert result.returncode == 0, result.stderr
+    out = (tmp_path / "out.tsv").read_text().splitlines()
+    assert len(out) == 3 and out[2].endswith("\tFREE\tentry")
+
+    (tmp_path / "lines.txt").write_bytes(b"hello\n\xff\xfe\n")
+    result = classify("--input", str(tmp_path / "lines.txt"))
+    assert result.returncode == 1 and "lines.txt:2: not valid UTF-8" in result.stderr
+    (tmp_path / "lines.txt").write_text("hello\n\nbye\n")
+    result = classify("--input", str(tmp_path / "lines.txt"))
+    assert result.returncode == 1 and "lines.txt:2: empty text" in result.stderr
+    result = classify("   ")
+    assert result.returncode == 1 and "text 1 is empty" in result.stderr
+    pretrained = str(done / "results" / "pretrain" / "model")
+    result = classify("--checkpoint", pretrained, "hi")
+    assert result.returncode == 1 and "not a classifier checkpoint" in result.stderr
 
 
 def test_generate_streams_from_the_checkpoint(done):

@@ -195,7 +195,7 @@ def test_eval_sample_and_logger_calls_happen_at_the_right_steps(toy, caplog):
     assert "val_loss" in by_step[3] and "loss" not in by_step[3]
     assert "val_loss" in by_step[6] and "loss" in by_step[6]
     assert "step 4/7 | loss " in caplog.text and " tok/s | mfu " in caplog.text
-    assert "step 6/7 | eval | train loss" in caplog.text
+    assert "step 6/7 | eval | train_loss " in caplog.text
 
 
 def test_eval_loss_is_the_mean_over_the_first_eval_batches(toy):
@@ -249,3 +249,28 @@ def test_bf16_autocast_trains(toy):
         eval_sets={"val": toy.eval_set(2)},
     )
     assert math.isfinite(result.metrics["val_loss"])
+
+
+def test_eval_fn_metrics_are_logged_with_the_losses_in_eval_mode(toy, caplog):
+    logger = toy.RecordingLogger()
+
+    def eval_fn(model):
+        assert not model.training and not torch.is_grad_enabled()
+        return {"val_accuracy": 0.75}
+
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        result = fit(
+            toy.TinyLM(),
+            toy.lm_loss,
+            toy.SuccessorBatches(),
+            cfg(max_steps=4, eval_every=2),
+            device=CPU,
+            eval_sets={"val": toy.eval_set(1)},
+            logger=logger,
+            eval_fn=eval_fn,
+        )
+    evaluated = [(s, m) for s, m in logger.metrics if "val_loss" in m]
+    assert [s for s, _ in evaluated] == [2, 4]
+    assert all(m["val_accuracy"] == 0.75 for _, m in evaluated)
+    assert result.metrics["val_accuracy"] == 0.75
+    assert "step 4/4 | eval | val_loss " in caplog.text and "val_accuracy 0.75" in caplog.text

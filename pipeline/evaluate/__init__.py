@@ -1,0 +1,1 @@
+"""Evaluation metrics: classification (accuracy ... ROC-AUC), generated text (ROUGE-L, EM)."""
