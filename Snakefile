@@ -1,4 +1,4 @@
-"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier.
+"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier, finetune-instruct.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config; the stage's
 config section is a rule `params` entry, so changing it reruns that stage and what depends on it.
@@ -10,6 +10,7 @@ import sys
 from pipeline.config import validate, write_config
 from pipeline.paths import Paths
 from pipeline.stages.common import init_checkpoint_path
+from pipeline.stages.pretrain import init_from_input
 from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
 
 
@@ -28,7 +29,8 @@ RESOLVED_CONFIG = str(PATHS.results / "config.resolved.yaml")
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 TRACKING = config["tracking"]
 STAGES_WITH_METRICS = {
-    stage: PATHS.stage(stage) / "metrics.json" for stage in ("pretrain", "finetune-classifier")
+    stage: PATHS.stage(stage) / "metrics.json"
+    for stage in ("pretrain", "finetune-classifier", "finetune-instruct")
 }
 
 
@@ -89,9 +91,13 @@ rule prepare:
         "python -m pipeline prepare --config {params.config} > {log} 2>&1"
 
 
+
+
 rule pretrain:
     input:
         rules.prepare.output,
+        # pretrain.init_from's weights directory (none for scratch): checked to exist
+        init=init_from_input(config),
     output:
         model=directory(str(PATHS.stage("pretrain") / "model")),
         metrics=str(PATHS.stage("pretrain") / "metrics.json"),
@@ -140,4 +146,34 @@ rule finetune_classifier:
     threads: workflow.cores
     shell:
         "python -m pipeline finetune-classifier --config {params.config} --threads {threads} "
+        "> {log} 2>&1"
+
+
+INSTRUCT = config["finetune_instruct"]
+INSTRUCT_DIR = PATHS.stage("finetune-instruct")
+
+
+rule finetune_instruct:
+    input:
+        data=str(PATHS.source(INSTRUCT["data"])),
+        model=str(init_checkpoint_path(config, INSTRUCT["init_from"])),
+    output:
+        model=directory(str(INSTRUCT_DIR / "model")),
+        metrics=str(INSTRUCT_DIR / "metrics.json"),
+        splits=[str(INSTRUCT_DIR / f"{split}.json") for split in ("train", "val", "test")],
+        curves=str(INSTRUCT_DIR / "loss.png"),
+        responses=str(INSTRUCT_DIR / "test_responses.json"),
+    params:
+        finetune_instruct=INSTRUCT,
+        attention=config["model"]["attention"],
+        seed=config["seed"],
+        device=config["device"],
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/finetune-instruct.log",
+    benchmark:
+        "logs/benchmarks/finetune-instruct.tsv"
+    threads: workflow.cores
+    shell:
+        "python -m pipeline finetune-instruct --config {params.config} --threads {threads} "
         "> {log} 2>&1"

@@ -14,7 +14,7 @@ from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("download", "prepare", "pretrain", "finetune-classifier")
+STAGES = ("download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -57,23 +57,53 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--batch-size", type=int, default=32)
     cls.add_argument("--device", default="auto")
 
+    imp = commands.add_parser(
+        "import-gpt2",
+        help="convert GPT-2 weights (Hugging Face or OpenAI TensorFlow directory) to a checkpoint",
+    )
+    imp.add_argument("src", type=Path, metavar="SRC", help="directory holding GPT-2 weights")
+    imp.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    imp.add_argument(
+        "--attention", default="fused", metavar="NAME", help="attention backend to record"
+    )
+    exp = commands.add_parser(
+        "export-hf", help="write a language-model checkpoint as a Hugging Face GPT-2 directory"
+    )
+    exp.add_argument("checkpoint", type=Path, metavar="CKPT", help="checkpoint directory")
+    exp.add_argument("out", type=Path, metavar="OUT", help="directory to write")
+
     gen = commands.add_parser("generate", help="continue a prompt with a trained checkpoint")
     gen.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument(
+    _add_sampling_args(gen)
+    gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+
+    chat = commands.add_parser(
+        "chat", help="talk to an instruction-tuned checkpoint (interactive, or --instruction once)"
+    )
+    chat.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    chat.add_argument("--instruction", help="answer this once and exit")
+    chat.add_argument("--input", dest="input_text", default="", help="the record's input field")
+    chat.add_argument(
+        "--template", default=None, help="prompt template (default: the checkpoint's)"
+    )
+    _add_sampling_args(chat)
+    return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument(
         "--no-cache", action="store_true", help="recompute every step instead of a KV cache"
     )
-    gen.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument(
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
         "--attention", default=None, help="attention backend (default: the checkpoint's)"
     )
-    return parser
 
 
 def stream_text(token_ids: Iterator[int], tokenizer) -> Iterator[str]:
@@ -86,39 +116,115 @@ def stream_text(token_ids: Iterator[int], tokenizer) -> Iterator[str]:
         yield tail
 
 
-def generate_command(args: argparse.Namespace) -> None:
-    import torch
+def stream_until(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+    """Pass text through until the first stop string, holding back only what could begin one."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(stop) for stop in stops) if i >= 0]
+        if hits:
+            if head := held[: min(hits)]:
+                yield head
+            return
+        keep = max(
+            (n for stop in stops for n in range(1, len(stop)) if held.endswith(stop[:n])),
+            default=0,
+        )
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held
 
-    from pipeline.model import GPT
-    from pipeline.model.checkpoint import checkpoint_tokenizer
-    from pipeline.model.generate import generate_tokens
-    from pipeline.train import pick_device
 
-    device = pick_device(args.device)
-    attention = args.attention
-    if attention is None and device.type != "cpu":
-        attention = "sdpa"  # the fused op has a CPU kernel only; all backends give the same output
-    model = GPT.from_checkpoint(args.checkpoint, device=device, attention=attention)
-    tokenizer = checkpoint_tokenizer(args.checkpoint)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = generate_tokens(
-        model,
-        tokenizer.encode_ordinary(args.prompt),
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_id=None if args.no_stop else tokenizer.eot_token,
-        use_cache=not args.no_cache,
-        generator=generator,
-    )
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(ids, tokenizer):
+class _Generation:
+    """A checkpoint loaded for sampling with the command line's options."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        from pipeline.model import GPT
+        from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
+        from pipeline.train import pick_device
+
+        device = pick_device(args.device)
+        attention = args.attention
+        if attention is None and device.type != "cpu":
+            attention = "sdpa"  # the fused op has a CPU kernel only; all give the same output
+        self.model = GPT.from_checkpoint(args.checkpoint, device=device, attention=attention)
+        if type(self.model) is not GPT:
+            raise ValueError(f"{args.checkpoint} is not a language-model checkpoint")
+        self.config = load_checkpoint_config(args.checkpoint)
+        self.tokenizer = checkpoint_tokenizer(args.checkpoint)
+        self.args = args
+        self.generator = None
+        if args.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def stream(self, prompt: str, stop_at_eot: bool = True) -> Iterator[str]:
+        from pipeline.model.generate import generate_tokens
+
+        ids = generate_tokens(
+            self.model,
+            self.tokenizer.encode_ordinary(prompt),
+            self.args.max_new_tokens,
+            temperature=self.args.temperature,
+            top_k=self.args.top_k,
+            top_p=self.args.top_p,
+            eos_id=self.tokenizer.eot_token if stop_at_eot else None,
+            use_cache=not self.args.no_cache,
+            generator=self.generator,
+        )
+        return stream_text(ids, self.tokenizer)
+
+
+def _write_stream(pieces: Iterator[str]) -> None:
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    generation = _Generation(args)
+    sys.stdout.write(args.prompt)
+    _write_stream(generation.stream(args.prompt, stop_at_eot=not args.no_stop))
+
+
+def chat_command(args: argparse.Namespace) -> None:
+    """Wrap each instruction in the checkpoint's prompt template and stream the answer."""
+    from pipeline.data.instruct import format_prompt, get_template
+
+    generation = _Generation(args)
+    template = args.template or generation.config.get("instruct", {}).get("template")
+    if template is None:
+        template = "alpaca"
+        log.warning("%s records no prompt template; using alpaca", args.checkpoint)
+    stops = get_template(template).stops
+
+    def answer(instruction: str, input_text: str = "") -> None:
+        prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
+        pieces = stream_until(generation.stream(prompt), stops)
+        first = next(pieces, "").lstrip()
+        _write_stream(iter([first, *pieces]) if first else pieces)
+
+    if args.instruction is not None:
+        if not args.instruction.strip():
+            raise ValueError("--instruction is empty")
+        answer(args.instruction, args.input_text)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {args.checkpoint} ({template} template); an empty line or Ctrl-D ends")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        answer(line)
 
 
 def read_texts(path: Path) -> list[str]:
@@ -179,6 +285,49 @@ def classify_command(args: argparse.Namespace) -> None:
         sys.stdout.write(table)
 
 
+def _stored_parameters(weights: Path) -> int:
+    """Elements in a safetensors file, read from its header (no tensor is loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+
+def import_gpt2_command(args: argparse.Namespace) -> None:
+    """Convert once, so every stage and command reads GPT-2 in our own checkpoint format."""
+    from pipeline.model.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_checkpoint_config
+    from pipeline.model.hf import import_gpt2
+
+    out = import_gpt2(args.src, args.out, attention=args.attention)
+    model = load_checkpoint_config(out)["model"]
+    shape = ", ".join(f"{k}={model[k]}" for k in ("n_layer", "n_head", "n_embd", "context_length"))
+    has_tokenizer = (out / TOKENIZER_DIR / "encoder.json").is_file()
+    log.info(
+        "wrote %s: %s parameters (%s), %s",
+        out,
+        f"{_stored_parameters(out / WEIGHTS_FILE):,}",
+        shape,
+        "with GPT-2's tokenizer files"
+        if has_tokenizer
+        else "without tokenizer files (generate will use tiktoken's GPT-2 encoding)",
+    )
+
+
+def export_hf_command(args: argparse.Namespace) -> None:
+    """Hand a trained model to the Hugging Face ecosystem (transformers, the hub)."""
+    from pipeline.model.hf import HF_SAFETENSORS, export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    log.info(
+        "wrote %s: Hugging Face GPT-2 with %s parameters%s",
+        out,
+        f"{_stored_parameters(out / HF_SAFETENSORS):,}",
+        ", config.json and tokenizer" if (out / "vocab.json").is_file() else " and config.json",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -186,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from pipeline.data.download import DownloadError
+    from pipeline.model.hf import TensorFlowRequiredError
     from pipeline.train import NonFiniteLossError
 
     try:
@@ -206,9 +356,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         importlib.import_module(f"pipeline.stages.{args.command.replace('-', '_')}").run(config)
         return 0
-    except (ConfigError, DownloadError, NonFiniteLossError, OSError, ValueError) as exc:
+    except (
+        ConfigError,
+        DownloadError,
+        NonFiniteLossError,
+        OSError,
+        TensorFlowRequiredError,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
-COMMANDS = {"generate": generate_command, "classify": classify_command}
+COMMANDS = {
+    "generate": generate_command,
+    "chat": chat_command,
+    "classify": classify_command,
+    "import-gpt2": import_gpt2_command,
+    "export-hf": export_hf_command,
+}

@@ -56,10 +56,13 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
+FINE_TUNING_SECTIONS = ("finetune_classifier", "finetune_instruct")
+
+
 def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, value) of every setting that names a `data.sources` entry."""
     refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(config["prepare"]["corpus"])]
-    refs.append(("finetune_classifier.data", config["finetune_classifier"]["data"]))
+    refs += [(f"{stage}.data", config[stage]["data"]) for stage in FINE_TUNING_SECTIONS]
     return refs
 
 

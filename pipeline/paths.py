@@ -13,11 +13,13 @@ class Paths:
     data: Path
     results: Path
     resume: Path
+    weights: Path = Path("models")
+    """Downloaded pretrained weights, one directory per model (`pretrain.init_from` names)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Paths:
         p = config["paths"]
-        return cls(Path(p["data"]), Path(p["results"]), Path(p["resume"]))
+        return cls(Path(p["data"]), Path(p["results"]), Path(p["resume"]), Path(p["weights"]))
 
     @property
     def raw(self) -> Path:

@@ -3,7 +3,7 @@ import sys
 
 import yaml
 
-from pipeline.cli import main, stream_text
+from pipeline.cli import main, stream_text, stream_until
 from pipeline.data.tokenizer import gpt2_tokenizer
 
 
@@ -38,3 +38,12 @@ def test_bad_config_exits_1_with_the_key_and_no_traceback(repo):
     assert result.returncode == 1
     assert "prepare.val_fraction: 2 is greater than or equal to the maximum of 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stream_until_stops_at_a_marker_split_across_pieces():
+    pieces = ["The answer", " is 4.\n\n#", "## Instr", "uction: more"]
+    assert "".join(stream_until(iter(pieces), ["\n\n### "])) == "The answer is 4."
+    # text that only looks like the start of a marker is released once it cannot be one
+    out = list(stream_until(iter(["a\n", "\nb", "c"]), ["\n\n### "]))
+    assert "".join(out) == "a\n\nbc" and out[0] == "a"
+    assert "".join(stream_until(iter(["ab", "c"]), ["<|user|>"])) == "abc"

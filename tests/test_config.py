@@ -103,3 +103,28 @@ def test_corpus_must_name_a_source(repo):
     expected = r"prepare\.corpus\.0: 'the-verdict' is not a data.sources name"
     with pytest.raises(ConfigError, match=expected):
         load_config([repo / "config.yaml"], ["prepare.corpus=[the-verdict]"])
+
+
+_SCHEMA_SECTIONS = json.loads(SCHEMA_PATH.read_text())["properties"]
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        pytest.param("gpt2-124m-classifier.yaml", id="gpt2-124m-classifier"),
+        pytest.param(
+            "gpt2-355m-instruct.yaml",
+            id="gpt2-355m-instruct",
+            marks=pytest.mark.skipif(
+                "finetune_instruct" not in _SCHEMA_SECTIONS,
+                reason="the finetune_instruct stage is not in the schema yet",
+            ),
+        ),
+    ],
+)
+def test_book_preset_merged_over_the_defaults_is_valid(repo, preset):
+    config = load_config([repo / "config.yaml", repo / "configs" / preset])
+    size = preset.split("-")[0] + "-" + preset.split("-")[1]
+    assert config["model"]["preset"] == config["pretrain"]["init_from"] == size
+    assert config["model"]["attention"] == "sdpa"
+    assert config["pretrain"]["continue_pretraining"] is False

@@ -210,6 +210,12 @@ def tokenizer_files(bpe_dir: str | Path) -> dict[str, Path]:
     return {f"{TOKENIZER_DIR}/{name}": Path(bpe_dir) / name for name in GPT2_BPE_FILES}
 
 
+def checkpoint_tokenizer_files(directory: str | Path) -> dict[str, Path]:
+    """`extra_files` that carry a checkpoint's tokenizer over to a model fine-tuned from it."""
+    bpe_dir = Path(directory) / TOKENIZER_DIR
+    return tokenizer_files(bpe_dir) if (bpe_dir / "encoder.json").is_file() else {}
+
+
 def checkpoint_tokenizer(directory: str | Path):
     """The tokenizer saved beside the weights, else tiktoken's own GPT-2 encoding."""
     from pipeline.data.tokenizer import gpt2_tokenizer

@@ -28,7 +28,11 @@ from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.model import load_checkpoint
-from pipeline.model.checkpoint import TOKENIZER_DIR, checkpoint_tokenizer, save_checkpoint
+from pipeline.model.checkpoint import (
+    checkpoint_tokenizer,
+    checkpoint_tokenizer_files,
+    save_checkpoint,
+)
 from pipeline.model.classifier import GPTClassifier
 from pipeline.paths import Paths
 from pipeline.plots import plot_confusion_matrix, plot_training_curves
@@ -272,7 +276,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 "tokenizer": {"name": "gpt2", "eot_token": END_OF_TEXT_ID},
                 "metrics": {k: v for k, v in metrics.items() if k.startswith("test_")},
             },
-            extra_files={f"{TOKENIZER_DIR}/{p.name}": p for p in (start / TOKENIZER_DIR).glob("*")},
+            extra_files=checkpoint_tokenizer_files(start),
         )
         finish_stage(tracker, config, out_dir, metrics, result.step, ARTIFACTS)
     clear_resume_state(paths.stage_resume(STAGE))

@@ -1,14 +1,22 @@
-"""Stage `pretrain`: a GPT-2 model trained from scratch on the prepared token files.
+"""Stage `pretrain`: a GPT-2 language model on the prepared token files, from scratch or from
+pretrained weights.
 
 Reads data/tokens, writes results/pretrain/{model/, metrics.json, loss.png, samples.txt}.
-Resume state lives in .resume/pretrain (not a Snakemake output): rerunning after a kill continues.
+`pretrain.init_from` picks the start: `scratch` (random init, then training), or GPT-2 weights
+(OpenAI's, found by name under `paths.weights`, or any directory holding our checkpoint, a
+Hugging Face GPT-2 or OpenAI's TensorFlow checkpoint). Weights are then either only evaluated,
+sampled and saved (`continue_pretraining: false`: the book's "load OpenAI's weights") or trained
+further (`true`). Resume state lives in .resume/pretrain (not a Snakemake output): rerunning after
+a kill continues.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,15 +25,16 @@ import torch.nn.functional as F
 from pipeline.data.loader import TokenWindows, evaluation_batches
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
-from pipeline.io import atomic_write_text
-from pipeline.model import GPT, GPTConfig
+from pipeline.io import atomic_write_text, sha256_file
+from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import save_checkpoint, tokenizer_files
 from pipeline.model.generate import generate_tokens
+from pipeline.model.hf import HF_NAME_FOR_PRESET, gpt2_config, load_gpt2, weight_files
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import finish_stage, stage_device, train_config
 from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit, measure_peak_flops
+from pipeline.train import clear_resume_state, evaluate_losses, fit, measure_peak_flops
 
 log = logging.getLogger("pipeline.pretrain")
 
@@ -39,9 +48,18 @@ MODEL_OVERRIDES = (
     "attn_dropout",
     "qkv_bias",
 )
+SCRATCH = "scratch"
+# The names `init_from` looks up under paths.weights: our presets and Hugging Face's model names.
+PRESET_FOR_WEIGHTS_NAME: dict[str, str] = {
+    **{preset: preset for preset in HF_NAME_FOR_PRESET},
+    **{hf: preset for preset, hf in HF_NAME_FOR_PRESET.items()},
+}
+# What must agree between the init weights and the model section; dropouts and attention need not.
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size", "qkv_bias")
 
 
 def model_config(model_section: Mapping[str, Any], vocab_size: int) -> GPTConfig:
+    """The model section's GPTConfig: the preset with any overrides."""
     overrides = {k: model_section[k] for k in MODEL_OVERRIDES if k in model_section}
     return GPTConfig.from_preset(
         model_section["preset"],
@@ -49,6 +67,138 @@ def model_config(model_section: Mapping[str, Any], vocab_size: int) -> GPTConfig
         vocab_size=vocab_size,
         **overrides,
     )
+
+
+def weights_candidates(config: Mapping[str, Any], name: str) -> list[Path]:
+    """Where a GPT-2 name is looked for: paths.weights/<preset>, then paths.weights/<HF name>."""
+    preset = PRESET_FOR_WEIGHTS_NAME[name]
+    weights = Paths.from_config(config).weights
+    return [weights / preset, weights / HF_NAME_FOR_PRESET[preset]]
+
+
+def resolve_init_from(config: Mapping[str, Any]) -> Path | None:
+    """The weights directory `pretrain.init_from` names, or None for `scratch`.
+
+    A missing directory fails here, saying where it was looked for and how to get the weights.
+    """
+    init_from = config[STAGE]["init_from"]
+    if init_from == SCRATCH:
+        return None
+    if init_from in PRESET_FOR_WEIGHTS_NAME:
+        candidates = weights_candidates(config, init_from)
+        for directory in candidates:
+            if directory.is_dir():
+                return directory
+        preset = PRESET_FOR_WEIGHTS_NAME[init_from]
+        hf_name = HF_NAME_FOR_PRESET[preset]
+        raise FileNotFoundError(
+            f"pretrain.init_from {init_from!r}: no weights at {candidates[0]} or {candidates[1]} "
+            f"(paths.weights is {Paths.from_config(config).weights}). Download GPT-2 {preset} "
+            f"first, e.g. `hf download openai-community/{hf_name} config.json model.safetensors "
+            f"vocab.json merges.txt --local-dir {candidates[1]}`, or put OpenAI's checkpoint "
+            f"(hparams.json, model.ckpt.*) in {candidates[0]}; or set pretrain.init_from to the "
+            f"directory that holds them"
+        )
+    directory = Path(init_from)
+    if not directory.is_dir():
+        names = ", ".join(PRESET_FOR_WEIGHTS_NAME)
+        raise FileNotFoundError(
+            f"pretrain.init_from {init_from!r}: no such directory; expected {SCRATCH!r}, a GPT-2 "
+            f"name looked up under paths.weights ({names}) or a weights directory"
+        )
+    return directory
+
+
+def init_from_input(config: Mapping[str, Any]) -> list[str]:
+    """The Snakefile's extra input for rule pretrain: the init_from directory, if any.
+
+    A directory given by path is always an input, so Snakemake reports it missing before running;
+    a name is an input once found (if it is not, the stage's own error says where it looked).
+    """
+    init_from = config[STAGE]["init_from"]
+    if init_from == SCRATCH:
+        return []
+    if init_from in PRESET_FOR_WEIGHTS_NAME:
+        found = [d for d in weights_candidates(config, init_from) if d.is_dir()]
+        return [str(found[0])] if found else []
+    return [init_from]
+
+
+def init_weights_sha256(directory: Path) -> str:
+    """Identity of the init weights for the resume fingerprint and provenance.
+
+    The sha256 of the weights file when there is one (for our checkpoints the same value as
+    `weights_sha256`, for Hugging Face's the one the hub shows); else of the files' sha256s.
+    """
+    files = weight_files(directory)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name} {sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _describe(config: GPTConfig) -> str:
+    return ", ".join(f"{key}={getattr(config, key)}" for key in ARCHITECTURE)
+
+
+def check_architecture(
+    weights: GPTConfig,
+    configured: GPTConfig,
+    model_section: Mapping[str, Any],
+    init_from: str,
+    directory: Path,
+) -> None:
+    """Fail, naming both shapes and the fix, if the init weights are not the configured model."""
+    differ = [key for key in ARCHITECTURE if getattr(weights, key) != getattr(configured, key)]
+    if not differ:
+        return
+    preset = model_section["preset"]
+    overrides = [key for key in MODEL_OVERRIDES if key in model_section and key in ARCHITECTURE]
+    given = f"model.preset {preset!r}" + (
+        f" with model.{', model.'.join(overrides)}" if overrides else ""
+    )
+    if "vocab_size" in differ:
+        fix = (
+            f"vocab_size comes from the token files ({configured.vocab_size}, GPT-2's BPE); "
+            "these weights were trained with another tokenizer"
+        )
+    else:
+        matching = [
+            name
+            for name, values in PRESETS.items()
+            if all(values[key] == getattr(weights, key) for key in ARCHITECTURE)
+        ]
+        if matching:
+            fix = f"set model.preset: {matching[0]}"
+            if overrides:
+                fix += f" and remove model.{', model.'.join(overrides)}"
+        else:
+            fix = "set " + ", ".join(f"model.{key}: {getattr(weights, key)}" for key in differ)
+    raise ValueError(
+        f"pretrain.init_from {init_from!r}: the weights in {directory} are a GPT-2 with "
+        f"{_describe(weights)}, but the model section ({given}) gives {_describe(configured)}. "
+        f"The architecture comes from the weights: {fix}"
+    )
+
+
+def load_init_model(
+    directory: Path, cfg: GPTConfig, model_section: Mapping[str, Any], init_from: str
+) -> GPT:
+    """A GPT with `cfg` holding the weights in `directory` (any layout `load_gpt2` reads).
+
+    The architecture is checked before any tensor is read; dropouts and attention come from the
+    model section, not from the weights' config (Hugging Face's says 0.1, GPT-2's training value).
+    """
+    # The source model only carries the tensors over, so its attention backend does not matter.
+    check_architecture(
+        gpt2_config(directory, attention="sdpa"), cfg, model_section, init_from, directory
+    )
+    source = load_gpt2(directory, attention="sdpa")
+    model = GPT(cfg)
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -75,9 +225,12 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: i
 
 
 def run(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Train (or, for weights with continue_pretraining false, only evaluate) and save the model."""
     paths = Paths.from_config(config)
     section = config[STAGE]
     out_dir = paths.stage(STAGE)
+    init_from = section["init_from"]
+    init_dir = resolve_init_from(config)  # before any work: a missing download fails at once
     meta = json.loads((paths.tokens / "meta.json").read_text())
     train_tokens = load_tokens(paths.tokens / "train.bin")
     val_tokens = load_tokens(paths.tokens / "val.bin")
@@ -87,14 +240,23 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     train_cfg = train_config(section["train"], config["seed"])
     device = stage_device(config)
     torch.manual_seed(config["seed"])
-    model = GPT(cfg)
+    if init_dir is None:
+        model = GPT(cfg)
+        training, init_sha = True, None
+    else:
+        model = load_init_model(init_dir, cfg, config["model"], init_from)
+        training, init_sha = section["continue_pretraining"], init_weights_sha256(init_dir)
     log.info(
-        "model: %s, %s parameters, attention=%s, device=%s",
+        "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
         config["model"]["preset"],
         f"{model.num_parameters():,}",
         cfg.attention,
         device,
+        init_from,
+        "" if init_dir is None else f" ({init_dir}, sha256 {init_sha})",
     )
+    if not training:
+        log.info("continue_pretraining is false: evaluating %s as it is, no training", init_from)
 
     ctx, batch = cfg.context_length, train_cfg.batch_size
     train_batches = TokenWindows(
@@ -113,7 +275,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     }
     eval_sets = {split: (lambda b=b: b) for split, b in fixed_batches.items()}
     peak_flops = section["peak_flops"]
-    if peak_flops is None:
+    if peak_flops is None and training:
         peak_flops = measure_peak_flops(
             device, torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
         )
@@ -125,35 +287,55 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         "data": [d["sha256"] for d in meta["documents"]],
         "val_fraction": meta["val_fraction"],
     }
+    init_info: dict[str, Any] = {"init_from": init_from}
+    if init_dir is not None:
+        fingerprint["init_weights"] = init_sha  # absent for scratch: older resume states stay valid
+        init_info["init_weights_sha256"] = init_sha
 
     with stage_run(config, STAGE) as tracker:
-        tracker.set_tags({"parameters": model.num_parameters(), "device": device.type})
-        result = fit(
-            model,
-            lm_loss,
-            train_batches,
-            train_cfg,
-            device=device,
-            eval_sets=eval_sets,
-            resume_dir=paths.stage_resume(STAGE),
-            fingerprint=fingerprint,
-            logger=tracker,
-            sample_fn=lambda m: sample_text(
-                m, tokenizer, section["sample_prompt"], section["sample_tokens"], config["seed"]
-            ),
-            flops_per_token=model.flops_per_token(),
-            peak_flops=peak_flops,
-        )
+        tags = {"parameters": model.num_parameters(), "device": device.type, **init_info}
+        if init_dir is not None:
+            tags.update(init_weights=init_dir, continue_pretraining=training)
+        tracker.set_tags(tags)
+        if training:
+            result = fit(
+                model,
+                lm_loss,
+                train_batches,
+                train_cfg,
+                device=device,
+                eval_sets=eval_sets,
+                resume_dir=paths.stage_resume(STAGE),
+                fingerprint=fingerprint,
+                logger=tracker,
+                sample_fn=lambda m: sample_text(
+                    m, tokenizer, section["sample_prompt"], section["sample_tokens"], config["seed"]
+                ),
+                flops_per_token=model.flops_per_token(),
+                peak_flops=peak_flops,
+            )
+            step, history, measured = result.step, result.history, result.metrics
+        else:
+            model.to(device).eval()
+            measured = evaluate_losses(
+                model, lm_loss, eval_sets, train_cfg.eval_batches, device, train_cfg.precision
+            )
+            tracker.log_metrics(measured, step=0)
+            step, history = 0, [{"step": 0, **measured}]
         metrics = {
-            **result.metrics,
-            "steps": result.step,
+            **measured,
+            "steps": step,
             "parameters": model.num_parameters(),
-            "tokens_seen": result.step * train_cfg.grad_accum_steps * batch * ctx,
+            "tokens_seen": step * train_cfg.grad_accum_steps * batch * ctx,
             "epochs": train_batches.epoch,
+            **init_info,
         }
         samples = sample_text(
             model, tokenizer, section["sample_prompt"], section["sample_tokens"], config["seed"]
         )
+        if not training:
+            log.info("sample:\n%s", samples)
+            tracker.log_text(samples, "samples/step_000000.txt")
 
         save_checkpoint(
             model,
@@ -165,15 +347,23 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             },
             extra_files=tokenizer_files(paths.bpe),
         )
-        plot_training_curves(
-            result.history, out_dir / "loss.png", title=f"pretrain ({config['model']['preset']})"
-        )
+        title = f"pretrain ({config['model']['preset']}, init_from {init_from})"
+        plot_training_curves(history, out_dir / "loss.png", title=title)
         atomic_write_text(out_dir / "samples.txt", samples + "\n")
-        finish_stage(tracker, config, out_dir, metrics, result.step, ("loss.png", "samples.txt"))
+        finish_stage(tracker, config, out_dir, metrics, step, ("loss.png", "samples.txt"))
     clear_resume_state(paths.stage_resume(STAGE))
-    log.info(
-        "pretrain done: val_loss %.4f, %.0f tokens/s",
-        metrics.get("val_loss", float("nan")),
-        metrics.get("tokens_per_second", float("nan")),
-    )
+    if training:
+        log.info(
+            "pretrain done (init_from %s): val_loss %.4f, %.0f tokens/s",
+            init_from,
+            metrics.get("val_loss", float("nan")),
+            metrics.get("tokens_per_second", float("nan")),
+        )
+    else:
+        log.info(
+            "pretrain done (init_from %s, not trained): train_loss %.4f, val_loss %.4f",
+            init_from,
+            metrics["train_loss"],
+            metrics["val_loss"],
+        )
     return metrics

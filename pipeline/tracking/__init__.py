@@ -111,6 +111,10 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        """Columns of equal length, shown as a table in the MLflow UI's artifact view."""
+        self.client.log_table(self.run_id, data=dict(table), artifact_file=artifact_file)
+
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():

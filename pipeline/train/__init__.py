@@ -8,6 +8,7 @@ from pipeline.train.loop import (
     TrainLogger,
     TrainResult,
     configure_optimizer,
+    evaluate_losses,
     fit,
     perplexity,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "TrainResult",
     "clear_resume_state",
     "configure_optimizer",
+    "evaluate_losses",
     "fit",
     "lr_at",
     "measure_peak_flops",

@@ -202,20 +202,32 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PERPLEXITY_LOSS_CAP))
 
 
-def _evaluate(
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
+
+
+def evaluate_losses(
     model: nn.Module,
     loss_fn: LossFn,
     eval_sets: EvalSets,
     n_batches: int,
     device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
+    precision: str = "fp32",
 ) -> dict[str, float]:
+    """``<set>_loss`` and ``<set>_perplexity``: the mean loss over each set's first ``n_batches``.
+
+    The evaluation ``fit`` runs, public so that a stage can score a model without training it.
+    Runs without gradients in whatever mode the model is in: call ``model.eval()`` first.
+    """
+    device = torch.device(device)
     metrics: dict[str, float] = {}
     for name, make_batches in eval_sets.items():
         total = torch.zeros((), device=device)
         count = 0
         for batch in islice(make_batches(), n_batches):
-            with autocast():
+            with torch.no_grad(), _autocast(device, precision):
                 loss = loss_fn(model, _to_device(batch, device))
             total += loss.detach().float()
             count += 1
@@ -328,17 +340,16 @@ def fit(
 
     train_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
     count_tokens = tokens_in_batch or _default_tokens
-    use_bf16 = cfg.precision == "bf16"
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        return _autocast(device, cfg.precision)
 
     def evaluate(step: int) -> dict[str, float]:
         model.eval()
         try:
             with torch.no_grad():
-                metrics = _evaluate(
-                    train_model, loss_fn, eval_sets, cfg.eval_batches, device, autocast
+                metrics = evaluate_losses(
+                    train_model, loss_fn, eval_sets, cfg.eval_batches, device, cfg.precision
                 )
                 if eval_fn is not None:
                     with autocast():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,13 @@ def tiny_config(mirror: Path, **train) -> dict:
             "epochs": 1,
             "trainable_blocks": 1,
             "train": {"max_steps": 4, "batch_size": 4, "eval_batches": 2, "log_every": 1},
+        },
+        "finetune_instruct": {
+            "epochs": 1,
+            "method": "lora",
+            "lora": {"rank": 2, "alpha": 4},
+            "generation": {"max_new_tokens": 3},
+            "train": {"max_steps": 3, "batch_size": 4, "eval_batches": 2, "log_every": 1},
         },
     }
 
@@ -132,7 +140,9 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         for r in runs
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
-    assert set(children) == {"download", "prepare", "pretrain", "finetune-classifier"}
+    assert set(children) == {
+        "download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct"
+    }  # fmt: skip
     assert all(r.info.status == "FINISHED" for r in children.values())
     pretrain = children["pretrain"]
     assert pretrain.data.params["model.n_embd"] == "32"
@@ -150,6 +160,10 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     )
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
     assert {"confusion_matrix.png", "misclassified.tsv", "test.tsv", "model"} <= artifacts
+    instruct = children["finetune-instruct"]
+    assert {"val_loss", "final_test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
+    assert {"test_responses.json", "test_samples.json", "model", "loss.png"} <= artifacts
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -164,6 +178,42 @@ def test_changed_pretrain_config_reruns_only_pretrain(done, mirror):
     assert "pretrain" in jobs and "rule prepare" not in jobs and "rule download" not in jobs
     forced = snakemake(done, "--dry-run", "-R", "prepare").stdout
     assert "rule prepare" in forced and "rule pretrain" in forced and "rule download" not in forced
+
+
+def test_dag_instruction_tunes_with_lora_and_answers_the_test_set(done):
+    out = done / "results" / "finetune-instruct"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val_loss", "val_perplexity", "test_rouge_l", "test_exact_match"} <= set(metrics)
+    assert metrics["steps"] == 3 and metrics["method"] == "lora"
+    assert 0 < metrics["trainable_fraction"] < 0.1
+    splits = {s: json.loads((out / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+    assert [len(v) for v in splits.values()] == [935, 55, 110]
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 110
+    assert set(responses[0]) >= {"instruction", "input", "output", "model_response"}
+    assert [r["instruction"] for r in responses] == [r["instruction"] for r in splits["test"]]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["instruct"] == {"template": "alpaca", "method": "lora"}
+    weights = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in name for name in weights)  # merged into the base weights
+
+
+def test_chat_answers_one_instruction_with_the_checkpoints_template(done):
+    cmd = [
+        sys.executable, "-m", "pipeline", "chat",
+        "--checkpoint", "results/finetune-instruct/model",
+        "--instruction", "Name a color.", "--max-new-tokens", "5",
+    ]  # fmt: skip
+    first = subprocess.run(cmd, cwd=done, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(cmd, cwd=done, capture_output=True, text=True, check=True)
+    assert first.stdout == second.stdout and first.stdout.endswith("\n")
+    assert "### Instruction" not in first.stdout
+    piped = subprocess.run(
+        cmd[:6] + ["--max-new-tokens", "5"],
+        cwd=done, input="Name a color.\n", capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert piped.stdout == first.stdout
 
 
 def test_changed_classifier_config_reruns_only_the_classifier(done):
