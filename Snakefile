@@ -1,4 +1,5 @@
-"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier, finetune-instruct.
+"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier, and
+pretrain -> finetune-instruct -> align-dpo.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config; the stage's
 config section is a rule `params` entry, so changing it reruns that stage and what depends on it.
@@ -30,7 +31,7 @@ os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.g
 TRACKING = config["tracking"]
 STAGES_WITH_METRICS = {
     stage: PATHS.stage(stage) / "metrics.json"
-    for stage in ("pretrain", "finetune-classifier", "finetune-instruct")
+    for stage in ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo")
 }
 
 
@@ -177,3 +178,32 @@ rule finetune_instruct:
     shell:
         "python -m pipeline finetune-instruct --config {params.config} --threads {threads} "
         "> {log} 2>&1"
+
+
+DPO = config["align_dpo"]
+DPO_DIR = PATHS.stage("align-dpo")
+
+
+rule align_dpo:
+    input:
+        data=str(PATHS.source(DPO["data"])),
+        model=str(init_checkpoint_path(config, DPO["init_from"])),
+    output:
+        model=directory(str(DPO_DIR / "model")),
+        metrics=str(DPO_DIR / "metrics.json"),
+        splits=[str(DPO_DIR / f"{split}.json") for split in ("train", "val", "test")],
+        curves=str(DPO_DIR / "loss.png"),
+        responses=str(DPO_DIR / "test_responses.json"),
+    params:
+        align_dpo=DPO,
+        attention=config["model"]["attention"],
+        seed=config["seed"],
+        device=config["device"],
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/align-dpo.log",
+    benchmark:
+        "logs/benchmarks/align-dpo.tsv"
+    threads: workflow.cores
+    shell:
+        "python -m pipeline align-dpo --config {params.config} --threads {threads} > {log} 2>&1"

@@ -9,12 +9,23 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 
+if TYPE_CHECKING:
+    import tiktoken
+
 log = logging.getLogger("pipeline")
 
-STAGES = ("download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct")
+STAGES = (
+    "download",
+    "prepare",
+    "pretrain",
+    "finetune-classifier",
+    "finetune-instruct",
+    "align-dpo",
+)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +49,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", type=Path, help="one text a line, or a TSV whose header has a 'text' column"
     )
     cls.add_argument("--output", type=Path, help="predictions TSV (default: stdout)")
-    cls.add_argument("--batch-size", type=int, default=32)
+    cls.add_argument("--batch-size", type=_positive_int, default=32)
     cls.add_argument("--device", default="auto")
 
     imp = commands.add_parser(
@@ -106,7 +124,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def stream_text(token_ids: Iterator[int], tokenizer) -> Iterator[str]:
+def stream_text(token_ids: Iterator[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
     """Decode token by token without splitting a UTF-8 character across tokens."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in token_ids:
@@ -148,9 +166,7 @@ class _Generation:
         from pipeline.train import pick_device
 
         device = pick_device(args.device)
-        attention = args.attention
-        if attention is None and device.type != "cpu":
-            attention = "sdpa"  # the fused op has a CPU kernel only; all give the same output
+        attention = inference_attention(device, args.attention)
         self.model = GPT.from_checkpoint(args.checkpoint, device=device, attention=attention)
         if type(self.model) is not GPT:
             raise ValueError(f"{args.checkpoint} is not a language-model checkpoint")
@@ -217,29 +233,31 @@ def chat_command(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chat with {args.checkpoint} ({template} template); an empty line or Ctrl-D ends")
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        answer(line)
+    try:
+        while line := input("> " if interactive else "").strip():
+            answer(line)
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            print()
+
+
+def inference_attention(device, requested: str | None) -> str | None:
+    """The attention backend to run a checkpoint with: the one asked for, else the checkpoint's
+    on the CPU and sdpa elsewhere (the fused op has a CPU kernel only; all give the same output)."""
+    if requested is None and device.type != "cpu":
+        return "sdpa"
+    return requested
 
 
 def read_texts(path: Path) -> list[str]:
     """Texts from a TSV with a `text` column, else one per line; a clear error names the line."""
-    from pipeline.data.labeled_text import read_tsv
+    from pipeline.data.labeled_text import read_lines, read_tsv
 
-    data = path.read_bytes()
-    first_line = data.split(b"\n", 1)[0].rstrip(b"\r")
-    if b"\t" in first_line and b"text" in first_line.split(b"\t"):
+    lines = read_lines(path)
+    if lines and "\t" in lines[0] and "text" in lines[0].split("\t"):
         return [r.text for r in read_tsv(path, require_label=False)]
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+    if lines and lines[-1] == "":
+        lines.pop()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise ValueError(f"{path}:{number}: empty text")
@@ -248,7 +266,7 @@ def read_texts(path: Path) -> list[str]:
 
 def classify_command(args: argparse.Namespace) -> None:
     from pipeline.model import load_checkpoint
-    from pipeline.model.checkpoint import checkpoint_tokenizer
+    from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
     from pipeline.model.classifier import GPTClassifier
     from pipeline.stages.finetune_classifier import encode_texts, predict_probabilities
     from pipeline.train import pick_device
@@ -261,20 +279,23 @@ def classify_command(args: argparse.Namespace) -> None:
             raise ValueError(f"text {i} is empty")
     device = pick_device(args.device)
     model = load_checkpoint(
-        args.checkpoint, device=device, attention=None if device.type == "cpu" else "sdpa"
+        args.checkpoint, device=device, attention=inference_attention(device, None)
     )
     if not isinstance(model, GPTClassifier):
         raise ValueError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
     model.eval()
     tokenizer = checkpoint_tokenizer(args.checkpoint)
-    ids, truncated = encode_texts(texts, tokenizer, model.config.context_length)
+    head = load_checkpoint_config(args.checkpoint)["classifier"]
+    max_length = head.get("max_length") or model.config.context_length
+    ids, truncated = encode_texts(texts, tokenizer, max_length)
     if truncated:
-        log.info("%d text(s) truncated to %d tokens", truncated, model.config.context_length)
+        log.info("%d text(s) truncated to %d tokens, as in training", truncated, max_length)
     probs = predict_probabilities(model, ids, args.batch_size)
     rows = ["label\tprobability\ttext"]
     for text, p in zip(texts, probs, strict=True):
         best = int(p.argmax())
-        rows.append(f"{model.labels[best]}\t{float(p[best]):.4f}\t{text}")
+        one_line = " ".join(text.splitlines())  # the text column is last: tabs may stay
+        rows.append(f"{model.labels[best]}\t{float(p[best]):.4f}\t{one_line}")
     table = "\n".join(rows) + "\n"
     if args.output:
         from pipeline.io import atomic_write_text

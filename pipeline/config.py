@@ -56,7 +56,7 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-FINE_TUNING_SECTIONS = ("finetune_classifier", "finetune_instruct")
+FINE_TUNING_SECTIONS = ("finetune_classifier", "finetune_instruct", "align_dpo")
 
 
 def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -94,17 +94,6 @@ def format_prompt(record: dict[str, Any], template: str) -> str:
     return text + t.response
 
 
-def format_response(text: str, template: str) -> str:
-    """What follows the prompt in a training sequence; both templates use the text unchanged."""
-    get_template(template)
-    return text
-
-
-def response_start(template: str) -> str:
-    """The text that ends every prompt, so a full decoded sequence can be split at it."""
-    return get_template(template).response
-
-
 def _record_problems(record: Any, required: Sequence[str]) -> list[str]:
     if not isinstance(record, dict):
         return [f"not an object (got {_JSON_TYPES.get(type(record), type(record).__name__)})"]
@@ -217,10 +206,9 @@ def encode_example(
 ) -> InstructionExample:
     """Tokenise a record; user text never becomes a special token (``encode_ordinary``)."""
     prompt = format_prompt(record, template)
-    response = format_response(record[response_key], template)
     return InstructionExample(
         prompt_ids=tuple(tokenizer.encode_ordinary(prompt)),
-        response_ids=tuple(tokenizer.encode_ordinary(response)),
+        response_ids=tuple(tokenizer.encode_ordinary(record[response_key])),
     )
 
 

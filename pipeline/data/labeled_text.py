@@ -23,20 +23,22 @@ class LabeledText:
     text: str
 
 
-def _lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
+    """The file's lines, split at `\n` only (a text may hold other Unicode line separators);
+    invalid UTF-8 is an error naming the line."""
     data = Path(path).read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
-    return text.splitlines()
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def read_label_tab_text(path: Path) -> list[LabeledText]:
     """`label<TAB>text` lines with no header (the SMS Spam Collection's format)."""
     records = []
-    for number, line in enumerate(_lines(path), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         label, sep, text = line.partition("\t")
@@ -64,8 +66,8 @@ def read_tsv(path: Path, require_label: bool = True) -> list[LabeledText]:
     When `text` is the last column, tabs inside texts are kept; empty texts are an error
     naming the line.
     """
-    lines = _lines(path)
-    if not lines:
+    lines = read_lines(path)
+    if not lines[0].strip():
         raise ValueError(f"{path}: empty file, expected a header with a 'text' column")
     columns = lines[0].split("\t")
     if "text" not in columns or (require_label and "label" not in columns):

@@ -85,17 +85,17 @@ def corpus_scores(predictions: Sequence[str], references: Sequence[str]) -> dict
     }
 
 
-def extract_response(generated_text: str, template: str) -> str:
-    """The answer in generated text: after the prompt's response header if the text contains
-    it (or starts with it), cut before the first marker of a new turn (a small model often
-    starts one), stripped.
-    """
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (all of it if none occurs)."""
+    return text[: min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
+
+
+def extract_response(continuation: str, template: str) -> str:
+    """The answer in the text generated after a prompt: without a repeated response header,
+    cut before the first marker of a new turn (a small model often starts one), stripped."""
     t = get_template(template)
-    text = generated_text
-    if t.response in text:
-        text = text.split(t.response, 1)[1]
+    text = continuation.lstrip()
     header = t.response.strip()
-    if text.lstrip().startswith(header):
-        text = text.lstrip()[len(header) :]
-    cut = min((i for i in (text.find(s) for s in t.stops) if i >= 0), default=len(text))
-    return text[:cut].strip()
+    if text.startswith(header):
+        text = text[len(header) :]
+    return cut_at_stops(text, t.stops).strip()

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import tiktoken
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -216,7 +217,7 @@ def checkpoint_tokenizer_files(directory: str | Path) -> dict[str, Path]:
     return tokenizer_files(bpe_dir) if (bpe_dir / "encoder.json").is_file() else {}
 
 
-def checkpoint_tokenizer(directory: str | Path):
+def checkpoint_tokenizer(directory: str | Path) -> tiktoken.Encoding:
     """The tokenizer saved beside the weights, else tiktoken's own GPT-2 encoding."""
     from pipeline.data.tokenizer import gpt2_tokenizer
 

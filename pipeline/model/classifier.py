@@ -50,8 +50,6 @@ class GPTClassifier(GPT):
         """Class logits (B, num_labels); `lengths` (B,) counts the real tokens before padding."""
         if lengths is None:
             lengths = torch.full((idx.shape[0],), idx.shape[1], device=idx.device)
-        if bool((lengths < 1).any()) or bool((lengths > idx.shape[1]).any()):
-            raise ValueError(f"lengths must be in 1..{idx.shape[1]}, got {lengths.tolist()}")
         pooled = pool_hidden_states(self.hidden_states(idx), lengths, self.pooling)
         return self.classifier(pooled)
 

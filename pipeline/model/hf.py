@@ -33,6 +33,7 @@ from pipeline.model.checkpoint import (
 )
 from pipeline.model.checkpoint import (
     TIED_KEY,
+    TOKENIZER_DIR,
     WEIGHTS_FILE,
     load_checkpoint,
     load_checkpoint_config,
@@ -402,8 +403,11 @@ def _tf_conv1d_to_linear(t: Tensor) -> Tensor:
 def _build(config: GPTConfig, state: Mapping[str, Tensor]) -> GPT:
     model = GPT(config)
     result = model.load_state_dict(state, strict=False)
-    assert list(result.missing_keys) == [TIED_KEY] and not result.unexpected_keys, result
-    assert model.lm_head.weight is model.tok_emb.weight
+    if list(result.missing_keys) != [TIED_KEY] or result.unexpected_keys:
+        raise ValueError(
+            f"mapped GPT-2 tensors do not fit the model: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
     return model
 
 
@@ -671,7 +675,7 @@ def _tokenizer_files(src: Path, names: Mapping[str, str], staging: Path) -> dict
             )
             return {}
         (staging / ours).write_bytes(data)
-        files[f"tokenizer/{ours}"] = staging / ours
+        files[f"{TOKENIZER_DIR}/{ours}"] = staging / ours
     return files
 
 
@@ -758,7 +762,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     if isinstance(tokenizer, dict) and isinstance(tokenizer.get("eot_token"), int):
         eot = tokenizer["eot_token"]
     config = hf_config(model.config, eot_token=eot)
-    tok_dir = checkpoint / "tokenizer"
+    tok_dir = checkpoint / TOKENIZER_DIR
     has_tokenizer = all((tok_dir / name).is_file() for name in HF_TOKENIZER_NAMES)
 
     with atomic_directory(out) as tmp:

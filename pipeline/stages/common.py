@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,35 @@ def train_config(train_section: Mapping[str, Any], seed: int, **derived: int) ->
     return TrainConfig.from_dict({**derived, **train_section, "seed": seed})
 
 
+def epoch_train_config(
+    train_section: Mapping[str, Any], seed: int, epochs: int, batches_per_epoch: int
+) -> tuple[TrainConfig, int]:
+    """(TrainConfig, optimizer steps per epoch) for a stage counted in epochs: an optimizer step
+    draws grad_accum_steps batches, and evaluation falls on every epoch's end. A `max_steps` or
+    `eval_every` in the config wins."""
+    accum = train_section.get("grad_accum_steps", 1)
+    steps_per_epoch = max(1, -(-batches_per_epoch // accum))
+    cfg = train_config(
+        train_section, seed, max_steps=epochs * steps_per_epoch, eval_every=steps_per_epoch
+    )
+    return cfg, steps_per_epoch
+
+
+def seeded(config: Mapping[str, Any], device: torch.device) -> torch.Generator:
+    """A generator of its own for sampled text, so sampling never moves the training RNG."""
+    return torch.Generator(device=device).manual_seed(config["seed"])
+
+
+def check_splits(section: str, **splits: Sized) -> None:
+    """Every split must hold records; an empty one is named with the key that sizes it."""
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(
+                f"{section}.split gives an empty {name} split; adjust {section}.split "
+                "(train and val fractions; test gets the rest)"
+            )
+
+
 def init_checkpoint_path(config: Mapping[str, Any], init_from: str) -> Path:
     """Where a fine-tuning stage starts: a stage name's `model/`, or a checkpoint directory."""
     if init_from in MODEL_STAGES:
@@ -55,9 +86,19 @@ def init_checkpoint(config: Mapping[str, Any], init_from: str) -> Path:
     return directory
 
 
-def weights_sha256(checkpoint: Path) -> str:
-    """Identity of a starting checkpoint, for the resume fingerprint."""
-    return sha256_file(checkpoint / WEIGHTS_FILE)
+def weights_sha256(directory: Path) -> str:
+    """Identity of starting weights (our checkpoint, Hugging Face's or OpenAI's layout) for
+    resume fingerprints and provenance: the weights file's sha256 (for Hugging Face's, the
+    value the hub shows), or for several files a sha256 over their names and sha256s."""
+    from pipeline.model.hf import weight_files
+
+    files = weight_files(directory)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name} {sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def finish_stage(
@@ -70,10 +111,12 @@ def finish_stage(
 ) -> None:
     """Write metrics.json last (it is the stage's completion marker), log it, the artifacts and
     the model directory to the stage's MLflow run."""
-    atomic_write_json(out_dir / "metrics.json", dict(metrics))
     numeric = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
+    # JSON has no NaN: an undefined metric (ROC-AUC of a one-class subset) is written as null
+    undefined = {k: None for k, v in numeric.items() if not math.isfinite(v)}
+    atomic_write_json(out_dir / "metrics.json", {**metrics, **undefined})
     tracker.log_metrics({f"final_{k}": v for k, v in numeric.items()}, step=step)
     for name in ("metrics.json", *artifacts):
         tracker.log_artifact(out_dir / name)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,7 @@ from pipeline.data.loader import ExampleBatches
 from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
 from pipeline.io import atomic_write_text, sha256_file
-from pipeline.model import load_checkpoint
+from pipeline.model import GPT, load_checkpoint
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     checkpoint_tokenizer_files,
@@ -37,10 +38,11 @@ from pipeline.model.classifier import GPTClassifier
 from pipeline.paths import Paths
 from pipeline.plots import plot_confusion_matrix, plot_training_curves
 from pipeline.stages.common import (
+    check_splits,
+    epoch_train_config,
     finish_stage,
     init_checkpoint,
     stage_device,
-    train_config,
     weights_sha256,
 )
 from pipeline.tracking import stage_run
@@ -60,7 +62,9 @@ ARTIFACTS = (
 )
 
 
-def encode_texts(texts: Sequence[str], tokenizer, max_length: int) -> tuple[list[list[int]], int]:
+def encode_texts(
+    texts: Sequence[str], tokenizer: tiktoken.Encoding, max_length: int
+) -> tuple[list[list[int]], int]:
     """Token ids per text, cut to `max_length`; also how many texts were cut."""
     ids = [tokenizer.encode_ordinary(t) for t in texts]
     truncated = sum(len(x) > max_length for x in ids)
@@ -136,6 +140,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     train, val, test = stratified_split(
         records, section["split"]["train"], section["split"]["val"], config["seed"]
     )
+    check_splits(SECTION, train=train, val=val, test=test)
     for name, split in (("train", train), ("val", val), ("test", test)):
         write_tsv(out_dir / f"{name}.tsv", split)
         log.info("%s split: %d records %s", name, len(split), label_counts(split))
@@ -146,6 +151,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
     start = init_checkpoint(config, section["init_from"])
     base = load_checkpoint(start, device=device, attention=config["model"]["attention"])
+    if type(base) is not GPT:
+        raise ValueError(f"{SECTION}.init_from {start} is not a language-model checkpoint")
+    torch.manual_seed(config["seed"])  # the new head's initialisation
     model = GPTClassifier.from_language_model(base, labels, section["pooling"])
     del base
     tokenizer = checkpoint_tokenizer(start)
@@ -174,7 +182,6 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
     trainable = model.set_trainable(section["trainable_blocks"])
-    torch.manual_seed(config["seed"])
     batch_size = section["train"]["batch_size"]
     train_batches = ExampleBatches(
         len(train),
@@ -184,12 +191,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         ),
         seed=config["seed"],
     )
-    steps_per_epoch = train_batches.steps_per_epoch
-    train_cfg = train_config(
-        section["train"],
-        config["seed"],
-        max_steps=section["epochs"] * steps_per_epoch,
-        eval_every=steps_per_epoch,
+    train_cfg, steps_per_epoch = epoch_train_config(
+        section["train"], config["seed"], section["epochs"], train_batches.steps_per_epoch
     )
     loss_weight = None if weight is None else weight.to(device)
 
@@ -212,7 +215,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     fingerprint = {
         "init_weights": weights_sha256(start),
         "data": sha256_file(paths.source(section["data"])),
-        "section": {k: v for k, v in section.items() if k != "train"},
+        "section": {
+            k: v for k, v in section.items() if k not in ("train", "misclassified_examples")
+        },
         "model": model.config.to_dict(),
     }
     with stage_run(config, STAGE) as tracker:

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.instruct import (
     InstructionExample,
@@ -26,7 +25,8 @@ from pipeline.data.instruct import (
     split_records,
 )
 from pipeline.data.loader import ExampleBatches
-from pipeline.evaluate.text import corpus_scores, exact_match, extract_response, rouge_l_f1
+from pipeline.evaluate.responses import respond
+from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.checkpoint import (
@@ -34,55 +34,27 @@ from pipeline.model.checkpoint import (
     checkpoint_tokenizer_files,
     save_checkpoint,
 )
-from pipeline.model.generate import generate_tokens
 from pipeline.model.lora import apply_lora, merge_lora
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import (
+    check_splits,
+    epoch_train_config,
     finish_stage,
     init_checkpoint,
+    seeded,
     stage_device,
-    train_config,
     weights_sha256,
 )
 from pipeline.tracking import stage_run
 from pipeline.train import clear_resume_state, fit
+from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.finetune_instruct")
 
 STAGE = "finetune-instruct"
 SECTION = "finetune_instruct"
 ARTIFACTS = ("train.json", "val.json", "test.json", "loss.png", "test_responses.json")
-
-
-def masked_lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Next-token cross-entropy over the learned (not -100) targets only."""
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def respond(
-    model: GPT,
-    tokenizer,
-    record: Mapping[str, Any],
-    template: str,
-    generation: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> str:
-    """The model's answer to one record: generated after the prompt, cut at end-of-text or at
-    the template's next-turn marker."""
-    ids = generate_tokens(
-        model,
-        tokenizer.encode_ordinary(format_prompt(dict(record), template)),
-        generation["max_new_tokens"],
-        temperature=generation["temperature"],
-        top_k=generation["top_k"],
-        top_p=generation["top_p"],
-        eos_id=tokenizer.eot_token,
-        generator=generator,
-    )
-    return extract_response(tokenizer.decode(list(ids)), template)
 
 
 def _sample_table(rows: Sequence[Mapping[str, Any]], limit: int) -> dict[str, list]:
@@ -107,8 +79,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     for name, split in (("train", train), ("val", val), ("test", test)):
         atomic_write_json(out_dir / f"{name}.json", split)
     log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))
-    if not val:
-        raise ValueError(f"{SECTION}.split.val gives no validation records; raise it")
+    check_splits(SECTION, train=train, val=val, test=test)
 
     start = init_checkpoint(config, section["init_from"])
     model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
@@ -132,6 +103,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             )
 
     lora = section["lora"]
+    torch.manual_seed(config["seed"])  # LoRA's A matrices
     if section["method"] == "lora":
         stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
         trainable, total = stats.trainable, stats.total
@@ -162,12 +134,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         seed=config["seed"],
         order=order,
     )
-    steps_per_epoch = train_batches.steps_per_epoch
-    train_cfg = train_config(
-        section["train"],
-        config["seed"],
-        max_steps=section["epochs"] * steps_per_epoch,
-        eval_every=steps_per_epoch,
+    train_cfg, steps_per_epoch = epoch_train_config(
+        section["train"], config["seed"], section["epochs"], train_batches.steps_per_epoch
     )
     eval_batches = {
         split: [
@@ -180,13 +148,17 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     first_val = val[0]
 
     def sample_fn(m: GPT) -> str:
-        answer = respond(m, tokenizer, first_val, template, generation)
+        answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
         return f"{format_prompt(first_val, template)}{answer}"
 
     fingerprint = {
         "init_weights": weights_sha256(start),
         "data": sha256_file(data_path),
-        "section": {k: v for k, v in section.items() if k not in ("train", "generation")},
+        "section": {
+            k: v
+            for k, v in section.items()
+            if k not in ("train", "generation", "sample_table_rows")
+        },
         "model": model.config.to_dict(),
     }
     with stage_run(config, STAGE) as tracker:
@@ -204,7 +176,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         )
         result = fit(
             model,
-            masked_lm_loss,
+            lm_loss,
             train_batches,
             train_cfg,
             device=device,
@@ -220,8 +192,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         rows = []
+        generator = seeded(config, device)
         for record in test:
-            answer = respond(model, tokenizer, record, template, generation)
+            answer = respond(model, tokenizer, record, template, generation, generator)
             rows.append(
                 {
                     "instruction": record["instruction"],

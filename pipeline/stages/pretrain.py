@@ -12,7 +12,6 @@ a kill continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -20,21 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.loader import TokenWindows, evaluation_batches
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
-from pipeline.io import atomic_write_text, sha256_file
+from pipeline.io import atomic_write_text
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import save_checkpoint, tokenizer_files
 from pipeline.model.generate import generate_tokens
-from pipeline.model.hf import HF_NAME_FOR_PRESET, gpt2_config, load_gpt2, weight_files
+from pipeline.model.hf import HF_NAME_FOR_PRESET, gpt2_config, load_gpt2
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
-from pipeline.stages.common import finish_stage, stage_device, train_config
+from pipeline.stages.common import finish_stage, stage_device, train_config, weights_sha256
 from pipeline.tracking import stage_run
 from pipeline.train import clear_resume_state, evaluate_losses, fit, measure_peak_flops
+from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.pretrain")
 
@@ -124,21 +123,6 @@ def init_from_input(config: Mapping[str, Any]) -> list[str]:
     return [init_from]
 
 
-def init_weights_sha256(directory: Path) -> str:
-    """Identity of the init weights for the resume fingerprint and provenance.
-
-    The sha256 of the weights file when there is one (for our checkpoints the same value as
-    `weights_sha256`, for Hugging Face's the one the hub shows); else of the files' sha256s.
-    """
-    files = weight_files(directory)
-    if len(files) == 1:
-        return sha256_file(files[0])
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name} {sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
 def _describe(config: GPTConfig) -> str:
     return ", ".join(f"{key}={getattr(config, key)}" for key in ARCHITECTURE)
 
@@ -201,13 +185,6 @@ def load_init_model(
     return model
 
 
-def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Next-token cross-entropy over every position."""
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A seeded temperature-0.8/top-k-50 continuation: the same text for the same weights."""
     device = next(model.parameters()).device
@@ -245,7 +222,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         training, init_sha = True, None
     else:
         model = load_init_model(init_dir, cfg, config["model"], init_from)
-        training, init_sha = section["continue_pretraining"], init_weights_sha256(init_dir)
+        training, init_sha = section["continue_pretraining"], weights_sha256(init_dir)
     log.info(
         "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
         config["model"]["preset"],

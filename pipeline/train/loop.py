@@ -148,7 +148,14 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
+LossFn = Callable[[nn.Module, tuple[Tensor, ...]], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+"""Returns the loss, or (loss, extra per-batch statistics logged beside it, e.g. DPO rewards)."""
+
+
+def _loss_and_stats(out: Tensor | tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})
+
+
 EvalSets = Mapping[str, Callable[[], Iterable[tuple[Tensor, ...]]]]
 
 
@@ -228,7 +235,7 @@ def evaluate_losses(
         count = 0
         for batch in islice(make_batches(), n_batches):
             with torch.no_grad(), _autocast(device, precision):
-                loss = loss_fn(model, _to_device(batch, device))
+                loss, _ = _loss_and_stats(loss_fn(model, _to_device(batch, device)))
             total += loss.detach().float()
             count += 1
         if count == 0:
@@ -404,14 +411,16 @@ def fit(
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             micro_losses: list[Tensor] = []
+            micro_stats: list[dict[str, Tensor]] = []
             step_tokens = 0
             for _ in range(accum):
                 batch = train_batches.next_batch()
                 step_tokens += count_tokens(batch)
                 with autocast():
-                    loss = loss_fn(train_model, _to_device(batch, device))
+                    loss, stats = _loss_and_stats(loss_fn(train_model, _to_device(batch, device)))
                 (loss / accum).backward()
                 micro_losses.append(loss.detach().float().reshape(()))
+                micro_stats.append({k: v.detach().float().reshape(()) for k, v in stats.items()})
             grad_norm = _grad_norm(trainable, cfg.grad_clip)
             values = torch.stack([*micro_losses, grad_norm.detach().float().to(device)]).tolist()
             losses, norm = values[:-1], values[-1]
@@ -446,6 +455,8 @@ def fit(
                     "tokens": tokens_seen,
                     "train_time_s": train_time,
                 }
+                for key in micro_stats[0]:
+                    entry[key] = torch.stack([m[key] for m in micro_stats]).mean().item()
                 if flops_per_token is not None and peak_flops:
                     entry["mfu"] = flops_per_token * tps / peak_flops
                 interval_tokens = 0

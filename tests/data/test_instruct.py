@@ -17,9 +17,7 @@ from pipeline.data.instruct import (
     count_truncated,
     encode_example,
     format_prompt,
-    format_response,
     load_records,
-    response_start,
     split_records,
 )
 from pipeline.data.tokenizer import END_OF_TEXT_ID, gpt2_tokenizer
@@ -163,8 +161,6 @@ def test_alpaca_template_exact():
     assert format_prompt(rec("Translate.", "Hallo {x}", "Hello"), "alpaca") == (
         ALPACA_HEAD + "\n\n### Instruction:\nTranslate.\n\n### Input:\nHallo {x}\n\n### Response:\n"
     )
-    assert format_response("5", "alpaca") == "5"
-    assert response_start("alpaca") == "\n\n### Response:\n"
 
 
 def test_phi3_template_exact():
@@ -174,7 +170,6 @@ def test_phi3_template_exact():
     assert format_prompt(rec("Translate.", "Hallo", "Hello"), "phi3") == (
         "<|user|>\nTranslate.\nHallo\n<|assistant|>\n"
     )
-    assert format_response("Hello", "phi3") == "Hello"
 
 
 def test_unknown_template():

@@ -2,6 +2,7 @@ import pytest
 
 from pipeline.evaluate.text import (
     corpus_scores,
+    cut_at_stops,
     exact_match,
     extract_response,
     normalize_answer,
@@ -59,12 +60,15 @@ def test_corpus_scores():
         corpus_scores([], [])
 
 
-def test_extract_response():
-    full = "...\n\n### Response:\nThe answer is 5.\n\n### Instruction:\nMore"
-    assert extract_response(full, "alpaca") == "The answer is 5."
+def test_extract_response_cuts_the_continuation_at_the_first_new_turn():
+    # a small model answering, then starting another turn: the answer is the text before it
+    assert (
+        extract_response("The answer is 4.\n\n### Response:\nfoo", "alpaca") == "The answer is 4."
+    )
     assert extract_response(" The answer is 5.\n### Input:\nx", "alpaca") == "The answer is 5."
-    assert extract_response("### Response:\n5", "alpaca") == "5"
+    assert extract_response("### Response:\n5", "alpaca") == "5"  # a repeated header is dropped
     assert extract_response("Hi there<|end|>\n<|user|>\nmore", "phi3") == "Hi there"
-    assert extract_response("<|user|>\nq\n<|assistant|>\nA.", "phi3") == "A."
+    assert extract_response("<|assistant|>\nA.<|user|>", "phi3") == "A."
+    assert cut_at_stops("abc", ["x"]) == "abc" and cut_at_stops("a#b#", ["#"]) == "a"
     with pytest.raises(ValueError, match="unknown prompt template"):
         extract_response("x", "nope")

@@ -52,6 +52,10 @@ def tiny_config(mirror: Path, **train) -> dict:
             "generation": {"max_new_tokens": 3},
             "train": {"max_steps": 3, "batch_size": 4, "eval_batches": 2, "log_every": 1},
         },
+        "align_dpo": {
+            "generation": {"max_new_tokens": 2},
+            "train": {"max_steps": 2, "batch_size": 4, "eval_batches": 1, "log_every": 1},
+        },
     }
 
 
@@ -141,7 +145,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
     assert set(children) == {
-        "download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct"
+        "download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"
     }  # fmt: skip
     assert all(r.info.status == "FINISHED" for r in children.values())
     pretrain = children["pretrain"]
@@ -164,6 +168,12 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert {"val_loss", "final_test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
     assert {"test_responses.json", "test_samples.json", "model", "loss.png"} <= artifacts
+    dpo = children["align-dpo"]
+    steps = [m.step for m in client.get_metric_history(dpo.info.run_id, "reward_margin")]
+    assert steps == [1, 2]  # DPO statistics per training step, beside the loss
+    assert {"val_reward_accuracy", "val_reward_margin", "val_chosen_reward"} <= set(
+        dpo.data.metrics
+    )
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -196,6 +206,18 @@ def test_dag_instruction_tunes_with_lora_and_answers_the_test_set(done):
     assert config["instruct"] == {"template": "alpaca", "method": "lora"}
     weights = load_file(out / "model" / "model.safetensors")
     assert not any("lora" in name for name in weights)  # merged into the base weights
+
+
+def test_dag_aligns_the_instruction_tuned_model_with_dpo(done):
+    out = done / "results" / "align-dpo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val_loss", "val_reward_accuracy", "val_reward_margin"} <= set(metrics)
+    assert 0.0 <= metrics["val_reward_accuracy"] <= 1.0 and metrics["steps"] == 2
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 110
+    assert set(responses[0]) >= {"chosen", "rejected", "response_before", "response_after"}
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["instruct"]["template"] == "alpaca" and config["instruct"]["aligned"] == "dpo"
 
 
 def test_chat_answers_one_instruction_with_the_checkpoints_template(done):

@@ -18,7 +18,9 @@ from pipeline.data.tokenizer import GPT2_BPE_FILES
 from pipeline.data.tokens import load_tokens
 from pipeline.io import sha256_file
 from pipeline.model import GPTConfig, load_checkpoint, load_checkpoint_config
+from pipeline.model.hf import weight_files
 from pipeline.stages import download, prepare, pretrain
+from pipeline.stages.common import weights_sha256
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,23 +270,23 @@ def test_our_own_checkpoint_is_an_init_too(tmp_path, hf_dir, hf_model):
     model = pretrain.load_init_model(ours, cfg, MODEL, str(ours)).eval()
     ids = random_ids()
     torch.testing.assert_close(logits(model, ids), logits(hf_model, ids), rtol=0, atol=1e-5)
-    assert pretrain.init_weights_sha256(ours) == sha256_file(ours / "model.safetensors")
+    assert weights_sha256(ours) == sha256_file(ours / "model.safetensors")
 
 
 def test_the_init_weights_hash_covers_every_file_read(tmp_path, hf_model):
     sharded = tmp_path / "sharded"
     hf_model.save_pretrained(sharded, max_shard_size="2MB")
-    files = pretrain.weight_files(sharded)
+    files = weight_files(sharded)
     assert files[0].name == "model.safetensors.index.json" and len(files) > 2
     tf = tmp_path / "124M"
     tf.mkdir()
     (tf / "hparams.json").write_text("{}")
     for name in ("model.ckpt.index", "model.ckpt.data-00000-of-00001", "model.ckpt.meta"):
         (tf / name).write_bytes(name.encode())
-    assert [p.name for p in pretrain.weight_files(tf)] == [
+    assert [p.name for p in weight_files(tf)] == [
         "model.ckpt.index",
         "model.ckpt.data-00000-of-00001",
     ]
-    before = pretrain.init_weights_sha256(tf)
+    before = weights_sha256(tf)
     (tf / "model.ckpt.data-00000-of-00001").write_bytes(b"other")
-    assert pretrain.init_weights_sha256(tf) != before
+    assert weights_sha256(tf) != before

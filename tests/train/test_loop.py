@@ -274,3 +274,25 @@ def test_eval_fn_metrics_are_logged_with_the_losses_in_eval_mode(toy, caplog):
     assert all(m["val_accuracy"] == 0.75 for _, m in evaluated)
     assert result.metrics["val_accuracy"] == 0.75
     assert "step 4/4 | eval | val_loss " in caplog.text and "val_accuracy 0.75" in caplog.text
+
+
+def test_statistics_returned_beside_the_loss_are_logged_per_step(toy):
+    logger = toy.RecordingLogger()
+
+    def loss_with_stats(model, batch):
+        loss = toy.lm_loss(model, batch)
+        return loss, {"twice_the_loss": 2 * loss}
+
+    fit(
+        toy.TinyLM(),
+        loss_with_stats,
+        toy.SuccessorBatches(),
+        cfg(max_steps=3, grad_accum_steps=2, eval_every=3),
+        device=CPU,
+        eval_sets={"val": toy.eval_set(1)},
+        logger=logger,
+    )
+    logged = [m for _, m in logger.metrics if "loss" in m]
+    assert len(logged) == 3
+    for m in logged:
+        assert m["twice_the_loss"] == pytest.approx(2 * m["loss"])

@@ -1,0 +1,312 @@
+"""Stage `align-dpo`: preference alignment of the instruction-tuned model with DPO (or IPO).
+
+Reads the preference records ({instruction, input, chosen, rejected}) and the instruction-tuned
+checkpoint; writes results/align-dpo/{train,val,test}.json, model/ (LoRA merged), metrics.json,
+loss.png, test_responses.json (each test answer before and after alignment). The reference model
+is the starting checkpoint, frozen: its response log-probabilities are computed once, up front.
+Resume state lives in .resume/align-dpo.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from pipeline.data.instruct import (
+    InstructionExample,
+    collate,
+    count_truncated,
+    encode_example,
+    load_records,
+    split_records,
+)
+from pipeline.data.loader import ExampleBatches
+from pipeline.evaluate.responses import respond
+from pipeline.evaluate.text import rouge_l_f1
+from pipeline.io import atomic_write_json, sha256_file
+from pipeline.model import GPT, load_checkpoint, load_checkpoint_config
+from pipeline.model.checkpoint import (
+    checkpoint_tokenizer,
+    checkpoint_tokenizer_files,
+    save_checkpoint,
+)
+from pipeline.model.lora import apply_lora, merge_lora
+from pipeline.paths import Paths
+from pipeline.plots import plot_training_curves
+from pipeline.stages.common import (
+    check_splits,
+    epoch_train_config,
+    finish_stage,
+    init_checkpoint,
+    seeded,
+    stage_device,
+    weights_sha256,
+)
+from pipeline.tracking import stage_run
+from pipeline.train import clear_resume_state, fit
+from pipeline.train.dpo import model_response_logprobs, preference_loss
+
+log = logging.getLogger("pipeline.align_dpo")
+
+STAGE = "align-dpo"
+SECTION = "align_dpo"
+ARTIFACTS = ("train.json", "val.json", "test.json", "loss.png", "test_responses.json")
+PREFERENCE_KEYS = ("instruction", "input", "chosen", "rejected")
+PairBatch = tuple[torch.Tensor, ...]
+
+
+def collate_pairs(
+    chosen: Sequence[InstructionExample],
+    rejected: Sequence[InstructionExample],
+    context_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (2B, T) batch: the chosen sequences, then the rejected ones, with only response
+    tokens (and their end-of-text) as targets, so one forward pass scores both."""
+    return collate([*chosen, *rejected], context_length=context_length, mask_prompt=True)
+
+
+def pair_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """Summed response log-probabilities of the chosen and of the rejected halves."""
+    logps = model_response_logprobs(model, inputs, targets)
+    half = inputs.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: GPT,
+    chosen: Sequence[InstructionExample],
+    rejected: Sequence[InstructionExample],
+    context_length: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen reference model's summed response log-probabilities, computed once (CPU)."""
+    device = model.tok_emb.weight.device
+    out_c, out_r = [], []
+    for i in range(0, len(chosen), batch_size):
+        inputs, targets = collate_pairs(
+            chosen[i : i + batch_size], rejected[i : i + batch_size], context_length
+        )
+        c, r = pair_logprobs(model, inputs.to(device), targets.to(device))
+        out_c.append(c.cpu())
+        out_r.append(r.cpu())
+    return torch.cat(out_c), torch.cat(out_r)
+
+
+def run(config: Mapping[str, Any]) -> dict[str, Any]:
+    paths = Paths.from_config(config)
+    section = config[SECTION]
+    out_dir = paths.stage(STAGE)
+    device = stage_device(config)
+
+    data_path = paths.source(section["data"])
+    records, skipped = load_records(
+        data_path, required=PREFERENCE_KEYS, skip_invalid=section["skip_invalid"]
+    )
+    for index, reason in skipped:
+        log.warning("%s: skipped record %d: %s", data_path, index, reason)
+    train, val, test = split_records(
+        records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
+    )
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        atomic_write_json(out_dir / f"{name}.json", split)
+    log.info("preference pairs: %d train, %d val, %d test", len(train), len(val), len(test))
+    check_splits(SECTION, train=train, val=val, test=test)
+
+    start = init_checkpoint(config, section["init_from"])
+    model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
+    if type(model) is not GPT:
+        raise ValueError(f"{SECTION}.init_from {start} is not a language-model checkpoint")
+    template = section["template"] or load_checkpoint_config(start).get("instruct", {}).get(
+        "template"
+    )
+    if template is None:
+        raise ValueError(
+            f"{start} records no prompt template (not an instruction-tuned checkpoint?); "
+            f"set {SECTION}.template"
+        )
+    tokenizer = checkpoint_tokenizer(start)
+    context = model.config.context_length
+    batch_size = section["train"]["batch_size"]
+    examples = {
+        (name, key): [encode_example(r, template, tokenizer, response_key=key) for r in split]
+        for name, split in (("train", train), ("val", val))
+        for key in ("chosen", "rejected")
+    }
+    for (name, key), split_examples in examples.items():
+        if n := count_truncated(split_examples, context):
+            log.info(
+                "%s %s: %d of %d truncated to %d tokens", name, key, n, len(split_examples), context
+            )
+
+    generation = section["generation"]
+    model.eval()
+    generator = seeded(config, device)
+    before = [respond(model, tokenizer, r, template, generation, generator) for r in test]
+    reference = {
+        name: reference_logprobs(
+            model, examples[name, "chosen"], examples[name, "rejected"], context, batch_size
+        )
+        for name in ("train", "val")
+    }
+
+    lora = section["lora"]
+    torch.manual_seed(config["seed"])  # LoRA's A matrices
+    if section["method"] == "lora":
+        stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        trainable, total = stats.trainable, stats.total
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "%s DPO: %s of %s parameters trainable (%.2f%%)",
+        section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+    )  # fmt: skip
+
+    def pair_batch(split: str, indices: Sequence[int]) -> PairBatch:
+        inputs, targets = collate_pairs(
+            [examples[split, "chosen"][i] for i in indices],
+            [examples[split, "rejected"][i] for i in indices],
+            context,
+        )
+        ref_c, ref_r = reference[split]
+        index = torch.as_tensor(list(indices))
+        return inputs, targets, ref_c[index], ref_r[index]
+
+    def loss_fn(m: torch.nn.Module, batch: PairBatch):
+        inputs, targets, ref_c, ref_r = batch
+        policy_c, policy_r = pair_logprobs(m, inputs, targets)
+        return preference_loss(
+            policy_c,
+            policy_r,
+            ref_c,
+            ref_r,
+            beta=section["beta"],
+            label_smoothing=section["label_smoothing"],
+            loss_type=section["loss"],
+        )
+
+    train_batches = ExampleBatches(
+        len(train), batch_size, lambda idx: pair_batch("train", idx), seed=config["seed"]
+    )
+    train_cfg, steps_per_epoch = epoch_train_config(
+        section["train"], config["seed"], section["epochs"], train_batches.steps_per_epoch
+    )
+    eval_sizes = {"train": min(len(train), train_cfg.eval_batches * batch_size), "val": len(val)}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for split, size in eval_sizes.items():
+            sums: dict[str, float] = {}
+            for i in range(0, size, batch_size):
+                indices = range(i, min(i + batch_size, size))
+                batch = tuple(t.to(device) for t in pair_batch(split, indices))
+                loss, stats = loss_fn(m, batch)
+                for key, value in {"loss": loss, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.item() * len(indices)
+            metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
+        return metrics
+
+    fingerprint = {
+        "init_weights": weights_sha256(start),
+        "data": sha256_file(data_path),
+        "template": template,
+        "section": {
+            k: v
+            for k, v in section.items()
+            if k not in ("train", "generation", "sample_table_rows")
+        },
+        "model": model.config.to_dict(),
+    }
+    with stage_run(config, STAGE) as tracker:
+        tracker.set_tags(
+            {"init_from": str(start), "device": device.type, "method": section["method"]}
+        )
+        tracker.log_metrics(
+            {"trainable_parameters": float(trainable), "trainable_fraction": trainable / total},
+            step=0,
+        )
+        result = fit(
+            model,
+            loss_fn,
+            train_batches,
+            train_cfg,
+            device=device,
+            resume_dir=paths.stage_resume(STAGE),
+            fingerprint=fingerprint,
+            logger=tracker,
+            eval_fn=eval_fn,
+            tokens_in_batch=lambda batch: batch[0].numel(),
+        )
+        if section["method"] == "lora":
+            merge_lora(model)
+        model.eval()
+        rows = []
+        generator = seeded(config, device)
+        for record, answer_before in zip(test, before, strict=True):
+            answer_after = respond(model, tokenizer, record, template, generation, generator)
+            rows.append(
+                {
+                    "instruction": record["instruction"],
+                    "input": record["input"],
+                    "chosen": record["chosen"],
+                    "rejected": record["rejected"],
+                    "response_before": answer_before,
+                    "response_after": answer_after,
+                }
+            )
+        atomic_write_json(out_dir / "test_responses.json", rows)
+        shown = rows[: section["sample_table_rows"]]
+        tracker.log_table(
+            {
+                k: [row[k] for row in shown]
+                for k in ("instruction", "chosen", "response_before", "response_after")
+            },
+            "test_samples.json",
+        )
+
+        def mean_rouge(key: str) -> float:
+            return sum(rouge_l_f1(row[key], row["chosen"]) for row in rows) / max(len(rows), 1)
+
+        metrics = {
+            **result.metrics,
+            "test_rouge_l_chosen_before": mean_rouge("response_before"),
+            "test_rouge_l_chosen_after": mean_rouge("response_after"),
+            "test_changed_responses": sum(
+                r["response_before"] != r["response_after"] for r in rows
+            ),
+            "steps": result.step,
+            "epochs": result.step / steps_per_epoch,
+            "method": section["method"],
+            "loss_type": section["loss"],
+            "beta": section["beta"],
+            "trainable_parameters": trainable,
+            "skipped_records": len(skipped),
+        }
+        log.info(
+            "val: loss %.4f, reward accuracy %.3f, margin %.4f; "
+            "test ROUGE-L vs chosen %.4f -> %.4f",
+            metrics["val_loss"], metrics["val_reward_accuracy"], metrics["val_reward_margin"],
+            metrics["test_rouge_l_chosen_before"], metrics["test_rouge_l_chosen_after"],
+        )  # fmt: skip
+        plot_training_curves(
+            result.history, out_dir / "loss.png", title=f"{STAGE} ({section['loss']})"
+        )
+        save_checkpoint(
+            model,
+            out_dir / "model",
+            metadata={
+                "stage": STAGE,
+                "instruct": {"template": template, "method": section["method"], "aligned": "dpo"},
+                "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
+                "metrics": {
+                    k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")
+                },
+            },
+            extra_files=checkpoint_tokenizer_files(start),
+        )
+        finish_stage(tracker, config, out_dir, metrics, result.step, ARTIFACTS)
+    clear_resume_state(paths.stage_resume(STAGE))
+    return metrics

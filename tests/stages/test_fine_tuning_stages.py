@@ -1,0 +1,125 @@
+"""The fine-tuning stages run in-process on a tiny random GPT: an interrupted run resumes to
+the same weights and metrics as an uninterrupted one (LoRA, length buckets and class weights
+included), and a stage refuses a start checkpoint of the wrong kind."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipeline.train.loop as loop
+from pipeline.config import deep_merge, load_config
+from pipeline.model import GPT, GPTConfig, save_checkpoint
+from pipeline.model.checkpoint import tokenizer_files
+from pipeline.model.classifier import GPTClassifier
+from pipeline.stages import align_dpo, finetune_classifier, finetune_instruct
+
+REPO = Path(__file__).resolve().parents[2]
+
+SOURCES = (
+    "SMSSpamCollection",
+    "instruction-data.json",
+    "instruction-data-with-preference.json",
+    "gpt2-bpe/encoder.json",
+    "gpt2-bpe/vocab.bpe",
+)
+TRAIN = {"max_steps": 4, "batch_size": 4, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, mirror):
+    """Raw data and two start checkpoints (a language model, and one marked instruction-tuned)."""
+    root = tmp_path_factory.mktemp("finetune")
+    for name in SOURCES:
+        (root / "data" / "raw" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mirror / name, root / "data" / "raw" / name)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, context_length=32, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config)
+    tokenizer = tokenizer_files(root / "data" / "raw" / "gpt2-bpe")
+    save_checkpoint(model, root / "results" / "pretrain" / "model", {}, tokenizer)
+    save_checkpoint(model, root / "instructed", {"instruct": {"template": "alpaca"}}, tokenizer)
+    classifier = GPTClassifier.from_language_model(model, ["ham", "spam"])
+    save_checkpoint(classifier, root / "classifier", {"classifier": {"labels": ["ham", "spam"]}})
+    return root
+
+
+def config_for(workdir, results: str, section: str, settings: dict) -> dict:
+    base = load_config([REPO / "config.yaml"])
+    paths = {
+        "data": str(workdir / "data"),
+        "results": str(workdir / results),
+        "resume": str(workdir / f".resume-{results}"),
+    }
+    if results != "results":
+        shutil.copytree(workdir / "results", workdir / results, dirs_exist_ok=True)
+    return deep_merge(
+        base,
+        {
+            "paths": paths,
+            "model": {"attention": "sdpa"},
+            "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "log_model": False},
+            section: {**settings, "train": TRAIN},
+        },
+    )
+
+
+CASES = {
+    "classifier": (finetune_classifier, "finetune_classifier", {"balance": "class_weights"}),
+    "instruct": (
+        finetune_instruct,
+        "finetune_instruct",
+        {"method": "lora", "bucket_by_length": True, "generation": {"max_new_tokens": 2}},
+    ),
+    "dpo": (align_dpo, "align_dpo", {"method": "lora", "generation": {"max_new_tokens": 1}}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, monkeypatch):
+    stage, section, settings = CASES[case]
+    if case == "dpo":
+        settings = {**settings, "init_from": str(workdir / "instructed")}
+    save_resume_state = loop.save_resume_state
+
+    def save_then_die(*args, **kwargs):
+        save_resume_state(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    interrupted = config_for(workdir, f"{case}-interrupted", section, settings)
+    monkeypatch.setattr(loop, "save_resume_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(interrupted)
+    monkeypatch.undo()
+    resumed = stage.run(interrupted)
+    reference = stage.run(config_for(workdir, f"{case}-reference", section, settings))
+
+    timings = ("tokens_per_second", "train_time_s", "response_time_s")
+    assert resumed.keys() == reference.keys()
+    for key in reference.keys() - set(timings):
+        both_nan = all(
+            isinstance(v, float) and math.isnan(v) for v in (resumed[key], reference[key])
+        )
+        assert both_nan or resumed[key] == reference[key], key
+    out = stage.STAGE
+    weights = [
+        load_file(workdir / name / out / "model" / "model.safetensors")
+        for name in (f"{case}-interrupted", f"{case}-reference")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((workdir / f"{case}-interrupted" / out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_classifier_checkpoint_is_not_a_start_for_fine_tuning(case, workdir):
+    stage, section, _ = CASES[case]
+    config = config_for(workdir, "wrong-start", section, {"init_from": str(workdir / "classifier")})
+    if case == "dpo":
+        config[section]["template"] = "alpaca"
+    with pytest.raises(ValueError, match="not a language-model checkpoint"):
+        stage.run(config)
