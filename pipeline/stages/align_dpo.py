@@ -20,27 +20,26 @@ from pipeline.data.instruct import (
     collate,
     count_truncated,
     encode_example,
-    load_records,
-    split_records,
 )
 from pipeline.data.loader import ExampleBatches
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
 from pipeline.io import atomic_write_json, sha256_file
-from pipeline.model import GPT, load_checkpoint, load_checkpoint_config
+from pipeline.model import GPT, load_checkpoint_config
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     checkpoint_tokenizer_files,
     save_checkpoint,
 )
-from pipeline.model.lora import apply_lora, merge_lora
+from pipeline.model.lora import merge_lora
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import (
-    check_splits,
     epoch_train_config,
     finish_stage,
-    init_checkpoint,
+    instruction_splits,
+    load_language_model,
+    make_trainable,
     seeded,
     stage_device,
     weights_sha256,
@@ -102,24 +101,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     out_dir = paths.stage(STAGE)
     device = stage_device(config)
 
-    data_path = paths.source(section["data"])
-    records, skipped = load_records(
-        data_path, required=PREFERENCE_KEYS, skip_invalid=section["skip_invalid"]
-    )
-    for index, reason in skipped:
-        log.warning("%s: skipped record %d: %s", data_path, index, reason)
-    train, val, test = split_records(
-        records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
-    )
-    for name, split in (("train", train), ("val", val), ("test", test)):
-        atomic_write_json(out_dir / f"{name}.json", split)
-    log.info("preference pairs: %d train, %d val, %d test", len(train), len(val), len(test))
-    check_splits(SECTION, train=train, val=val, test=test)
-
-    start = init_checkpoint(config, section["init_from"])
-    model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
-    if type(model) is not GPT:
-        raise ValueError(f"{SECTION}.init_from {start} is not a language-model checkpoint")
+    train, val, test, skipped = instruction_splits(config, SECTION, PREFERENCE_KEYS)
+    model, start = load_language_model(config, SECTION, device)
     template = section["template"] or load_checkpoint_config(start).get("instruct", {}).get(
         "template"
     )
@@ -153,17 +136,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         for name in ("train", "val")
     }
 
-    lora = section["lora"]
-    torch.manual_seed(config["seed"])  # LoRA's A matrices
-    if section["method"] == "lora":
-        stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
-        trainable, total = stats.trainable, stats.total
-    else:
-        trainable = total = sum(p.numel() for p in model.parameters())
-    log.info(
-        "%s DPO: %s of %s parameters trainable (%.2f%%)",
-        section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-    )  # fmt: skip
+    trainable, total = make_trainable(model, config, SECTION)
 
     def pair_batch(split: str, indices: Sequence[int]) -> PairBatch:
         inputs, targets = collate_pairs(
@@ -211,7 +184,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
     fingerprint = {
         "init_weights": weights_sha256(start),
-        "data": sha256_file(data_path),
+        "data": sha256_file(paths.source(section["data"])),
         "template": template,
         "section": {
             k: v
@@ -283,7 +256,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             "loss_type": section["loss"],
             "beta": section["beta"],
             "trainable_parameters": trainable,
-            "skipped_records": len(skipped),
+            "skipped_records": skipped,
         }
         log.info(
             "val: loss %.4f, reward accuracy %.3f, margin %.4f; "

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.io import atomic_write_json, sha256_file
+from pipeline.model import GPT, load_checkpoint
 from pipeline.model.checkpoint import WEIGHTS_FILE
+from pipeline.model.lora import apply_lora
 from pipeline.paths import Paths
 from pipeline.tracking import StageRun
 from pipeline.train import TrainConfig, pick_device
@@ -99,6 +101,61 @@ def weights_sha256(directory: Path) -> str:
     for path in files:
         digest.update(f"{path.name} {sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def instruction_splits(
+    config: Mapping[str, Any], section_name: str, required: Sequence[str]
+) -> tuple[list[dict], list[dict], list[dict], int]:
+    """(train, val, test, skipped) of a stage's instruction records: validated (invalid ones
+    skipped and logged if the section says so), split with the seed, written as stage outputs."""
+    from pipeline.data.instruct import load_records, split_records
+
+    paths = Paths.from_config(config)
+    section = config[section_name]
+    data_path = paths.source(section["data"])
+    records, skipped = load_records(
+        data_path, required=required, skip_invalid=section["skip_invalid"]
+    )
+    for index, reason in skipped:
+        log.warning("%s: skipped record %d: %s", data_path, index, reason)
+    train, val, test = split_records(
+        records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
+    )
+    check_splits(section_name, train=train, val=val, test=test)
+    out_dir = paths.stage(section_name.replace("_", "-"))
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        atomic_write_json(out_dir / f"{name}.json", split)
+    log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))
+    return train, val, test, len(skipped)
+
+
+def load_language_model(
+    config: Mapping[str, Any], section_name: str, device: torch.device
+) -> tuple[GPT, Path]:
+    """The section's start checkpoint as a language model (not a classifier), and its path."""
+    start = init_checkpoint(config, config[section_name]["init_from"])
+    model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
+    if type(model) is not GPT:
+        raise ValueError(f"{section_name}.init_from {start} is not a language-model checkpoint")
+    return model, start
+
+
+def make_trainable(model: GPT, config: Mapping[str, Any], section_name: str) -> tuple[int, int]:
+    """Full fine-tuning, or LoRA adapters (seeded) on a frozen model, as the section says;
+    returns (trainable, total) parameter counts, also logged."""
+    section = config[section_name]
+    lora = section["lora"]
+    torch.manual_seed(config["seed"])  # LoRA's A matrices
+    if section["method"] == "lora":
+        stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        trainable, total = stats.trainable, stats.total
+    else:
+        trainable = total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "%s %s: %s of %s parameters trainable (%.2f%%)",
+        section_name, section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+    )  # fmt: skip
+    return trainable, total
 
 
 def finish_stage(

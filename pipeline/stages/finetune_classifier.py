@@ -28,7 +28,6 @@ from pipeline.data.loader import ExampleBatches
 from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
 from pipeline.io import atomic_write_text, sha256_file
-from pipeline.model import GPT, load_checkpoint
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     checkpoint_tokenizer_files,
@@ -41,7 +40,7 @@ from pipeline.stages.common import (
     check_splits,
     epoch_train_config,
     finish_stage,
-    init_checkpoint,
+    load_language_model,
     stage_device,
     weights_sha256,
 )
@@ -149,10 +148,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         weight = torch.tensor(class_weights(train, labels), dtype=torch.float32)
         log.info("class weights %s", dict(zip(labels, weight.tolist(), strict=True)))
 
-    start = init_checkpoint(config, section["init_from"])
-    base = load_checkpoint(start, device=device, attention=config["model"]["attention"])
-    if type(base) is not GPT:
-        raise ValueError(f"{SECTION}.init_from {start} is not a language-model checkpoint")
+    base, start = load_language_model(config, SECTION, device)
     torch.manual_seed(config["seed"])  # the new head's initialisation
     model = GPTClassifier.from_language_model(base, labels, section["pooling"])
     del base

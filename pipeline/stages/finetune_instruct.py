@@ -21,27 +21,26 @@ from pipeline.data.instruct import (
     count_truncated,
     encode_example,
     format_prompt,
-    load_records,
-    split_records,
 )
 from pipeline.data.loader import ExampleBatches
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
 from pipeline.io import atomic_write_json, sha256_file
-from pipeline.model import GPT, load_checkpoint
+from pipeline.model import GPT
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     checkpoint_tokenizer_files,
     save_checkpoint,
 )
-from pipeline.model.lora import apply_lora, merge_lora
+from pipeline.model.lora import merge_lora
 from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import (
-    check_splits,
     epoch_train_config,
     finish_stage,
-    init_checkpoint,
+    instruction_splits,
+    load_language_model,
+    make_trainable,
     seeded,
     stage_device,
     weights_sha256,
@@ -54,6 +53,7 @@ log = logging.getLogger("pipeline.finetune_instruct")
 
 STAGE = "finetune-instruct"
 SECTION = "finetune_instruct"
+RECORD_KEYS = ("instruction", "input", "output")
 ARTIFACTS = ("train.json", "val.json", "test.json", "loss.png", "test_responses.json")
 
 
@@ -69,22 +69,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     device = stage_device(config)
     template = section["template"]
 
-    data_path = paths.source(section["data"])
-    records, skipped = load_records(data_path, skip_invalid=section["skip_invalid"])
-    for index, reason in skipped:
-        log.warning("%s: skipped record %d: %s", data_path, index, reason)
-    train, val, test = split_records(
-        records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
-    )
-    for name, split in (("train", train), ("val", val), ("test", test)):
-        atomic_write_json(out_dir / f"{name}.json", split)
-    log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))
-    check_splits(SECTION, train=train, val=val, test=test)
-
-    start = init_checkpoint(config, section["init_from"])
-    model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
-    if type(model) is not GPT:
-        raise ValueError(f"{SECTION}.init_from {start} is not a language-model checkpoint")
+    train, val, test, skipped = instruction_splits(config, SECTION, RECORD_KEYS)
+    model, start = load_language_model(config, SECTION, device)
     tokenizer = checkpoint_tokenizer(start)
     context = model.config.context_length
     examples: dict[str, list[InstructionExample]] = {
@@ -102,17 +88,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 context,
             )
 
-    lora = section["lora"]
-    torch.manual_seed(config["seed"])  # LoRA's A matrices
-    if section["method"] == "lora":
-        stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
-        trainable, total = stats.trainable, stats.total
-    else:
-        trainable = total = sum(p.numel() for p in model.parameters())
-    log.info(
-        "%s fine-tuning: %s of %s parameters trainable (%.2f%%)",
-        section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-    )  # fmt: skip
+    trainable, total = make_trainable(model, config, SECTION)
 
     batch_size = section["train"]["batch_size"]
 
@@ -153,7 +129,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
     fingerprint = {
         "init_weights": weights_sha256(start),
-        "data": sha256_file(data_path),
+        "data": sha256_file(paths.source(section["data"])),
         "section": {
             k: v
             for k, v in section.items()
@@ -169,7 +145,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             {
                 "trainable_parameters": float(trainable),
                 "trainable_fraction": trainable / total,
-                "skipped_records": float(len(skipped)),
+                "skipped_records": float(skipped),
                 **{f"truncated_{k}": float(v) for k, v in truncated.items()},
             },
             step=0,
@@ -225,7 +201,7 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             "method": section["method"],
             "trainable_parameters": trainable,
             "trainable_fraction": trainable / total,
-            "skipped_records": len(skipped),
+            "skipped_records": skipped,
             **{f"truncated_{k}": v for k, v in truncated.items()},
         }
         plot_training_curves(
