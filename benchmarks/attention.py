@@ -1,14 +1,22 @@
 """Benchmark the fused causal attention op against PyTorch's SDPA on CPU.
 
-    python benchmarks/attention.py [--quick] [--dtype float32|float64]
+    python benchmarks/attention.py [--quick] [--dtype float32|float64|bfloat16|float16]
 
 For each case it times the forward and forward+backward of `pipeline.kernels.causal_attention`
 and of `F.scaled_dot_product_attention(..., is_causal=True)` in the same process (warmup, then
 the median of several repeats; torch's default thread count), and prints milliseconds, the
-speed-up (SDPA time / ours; > 1 means ours is faster) and GFLOP/s. FLOPs count only the
-causal half: the forward does 2 matmuls over the T(T+1)/2 visible (query, key) pairs,
-4 * B * H * D * T(T+1)/2 FLOPs; forward+backward counts 3.5x that (the backward's 5 matmuls,
-the recomputation of Q K^T included, as in the FlashAttention papers).
+speed-up (SDPA time / ours; > 1 means ours is faster) and GFLOP/s. With a 16-bit --dtype ours
+runs in that dtype and SDPA runs twice, in float32 and in the 16-bit dtype, and both ratios
+are printed (on CPUs without native bf16 matmuls SDPA is usually slower in bf16 than in
+float32, so the float32 ratio is the one that says whether bf16 is worth it).
+
+FLOPs count only the causal half: the forward does 2 matmuls over the T(T+1)/2 visible
+(query, key) pairs, 4 * B * H * D * T(T+1)/2 FLOPs; forward+backward counts 3.5x that (the
+backward's 5 matmuls, the recomputation of Q K^T included, as in the FlashAttention papers).
+
+Cases come in groups: the model shapes, head dimension at B4 H12 T256, sequence length at
+B1 H12 D64 (forward+backward only up to T2048, to keep the run short) and few (batch, head)
+pairs at T1024 D64, where the work must be split inside a head to keep every core busy.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class Case:
     heads: int
     seq_len: int
     head_dim: int
+    backward: bool = True  # also time forward+backward
 
     def __str__(self) -> str:
         return f"B{self.batch} H{self.heads} T{self.seq_len} D{self.head_dim}"
@@ -45,7 +54,19 @@ class Case:
         return 4.0 * self.batch * self.heads * self.head_dim * pairs
 
 
-CASES = [Case(16, 4, 128, 32), Case(16, 4, 128, 64), Case(4, 12, 256, 64), Case(2, 12, 1024, 64)]
+GROUPS: dict[str, list[Case]] = {
+    "model shapes": [
+        Case(16, 4, 128, 32),
+        Case(16, 4, 128, 64),
+        Case(4, 12, 256, 64),
+        Case(2, 12, 1024, 64),
+    ],
+    "head dim (B4 H12 T256)": [Case(4, 12, 256, d) for d in (32, 64, 128)],
+    "sequence length (B1 H12 D64)": [
+        Case(1, 12, t, 64, backward=t <= 2048) for t in (256, 1024, 2048, 4096)
+    ],
+    "few heads (T1024 D64)": [Case(1, 1, 1024, 64), Case(1, 2, 1024, 64), Case(1, 4, 1024, 64)],
+}
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,11 +75,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+def median_ms(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float) -> float:
+    """Median of up to `repeats` timed calls; stops early (after at least 3) once the timed
+    calls have taken `budget_s`, so that the long cases do not dominate the run."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -66,13 +89,18 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 
 def time_case(
-    attention: AttentionFn, case: Case, dtype: torch.dtype, warmup: int, repeats: int
-) -> tuple[float, float]:
-    """Median milliseconds of (forward, forward + backward)."""
+    attention: AttentionFn,
+    case: Case,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+) -> tuple[float, float | None]:
+    """Median milliseconds of (forward, forward + backward or None)."""
     gen = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
-    grad = torch.randn(shape, generator=gen, dtype=dtype)
+    # Same values whatever the dtype (drawn in float32, then rounded).
+    q, k, v, grad = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
 
     def forward() -> None:
         with torch.no_grad():
@@ -84,42 +112,56 @@ def time_case(
         out = attention(qg, kg, vg)
         torch.autograd.grad(out, (qg, kg, vg), grad)
 
-    return median_ms(forward, warmup, repeats), median_ms(forward_backward, warmup, repeats)
+    fwd = median_ms(forward, warmup, repeats, budget_s)
+    if not case.backward:
+        return fwd, None
+    return fwd, median_ms(forward_backward, warmup, repeats, budget_s)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 20 s)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32"
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    warmup, repeats = (1, 3) if args.quick else (3, 10)
+    half = dtype in (torch.bfloat16, torch.float16)
+    warmup, repeats, budget_s = (1, 5, 0.3) if args.quick else (3, 10, 2.0)
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-        f"kernel ISA: {cpu_capability()}, median of {repeats}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours in {args.dtype}, "
+        f"kernel ISA: {cpu_capability()}, median of up to {repeats}"
     )
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} before starting; timings may be noisy")
-    header = (
-        f"{'case':<22} {'pass':<8} {'ours ms':>9} {'SDPA ms':>9} {'SDPA/ours':>10} "
-        f"{'ours GF/s':>10} {'SDPA GF/s':>10}"
-    )
+    # SDPA baselines: the same dtype, and float32 too when ours runs in 16 bits.
+    short = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+    baselines = [torch.float32, dtype] if half else [dtype]
+    names = [short.get(d, "f16") for d in baselines]
+    header = f"{'case':<22} {'pass':<8} {'ours ms':>9}"
+    for name in names:
+        header += f" {'SDPA-' + name + ' ms':>13} {'/ours':>6}"
+    header += f" {'ours GF/s':>10}" + "".join(f" {'SDPA-' + n + ' GF/s':>15}" for n in names)
     print(header)
-    print("-" * len(header))
-    for case in CASES:
-        ours = time_case(causal_attention, case, dtype, warmup, repeats)
-        theirs = time_case(sdpa, case, dtype, warmup, repeats)
-        for name, factor, ours_ms, sdpa_ms in (
-            ("fwd", 1.0, ours[0], theirs[0]),
-            ("fwd+bwd", 3.5, ours[1], theirs[1]),
-        ):
-            gflop = factor * case.forward_flops() / 1e9
-            print(
-                f"{case!s:<22} {name:<8} {ours_ms:9.2f} {sdpa_ms:9.2f} {sdpa_ms / ours_ms:10.2f} "
-                f"{gflop / (ours_ms / 1e3):10.1f} {gflop / (sdpa_ms / 1e3):10.1f}"
-            )
+    for group, cases in GROUPS.items():
+        print(f"-- {group} " + "-" * (len(header) - len(group) - 4))
+        for case in cases:
+            ours = time_case(causal_attention, case, dtype, warmup, repeats, budget_s)
+            theirs = [time_case(sdpa, case, d, warmup, repeats, budget_s) for d in baselines]
+            for i, (name, factor) in enumerate((("fwd", 1.0), ("fwd+bwd", 3.5))):
+                ours_ms = ours[i]
+                if ours_ms is None:
+                    continue
+                gflop = factor * case.forward_flops() / 1e9
+                line = f"{case!s:<22} {name:<8} {ours_ms:9.2f}"
+                sdpa_ms = [ms for t in theirs if (ms := t[i]) is not None]
+                for ms in sdpa_ms:
+                    line += f" {ms:13.2f} {ms / ours_ms:6.2f}"
+                line += f" {gflop / (ours_ms / 1e3):10.1f}"
+                line += "".join(f" {gflop / (ms / 1e3):15.1f}" for ms in sdpa_ms)
+                print(line)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,21 @@
 //
 // FlashAttention-style: queries and keys are processed in 64 x 64 tiles with an online
 // softmax, so no T x T matrix is ever materialised; tiles above the diagonal are skipped and
-// only the diagonal tile is masked. The forward keeps `out` and the per-row `lse`; the
-// backward recomputes the probabilities tile by tile from them. The tile kernels live in
+// only the diagonal tile is masked. Inputs are float32, float64, bfloat16 or float16; the
+// 16-bit types are converted to float32 as tiles are loaded, so all products, the softmax
+// statistics and `lse` are float32 and only `out` (and dq, dk, dv) are rounded back to the
+// input type. The forward keeps `out` and the per-row `lse`; the backward recomputes the
+// probabilities tile by tile from them. The tile kernels live in
 // causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512; the
 // widest one the CPU supports is used (environment variable PIPELINE_CPU_CAPABILITY =
 // default | avx2 | avx512 caps the choice, e.g. to test the narrower code paths).
 //
 // Work split (at::parallel_for): the forward over (batch*head, query tile) items, the
-// backward over batch*head items. Each item is computed by one thread in a fixed order, so
-// results are bitwise identical from run to run and for any number of threads.
+// backward over batch*head items, or, when there are fewer heads than threads, over
+// (batch*head, key tile) items for dK, dV and then (batch*head, query tile) items for dQ.
+// Each item is computed by one thread in a fixed order, and both backward splits sum in
+// the same order, so results are bitwise identical from run to run and for any number of
+// threads.
 //
 // This file also defines the Python module `pipeline.kernels._C` (importing it registers
 // the operators) and the `pipeline` operator namespace: other source files must add their
@@ -104,6 +110,12 @@ int64_t grain_size(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
 }
 
+// Item j of num_tiles, as a tile index that interleaves cheap and expensive tiles
+// (0, n-1, 1, n-2, ...), so that contiguous chunks of items balance across threads.
+int64_t interleaved_tile(int64_t j, int64_t num_tiles) {
+  return j % 2 == 0 ? j / 2 : num_tiles - 1 - j / 2;
+}
+
 // ----------------------------------------------------------------------------------------
 // Scratch memory: one 64-byte aligned block per thread, carved into tiles.
 
@@ -144,7 +156,8 @@ class ScratchArena {
 // Input checks.
 
 bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble;
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+         dtype == at::kHalf;
 }
 
 at::ScalarType lse_dtype(at::ScalarType dtype) {
@@ -165,7 +178,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
                 "causal_attention: the CPU kernel needs CPU tensors, got one on ", t->device());
   }
   TORCH_CHECK(is_supported_dtype(q.scalar_type()),
-              "causal_attention: dtype must be float32 or float64, got ", q.scalar_type());
+              "causal_attention: dtype must be float32, float64, bfloat16 or float16, got ",
+              q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "causal_attention: q, k and v must have the same dtype, got ", q.scalar_type(),
               ", ", k.scalar_type(), " and ", v.scalar_type());
@@ -205,20 +219,18 @@ void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
   at::parallel_for(0, BH * num_tiles, grain_size(work), [&](int64_t begin, int64_t end) {
     Arena arena(scratch_size);
     ForwardScratch<acc_t> scratch{};
-    scratch.q = arena.take(kTile * Dp);
-    scratch.kt = arena.take(kTile * Dp);
+    scratch.qt = arena.take(kTile * Dp);
+    scratch.k = arena.take(kTile * Dp);
     scratch.v = arena.take(kTile * Dp);
     scratch.o = arena.take(kTile * Dp);
-    scratch.s = arena.take(kTile * kTile);
+    scratch.st = arena.take(kTile * kTile);
     scratch.row_max = arena.take(kTile);
     scratch.row_sum = arena.take(kTile);
     for (const auto item : c10::irange(begin, end)) {
-      // Query tile i costs i + 1 key tiles: interleave cheap and expensive tiles
-      // (0, n-1, 1, n-2, ...) so that contiguous chunks of items balance across threads.
+      // Query tile i costs i + 1 key tiles.
       const int64_t bh = item / num_tiles;
       const int64_t j = item % num_tiles;
-      const int64_t tile = j % 2 == 0 ? j / 2 : num_tiles - 1 - j / 2;
-      kernel(args, bh, tile, scratch);
+      kernel(args, bh, interleaved_tile(j, num_tiles), scratch);
     }
   });
 }
@@ -235,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
   if (out.numel() == 0) {
     return {out, lse};
   }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_fwd", [&] {
+  const auto dtype = q.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_attention_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     ForwardArgs<scalar_t> args{};
     args.q = q.const_data_ptr<scalar_t>();
@@ -255,52 +268,75 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
 // Backward.
 
 template <typename scalar_t>
-using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, int64_t,
+using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, BackwardItem, int64_t, int64_t,
                             const BackwardScratch<acc_type<scalar_t>>&);
 
 template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
     case Capability::kAvx512:
-      return &backward_head_avx512<scalar_t>;
+      return &backward_item_avx512<scalar_t>;
     case Capability::kAvx2:
-      return &backward_head_avx2<scalar_t>;
+      return &backward_item_avx2<scalar_t>;
     default:
-      return &backward_head_default<scalar_t>;
+      return &backward_item_default<scalar_t>;
   }
 }
 
 template <typename scalar_t>
-void run_backward(const BackwardArgs<scalar_t>& args, int64_t BH) {
+void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   using acc_t = acc_type<scalar_t>;
   const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>(active_capability());
   const int64_t num_tiles = (args.T + kTile - 1) / kTile;
   const int64_t Dp = round_up(args.D, kColBlock);
   using Arena = ScratchArena<acc_t>;
-  const int64_t scratch_size = 7 * Arena::footprint(kTile * Dp) +
+  const int64_t scratch_size = 4 * Arena::footprint(kTile * Dp) +
+                               Arena::footprint(key_operands_size(Dp)) +
+                               Arena::footprint(2 * Dp * kTile) +
                                2 * Arena::footprint(kTile * kTile) +
-                               Arena::footprint(num_tiles * kTile * Dp) + Arena::footprint(args.T);
+                               Arena::footprint(num_tiles * kTile * Dp);
+  auto for_items = [&](BackwardItem kind, int64_t num_items, int64_t work_per_item) {
+    at::parallel_for(0, num_items, grain_size(work_per_item), [&](int64_t begin, int64_t end) {
+      Arena arena(scratch_size);
+      BackwardScratch<acc_t> scratch{};
+      scratch.q = arena.take(kTile * Dp);
+      scratch.dout = arena.take(kTile * Dp);
+      scratch.keys = arena.take(key_operands_size(Dp));
+      scratch.dt = arena.take(2 * Dp * kTile);
+      scratch.dk = arena.take(kTile * Dp);
+      scratch.dv = arena.take(kTile * Dp);
+      scratch.p = arena.take(kTile * kTile);
+      scratch.ds = arena.take(kTile * kTile);
+      scratch.dq = arena.take(num_tiles * kTile * Dp);
+      for (const auto i : c10::irange(begin, end)) {
+        if (kind == BackwardItem::kHead) {
+          kernel(args, kind, i, 0, scratch);
+        } else {
+          kernel(args, kind, i / num_tiles, interleaved_tile(i % num_tiles, num_tiles),
+                 scratch);
+        }
+      }
+    });
+  };
 
   // Per head: num_tiles (num_tiles + 1) / 2 tile pairs, five matmuls each.
-  const int64_t work = num_tiles * (num_tiles + 1) / 2 * 5 * kTile * kTile * Dp;
-  at::parallel_for(0, BH, grain_size(work), [&](int64_t begin, int64_t end) {
-    Arena arena(scratch_size);
-    BackwardScratch<acc_t> scratch{};
-    scratch.q = arena.take(kTile * Dp);
-    scratch.dout = arena.take(kTile * Dp);
-    scratch.k = arena.take(kTile * Dp);
-    scratch.kt = arena.take(kTile * Dp);
-    scratch.vt = arena.take(kTile * Dp);
-    scratch.dk = arena.take(kTile * Dp);
-    scratch.dv = arena.take(kTile * Dp);
-    scratch.p = arena.take(kTile * kTile);
-    scratch.ds = arena.take(kTile * kTile);
-    scratch.dq = arena.take(num_tiles * kTile * Dp);
-    scratch.delta = arena.take(args.T);
-    for (const auto bh : c10::irange(begin, end)) {
-      kernel(args, bh, scratch);
-    }
-  });
+  const int64_t pair_work = kTile * kTile * Dp;
+  const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * pair_work;
+  const int64_t threads = at::get_num_threads();
+  if (BH >= threads || BH * head_work < 2 * threads * kMinParallelWork) {
+    args.key_operands = nullptr;
+    for_items(BackwardItem::kHead, BH, head_work);
+    return;
+  }
+  // Fewer heads than threads: split each head by tiles (same results, 7/5 of the work).
+  const at::Tensor key_operands =
+      at::empty({BH * num_tiles * key_operands_size(Dp)},
+                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  args.key_operands = key_operands.mutable_data_ptr<acc_t>();
+  for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
+  const int64_t tile_work = (num_tiles + 1) / 2 * 4 * pair_work;  // 4 (3) matmuls per pair
+  for_items(BackwardItem::kKeys, BH * num_tiles, tile_work);
+  for_items(BackwardItem::kQueries, BH * num_tiles, tile_work);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
@@ -341,7 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
   if (dq.numel() == 0) {
     return {dq, dk, dv};
   }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "causal_attention_bwd", [&] {
+  at::Tensor delta = at::empty({B, H, T}, lse.options());
+  const auto dtype = q.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_attention_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     BackwardArgs<scalar_t> args{};
     args.grad_out = grad_out.const_data_ptr<scalar_t>();
@@ -350,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
     args.v = v.const_data_ptr<scalar_t>();
     args.out = out.const_data_ptr<scalar_t>();
     args.lse = lse.const_data_ptr<acc_t>();
+    args.delta = delta.mutable_data_ptr<acc_t>();
     args.dq = dq.mutable_data_ptr<scalar_t>();
     args.dk = dk.mutable_data_ptr<scalar_t>();
     args.dv = dv.mutable_data_ptr<scalar_t>();

@@ -19,6 +19,9 @@
 #include <limits>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #define PIPELINE_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace pipeline::attention {
@@ -26,10 +29,20 @@ namespace pipeline::attention {
 constexpr int64_t kTile = 64;     // query rows and keys per tile
 constexpr int64_t kColBlock = 16; // columns of a register tile; Dp is a multiple of this
 
-// Type used for accumulation, softmax statistics and lse. (bf16 -> float will go here.)
+// Type used for accumulation, softmax statistics and lse: the input type for float and
+// double, float for the 16-bit types (tiles are converted when loaded, rounded back once
+// when the result is stored).
 template <typename scalar_t>
 struct AccType {
   using type = scalar_t;
+};
+template <>
+struct AccType<c10::BFloat16> {
+  using type = float;
+};
+template <>
+struct AccType<c10::Half> {
+  using type = float;
 };
 template <typename scalar_t>
 using acc_type = typename AccType<scalar_t>::type;
@@ -104,23 +117,24 @@ PIPELINE_ALWAYS_INLINE double softmax_exp(double x) {
 enum class Causal {
   kNone,       // full product
   kLowerC,     // only C[m][n] with n <= m is needed: skip register tiles above the diagonal
+  kUpperC,     // only C[m][n] with n >= m is needed: skip register tiles below the diagonal
   kLowerA,     // A[m][k] == 0 for k > m: stop the k loop at the end of the row block
   kLowerAT,    // A = transpose of a lower-triangular matrix (A[m][k] == 0 for k < m)
 };
 
-// One kRows x kColBlock register tile of C; the fixed-size accumulator array lives in
-// vector registers once the loops are unrolled. With kAccumulate the product is summed
-// from zero and then added to C (like BLAS beta = 1): blocked summation, which keeps the
-// rounding error of long accumulations (dK, dV over many query tiles) small.
-template <int kRows, bool kTransA, bool kAccumulate, typename T>
+// One kRows x kCols register tile of C; the fixed-size accumulator array lives in vector
+// registers once the loops are unrolled. With kAccumulate the product is summed from zero
+// and then added to C (like BLAS beta = 1): blocked summation, which keeps the rounding
+// error of long accumulations (dK, dV over many query tiles) small.
+template <int kRows, int kCols, bool kTransA, bool kAccumulate, typename T>
 PIPELINE_ALWAYS_INLINE void register_tile(
     int64_t k_begin, int64_t k_end, const T* __restrict a, int64_t lda,
     const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc) {
-  T acc[kRows][kColBlock];
+  T acc[kRows][kCols];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
 #pragma omp simd
-    for (int j = 0; j < kColBlock; ++j) {
+    for (int j = 0; j < kCols; ++j) {
       acc[i][j] = T(0);
     }
   }
@@ -130,7 +144,7 @@ PIPELINE_ALWAYS_INLINE void register_tile(
     for (int i = 0; i < kRows; ++i) {
       const T aik = kTransA ? a[k * lda + i] : a[i * lda + k];
 #pragma omp simd
-      for (int j = 0; j < kColBlock; ++j) {
+      for (int j = 0; j < kCols; ++j) {
         acc[i][j] += aik * bk[j];
       }
     }
@@ -138,31 +152,44 @@ PIPELINE_ALWAYS_INLINE void register_tile(
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
 #pragma omp simd
-    for (int j = 0; j < kColBlock; ++j) {
+    for (int j = 0; j < kCols; ++j) {
       c[i * ldc + j] = kAccumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
     }
   }
 }
 
+// With 32 vector registers (kRows >= 8: AVX-512) the register tiles are half as tall and
+// twice as wide, kRows / 2 x 2 kColBlock: 2 vector loads and kRows / 2 broadcasts per
+// 2 (kRows / 2) FMAs instead of 1 and kRows per kRows. Every element of C is still one
+// multiply-add chain over k in the same order (terms the causal variants skip are exact
+// zeros), so results do not depend on the register tile shape.
 template <int kRows, Causal kCausal, bool kTransA, bool kAccumulate, typename T>
 PIPELINE_ALWAYS_INLINE void matmul(
     int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
     T* c, int64_t ldc) {
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+  constexpr bool kWide = kRows >= 8;
+  constexpr int kTileRows = kWide ? kRows / 2 : kRows;
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
     const T* a_rows = kTransA ? a + m0 : a + m0 * lda;
     int64_t k_begin = 0;
     int64_t k_end = K;
     if constexpr (kCausal == Causal::kLowerA) {
-      k_end = std::min(K, m0 + kRows);
+      k_end = std::min(K, m0 + kTileRows);
     }
     if constexpr (kCausal == Causal::kLowerAT) {
       k_begin = std::min(K, m0);
     }
-    for (int64_t n0 = 0; n0 < N; n0 += kColBlock) {
-      if (kCausal == Causal::kLowerC && n0 >= m0 + kRows) {
-        break;
+    int64_t n0 = kCausal == Causal::kUpperC ? m0 / kColBlock * kColBlock : 0;
+    const int64_t n_end =
+        kCausal == Causal::kLowerC ? std::min(N, round_up(m0 + kTileRows, kColBlock)) : N;
+    if constexpr (kWide) {
+      for (; n0 + 2 * kColBlock <= n_end; n0 += 2 * kColBlock) {
+        register_tile<kTileRows, 2 * kColBlock, kTransA, kAccumulate>(
+            k_begin, k_end, a_rows, lda, b + n0, ldb, c + m0 * ldc + n0, ldc);
       }
-      register_tile<kRows, kTransA, kAccumulate>(
+    }
+    for (; n0 < n_end; n0 += kColBlock) {
+      register_tile<kTileRows, kColBlock, kTransA, kAccumulate>(
           k_begin, k_end, a_rows, lda, b + n0, ldb, c + m0 * ldc + n0, ldc);
     }
   }
@@ -181,6 +208,21 @@ PIPELINE_ALWAYS_INLINE void tile_matmul(
 }
 
 // ----------------------------------------------------------------------------------------
+// Element conversion when loading tiles. A bfloat16 is the high half of a float, so a shift
+// converts it exactly; written on the raw bits (not through c10's operator float) so that the
+// tile loads stay plain integer loops the compiler vectorises. Half and the rest use the
+// ordinary (exact) conversion.
+template <typename acc_t, typename scalar_t>
+PIPELINE_ALWAYS_INLINE acc_t to_acc(const scalar_t* __restrict src, int64_t i) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t bits = reinterpret_cast<const uint16_t*>(src)[i];
+    return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16);
+  } else {
+    return static_cast<acc_t>(src[i]);
+  }
+}
+
+// ----------------------------------------------------------------------------------------
 // Tile loads: rows [0, rows) of a row-major (rows, D) block into zero-padded tiles.
 
 // dst[r][d] = src[r][d] * scale, shape (kTile, Dp), zero-padded.
@@ -192,7 +234,7 @@ PIPELINE_ALWAYS_INLINE void load_tile(
     acc_t* __restrict row = dst + r * Dp;
     const int64_t valid = r < rows ? D : 0;
     for (int64_t d = 0; d < valid; ++d) {
-      row[d] = static_cast<acc_t>(src[r * D + d]) * scale;
+      row[d] = to_acc<acc_t>(src, r * D + d) * scale;
     }
     for (int64_t d = valid; d < Dp; ++d) {
       row[d] = acc_t(0);
@@ -200,16 +242,16 @@ PIPELINE_ALWAYS_INLINE void load_tile(
   }
 }
 
-// dst[d][r] = src[r][d], shape (Dp, kTile), zero-padded.
+// dst[d][r] = src[r][d] * scale, shape (Dp, kTile), zero-padded.
 template <typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void load_tile_transposed(
     const scalar_t* __restrict src, int64_t rows, int64_t D, int64_t Dp,
-    acc_t* __restrict dst) {
+    acc_t* __restrict dst, acc_t scale = acc_t(1)) {
   for (int64_t d = 0; d < Dp; ++d) {
     acc_t* __restrict col = dst + d * kTile;
     const int64_t valid = d < D ? rows : 0;
     for (int64_t r = 0; r < valid; ++r) {
-      col[r] = static_cast<acc_t>(src[r * D + d]);
+      col[r] = to_acc<acc_t>(src, r * D + d) * scale;
     }
     for (int64_t r = valid; r < kTile; ++r) {
       col[r] = acc_t(0);
@@ -250,6 +292,10 @@ struct BackwardArgs {
   const scalar_t* v;
   const scalar_t* out;
   const acc_t* lse;
+  acc_t* delta;  // (BH, T) rowsum(dO * O), filled by the backward itself
+  // Split backward only (else null): per key tile, its operands K, K^T and V^T, prepared
+  // once by the kPrepare items instead of by every item that reads them.
+  acc_t* key_operands;
   scalar_t* dq;
   scalar_t* dk;
   scalar_t* dv;
@@ -261,12 +307,12 @@ struct BackwardArgs {
 // Per-thread scratch: pointers into one aligned allocation owned by the caller.
 template <typename acc_t>
 struct ForwardScratch {
-  acc_t* q;        // (kTile, Dp) queries times the softmax scale
-  acc_t* kt;       // (Dp, kTile)
+  acc_t* qt;       // (Dp, kTile) transposed queries times the softmax scale
+  acc_t* k;        // (kTile, Dp)
   acc_t* v;        // (kTile, Dp)
-  acc_t* s;        // (kTile, kTile) scores, overwritten by probabilities
+  acc_t* st;       // (kTile, kTile) transposed scores (key, query), overwritten by P^T
   acc_t* o;        // (kTile, Dp) unnormalised output
-  acc_t* row_max;  // (kTile)
+  acc_t* row_max;  // (kTile) running max of each query's scores
   acc_t* row_sum;  // (kTile)
 };
 
@@ -274,19 +320,22 @@ template <typename acc_t>
 struct BackwardScratch {
   acc_t* q;       // (kTile, Dp) queries times the softmax scale
   acc_t* dout;    // (kTile, Dp)
-  acc_t* k;       // (kTile, Dp)
-  acc_t* kt;      // (Dp, kTile)
-  acc_t* vt;      // (Dp, kTile)
+  acc_t* keys;    // key_operands_size(Dp): K, K^T, V^T (backward_load_keys)
+  acc_t* dt;      // 2 (Dp, kTile): transposed dO and O, for delta
   acc_t* dk;      // (kTile, Dp)
   acc_t* dv;      // (kTile, Dp)
   acc_t* p;       // (kTile, kTile)
   acc_t* ds;      // (kTile, kTile) dP, overwritten by dS
-  acc_t* dq;      // (round_up(T, kTile), Dp)
-  acc_t* delta;   // (T): rowsum(dO * O)
+  acc_t* dq;      // (round_up(T, kTile), Dp) for a whole head, (kTile, Dp) for kQueries
 };
 
 // ----------------------------------------------------------------------------------------
 // Forward of one (batch*head, query tile): online softmax over key tiles 0..tile.
+//
+// Scores are computed transposed, S^T = K (scale Q)^T with keys as rows: Q^T is transposed
+// once per query tile (not K once per tile pair), and the softmax statistics of a query are
+// then column reductions, which run over contiguous rows of S^T vectorised across queries.
+// O += P V reads P from P^T (kTransA).
 
 template <typename scalar_t, typename Isa>
 PIPELINE_ALWAYS_INLINE void forward_tile(
@@ -297,15 +346,15 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
-  const acc_t scale = args.scale;
 
   const int64_t row0 = tile * kTile;
   const int64_t rows = std::min(kTile, T - row0);
-  const int64_t m_rows = round_up(rows, kRows);  // register-tile rows actually computed
+  const int64_t q_cols = round_up(rows, kColBlock);  // query columns of S^T computed
+  const int64_t m_rows = round_up(rows, kRows);      // output rows computed (<= q_cols)
   const int64_t head = bh * T * D;
 
   // Scaling Q (not S) makes the largest score of a row give exactly exp(0) = 1.
-  load_tile(args.q + head + row0 * D, rows, D, Dp, s.q, scale);
+  load_tile_transposed(args.q + head + row0 * D, rows, D, Dp, s.qt, args.scale);
   fill(s.o, kTile * Dp, acc_t(0));
   fill(s.row_max, kTile, -std::numeric_limits<acc_t>::infinity());
   fill(s.row_sum, kTile, acc_t(0));
@@ -313,43 +362,45 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
     const bool diagonal = kv_tile == tile;
     const int64_t col0 = kv_tile * kTile;
-    const int64_t cols = std::min(kTile, T - col0);
-    const int64_t n_cols = round_up(cols, kColBlock);
-    load_tile_transposed(args.k + head + col0 * D, cols, D, Dp, s.kt);
+    const int64_t cols = std::min(kTile, T - col0);  // keys
+    load_tile(args.k + head + col0 * D, cols, D, Dp, s.k);
     load_tile(args.v + head + col0 * D, cols, D, Dp, s.v);
 
-    // S = (scale Q) K^T
-    tile_matmul<kRows, Causal::kLowerC, false, false>(
-        diagonal, m_rows, n_cols, Dp, s.q, Dp, s.kt, kTile, s.s, kTile);
+    // S^T = K (scale Q)^T. On the diagonal tile, register tiles whose keys all come after
+    // their queries are skipped; the loops below never read them (query m >= key n).
+    tile_matmul<kRows, Causal::kUpperC, false, false>(
+        diagonal, round_up(cols, kRows), q_cols, Dp, s.k, Dp, s.qt, kTile, s.st, kTile);
 
-    // Online softmax: P = exp(S - m_new), rescale the running sum and output.
-    for (int64_t r = 0; r < m_rows; ++r) {
-      acc_t* __restrict p = s.s + r * kTile;
-      if (r >= rows) {
-        fill(p, n_cols, acc_t(0));
-        continue;
+    // Online softmax, one query per column: new running max, P^T = exp(S^T - max), sums.
+    // Key n is visible to the queries m >= n of a diagonal tile, to all queries otherwise.
+    acc_t m_new[kTile];
+    acc_t sum[kTile];
+    std::copy(s.row_max, s.row_max + q_cols, m_new);
+    fill(sum, q_cols, acc_t(0));
+    for (int64_t n = 0; n < cols; ++n) {
+      const acc_t* __restrict st = s.st + n * kTile;
+#pragma omp simd
+      for (int64_t m = diagonal ? n : 0; m < q_cols; ++m) {
+        m_new[m] = std::max(m_new[m], st[m]);
       }
-      const int64_t valid = diagonal ? r + 1 : cols;
-      acc_t s_max = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : s_max)
-      for (int64_t c = 0; c < valid; ++c) {
-        s_max = std::max(s_max, p[c]);
+    }
+    for (int64_t n = 0; n < cols; ++n) {
+      acc_t* __restrict p = s.st + n * kTile;
+      const int64_t first = diagonal ? std::min(n, q_cols) : 0;
+      fill(p, first, acc_t(0));
+#pragma omp simd
+      for (int64_t m = first; m < q_cols; ++m) {
+        const acc_t e = softmax_exp(p[m] - m_new[m]);
+        p[m] = e;
+        sum[m] += e;
       }
-      const acc_t m_old = s.row_max[r];
-      const acc_t m_new = std::max(m_old, s_max);
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < valid; ++c) {
-        const acc_t e = softmax_exp(p[c] - m_new);
-        p[c] = e;
-        sum += e;
-      }
-      fill(p + valid, n_cols - valid, acc_t(0));
-      const acc_t alpha = std::exp(m_old - m_new);  // 0 on the first tile (m_old = -inf)
-      s.row_max[r] = m_new;
-      s.row_sum[r] = s.row_sum[r] * alpha + sum;
+    }
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const acc_t alpha = softmax_exp(s.row_max[m] - m_new[m]);  // 0 on the first tile
+      s.row_max[m] = m_new[m];
+      s.row_sum[m] = s.row_sum[m] * alpha + sum[m];
       if (alpha != acc_t(1)) {
-        acc_t* __restrict o = s.o + r * Dp;
+        acc_t* __restrict o = s.o + m * Dp;
 #pragma omp simd
         for (int64_t d = 0; d < Dp; ++d) {
           o[d] *= alpha;
@@ -358,8 +409,8 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     }
 
     // O += P V
-    tile_matmul<kRows, Causal::kLowerA, false, true>(
-        diagonal, m_rows, Dp, cols, s.s, kTile, s.v, Dp, s.o, Dp);
+    tile_matmul<kRows, Causal::kLowerA, true, true>(
+        diagonal, m_rows, Dp, cols, s.st, kTile, s.v, Dp, s.o, Dp);
   }
 
   scalar_t* __restrict out = args.out + head + row0 * D;
@@ -375,119 +426,245 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
 }
 
 // ----------------------------------------------------------------------------------------
-// Backward of one batch*head: loops over key tiles (dK, dV accumulated in scratch tiles)
-// and, inside, over the query tiles at or below the diagonal (dQ accumulated in a scratch
-// buffer for the whole head). One thread owns the head, so the summation order is fixed
-// and the result deterministic.
+// Backward. The unit of work is a pair (query tile, key tile at or before it), which adds
+// P^T dO to dV and dS^T Q to dK of the key tile and dS K to dQ of the query tile. Work items
+// (BackwardItem) are:
+//   kHead:    one batch*head: key tiles in the outer loop (dK, dV accumulated in scratch
+//             tiles), the query tiles at or below the diagonal inside (dQ accumulated in a
+//             scratch buffer for the whole head); 5 matmuls per pair.
+//   kPrepare, kKeys, kQueries: the same work split inside a head so that a few heads still
+//             keep every thread busy: delta and the key operands of one tile, then dK and
+//             dV of one key tile (query tiles in the inner loop), then dQ of one query tile
+//             (key tiles in the inner loop). P and dS are computed twice, 7 matmuls per pair.
+// Every sum runs in the same order in both splits (dK, dV over increasing query tiles, dQ
+// over increasing key tiles, one blocked accumulation per pair), so the results are bitwise
+// identical whichever is used, and do not depend on the number of threads.
+enum class BackwardItem { kHead, kPrepare, kKeys, kQueries };
 
-template <typename scalar_t, typename Isa>
-PIPELINE_ALWAYS_INLINE void backward_head(
-    const BackwardArgs<scalar_t>& args, int64_t bh,
+// Elements of the operands of one key tile: K (kTile, Dp), K^T and V^T (Dp, kTile).
+inline int64_t key_operands_size(int64_t Dp) {
+  return 3 * kTile * Dp;
+}
+
+// delta_i = rowsum(dO_i * O_i) for one query tile, computed like the matmul dP = dO V^T
+// computes each element (one multiply-add chain over d, vectorised across rows, not a tree
+// reduction over d): where one key dominates a row, O_i ~ V_j, and the rounding errors of
+// dP_ij and delta_i then cancel in dS = P (dP - delta) (exactly for the first row, where
+// O_0 = V_0).
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE void backward_delta(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
     const BackwardScratch<acc_type<scalar_t>>& s) {
   using acc_t = acc_type<scalar_t>;
+  const int64_t T = args.T;
+  const int64_t D = args.D;
+  const int64_t Dp = round_up(D, kColBlock);
+  const int64_t head = bh * T * D;
+  const int64_t row0 = q_tile * kTile;
+  const int64_t rows = std::min(kTile, T - row0);
+  acc_t* __restrict dout_t = s.dt;
+  acc_t* __restrict out_t = s.dt + Dp * kTile;
+  load_tile_transposed(args.grad_out + head + row0 * D, rows, D, Dp, dout_t);
+  load_tile_transposed(args.out + head + row0 * D, rows, D, Dp, out_t);
+  acc_t delta[kTile] = {};
+  for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+    for (int64_t r = 0; r < kTile; ++r) {
+      delta[r] += dout_t[d * kTile + r] * out_t[d * kTile + r];
+    }
+  }
+  std::copy(delta, delta + rows, args.delta + bh * T + row0);
+}
+
+// Key tile operands: K (for dQ), K^T (for S) and V^T (for dP), at dst, dst + kTile * Dp
+// and dst + 2 * kTile * Dp.
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE void backward_load_keys(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
+    acc_type<scalar_t>* dst) {
+  const int64_t D = args.D;
+  const int64_t Dp = round_up(D, kColBlock);
+  const int64_t offset = bh * args.T * D + kv_tile * kTile * D;
+  const int64_t cols = std::min(kTile, args.T - kv_tile * kTile);
+  load_tile(args.k + offset, cols, D, Dp, dst);
+  load_tile_transposed(args.k + offset, cols, D, Dp, dst + kTile * Dp);
+  load_tile_transposed(args.v + offset, cols, D, Dp, dst + 2 * kTile * Dp);
+}
+
+// The key operands of a tile: the prepared ones (split backward) or loaded into scratch.
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE const acc_type<scalar_t>* backward_key_operands(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
+    const BackwardScratch<acc_type<scalar_t>>& s) {
+  if (args.key_operands != nullptr) {
+    const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+    const int64_t size = key_operands_size(round_up(args.D, kColBlock));
+    return args.key_operands + (bh * num_tiles + kv_tile) * size;
+  }
+  backward_load_keys(args, bh, kv_tile, s.keys);
+  return s.keys;
+}
+
+// Query tile operands: scale Q and dO.
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE void backward_load_queries(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
+    const BackwardScratch<acc_type<scalar_t>>& s) {
+  const int64_t D = args.D;
+  const int64_t Dp = round_up(D, kColBlock);
+  const int64_t offset = bh * args.T * D + q_tile * kTile * D;
+  const int64_t rows = std::min(kTile, args.T - q_tile * kTile);
+  load_tile(args.q + offset, rows, D, Dp, s.q, args.scale);
+  load_tile(args.grad_out + offset, rows, D, Dp, s.dout);
+}
+
+// One (query tile, key tile) pair, query operands in s.q, s.dout and key operands at
+// `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T (scale Q) into s.dv, s.dk;
+// kQueries: dQ += dS K into dq (times scale later).
+template <bool kKeys, bool kQueries, typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void backward_pair(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
+    const acc_type<scalar_t>* keys, const BackwardScratch<acc_type<scalar_t>>& s,
+    acc_type<scalar_t>* dq) {
+  using acc_t = acc_type<scalar_t>;
   constexpr int kRows = register_rows<acc_t, Isa>();
+  const int64_t T = args.T;
+  const int64_t Dp = round_up(args.D, kColBlock);
+  const bool diagonal = q_tile == kv_tile;
+  const int64_t row0 = q_tile * kTile;
+  const int64_t rows = std::min(kTile, T - row0);
+  const int64_t m_rows = round_up(rows, kRows);
+  const int64_t cols = std::min(kTile, T - kv_tile * kTile);
+  const int64_t n_cols = round_up(cols, kColBlock);
+  const acc_t* __restrict lse = args.lse + bh * T + row0;
+  const acc_t* __restrict delta = args.delta + bh * T + row0;
+  const acc_t* k = keys;
+  const acc_t* kt = keys + kTile * Dp;
+  const acc_t* vt = keys + 2 * kTile * Dp;
+
+  // P = exp((scale Q) K^T - lse)
+  tile_matmul<kRows, Causal::kLowerC, false, false>(
+      diagonal, m_rows, n_cols, Dp, s.q, Dp, kt, kTile, s.p, kTile);
+  for (int64_t r = 0; r < m_rows; ++r) {
+    acc_t* __restrict p = s.p + r * kTile;
+    const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
+    const acc_t row_lse = r >= rows ? acc_t(0) : lse[r];
+#pragma omp simd
+    for (int64_t c = 0; c < valid; ++c) {
+      p[c] = softmax_exp(p[c] - row_lse);
+    }
+    fill(p + valid, n_cols - valid, acc_t(0));
+  }
+
+  // dV += P^T dO
+  if constexpr (kKeys) {
+    tile_matmul<kRows, Causal::kLowerAT, true, true>(
+        diagonal, n_cols, Dp, rows, s.p, kTile, s.dout, Dp, s.dv, Dp);
+  }
+
+  // dP = dO V^T;  dS = P * (dP - delta)
+  tile_matmul<kRows, Causal::kLowerC, false, false>(
+      diagonal, m_rows, n_cols, Dp, s.dout, Dp, vt, kTile, s.ds, kTile);
+  for (int64_t r = 0; r < m_rows; ++r) {
+    acc_t* __restrict ds = s.ds + r * kTile;
+    const acc_t* __restrict p = s.p + r * kTile;
+    const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
+    const acc_t row_delta = r >= rows ? acc_t(0) : delta[r];
+#pragma omp simd
+    for (int64_t c = 0; c < valid; ++c) {
+      ds[c] = p[c] * (ds[c] - row_delta);
+    }
+    fill(ds + valid, n_cols - valid, acc_t(0));
+  }
+
+  // dK += dS^T (scale Q);  dQ += dS K
+  if constexpr (kKeys) {
+    tile_matmul<kRows, Causal::kLowerAT, true, true>(
+        diagonal, n_cols, Dp, rows, s.ds, kTile, s.q, Dp, s.dk, Dp);
+  }
+  if constexpr (kQueries) {
+    tile_matmul<kRows, Causal::kLowerA, false, true>(
+        diagonal, m_rows, Dp, cols, s.ds, kTile, k, Dp, dq, Dp);
+  }
+}
+
+// Rows [0, rows) of a (kTile, Dp) accumulator tile, times `scale`, to a (rows, D) output.
+template <typename scalar_t, typename acc_t>
+PIPELINE_ALWAYS_INLINE void store_tile(
+    const acc_t* __restrict src, int64_t rows, int64_t D, int64_t Dp, scalar_t* __restrict dst,
+    acc_t scale = acc_t(1)) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < D; ++d) {
+      dst[r * D + d] = static_cast<scalar_t>(src[r * Dp + d] * scale);
+    }
+  }
+}
+
+// dK and dV of key tile kv_tile over the query tiles kv_tile.. (with dQ too when kWithDq:
+// accumulated into s.dq, which holds the whole head).
+template <bool kWithDq, typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void backward_keys(
+    const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
+    const BackwardScratch<acc_type<scalar_t>>& s) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
   const int64_t num_tiles = (T + kTile - 1) / kTile;
-  const acc_t scale = args.scale;
-  const int64_t head = bh * T * D;
-  const acc_t* __restrict lse = args.lse + bh * T;
-
-  // delta_i = rowsum(dO_i * O_i), computed like the matmul dP = dO V^T below computes each
-  // element (one multiply-add chain over d, vectorised across rows, not a tree reduction
-  // over d): where one key dominates a row, O_i ~ V_j, and the rounding errors of dP_ij and
-  // delta_i then cancel in dS = P (dP - delta) (exactly for the first row, where O_0 = V_0).
-  for (int64_t q_tile = 0; q_tile < num_tiles; ++q_tile) {
-    const int64_t row0 = q_tile * kTile;
-    const int64_t rows = std::min(kTile, T - row0);
-    acc_t* __restrict dout_t = s.kt;  // free until the key loop: (Dp, kTile) each
-    acc_t* __restrict out_t = s.vt;
-    load_tile_transposed(args.grad_out + head + row0 * D, rows, D, Dp, dout_t);
-    load_tile_transposed(args.out + head + row0 * D, rows, D, Dp, out_t);
-    acc_t delta[kTile] = {};
-    for (int64_t d = 0; d < D; ++d) {
-#pragma omp simd
-      for (int64_t r = 0; r < kTile; ++r) {
-        delta[r] += dout_t[d * kTile + r] * out_t[d * kTile + r];
-      }
-    }
-    std::copy(delta, delta + rows, s.delta + row0);
+  const acc_t* keys = backward_key_operands(args, bh, kv_tile, s);
+  fill(s.dk, kTile * Dp, acc_t(0));
+  fill(s.dv, kTile * Dp, acc_t(0));
+  for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
+    backward_load_queries(args, bh, q_tile, s);
+    backward_pair<true, kWithDq, scalar_t, Isa>(
+        args, bh, q_tile, kv_tile, keys, s, s.dq + q_tile * kTile * Dp);
   }
-  fill(s.dq, num_tiles * kTile * Dp, acc_t(0));
+  const int64_t offset = bh * T * D + kv_tile * kTile * D;
+  const int64_t cols = std::min(kTile, T - kv_tile * kTile);
+  store_tile(s.dk, cols, D, Dp, args.dk + offset);
+  store_tile(s.dv, cols, D, Dp, args.dv + offset);
+}
 
-  for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
-    const int64_t col0 = kv_tile * kTile;
-    const int64_t cols = std::min(kTile, T - col0);
-    const int64_t n_cols = round_up(cols, kColBlock);
-    load_tile(args.k + head + col0 * D, cols, D, Dp, s.k);
-    load_tile_transposed(args.k + head + col0 * D, cols, D, Dp, s.kt);
-    load_tile_transposed(args.v + head + col0 * D, cols, D, Dp, s.vt);
-    fill(s.dk, kTile * Dp, acc_t(0));
-    fill(s.dv, kTile * Dp, acc_t(0));
-
-    for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
-      const bool diagonal = q_tile == kv_tile;
-      const int64_t row0 = q_tile * kTile;
-      const int64_t rows = std::min(kTile, T - row0);
-      const int64_t m_rows = round_up(rows, kRows);
-      load_tile(args.q + head + row0 * D, rows, D, Dp, s.q, scale);
-      load_tile(args.grad_out + head + row0 * D, rows, D, Dp, s.dout);
-
-      // P = exp((scale Q) K^T - lse)
-      tile_matmul<kRows, Causal::kLowerC, false, false>(
-          diagonal, m_rows, n_cols, Dp, s.q, Dp, s.kt, kTile, s.p, kTile);
-      for (int64_t r = 0; r < m_rows; ++r) {
-        acc_t* __restrict p = s.p + r * kTile;
-        const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
-        const acc_t row_lse = r >= rows ? acc_t(0) : lse[row0 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < valid; ++c) {
-          p[c] = softmax_exp(p[c] - row_lse);
-        }
-        fill(p + valid, n_cols - valid, acc_t(0));
+template <typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void backward_item(
+    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
+    const BackwardScratch<acc_type<scalar_t>>& s) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t T = args.T;
+  const int64_t D = args.D;
+  const int64_t Dp = round_up(D, kColBlock);
+  const int64_t num_tiles = (T + kTile - 1) / kTile;
+  switch (item) {
+    case BackwardItem::kHead: {
+      for (int64_t q_tile = 0; q_tile < num_tiles; ++q_tile) {
+        backward_delta(args, bh, q_tile, s);
       }
-
-      // dV += P^T dO
-      tile_matmul<kRows, Causal::kLowerAT, true, true>(
-          diagonal, n_cols, Dp, rows, s.p, kTile, s.dout, Dp, s.dv, Dp);
-
-      // dP = dO V^T;  dS = P * (dP - delta)
-      tile_matmul<kRows, Causal::kLowerC, false, false>(
-          diagonal, m_rows, n_cols, Dp, s.dout, Dp, s.vt, kTile, s.ds, kTile);
-      for (int64_t r = 0; r < m_rows; ++r) {
-        acc_t* __restrict ds = s.ds + r * kTile;
-        const acc_t* __restrict p = s.p + r * kTile;
-        const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
-        const acc_t delta = r >= rows ? acc_t(0) : s.delta[row0 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < valid; ++c) {
-          ds[c] = p[c] * (ds[c] - delta);
-        }
-        fill(ds + valid, n_cols - valid, acc_t(0));
+      fill(s.dq, num_tiles * kTile * Dp, acc_t(0));
+      for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
+        backward_keys<true, scalar_t, Isa>(args, bh, kv_tile, s);
       }
-
-      // dK += dS^T (scale Q);  dQ += dS K (times scale at the end)
-      tile_matmul<kRows, Causal::kLowerAT, true, true>(
-          diagonal, n_cols, Dp, rows, s.ds, kTile, s.q, Dp, s.dk, Dp);
-      tile_matmul<kRows, Causal::kLowerA, false, true>(
-          diagonal, m_rows, Dp, cols, s.ds, kTile, s.k, Dp, s.dq + row0 * Dp, Dp);
+      store_tile(s.dq, T, D, Dp, args.dq + bh * T * D, args.scale);
+      break;
     }
-
-    scalar_t* __restrict dk = args.dk + head + col0 * D;
-    scalar_t* __restrict dv = args.dv + head + col0 * D;
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t d = 0; d < D; ++d) {
-        dk[c * D + d] = static_cast<scalar_t>(s.dk[c * Dp + d]);
-        dv[c * D + d] = static_cast<scalar_t>(s.dv[c * Dp + d]);
-      }
+    case BackwardItem::kPrepare: {
+      backward_delta(args, bh, tile, s);
+      const int64_t size = key_operands_size(Dp);
+      backward_load_keys(args, bh, tile, args.key_operands + (bh * num_tiles + tile) * size);
+      break;
     }
-  }
-
-  scalar_t* __restrict dq = args.dq + head;
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t d = 0; d < D; ++d) {
-      dq[t * D + d] = static_cast<scalar_t>(s.dq[t * Dp + d] * scale);
+    case BackwardItem::kKeys:
+      backward_keys<false, scalar_t, Isa>(args, bh, tile, s);
+      break;
+    case BackwardItem::kQueries: {
+      backward_load_queries(args, bh, tile, s);
+      fill(s.dq, kTile * Dp, acc_t(0));
+      for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
+        const acc_t* keys = backward_key_operands(args, bh, kv_tile, s);
+        backward_pair<false, true, scalar_t, Isa>(args, bh, tile, kv_tile, keys, s, s.dq);
+      }
+      const int64_t rows = std::min(kTile, T - tile * kTile);
+      store_tile(s.dq, rows, D, Dp, args.dq + bh * T * D + tile * kTile * D, args.scale);
+      break;
     }
   }
 }
@@ -520,22 +697,22 @@ PIPELINE_TARGET_AVX512 void forward_tile_avx512(
 }
 
 template <typename scalar_t>
-void backward_head_default(
-    const BackwardArgs<scalar_t>& args, int64_t bh,
+void backward_item_default(
+    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
     const BackwardScratch<acc_type<scalar_t>>& s) {
-  backward_head<scalar_t, IsaDefault>(args, bh, s);
+  backward_item<scalar_t, IsaDefault>(args, item, bh, tile, s);
 }
 template <typename scalar_t>
-PIPELINE_TARGET_AVX2 void backward_head_avx2(
-    const BackwardArgs<scalar_t>& args, int64_t bh,
+PIPELINE_TARGET_AVX2 void backward_item_avx2(
+    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
     const BackwardScratch<acc_type<scalar_t>>& s) {
-  backward_head<scalar_t, IsaAvx2>(args, bh, s);
+  backward_item<scalar_t, IsaAvx2>(args, item, bh, tile, s);
 }
 template <typename scalar_t>
-PIPELINE_TARGET_AVX512 void backward_head_avx512(
-    const BackwardArgs<scalar_t>& args, int64_t bh,
+PIPELINE_TARGET_AVX512 void backward_item_avx512(
+    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
     const BackwardScratch<acc_type<scalar_t>>& s) {
-  backward_head<scalar_t, IsaAvx512>(args, bh, s);
+  backward_item<scalar_t, IsaAvx512>(args, item, bh, tile, s);
 }
 
 }  // namespace pipeline::attention

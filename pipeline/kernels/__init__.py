@@ -22,7 +22,11 @@ __all__ = ["causal_attention", "cpu_capability"]
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the kernels, which is also the dtype of the log-sum-exp."""
+    """Accumulation dtype of the kernels, which is also the dtype of the log-sum-exp.
+
+    float64 for float64 inputs, float32 for everything else: the kernels convert bfloat16 and
+    float16 tiles to float32 as they load them.
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -72,8 +76,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal self-attention, ``softmax(q kᵀ / sqrt(D) + causal mask) v``.
 
     Same result as ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``; q, k, v are
-    (B, H, T, D) CPU tensors of dtype float32 or float64. Differentiable, and traceable by
-    ``torch.compile(fullgraph=True)``.
+    (B, H, T, D) CPU tensors of one dtype: float32, float64, bfloat16 or float16. The 16-bit
+    types are computed with float32 accumulation (float32 softmax statistics and
+    log-sum-exp) and the output and gradients are rounded back to the input dtype.
+    Differentiable, and traceable by ``torch.compile(fullgraph=True)``.
     """
     return torch.ops.pipeline.causal_attention_fwd(q, k, v)[0]
 

@@ -120,8 +120,8 @@ class SDPAttention(nn.Module):
 class FusedAttention(nn.Module):
     """This project's compiled causal-attention op (pipeline/kernels); no attention dropout.
 
-    The kernel takes float32 or float64. Half-precision inputs (bf16 autocast) are computed in
-    float32 and cast back, which is what the kernel would accumulate in anyway.
+    The kernel takes float32, float64, bfloat16 and float16 directly; 16-bit inputs (bf16
+    autocast) are accumulated in float32 inside the kernel and the output keeps the input dtype.
     """
 
     def __init__(self, attn_dropout: float = 0.0) -> None:
@@ -148,9 +148,7 @@ class FusedAttention(nn.Module):
                 f"the 'fused' attention op has a CPU kernel only (got {q.device.type} tensors); "
                 f"set `model.attention: sdpa` for this device"
             )
-        if q.dtype in (torch.float32, torch.float64):
-            return causal_attention(q, k, v)
-        return causal_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return causal_attention(q, k, v)
 
 
 def build_attention(name: str, *, context_length: int, attn_dropout: float = 0.0) -> nn.Module:

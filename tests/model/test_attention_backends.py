@@ -117,7 +117,7 @@ def test_kv_cache_logits_match_full_forward(backend):
         model(idx[:, :1], cache)
 
 
-def test_fused_runs_half_precision_inputs_in_float32():
+def test_fused_takes_bfloat16_inputs_with_float32_accumulation():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.bfloat16) for _ in range(3))
     fused = build_attention("fused", context_length=16).eval()
@@ -125,3 +125,16 @@ def test_fused_runs_half_precision_inputs_in_float32():
     out = fused(q, k, v)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.bfloat16())
+
+
+def test_fused_matches_sdpa_under_bf16_autocast():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (2, 16))
+    logits = {}
+    for backend in ("fused", "sdpa"):
+        torch.manual_seed(1)
+        model = GPT(tiny(attention=backend)).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[backend] = model(idx)
+    assert logits["fused"].dtype == logits["sdpa"].dtype
+    torch.testing.assert_close(logits["fused"], logits["sdpa"], atol=5e-2, rtol=5e-2)
