@@ -1,7 +1,7 @@
 // Tile kernels of the CPU causal attention op (FlashAttention-style, see causal_attention.cpp).
 //
 // Everything here is a header-only template that is force-inlined into the per-ISA entry
-// points at the bottom of this file (forward_tile_<isa>, backward_head_<isa>). Those carry
+// points at the bottom of this file (forward_tile_<isa>, backward_item_<isa>). Those carry
 // `__attribute__((target(...)))`, so GCC compiles the same plain C++ loops three times:
 // for baseline x86-64 (SSE2), for AVX2+FMA and for AVX-512; causal_attention.cpp picks one
 // at run time. The code contains no intrinsics: the loops are written so that the compiler

@@ -212,17 +212,20 @@ def test_deterministic(dtype: torch.dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, single, strict=True))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype, head_dim",
+    [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 80), (torch.float16, 80)],
+)
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_backward_split_inside_a_head(
-    capability: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    capability: str, dtype: torch.dtype, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With fewer heads than threads the backward splits each head by tiles: same bits as
     one thread per head (which is what a single thread runs)."""
     monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", capability)
     if kernels.cpu_capability() != capability:
         pytest.skip(f"this CPU does not support {capability}")
-    q, k, v = make_qkv((1, 1, 300, 64), dtype=dtype)
+    q, k, v = make_qkv((1, 1, 300, head_dim), dtype=dtype)
     grad_out = torch.randn_like(q)
     threads = torch.get_num_threads()
     try:
