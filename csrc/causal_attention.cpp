@@ -40,6 +40,7 @@
 #include <string>
 #include <tuple>
 
+#include "causal_attention_checks.h"
 #include "causal_attention_kernel.h"
 
 namespace pipeline::attention {
@@ -165,24 +166,12 @@ at::ScalarType lse_dtype(at::ScalarType dtype) {
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4, "causal_attention: q must have shape (B, H, T, D), got ",
-              q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "causal_attention: k must have the shape of q ",
-              q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "causal_attention: v must have the shape of q ",
-              q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q.size(3) > 0, "causal_attention: head dimension D must be positive, got shape ",
-              q.sizes());
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu(),
-                "causal_attention: the CPU kernel needs CPU tensors, got one on ", t->device());
-  }
+  check_qkv_shapes(q, k, v);
+  TORCH_CHECK(q.device().is_cpu(),
+              "causal_attention: the CPU kernel needs CPU tensors, got one on ", q.device());
   TORCH_CHECK(is_supported_dtype(q.scalar_type()),
               "causal_attention: dtype must be float32, float64, bfloat16 or float16, got ",
               q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "causal_attention: q, k and v must have the same dtype, got ", q.scalar_type(),
-              ", ", k.scalar_type(), " and ", v.scalar_type());
 }
 
 // ----------------------------------------------------------------------------------------
@@ -343,27 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
   check_qkv(q_in, k_in, v_in);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(),
-              "causal_attention: grad_out must have the shape of q ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "causal_attention: out must have the shape of q ",
-              q_in.sizes(), ", got ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
-                  out_in.scalar_type() == q_in.scalar_type(),
-              "causal_attention: grad_out and out must have the dtype of q (",
-              q_in.scalar_type(), "), got ", grad_out_in.scalar_type(), " and ",
-              out_in.scalar_type());
+  check_backward_args(grad_out_in, q_in, out_in, lse_in, lse_dtype(q_in.scalar_type()));
   const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, T}),
-              "causal_attention: lse must have shape (B, H, T) = ", at::IntArrayRef({B, H, T}),
-              ", got ", lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == lse_dtype(q_in.scalar_type()),
-              "causal_attention: lse must have dtype ", lse_dtype(q_in.scalar_type()), ", got ",
-              lse_in.scalar_type());
-  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
-    TORCH_CHECK(t->device().is_cpu(),
-                "causal_attention: the CPU kernel needs CPU tensors, got one on ", t->device());
-  }
 
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor q = q_in.contiguous();

@@ -36,6 +36,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "causal_attention_checks.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -710,25 +712,12 @@ Bhtd<const T> view_of(const at::Tensor& t) {
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4, "causal_attention: q must have shape (B, H, T, D), got ",
-              q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "causal_attention: k must have the shape of q ",
-              q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "causal_attention: v must have the shape of q ",
-              q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q.size(3) > 0, "causal_attention: head dimension D must be positive, got shape ",
-              q.sizes());
-  for (const at::Tensor* t : {&k, &v}) {
-    TORCH_CHECK(t->device() == q.device(),
-                "causal_attention: q, k and v must be on the same device, got ", q.device(),
-                " and ", t->device());
-  }
+  check_qkv_shapes(q, k, v);
+  TORCH_CHECK(q.device().is_cuda(), "causal_attention: the CUDA kernel needs CUDA tensors, got ",
+              q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "causal_attention: the CUDA kernel supports dtypes float16 and bfloat16, got ",
               q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "causal_attention: q, k and v must have the same dtype, got ", q.scalar_type(),
-              ", ", k.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK(is_supported_head_dim(q.size(3)),
               "causal_attention: the CUDA kernel supports head dims 32, 64, 80 and 128, got ",
               q.size(3));
@@ -809,27 +798,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
   check_qkv(q_in, k_in, v_in);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(),
-              "causal_attention: grad_out must have the shape of q ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "causal_attention: out must have the shape of q ",
-              q_in.sizes(), ", got ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
-                  out_in.scalar_type() == q_in.scalar_type(),
-              "causal_attention: grad_out and out must have the dtype of q (",
-              q_in.scalar_type(), "), got ", grad_out_in.scalar_type(), " and ",
-              out_in.scalar_type());
+  check_backward_args(grad_out_in, q_in, out_in, lse_in, at::kFloat);
   const int64_t B = q_in.size(0), H = q_in.size(1), T_len = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, T_len}),
-              "causal_attention: lse must have shape (B, H, T) = ",
-              at::IntArrayRef({B, H, T_len}), ", got ", lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat,
-              "causal_attention: lse must have dtype Float, got ", lse_in.scalar_type());
-  for (const at::Tensor* t : {&grad_out_in, &out_in, &lse_in}) {
-    TORCH_CHECK(t->device() == q_in.device(),
-                "causal_attention: all inputs must be on the device of q (", q_in.device(),
-                "), got one on ", t->device());
-  }
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor dq = at::empty({B, H, T_len, D}, q_in.options());
   at::Tensor dk = at::empty({B, H, T_len, D}, q_in.options());
