@@ -88,6 +88,24 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int, budget_s: flo
     return 1e3 * statistics.median(times)
 
 
+def attention_passes(
+    attention: AttentionFn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two timed passes: forward without autograd, and forward + backward to q, k, v."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            attention(q, k, v)
+
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def forward_backward() -> None:
+        out = attention(qg, kg, vg)
+        torch.autograd.grad(out, (qg, kg, vg), grad)
+
+    return forward, forward_backward
+
+
 def time_case(
     attention: AttentionFn,
     case: Case,
@@ -101,17 +119,7 @@ def time_case(
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     # Same values whatever the dtype (drawn in float32, then rounded).
     q, k, v, grad = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
-
-    def forward() -> None:
-        with torch.no_grad():
-            attention(q, k, v)
-
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-
-    def forward_backward() -> None:
-        out = attention(qg, kg, vg)
-        torch.autograd.grad(out, (qg, kg, vg), grad)
-
+    forward, forward_backward = attention_passes(attention, q, k, v, grad)
     fwd = median_ms(forward, warmup, repeats, budget_s)
     if not case.backward:
         return fwd, None

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from attention import AttentionFn, attention_passes  # noqa: E402  (benchmarks/attention.py)
 
 
 def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -52,18 +53,7 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 def time_fn(
     attention: AttentionFn, tensors: tuple[torch.Tensor, ...], warmup: int, repeats: int
 ) -> tuple[float, float]:
-    q, k, v, grad = tensors
-
-    def forward() -> None:
-        with torch.no_grad():
-            attention(q, k, v)
-
-    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-
-    def forward_backward() -> None:
-        out = attention(qg, kg, vg)
-        torch.autograd.grad(out, (qg, kg, vg), grad)
-
+    forward, forward_backward = attention_passes(attention, *tensors)
     return median_ms(forward, warmup, repeats), median_ms(forward_backward, warmup, repeats)
 
 
