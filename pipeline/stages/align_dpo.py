@@ -24,7 +24,7 @@ from pipeline.data.instruct import (
 from pipeline.data.loader import ExampleBatches
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
-from pipeline.io import atomic_write_json, sha256_file
+from pipeline.io import atomic_write_json
 from pipeline.model import GPT, load_checkpoint_config
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
@@ -36,13 +36,13 @@ from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import (
     epoch_train_config,
+    fine_tuning_fingerprint,
     finish_stage,
     instruction_splits,
     load_language_model,
     make_trainable,
     seeded,
     stage_device,
-    weights_sha256,
 )
 from pipeline.tracking import stage_run
 from pipeline.train import clear_resume_state, fit
@@ -182,17 +182,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
         return metrics
 
-    fingerprint = {
-        "init_weights": weights_sha256(start),
-        "data": sha256_file(paths.source(section["data"])),
-        "template": template,
-        "section": {
-            k: v
-            for k, v in section.items()
-            if k not in ("train", "generation", "sample_table_rows")
-        },
-        "model": model.config.to_dict(),
-    }
+    fingerprint = fine_tuning_fingerprint(
+        config, SECTION, start, model, ("generation", "sample_table_rows"), template=template
+    )
     with stage_run(config, STAGE) as tracker:
         tracker.set_tags(
             {"init_from": str(start), "device": device.type, "method": section["method"]}
@@ -211,7 +203,6 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             fingerprint=fingerprint,
             logger=tracker,
             eval_fn=eval_fn,
-            tokens_in_batch=lambda batch: batch[0].numel(),
         )
         if section["method"] == "lora":
             merge_lora(model)

@@ -158,6 +158,30 @@ def make_trainable(model: GPT, config: Mapping[str, Any], section_name: str) -> 
     return trainable, total
 
 
+def fine_tuning_fingerprint(
+    config: Mapping[str, Any],
+    section_name: str,
+    start: Path,
+    model: GPT,
+    reporting_keys: Sequence[str] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """What identifies a fine-tuning run for resume: its start weights, data, model and section.
+
+    `train` is fingerprinted by `fit` itself; `reporting_keys` only shape the stage's reports
+    (sample counts, generation settings), so changing them keeps the resume state.
+    """
+    section = config[section_name]
+    skipped = {"train", *reporting_keys}
+    return {
+        "init_weights": weights_sha256(start),
+        "data": sha256_file(Paths.from_config(config).source(section["data"])),
+        **extra,
+        "section": {k: v for k, v in section.items() if k not in skipped},
+        "model": model.config.to_dict(),
+    }
+
+
 def finish_stage(
     tracker: StageRun,
     config: Mapping[str, Any],

@@ -27,7 +27,7 @@ from pipeline.data.labeled_text import (
 from pipeline.data.loader import ExampleBatches
 from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
-from pipeline.io import atomic_write_text, sha256_file
+from pipeline.io import atomic_write_text
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     checkpoint_tokenizer_files,
@@ -39,10 +39,10 @@ from pipeline.plots import plot_confusion_matrix, plot_training_curves
 from pipeline.stages.common import (
     check_splits,
     epoch_train_config,
+    fine_tuning_fingerprint,
     finish_stage,
     load_language_model,
     stage_device,
-    weights_sha256,
 )
 from pipeline.tracking import stage_run
 from pipeline.train import clear_resume_state, fit
@@ -208,14 +208,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             metrics.update({f"{name}_{k}": v for k, v in values.items()})
         return metrics
 
-    fingerprint = {
-        "init_weights": weights_sha256(start),
-        "data": sha256_file(paths.source(section["data"])),
-        "section": {
-            k: v for k, v in section.items() if k not in ("train", "misclassified_examples")
-        },
-        "model": model.config.to_dict(),
-    }
+    fingerprint = fine_tuning_fingerprint(
+        config, SECTION, start, model, reporting_keys=("misclassified_examples",)
+    )
     with stage_run(config, STAGE) as tracker:
         tracker.set_tags(
             {"init_from": str(start), "device": device.type, "trainable_parameters": trainable}

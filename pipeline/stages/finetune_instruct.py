@@ -25,7 +25,7 @@ from pipeline.data.instruct import (
 from pipeline.data.loader import ExampleBatches
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
-from pipeline.io import atomic_write_json, sha256_file
+from pipeline.io import atomic_write_json
 from pipeline.model import GPT
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
@@ -37,13 +37,13 @@ from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import (
     epoch_train_config,
+    fine_tuning_fingerprint,
     finish_stage,
     instruction_splits,
     load_language_model,
     make_trainable,
     seeded,
     stage_device,
-    weights_sha256,
 )
 from pipeline.tracking import stage_run
 from pipeline.train import clear_resume_state, fit
@@ -127,16 +127,9 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
         return f"{format_prompt(first_val, template)}{answer}"
 
-    fingerprint = {
-        "init_weights": weights_sha256(start),
-        "data": sha256_file(paths.source(section["data"])),
-        "section": {
-            k: v
-            for k, v in section.items()
-            if k not in ("train", "generation", "sample_table_rows")
-        },
-        "model": model.config.to_dict(),
-    }
+    fingerprint = fine_tuning_fingerprint(
+        config, SECTION, start, model, reporting_keys=("generation", "sample_table_rows")
+    )
     with stage_run(config, STAGE) as tracker:
         tracker.set_tags(
             {"init_from": str(start), "device": device.type, "method": section["method"]}
