@@ -14,7 +14,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.ext-built
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup pipeline test lint bench dag clean-results mlflow-ui
+.PHONY: setup pipeline pipeline-slurm test lint bench dag clean-results mlflow-ui mlflow-server
 
 setup: $(EXT_STAMP)
 
@@ -37,7 +37,12 @@ $(EXT_STAMP): $(DEPS_STAMP) setup.py $(KERNEL_SOURCES)
 	touch $@
 
 pipeline: setup
-	$(VENV)/bin/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(VENV)/bin/snakemake --profile profiles/local --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+# The same DAG on SLURM (README: Scaling out), e.g.
+# make pipeline-slurm SNAKEMAKE_ARGS="--configfile configs/gpu-cluster.yaml"
+pipeline-slurm: setup
+	$(VENV)/bin/snakemake --profile profiles/slurm $(SNAKEMAKE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
@@ -54,6 +59,18 @@ dag: setup
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# A tracking server for a team (README: Tracking for a team); bound to 127.0.0.1 unless
+# MLFLOW_HOST is set, which also needs --allowed-hosts in MLFLOW_SERVER_ARGS.
+MLFLOW_BACKEND ?= postgresql://mlflow@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_SERVER_ARGS ?=
+mlflow-server: setup
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) \
+		--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		$(MLFLOW_SERVER_ARGS)
 
 clean-results:
 	rm -rf results logs .resume .snakemake/metadata

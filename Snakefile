@@ -3,12 +3,17 @@ pretrain -> finetune-instruct -> align-dpo.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config; the stage's
 config section is a rule `params` entry, so changing it reruns that stage and what depends on it.
+A training stage is launched as `pipeline/launch.py` says (one process, torchrun, or srun +
+torchrun) and asks for `resources.<stage>`; neither is a rerun trigger.
 """
 
 import os
 import sys
 
+from snakemake.exceptions import WorkflowError
+
 from pipeline.config import validate, write_config
+from pipeline.launch import rule_resources, stage_command, stage_name, stage_params
 from pipeline.paths import Paths
 from pipeline.stages.common import init_checkpoint_path
 from pipeline.stages.pretrain import init_from_input
@@ -48,6 +53,13 @@ onsuccess:
 onerror:
     if PARENT_RUN_ENV in os.environ:
         end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], False, STAGES_WITH_METRICS)
+
+
+# On a cluster these run where Snakemake runs: `all` does nothing, and `download` needs the
+# internet (or the mirror), which compute nodes often lack.
+localrules:
+    all,
+    download,
 
 
 rule all:
@@ -92,6 +104,38 @@ rule prepare:
         "python -m pipeline prepare --config {params.config} > {log} 2>&1"
 
 
+def stage_threads(section: str) -> int:
+    """`resources.<section>.threads`, or every core Snakemake was given (a local run)."""
+    threads = config["resources"][section]["threads"]
+    if threads is not None:
+        return threads
+    try:
+        return workflow.cores
+    except WorkflowError:
+        raise WorkflowError(
+            f"resources.{section}.threads is null (all of --cores) but Snakemake has no --cores:"
+            " on a cluster, set each training stage's resources.<stage>.threads"
+        ) from None
+
+
+def stage_resources(section: str) -> dict:
+    return rule_resources(config["resources"][section], config[section]["train"])
+
+
+def launch_command(section: str):
+    """The rule's command as a params function of `threads`: Snakemake passes the job's actual
+    threads, and a param that takes them is not a rerun trigger (nor is the shell template)."""
+
+    def command(wildcards, threads: int) -> str:
+        return stage_command(
+            stage_name(section),
+            config[section]["train"],
+            threads,
+            RESOLVED_CONFIG,
+            gpus_per_node=config["resources"][section]["gpu"],
+        )
+
+    return command
 
 
 rule pretrain:
@@ -106,17 +150,19 @@ rule pretrain:
         samples=str(PATHS.stage("pretrain") / "samples.txt"),
     params:
         model=config["model"],
-        pretrain=config["pretrain"],
+        pretrain=stage_params(config["pretrain"]),
         seed=config["seed"],
         device=config["device"],
-        config=lambda wildcards, input: RESOLVED_CONFIG,
+        command=launch_command("pretrain"),
     log:
         "logs/pretrain.log",
     benchmark:
         "logs/benchmarks/pretrain.tsv"
-    threads: workflow.cores
+    threads: stage_threads("pretrain")
+    resources:
+        **stage_resources("pretrain"),
     shell:
-        "python -m pipeline pretrain --config {params.config} --threads {threads} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 CLASSIFIER = config["finetune_classifier"]
@@ -135,19 +181,20 @@ rule finetune_classifier:
         confusion=str(CLASSIFIER_DIR / "confusion_matrix.png"),
         misclassified=str(CLASSIFIER_DIR / "misclassified.tsv"),
     params:
-        finetune_classifier=CLASSIFIER,
+        finetune_classifier=stage_params(CLASSIFIER),
         attention=config["model"]["attention"],
         seed=config["seed"],
         device=config["device"],
-        config=lambda wildcards, input: RESOLVED_CONFIG,
+        command=launch_command("finetune_classifier"),
     log:
         "logs/finetune-classifier.log",
     benchmark:
         "logs/benchmarks/finetune-classifier.tsv"
-    threads: workflow.cores
+    threads: stage_threads("finetune_classifier")
+    resources:
+        **stage_resources("finetune_classifier"),
     shell:
-        "python -m pipeline finetune-classifier --config {params.config} --threads {threads} "
-        "> {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 INSTRUCT = config["finetune_instruct"]
@@ -165,19 +212,20 @@ rule finetune_instruct:
         curves=str(INSTRUCT_DIR / "loss.png"),
         responses=str(INSTRUCT_DIR / "test_responses.json"),
     params:
-        finetune_instruct=INSTRUCT,
+        finetune_instruct=stage_params(INSTRUCT),
         attention=config["model"]["attention"],
         seed=config["seed"],
         device=config["device"],
-        config=lambda wildcards, input: RESOLVED_CONFIG,
+        command=launch_command("finetune_instruct"),
     log:
         "logs/finetune-instruct.log",
     benchmark:
         "logs/benchmarks/finetune-instruct.tsv"
-    threads: workflow.cores
+    threads: stage_threads("finetune_instruct")
+    resources:
+        **stage_resources("finetune_instruct"),
     shell:
-        "python -m pipeline finetune-instruct --config {params.config} --threads {threads} "
-        "> {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 DPO = config["align_dpo"]
@@ -195,15 +243,17 @@ rule align_dpo:
         curves=str(DPO_DIR / "loss.png"),
         responses=str(DPO_DIR / "test_responses.json"),
     params:
-        align_dpo=DPO,
+        align_dpo=stage_params(DPO),
         attention=config["model"]["attention"],
         seed=config["seed"],
         device=config["device"],
-        config=lambda wildcards, input: RESOLVED_CONFIG,
+        command=launch_command("align_dpo"),
     log:
         "logs/align-dpo.log",
     benchmark:
         "logs/benchmarks/align-dpo.tsv"
-    threads: workflow.cores
+    threads: stage_threads("align_dpo")
+    resources:
+        **stage_resources("align_dpo"),
     shell:
-        "python -m pipeline align-dpo --config {params.config} --threads {threads} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"

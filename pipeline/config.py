@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.launch import launch_problems
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 DEFAULT_CONFIG = Path("config.yaml")
 
@@ -77,6 +79,7 @@ def validate(config: Mapping[str, Any], source: str = "config") -> None:
             for key, name in _source_references(config)
             if name not in names
         ]
+        problems += launch_problems(config)
     if problems:
         details = "\n".join("  " + line for line in problems)
         raise ConfigError(f"invalid configuration ({source}):\n{details}")

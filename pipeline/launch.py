@@ -1,0 +1,152 @@
+"""How a training stage is launched: one process, `torchrun` on one node, or `srun` + `torchrun`
+across SLURM nodes, and what its Snakemake rule asks the scheduler for.
+
+The Snakefile's training rules and the config validation both come here, so the command, the
+resources and the checks that keep them consistent are defined once and unit-tested without
+running Snakemake.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+TRAINING_SECTIONS = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "parallelism")
+RENDEZVOUS_PORT = 29500
+
+
+def stage_name(section: str) -> str:
+    """The `python -m pipeline` subcommand of a config section (`align_dpo` -> `align-dpo`)."""
+    return section.replace("_", "-")
+
+
+def nproc_per_node(train: Mapping[str, Any]) -> int:
+    return int(train.get("nproc_per_node", 1))
+
+
+def nnodes(train: Mapping[str, Any]) -> int:
+    return int(train.get("nnodes", 1))
+
+
+def world_size(train: Mapping[str, Any]) -> int:
+    """Training processes in all: `train.batch_size` is split evenly among them."""
+    return nproc_per_node(train) * nnodes(train)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _sorted(value[key]) for key in sorted(value)}
+    return value
+
+
+def stage_params(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage section as a rule param, which Snakemake reruns the stage for when it changes.
+
+    `train.{nproc_per_node,nnodes,parallelism}` are dropped: they change how a stage runs, not
+    what it computes. Keys are sorted because Snakemake compares params by their repr and a
+    `--configfile` merge reorders keys, which alone would rerun the stage.
+    """
+    stripped = dict(section)
+    if isinstance(section.get("train"), Mapping):
+        stripped["train"] = {k: v for k, v in section["train"].items() if k not in LAUNCH_KEYS}
+    return _sorted(stripped)
+
+
+def threads_per_process(threads: int, train: Mapping[str, Any]) -> int:
+    """The rule's threads shared among the processes of one node (torchrun would set 1)."""
+    return max(1, threads // nproc_per_node(train))
+
+
+def single_node_launcher(nproc: int, python: str = "python") -> list[str]:
+    """The argv that starts `-m pipeline ...` as `nproc` processes on this node: the interpreter
+    itself, or torch's launcher (the module, not the `torchrun` script, so the interpreter on
+    PATH, or the one given, decides)."""
+    if nproc == 1:
+        return [python, "-m", "pipeline"]
+    return [
+        python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc-per-node", str(nproc), "-m", "pipeline",
+    ]  # fmt: skip
+
+
+def stage_command(
+    stage: str,
+    train: Mapping[str, Any],
+    threads: int,
+    config_path: str,
+    gpus_per_node: int = 0,
+) -> str:
+    """The shell command that runs `python -m pipeline <stage>` with `train`'s world size.
+
+    One node: `single_node_launcher`. Several nodes: `srun` starts one torchrun per node of the
+    SLURM allocation, meeting at a c10d rendezvous on the batch host (the allocation's first node,
+    where the job's shell runs); the job step is spelt out in full because the SLURM executor
+    plugin removes the allocation's SLURM_* variables before running the job's shell.
+    """
+    per_process = threads_per_process(threads, train)
+    args = f"{stage} --config {shlex.quote(config_path)} --threads {per_process}"
+    nproc, nodes = nproc_per_node(train), nnodes(train)
+    if nodes == 1:
+        return f"{shlex.join(single_node_launcher(nproc))} {args}"
+    step = (
+        f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task {threads}"
+        + (f" --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
+        + " --kill-on-bad-exit 1"
+    )
+    return (
+        f"{step} python -m torch.distributed.run --nnodes {nodes} --nproc-per-node {nproc} "
+        f"--rdzv-backend c10d --rdzv-endpoint $(hostname):{RENDEZVOUS_PORT} "
+        f"--rdzv-id $SLURM_JOB_ID -m pipeline {args}"
+    )
+
+
+def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any]) -> dict:
+    """A training rule's Snakemake `resources` (the SLURM executor plugin's names).
+
+    One node: `gpu` (sbatch --gpus). Several nodes: one task per node (`nodes`, `tasks`) and
+    `gres=gpu:N` per node, because the plugin's `gpu` is a total, not a per-node count;
+    `mpi` tells the plugin that the job's shell starts its own `srun` step, and `tasks_per_gpu:
+    0` keeps it from turning `tasks` into `--ntasks-per-gpu`.
+    """
+    resources: dict[str, Any] = {
+        "mem_mb": stage_resources["mem_mb"],
+        "runtime": stage_resources["runtime"],
+    }
+    gpu = stage_resources["gpu"]
+    nodes = nnodes(train)
+    if nodes == 1:
+        return {**resources, "gpu": gpu}
+    resources.update(nodes=nodes, tasks=nodes, mpi="srun")
+    if gpu:
+        resources.update(gres=f"gpu:{gpu}", tasks_per_gpu=0)
+    return resources
+
+
+def launch_problems(config: Mapping[str, Any]) -> list[str]:
+    """`key: problem` lines for launch settings the schema alone cannot check."""
+    problems = []
+    for section in TRAINING_SECTIONS:
+        train = config[section]["train"]
+        size = world_size(train)
+        if train["batch_size"] % size:
+            problems.append(
+                f"{section}.train.batch_size: {train['batch_size']} is not divisible by the "
+                f"world size {size} (nproc_per_node {nproc_per_node(train)} x nnodes "
+                f"{nnodes(train)}); it is the global batch, split evenly among the processes"
+            )
+        resources = config["resources"][section]
+        gpu, nproc = resources["gpu"], nproc_per_node(train)
+        if gpu and gpu != nproc:
+            problems.append(
+                f"resources.{section}.gpu: {gpu} GPUs per node but {section}.train."
+                f"nproc_per_node is {nproc}; each process drives one GPU, so make them equal"
+            )
+        threads = resources["threads"]
+        if threads is not None and threads < nproc:
+            problems.append(
+                f"resources.{section}.threads: {threads} is fewer than {section}.train."
+                f"nproc_per_node ({nproc}); each process needs at least one CPU"
+            )
+    return problems

@@ -1,0 +1,143 @@
+"""How a training stage is launched and what its rule requests (pipeline/launch.py), and the
+config checks that keep batch size, processes, GPUs and threads consistent."""
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, validate
+from pipeline.launch import (
+    LAUNCH_KEYS,
+    rule_resources,
+    stage_command,
+    stage_params,
+    threads_per_process,
+    world_size,
+)
+
+CONFIG = "results/config.resolved.yaml"
+GPU_NODE = {"threads": 32, "mem_mb": 128000, "runtime": 240, "gpu": 4}
+
+
+def test_one_process_runs_the_entry_point_with_every_thread():
+    command = stage_command("pretrain", {"batch_size": 16}, 8, CONFIG)
+    assert (
+        command == "python -m pipeline pretrain --config results/config.resolved.yaml --threads 8"
+    )
+
+
+def test_several_processes_on_one_node_share_the_threads_under_torchrun():
+    train = {"batch_size": 16, "nproc_per_node": 4}
+    assert stage_command("align-dpo", train, 32, CONFIG) == (
+        "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
+        "-m pipeline align-dpo --config results/config.resolved.yaml --threads 8"
+    )
+
+
+@pytest.mark.parametrize(("threads", "nproc", "expected"), [(8, 1, 8), (8, 3, 2), (2, 4, 1)])
+def test_threads_per_process_is_the_share_and_at_least_one(threads, nproc, expected):
+    assert threads_per_process(threads, {"nproc_per_node": nproc}) == expected
+
+
+def test_several_nodes_start_one_torchrun_per_node_with_srun():
+    train = {"batch_size": 64, "nproc_per_node": 4, "nnodes": 2}
+    command = stage_command("pretrain", train, 32, CONFIG, gpus_per_node=4)
+    assert command == (
+        "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 32 --gpus-per-node 4 "
+        "--kill-on-bad-exit 1 python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
+        "--rdzv-backend c10d --rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID "
+        "-m pipeline pretrain --config results/config.resolved.yaml --threads 8"
+    )
+    assert world_size(train) == 8
+
+
+def test_a_config_path_with_spaces_is_quoted():
+    command = stage_command("pretrain", {}, 1, "my results/c.yaml")
+    assert "--config 'my results/c.yaml' " in command
+
+
+def test_stage_params_drop_the_launch_keys_and_sort_the_rest():
+    section = {"train": {"lr": 1.0, "nproc_per_node": 4, "nnodes": 2, "parallelism": "fsdp"}}
+    section["epochs"] = 2
+    assert stage_params(section) == {"epochs": 2, "train": {"lr": 1.0}}
+    assert list(stage_params(section)) == ["epochs", "train"]
+    assert set(section["train"]) >= set(LAUNCH_KEYS)  # the config itself is left alone
+
+
+def test_one_node_asks_for_gpus_several_nodes_for_a_gres_per_node():
+    assert rule_resources(GPU_NODE, {"nproc_per_node": 4}) == {
+        "mem_mb": 128000,
+        "runtime": 240,
+        "gpu": 4,
+    }
+    assert rule_resources(GPU_NODE, {"nproc_per_node": 4, "nnodes": 2}) == {
+        "mem_mb": 128000,
+        "runtime": 240,
+        "nodes": 2,
+        "tasks": 2,
+        "mpi": "srun",
+        "gres": "gpu:4",
+        "tasks_per_gpu": 0,
+    }
+    cpu_nodes = rule_resources({**GPU_NODE, "gpu": 0}, {"nnodes": 2})
+    assert "gres" not in cpu_nodes and "gpu" not in cpu_nodes and cpu_nodes["nodes"] == 2
+
+
+def _with(default_config: dict, section: str, train: dict, resources: dict | None = None) -> dict:
+    config = {**default_config, section: {**default_config[section]}}
+    config[section]["train"] = {**config[section]["train"], **train}
+    config["resources"] = {**config["resources"]}
+    config["resources"][section] = {**config["resources"][section], **(resources or {})}
+    return config
+
+
+def test_the_default_config_launches_one_process_per_stage(default_config):
+    for section in ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo"):
+        assert world_size(default_config[section]["train"]) == 1
+        assert default_config["resources"][section]["gpu"] == 0
+
+
+def test_batch_size_must_divide_among_the_processes(default_config):
+    config = _with(default_config, "finetune_instruct", {"batch_size": 6, "nproc_per_node": 4})
+    with pytest.raises(ConfigError, match=r"finetune_instruct\.train\.batch_size: 6 is not "
+                       r"divisible by the world size 4"):  # fmt: skip
+        validate(config)
+    validate(_with(default_config, "finetune_instruct", {"batch_size": 8, "nproc_per_node": 4}))
+    two_nodes = _with(default_config, "pretrain", {"batch_size": 16, "nproc_per_node": 4})
+    two_nodes["pretrain"]["train"]["nnodes"] = 3
+    with pytest.raises(ConfigError, match=r"world size 12 \(nproc_per_node 4 x nnodes 3\)"):
+        validate(two_nodes)
+
+
+def test_gpus_per_node_must_match_the_processes(default_config):
+    config = _with(default_config, "pretrain", {"nproc_per_node": 2}, {"gpu": 4})
+    with pytest.raises(ConfigError, match=r"resources\.pretrain\.gpu: 4 GPUs per node but "
+                       r"pretrain\.train\.nproc_per_node is 2"):  # fmt: skip
+        validate(config)
+    validate(_with(default_config, "pretrain", {"nproc_per_node": 2}, {"gpu": 2}))
+    validate(_with(default_config, "pretrain", {"nproc_per_node": 2}, {"gpu": 0}))  # CPU, gloo
+
+
+def test_threads_must_cover_the_processes(default_config):
+    config = _with(default_config, "align_dpo", {"nproc_per_node": 4}, {"threads": 2})
+    with pytest.raises(ConfigError, match=r"resources\.align_dpo\.threads: 2 is fewer than"):
+        validate(config)
+
+
+def test_launch_keys_and_resources_are_checked_by_the_schema(repo):
+    with pytest.raises(ConfigError, match=r"pretrain\.train\.parallelism: 'zero3' is not one of"):
+        load_config([repo / "config.yaml"], ["pretrain.train.parallelism=zero3"])
+    with pytest.raises(ConfigError, match=r"align_dpo\.train\.nnodes: 0 is less than"):
+        load_config([repo / "config.yaml"], ["align_dpo.train.nnodes=0"])
+    with pytest.raises(ConfigError, match=r"resources\.pretrain\.gpus: unknown key"):
+        load_config([repo / "config.yaml"], ["resources.pretrain.gpus=1"])
+    with pytest.raises(ConfigError, match=r"resources\.prepare: unknown key; expected one of: al"):
+        load_config([repo / "config.yaml"], ["resources.prepare.gpu=1"])
+
+
+def test_gpu_cluster_preset_merged_over_the_defaults_is_valid(repo):
+    config = load_config([repo / "config.yaml", repo / "configs" / "gpu-cluster.yaml"])
+    assert config["device"] == "cuda" and config["model"]["attention"] == "sdpa"
+    for section in ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo"):
+        train, resources = config[section]["train"], config["resources"][section]
+        assert train["precision"] == "bf16"
+        assert train["nproc_per_node"] == resources["gpu"] == 4
+        assert resources["threads"] >= train["nproc_per_node"]
