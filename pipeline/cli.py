@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 
@@ -349,6 +350,26 @@ def export_hf_command(args: argparse.Namespace) -> None:
     )
 
 
+@contextlib.contextmanager
+def distributed_stage(config: Mapping[str, Any]) -> Iterator[None]:
+    """Under torchrun, join the process group for the stage (ranks other than 0 log warnings
+    only) and leave it afterwards; a plain process runs as it is."""
+    from pipeline.train.distributed import init_distributed, launched_world, shutdown_distributed
+
+    if not launched_world().distributed:
+        yield
+        return
+    from pipeline.train import pick_device
+
+    world = init_distributed(pick_device(config["device"]).type)
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        shutdown_distributed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -375,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         import importlib
 
-        importlib.import_module(f"pipeline.stages.{args.command.replace('-', '_')}").run(config)
+        stage = importlib.import_module(f"pipeline.stages.{args.command.replace('-', '_')}")
+        with distributed_stage(config):
+            stage.run(config)
         return 0
     except (
         ConfigError,

@@ -2,6 +2,10 @@
 
 `TokenWindows` is resumable: its whole position is a couple of integers, so a restarted run
 draws exactly the batches the interrupted one would have.
+
+Under multi-process training every process draws the same global batch positions and reads only
+its own rows (`shard`), so the position stays a property of the run, not of the world size: a
+run can resume under any number of processes that divides the global batch.
 """
 
 from __future__ import annotations
@@ -55,9 +59,20 @@ class TokenWindows:
         self.sampling = sampling
         self.stride = stride or context_length
         self.seed = seed
+        self.name = name
         self.last_start = len(tokens) - context_length - 1
         self.num_windows = self.last_start // self.stride + 1
         self.batches_drawn = 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make `next_batch` return this process's `batch_size / world_size` rows of each batch."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"{self.name}: batch_size {self.batch_size} is the global batch and must be "
+                f"divisible by the number of processes ({world_size})"
+            )
+        self.rank, self.world_size = rank, world_size
 
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * _SEED_STRIDE + index)
@@ -84,6 +99,8 @@ class TokenWindows:
         else:
             starts = self._sliding_starts()
         self.batches_drawn += 1
+        rows = self.batch_size // self.world_size
+        starts = starts[self.rank * rows : (self.rank + 1) * rows]
         return windows_to_batch(self.tokens, starts, self.context_length)
 
     @property
@@ -141,8 +158,31 @@ class ExampleBatches:
         self.collate = collate
         self.seed = seed
         self.order = order
+        self.name = name
         self.batches_drawn = 0
+        self.rank, self.world_size = 0, 1
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make `next_batch` collate only this process's share of each batch's examples.
+
+        Shares differ by at most one example (an epoch's last batch may not split evenly); the
+        training loop weights each process's loss by its share, so the gradient is the global
+        batch's. Every process must get at least one example of every batch.
+        """
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"{self.name}: batch_size {self.batch_size} is the global batch and must be "
+                f"divisible by the number of processes ({world_size})"
+            )
+        last = self.num_examples % self.batch_size
+        if 0 < last < world_size:
+            raise ValueError(
+                f"{self.name}: an epoch's last batch holds {last} of {self.num_examples} "
+                f"examples, fewer than the {world_size} processes; choose a batch_size that "
+                "leaves no such remainder, or fewer processes"
+            )
+        self.rank, self.world_size = rank, world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -166,7 +206,9 @@ class ExampleBatches:
         epoch, index = divmod(self.batches_drawn, self.steps_per_epoch)
         batch = self._epoch_batches(epoch)[index]
         self.batches_drawn += 1
-        return self.collate(batch)
+        share, extra = divmod(len(batch), self.world_size)
+        first = self.rank * share + min(self.rank, extra)
+        return self.collate(batch[first : first + share + (self.rank < extra)])
 
     @property
     def epoch(self) -> float:

@@ -147,9 +147,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T); with a cache, T new tokens only."""
-        return self.lm_head(self.hidden_states(idx, kv_cache))
+    def forward(
+        self, idx: Tensor, kv_cache: KVCache | None = None, *, select: Tensor | None = None
+    ) -> Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T); with a cache, T new tokens only.
+
+        With a boolean (B, T) `select`, only the selected positions' logits (N, vocab_size):
+        the vocabulary-wide head is most of the cost where few positions are learned (DPO).
+        """
+        hidden = self.hidden_states(idx, kv_cache)
+        return self.lm_head(hidden if select is None else hidden[select])
 
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """The final-LayerNorm outputs (B, T, n_embd) that the LM head (or a task head) reads."""

@@ -45,7 +45,7 @@ from pipeline.stages.common import (
     stage_device,
 )
 from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit
+from pipeline.train import clear_resume_state, fit, is_main_process
 from pipeline.train.dpo import model_response_logprobs, preference_loss
 
 log = logging.getLogger("pipeline.align_dpo")
@@ -128,7 +128,11 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
     generation = section["generation"]
     model.eval()
     generator = seeded(config, device)
-    before = [respond(model, tokenizer, r, template, generation, generator) for r in test]
+    before = (
+        [respond(model, tokenizer, r, template, generation, generator) for r in test]
+        if is_main_process()
+        else []
+    )
     reference = {
         name: reference_logprobs(
             model, examples[name, "chosen"], examples[name, "rejected"], context, batch_size
@@ -203,7 +207,10 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             fingerprint=fingerprint,
             logger=tracker,
             eval_fn=eval_fn,
+            loss_units=lambda batch: len(batch[2]),
         )
+        if not is_main_process():
+            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
         if section["method"] == "lora":
             merge_lora(model)
         model.eval()

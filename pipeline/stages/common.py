@@ -18,6 +18,7 @@ from pipeline.model.lora import apply_lora
 from pipeline.paths import Paths
 from pipeline.tracking import StageRun
 from pipeline.train import TrainConfig, pick_device
+from pipeline.train.distributed import current_world
 
 log = logging.getLogger("pipeline.stages")
 
@@ -28,6 +29,8 @@ MODEL_STAGES = ("pretrain", "finetune-classifier", "finetune-instruct", "align-d
 def stage_device(config: Mapping[str, Any]) -> torch.device:
     """The configured device, refusing the CPU-only fused attention elsewhere before any work."""
     device = pick_device(config["device"])
+    if device.type == "cuda" and device.index is None and current_world().distributed:
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU
     if config["model"]["attention"] == "fused" and device.type != "cpu":
         raise ValueError(
             f"model.attention: 'fused' has a CPU kernel only, but device is {device.type}; "

@@ -45,7 +45,7 @@ from pipeline.stages.common import (
     stage_device,
 )
 from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit
+from pipeline.train import clear_resume_state, fit, is_main_process
 
 log = logging.getLogger("pipeline.finetune_classifier")
 
@@ -198,6 +198,11 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
 
     eval_train = min(len(train), train_cfg.eval_batches * batch_size)
 
+    def loss_units(batch: tuple[torch.Tensor, ...]) -> float:
+        """What the (class-weighted) cross-entropy averages over: examples, or their weights."""
+        labels_ = batch[2]
+        return float(len(labels_) if weight is None else weight[labels_].sum())
+
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         metrics = {}
         for name, ids, y in (
@@ -228,7 +233,10 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             fingerprint=fingerprint,
             logger=tracker,
             eval_fn=eval_fn,
+            loss_units=loss_units,
         )
+        if not is_main_process():
+            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
         model.eval()
         test_values, test_probs = _split_metrics(
             model, encoded["test"], targets["test"], positive, batch_size, weight

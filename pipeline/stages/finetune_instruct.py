@@ -46,8 +46,8 @@ from pipeline.stages.common import (
     stage_device,
 )
 from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit
-from pipeline.train.losses import lm_loss
+from pipeline.train import clear_resume_state, fit, is_main_process
+from pipeline.train.losses import learned_targets, lm_loss
 
 log = logging.getLogger("pipeline.finetune_instruct")
 
@@ -154,7 +154,10 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             fingerprint=fingerprint,
             logger=tracker,
             sample_fn=sample_fn,
+            loss_units=learned_targets,
         )
+        if not is_main_process():
+            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
         if section["method"] == "lora":
             merge_lora(model)
         model.eval()

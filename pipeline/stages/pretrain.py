@@ -32,7 +32,13 @@ from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
 from pipeline.stages.common import finish_stage, stage_device, train_config, weights_sha256
 from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, evaluate_losses, fit, measure_peak_flops
+from pipeline.train import (
+    clear_resume_state,
+    evaluate_losses,
+    fit,
+    is_main_process,
+    measure_peak_flops,
+)
 from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.pretrain")
@@ -291,6 +297,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 flops_per_token=model.flops_per_token(),
                 peak_flops=peak_flops,
             )
+            if not is_main_process():
+                return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
             step, history, measured = result.step, result.history, result.metrics
         else:
             model.to(device).eval()

@@ -40,12 +40,20 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def ensure_experiment(uri: str, experiment: str) -> str:
-    """Create the store and the experiment if needed; returns the experiment id."""
+    """Create the store and the experiment if needed; returns the experiment id. On a shared
+    server another pipeline may create it between our lookup and our create: that one is used."""
+    from mlflow.exceptions import MlflowException
+
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    try:
+        return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
 
 
 def git_tags(cwd: Path | str = ".") -> dict[str, str]:
@@ -127,11 +135,40 @@ class StageRun:
             self.client.set_tag(self.run_id, key, str(value))
 
 
+class _RankRun(StageRun):
+    """What a multi-process stage's processes other than rank 0 log to: nothing (rank 0 logs)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+
 @contextmanager
 def stage_run(config: Mapping[str, Any], stage: str) -> Iterator[StageRun]:
     """A child run of the invocation's parent (or a top-level run) holding the resolved config
-    as params and as `config.yaml`; it ends FAILED if the stage raises."""
+    as params and as `config.yaml`; it ends FAILED if the stage raises. Under torchrun only
+    rank 0 creates and logs to it."""
     import yaml
+
+    from pipeline.train.distributed import launched_world
+
+    if not launched_world().is_main:
+        yield _RankRun()
+        return
 
     uri, experiment = config["tracking"]["uri"], config["tracking"]["experiment"]
     client = _client(uri)

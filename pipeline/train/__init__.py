@@ -1,6 +1,7 @@
 """One training loop for every stage: ``fit`` plus its config, schedule, devices and resume."""
 
 from pipeline.train.device import measure_peak_flops, pick_device
+from pipeline.train.distributed import is_main_process
 from pipeline.train.loop import (
     Batches,
     NonFiniteLossError,
@@ -25,6 +26,7 @@ __all__ = [
     "configure_optimizer",
     "evaluate_losses",
     "fit",
+    "is_main_process",
     "lr_at",
     "measure_peak_flops",
     "perplexity",

@@ -29,9 +29,8 @@ def model_response_logprobs(
 ) -> Tensor:
     """`response_logprobs` of a GPT's output, with the LM head applied only where a target is
     learned: prompts are most of each sequence, and the vocabulary-wide head is most of the cost."""
-    gpt = getattr(model, "_orig_mod", model)
     mask = targets != ignore_index
-    logits = gpt.lm_head(gpt.hidden_states(inputs)[mask])
+    logits = model(inputs, select=mask)
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1))
     rows = torch.arange(inputs.shape[0], device=inputs.device).unsqueeze(1).expand_as(mask)[mask]
     sums = torch.zeros(inputs.shape[0], device=picked.device, dtype=picked.dtype)

@@ -2,7 +2,12 @@
 
 A stage supplies the model, a ``loss_fn(model, batch)``, a resumable batch source and its
 evaluation sets; ``fit`` owns everything else (optimizer, schedule, precision, accumulation,
-clipping, evaluation, logging, resume checkpoints), so all stages behave and log alike.
+clipping, evaluation, logging, resume checkpoints, multi-process training), so all stages behave
+and log alike.
+
+Under ``torchrun`` (see ``distributed.py``) every process runs ``fit``: each trains on its share
+of every global batch, gradients are averaged by DDP (or reduce-scattered by FSDP), and only rank
+0 logs and writes checkpoints. A world of one runs exactly the single-process code path.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline.train.distributed import PARALLELISMS, all_reduce_sum, current_world
+from pipeline.train.parallel import ParallelModel
 from pipeline.train.schedule import lr_at
 from pipeline.train.state import (
     ResumeState,
@@ -39,8 +46,11 @@ log = logging.getLogger("pipeline.train")
 PERPLEXITY_LOSS_CAP = 50.0
 """Losses above this are capped before ``exp`` so perplexity stays a finite float."""
 
-_BOOKKEEPING_FIELDS = frozenset({"log_every", "checkpoint_every"})
-"""Config fields that do not change the numbers a run produces, so they may differ on resume."""
+_BOOKKEEPING_FIELDS = frozenset(
+    {"log_every", "checkpoint_every", "nproc_per_node", "nnodes", "parallelism"}
+)
+"""Config fields that do not change the numbers a run produces (beyond float rounding, for the
+launch fields), so they may differ on resume."""
 
 
 @dataclass
@@ -64,9 +74,15 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     seed: int = 1234
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum_steps", "eval_batches")
+        positive = (
+            "max_steps", "batch_size", "grad_accum_steps", "eval_batches", "nproc_per_node",
+            "nnodes",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -80,6 +96,11 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(
                 f"TrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}"
+            )
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(
+                f"TrainConfig.parallelism must be one of {', '.join(PARALLELISMS)}, "
+                f"got {self.parallelism!r}"
             )
 
     @classmethod
@@ -117,9 +138,15 @@ class TrainConfig:
 
 
 class Batches(Protocol):
-    """A resumable stream of training batches (it owns its RNG; its state goes in checkpoints)."""
+    """A resumable stream of training batches (it owns its RNG; its state goes in checkpoints).
+
+    ``shard(rank, world_size)`` (called only in multi-process runs) restricts ``next_batch`` to
+    this process's part of each global batch; the state stays that of the global stream.
+    """
 
     def next_batch(self) -> tuple[Tensor, ...]: ...
+
+    def shard(self, rank: int, world_size: int) -> None: ...
 
     def state_dict(self) -> dict: ...
 
@@ -195,13 +222,6 @@ def _to_device(batch: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
 
 def _default_tokens(batch: tuple[Tensor, ...]) -> int:
     return batch[0].numel()
-
-
-def _grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
-    """Total L2 gradient norm before clipping; clips in place when ``max_norm`` > 0."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.clip_grad_norm_(params, math.inf)
 
 
 def perplexity(loss: float) -> float:
@@ -283,6 +303,7 @@ def fit(
     sample_fn: Callable[[nn.Module], str] | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     tokens_in_batch: Callable[[tuple[Tensor, ...]], int] | None = None,
+    loss_units: Callable[[tuple[Tensor, ...]], float] | None = None,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
 ) -> TrainResult:
@@ -294,18 +315,33 @@ def fit(
     metrics (accuracy, rewards...), then ``sample_fn`` runs on the uncompiled model. With
     ``resume_dir`` a checkpoint is written every ``checkpoint_every`` steps and at the last step
     (after that step's evaluation); a later call with the same fingerprint and config continues
-    from it and ends bitwise identical to an uninterrupted run. ``flops_per_token`` (forward +
-    backward) and ``peak_flops`` together enable MFU.
+    from it and ends bitwise identical to an uninterrupted run (under the same world size; under
+    another, equal to float rounding). ``flops_per_token`` (forward + backward) and
+    ``peak_flops`` together enable MFU.
+
+    ``loss_units(batch)`` counts what ``loss_fn`` averages over (learned tokens, examples, their
+    class weights). Multi-process runs need it when processes' shares of a batch may hold
+    different counts: each process's loss is then weighted by its share, so the gradient is that
+    of the global batch's mean, as in one process. Without it shares are weighted equally.
     """
     eval_sets = eval_sets or {}
     device = torch.device(device)
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision bf16 requested but {device} does not support bfloat16")
+    world = current_world()
+    if world.distributed:
+        train_batches.shard(world.rank, world.size)
+        if world.size != cfg.nproc_per_node * cfg.nnodes:
+            log.warning(
+                "running on %d processes, but train.nproc_per_node x train.nnodes = %d",
+                world.size,
+                cfg.nproc_per_node * cfg.nnodes,
+            )
+    if not world.is_main:
+        logger = None
     torch.manual_seed(cfg.seed)
     model.to(device)
     model.train()
-    optimizer = configure_optimizer(model, cfg, device)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     run_fingerprint = canonical_json(
         {
             "train_config": {
@@ -328,13 +364,10 @@ def fit(
     start_step = 0
     last_metrics: dict[str, float] = {}
     resumed_from: int | None = None
+    restored = None
     if resume_dir is not None:
         restored = load_resume_state(
-            Path(resume_dir),
-            model=model,
-            optimizer=optimizer,
-            fingerprint=run_fingerprint,
-            device=device,
+            Path(resume_dir), model=model, fingerprint=run_fingerprint, device=device
         )
         if restored is not None:
             train_batches.load_state_dict(restored.data_state)
@@ -345,37 +378,56 @@ def fit(
             start_step = resumed_from = restored.step
             log.info("resumed from step %d/%d (%s)", start_step, cfg.max_steps, resume_dir)
 
-    train_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    parallel = ParallelModel(
+        model,
+        lambda module: configure_optimizer(module, cfg, device),
+        world,
+        parallelism=cfg.parallelism,
+        compile=cfg.compile,
+        device=device,
+    )
+    if restored is not None:
+        parallel.load_optimizer_state(restored.optimizer_state)
+    optimizer = parallel.optimizer
+    train_model = parallel.train_module
     count_tokens = tokens_in_batch or _default_tokens
+    # Under DDP rank 0 alone evaluates and samples (the others wait at the next all-reduce);
+    # a sharded model's forward is itself collective, so there every process takes part.
+    evaluating = world.is_main or parallel.sharded
 
     def autocast() -> contextlib.AbstractContextManager:
         return _autocast(device, cfg.precision)
 
     def evaluate(step: int) -> dict[str, float]:
-        model.eval()
+        if not evaluating:
+            return {}
+        trained = parallel.trained
+        trained.eval()
         try:
             with torch.no_grad():
                 metrics = evaluate_losses(
-                    train_model, loss_fn, eval_sets, cfg.eval_batches, device, cfg.precision
-                )
+                    parallel.eval_module, loss_fn, eval_sets, cfg.eval_batches, device,
+                    cfg.precision,
+                )  # fmt: skip
                 if eval_fn is not None:
                     with autocast():
-                        metrics.update(eval_fn(train_model))
+                        metrics.update(eval_fn(parallel.eval_module))
                 if metrics:
                     log.info(_format_eval_line(step, cfg.max_steps, metrics))
                     if logger is not None:
                         logger.log_metrics(metrics, step)
                 if sample_fn is not None:
                     with autocast():
-                        text = sample_fn(model)
+                        text = sample_fn(trained)
                     log.info("sample at step %d:\n%s", step, text)
                     if logger is not None:
                         logger.log_text(text, f"samples/step_{step:06d}.txt")
         finally:
-            model.train()
+            trained.train()
         return metrics
 
     def result(step: int) -> TrainResult:
+        parallel.finish(device)
         throughput = {
             "tokens_per_second": tokens_seen / train_time if train_time > 0 else 0.0,
             "train_time_s": train_time,
@@ -398,7 +450,7 @@ def fit(
                 desc="train",
                 unit="step",
                 file=sys.stderr,
-                disable=None,
+                disable=None if world.is_main else True,
                 dynamic_ncols=True,
             )
         )
@@ -413,17 +465,36 @@ def fit(
             micro_losses: list[Tensor] = []
             micro_stats: list[dict[str, Tensor]] = []
             step_tokens = 0
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = train_batches.next_batch()
                 step_tokens += count_tokens(batch)
-                with autocast():
-                    loss, stats = _loss_and_stats(loss_fn(train_model, _to_device(batch, device)))
-                (loss / accum).backward()
-                micro_losses.append(loss.detach().float().reshape(()))
-                micro_stats.append({k: v.detach().float().reshape(()) for k, v in stats.items()})
-            grad_norm = _grad_norm(trainable, cfg.grad_clip)
-            values = torch.stack([*micro_losses, grad_norm.detach().float().to(device)]).tolist()
-            losses, norm = values[:-1], values[-1]
+                share = 1.0
+                if world.distributed and loss_units is not None:
+                    units = torch.tensor([float(loss_units(batch))], dtype=torch.float64)
+                    share = units.item() * world.size / all_reduce_sum(units.to(device)).item()
+                with parallel.no_sync(micro < accum - 1):
+                    with autocast():
+                        loss, stats = _loss_and_stats(
+                            loss_fn(train_model, _to_device(batch, device))
+                        )
+                    (loss * share / accum).backward()
+                micro_losses.append((loss.detach().float() * share).reshape(()))
+                micro_stats.append(
+                    {k: (v.detach().float() * share).reshape(()) for k, v in stats.items()}
+                )
+            grad_norm = parallel.grad_norm(cfg.grad_clip)
+            stat_names = list(micro_stats[0])
+            stacked = torch.stack([*micro_losses, *(m[k] for k in stat_names for m in micro_stats)])
+            if world.distributed:
+                stacked = all_reduce_sum(stacked) / world.size
+                step_tokens = int(all_reduce_sum(torch.tensor([step_tokens], device=device)))
+            values = torch.cat([stacked, grad_norm.detach().float().reshape(1).to(device)])
+            values = values.tolist()
+            losses, norm = values[:accum], values[-1]
+            stat_means = {
+                k: sum(values[accum + i * accum : accum + (i + 1) * accum]) / accum
+                for i, k in enumerate(stat_names)
+            }
             for i, value in enumerate(losses):
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
@@ -454,11 +525,10 @@ def fit(
                     "tokens_per_second": tps,
                     "tokens": tokens_seen,
                     "train_time_s": train_time,
+                    **stat_means,
                 }
-                for key in micro_stats[0]:
-                    entry[key] = torch.stack([m[key] for m in micro_stats]).mean().item()
                 if flops_per_token is not None and peak_flops:
-                    entry["mfu"] = flops_per_token * tps / peak_flops
+                    entry["mfu"] = flops_per_token * tps / (peak_flops * world.size)
                 interval_tokens = 0
                 interval_time = 0.0
                 history.append(entry)
@@ -478,20 +548,23 @@ def fit(
                 step, cfg.checkpoint_every, cfg.max_steps
             )
             if resume_dir is not None and checkpoint_due:
-                save_resume_state(
-                    Path(resume_dir),
-                    model=model,
-                    optimizer=optimizer,
-                    fingerprint=run_fingerprint,
-                    state=ResumeState(
-                        step=step,
-                        data_state=train_batches.state_dict(),
-                        history=history,
-                        train_time_s=train_time,
-                        tokens_seen=tokens_seen,
-                        last_metrics=last_metrics,
-                    ),
-                )
-                log.debug("checkpoint written at step %d", step)
+                trained_model = parallel.sync_model()
+                optimizer_state = parallel.optimizer_state()
+                if world.is_main:
+                    save_resume_state(
+                        Path(resume_dir),
+                        model=trained_model,
+                        optimizer_state=optimizer_state,
+                        fingerprint=run_fingerprint,
+                        state=ResumeState(
+                            step=step,
+                            data_state=train_batches.state_dict(),
+                            history=history,
+                            train_time_s=train_time,
+                            tokens_seen=tokens_seen,
+                            last_metrics=last_metrics,
+                        ),
+                    )
+                    log.debug("checkpoint written at step %d", step)
 
     return result(cfg.max_steps)

@@ -10,6 +10,11 @@ IGNORE_INDEX = -100
 """Targets with this value (prompt tokens, padding) are not learned."""
 
 
+def learned_targets(batch: tuple[torch.Tensor, ...]) -> int:
+    """How many targets `lm_loss` averages over (its `loss_units` for multi-process training)."""
+    return int((batch[1] != IGNORE_INDEX).sum())
+
+
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Next-token cross-entropy, averaged over the targets that are not IGNORE_INDEX."""
     inputs, targets = batch

@@ -42,6 +42,7 @@ class ResumeState:
     train_time_s: float = 0.0
     tokens_seen: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    optimizer_state: dict = field(default_factory=dict)
 
 
 def canonical_json(obj: Any) -> Any:
@@ -104,17 +105,20 @@ def save_resume_state(
     resume_dir: Path,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     state: ResumeState,
     fingerprint: Any,
 ) -> None:
-    """Atomically replace the checkpoint in ``resume_dir`` with the current training state."""
+    """Atomically replace the checkpoint in ``resume_dir`` with the current training state.
+
+    ``optimizer_state`` is ``Optimizer.state_dict()``'s format (full tensors, keyed by index).
+    """
     resume_dir = Path(resume_dir)
     check_resume_dir(resume_dir)
     resume_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(resume_dir) as tmp:
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         rng = {k: v.contiguous() for k, v in _rng_tensors().items()}
         safetensors.torch.save_file(rng, str(tmp / RNG_FILE))
         meta = {
@@ -142,11 +146,11 @@ def load_resume_state(
     resume_dir: Path,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     fingerprint: Any,
     device: torch.device,
 ) -> ResumeState | None:
-    """Load a matching checkpoint into ``model``/``optimizer``/the RNGs and return the rest.
+    """Load a matching checkpoint into ``model`` and the RNGs and return the rest (with the
+    optimizer state, for the optimizer built on whatever module trains ``model``).
 
     Returns None (training starts fresh) when there is no checkpoint or its fingerprint differs;
     the stale checkpoint is left in place until the new run writes its first one.
@@ -176,9 +180,7 @@ def load_resume_state(
         )
         return None
     safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=True, device=str(device))
-    optimizer.load_state_dict(
-        torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    )
+    optimizer_state = torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     _restore_rng(safetensors.torch.load_file(str(found / RNG_FILE)))
     return ResumeState(
         step=int(meta["step"]),
@@ -187,6 +189,7 @@ def load_resume_state(
         train_time_s=float(meta["train_time_s"]),
         tokens_seen=int(meta["tokens_seen"]),
         last_metrics=meta.get("last_metrics", {}),
+        optimizer_state=optimizer_state,
     )
 
 

@@ -92,3 +92,44 @@ def test_example_batches_custom_order_must_be_a_permutation():
     broken = ExampleBatches(5, 2, lambda ix: (torch.tensor(ix),), order=lambda g: [0, 0, 1, 2, 3])
     with pytest.raises(ValueError, match="permutation"):
         broken.next_batch()
+
+
+@pytest.mark.parametrize("sampling", ["random", "sliding"])
+def test_token_window_shards_split_each_global_batch(sampling):
+    tokens = np.arange(500, dtype=np.uint16)
+    whole = TokenWindows(tokens, 8, 6, sampling=sampling, seed=1)
+    shards = [TokenWindows(tokens, 8, 6, sampling=sampling, seed=1) for _ in range(3)]
+    for rank, shard in enumerate(shards):
+        shard.shard(rank, 3)
+    for _ in range(4):
+        x, y = whole.next_batch()
+        parts = [shard.next_batch() for shard in shards]
+        assert all(p[0].shape == (2, 8) for p in parts)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert shards[2].state_dict() == whole.state_dict()
+    with pytest.raises(ValueError, match="batch_size 6 is the global batch.*4"):
+        TokenWindows(tokens, 8, 6).shard(0, 4)
+
+
+def test_example_batch_shards_partition_each_batch_uneven_last_included():
+    from pipeline.data.loader import ExampleBatches
+
+    def collate(indices):
+        return (torch.tensor(indices),)
+
+    whole = ExampleBatches(11, 4, collate, seed=2)
+    shards = [ExampleBatches(11, 4, collate, seed=2) for _ in range(2)]
+    for rank, shard in enumerate(shards):
+        shard.shard(rank, 2)
+    sizes = []
+    for _ in range(6):  # two epochs; each ends with a batch of 3 split 2 + 1
+        parts = [shard.next_batch()[0].tolist() for shard in shards]
+        assert parts[0] + parts[1] == whole.next_batch()[0].tolist()
+        sizes.append([len(p) for p in parts])
+    assert sizes == [[2, 2], [2, 2], [2, 1]] * 2
+
+    with pytest.raises(ValueError, match="last batch holds 1 of 9 examples, fewer than the 2"):
+        ExampleBatches(9, 4, collate).shard(1, 2)
+    with pytest.raises(ValueError, match="must be divisible by the number of processes"):
+        ExampleBatches(12, 4, collate).shard(0, 3)

@@ -15,65 +15,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
-
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-
-
-def tiny_config(mirror: Path, **train) -> dict:
-    return {
-        "data": {"mirrors": [str(mirror)]},
-        "prepare": {"corpus": ["the-verdict.txt"]},
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "context_length": 32},
-        "pretrain": {
-            "sample_tokens": 8,
-            "peak_flops": 1.0e11,
-            "train": {
-                "max_steps": 6,
-                "batch_size": 4,
-                "eval_every": 3,
-                "eval_batches": 2,
-                "checkpoint_every": 2,
-                "log_every": 1,
-                "warmup_steps": 1,
-                **train,
-            },
-        },
-        "finetune_classifier": {
-            "epochs": 1,
-            "trainable_blocks": 1,
-            "train": {"max_steps": 4, "batch_size": 4, "eval_batches": 2, "log_every": 1},
-        },
-        "finetune_instruct": {
-            "epochs": 1,
-            "method": "lora",
-            "lora": {"rank": 2, "alpha": 4},
-            "generation": {"max_new_tokens": 3},
-            "train": {"max_steps": 3, "batch_size": 4, "eval_batches": 2, "log_every": 1},
-        },
-        "align_dpo": {
-            "generation": {"max_new_tokens": 2},
-            "train": {"max_steps": 2, "batch_size": 4, "eval_batches": 1, "log_every": 1},
-        },
-    }
-
-
-def make_workdir(path: Path, repo: Path, config: dict) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo / name, path / name)
-    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return path
-
-
-def snakemake(workdir: Path, *args: str, configfiles=("tiny.yaml",), check: bool = True):
-    cmd = [SNAKEMAKE, "--cores", "2", "--configfile", *configfiles, *args]
-    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        logs = "".join(f"\n--- {p}\n{p.read_text()}" for p in (workdir / "logs").glob("*.log"))
-        raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}{logs}")
-    return result
 
 
 def descendants(pid: int) -> list[int]:
@@ -92,8 +36,10 @@ def cmdline(pid: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, repo, mirror) -> Path:
-    """One full run of the DAG on the tiny config."""
-    workdir = make_workdir(tmp_path_factory.mktemp("dag"), repo, tiny_config(mirror))
+    """One full run of the DAG on the tiny config; align-dpo as 2 processes under torchrun."""
+    config = tiny_config(mirror)
+    config["align_dpo"]["train"]["nproc_per_node"] = 2
+    workdir = make_workdir(tmp_path_factory.mktemp("dag"), repo, config)
     snakemake(workdir)
     return workdir
 
@@ -213,6 +159,7 @@ def test_dag_aligns_the_instruction_tuned_model_with_dpo(done):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_loss", "val_reward_accuracy", "val_reward_margin"} <= set(metrics)
     assert 0.0 <= metrics["val_reward_accuracy"] <= 1.0 and metrics["steps"] == 2
+    assert "rank 0 of 2 (gloo)" in (done / "logs" / "align-dpo.log").read_text()
     responses = json.loads((out / "test_responses.json").read_text())
     assert len(responses) == 110
     assert set(responses[0]) >= {"chosen", "rejected", "response_before", "response_after"}
