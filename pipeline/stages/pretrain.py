@@ -297,8 +297,6 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 flops_per_token=model.flops_per_token(),
                 peak_flops=peak_flops,
             )
-            if not is_main_process():
-                return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
             step, history, measured = result.step, result.history, result.metrics
         else:
             model.to(device).eval()
@@ -307,6 +305,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             )
             tracker.log_metrics(measured, step=0)
             step, history = 0, [{"step": 0, **measured}]
+        if not is_main_process():
+            return measured  # rank 0 writes and logs the stage's outputs
         metrics = {
             **measured,
             "steps": step,

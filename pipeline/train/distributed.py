@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,10 @@ import torch.distributed as dist
 log = logging.getLogger("pipeline.train")
 
 PARALLELISMS = ("ddp", "fsdp")
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+"""How long a process waits in a collective. Generous, because rank 0 alone evaluates, samples
+and writes checkpoints under DDP (and generates DPO's before-alignment answers) while the others
+wait at the next one; NCCL's default of 10 minutes would cut off a large model's evaluation."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ def init_distributed(device_type: str) -> World:
     world = launched_world()
     if not world.distributed or dist.is_initialized():
         return current_world()
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"multi-process training runs on CPUs (gloo) or CUDA GPUs (nccl), not {device_type}; "
+            "set `device: cpu`, or train.nproc_per_node: 1"
+        )
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
@@ -75,7 +85,7 @@ def init_distributed(device_type: str) -> World:
                 "visible: train.nproc_per_node must not exceed the GPUs per node"
             )
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     log.info("joined process group: rank %d of %d (%s)", world.rank, world.size, backend)
     return current_world()
 
@@ -90,17 +100,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if current_world().distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def barrier() -> None:
-    if current_world().distributed:
-        dist.barrier()
-
-
-def check_divisible(batch_size: int, world: World, what: str = "train.batch_size") -> None:
-    """A global batch splits evenly over the processes, or training refuses to start."""
-    if batch_size % world.size:
-        raise ValueError(
-            f"{what} {batch_size} is the global batch, split over {world.size} processes; "
-            f"it must be divisible by the world size (nproc_per_node x nnodes = {world.size})"
-        )

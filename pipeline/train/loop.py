@@ -340,7 +340,6 @@ def fit(
     if not world.is_main:
         logger = None
     torch.manual_seed(cfg.seed)
-    model.to(device)
     model.train()
     run_fingerprint = canonical_json(
         {
@@ -377,6 +376,10 @@ def fit(
             last_metrics = restored.last_metrics
             start_step = resumed_from = restored.step
             log.info("resumed from step %d/%d (%s)", start_step, cfg.max_steps, resume_dir)
+    if world.rank > 0:
+        # Dropout masks independent of rank 0's; checkpoints hold rank 0's RNG state only, so
+        # with dropout a resumed multi-process run is statistically, not bitwise, the same.
+        torch.manual_seed(hash((cfg.seed, start_step, world.rank)))
 
     parallel = ParallelModel(
         model,
@@ -417,13 +420,19 @@ def fit(
                     if logger is not None:
                         logger.log_metrics(metrics, step)
                 if sample_fn is not None:
-                    with autocast():
-                        text = sample_fn(trained)
-                    log.info("sample at step %d:\n%s", step, text)
-                    if logger is not None:
-                        logger.log_text(text, f"samples/step_{step:06d}.txt")
+                    # A sharded forward is collective, and a sample may stop early: rank 0
+                    # samples alone, from the gathered model.
+                    sampler = parallel.sync_model() if parallel.sharded else trained
+                    if world.is_main:
+                        sampler.eval()
+                        with autocast():
+                            text = sample_fn(sampler)
+                        log.info("sample at step %d:\n%s", step, text)
+                        if logger is not None:
+                            logger.log_text(text, f"samples/step_{step:06d}.txt")
         finally:
             trained.train()
+            parallel.model.train()
         return metrics
 
     def result(step: int) -> TrainResult:

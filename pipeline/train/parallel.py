@@ -50,15 +50,19 @@ class ParallelModel:
         self.world = world
         self.sharded = world.distributed and parallelism == "fsdp"
         if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # The full model waits in CPU memory; its copy is sharded onto the training device
+            # (by default fully_shard would pick the machine's accelerator, even for a CPU run).
+            model.to("cpu")
             trained = copy.deepcopy(model)
-            model.to("cpu")  # the full copy waits off the accelerator while the shards train
+            mesh = init_device_mesh(device.type, (world.size,))
             for block in getattr(trained, "blocks", ()):
-                fully_shard(block)
-            fully_shard(trained)
+                fully_shard(block, mesh=mesh)
+            fully_shard(trained, mesh=mesh)
         else:
-            trained = model
+            trained = model.to(device)
         self.trained = trained
         self.optimizer = make_optimizer(trained)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -111,7 +115,9 @@ class ParallelModel:
         if not self.sharded:
             return state
         return {
-            "state": {i: {k: _full(v) for k, v in s.items()} for i, s in state["state"].items()},
+            "state": {
+                i: {k: _full(v).cpu() for k, v in s.items()} for i, s in state["state"].items()
+            },
             "param_groups": state["param_groups"],
         }
 

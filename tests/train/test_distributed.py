@@ -25,6 +25,7 @@ CHECKPOINT_EVERY = 10
 
 def tiny_pretrain(mirror: Path, workdir: Path, **train) -> dict:
     return {
+        "device": "cpu",
         "data": {"mirrors": [str(mirror)]},
         "prepare": {"corpus": ["the-verdict.txt"]},
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_length": 32},
@@ -152,6 +153,18 @@ def test_run_killed_under_one_process_resumes_under_two(workdir, parallelism):
     assert resumed["steps"] == MAX_STEPS
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+
+
+def test_weights_evaluated_without_training_under_two_processes(workdir):
+    """continue_pretraining false: every rank evaluates, rank 0 alone writes the outputs."""
+    init = workdir / "results-one" / "pretrain" / "model"
+    settings = ["--set", f"pretrain.init_from={init}"]
+    settings += ["--set", "pretrain.continue_pretraining=false"]
+    run(workdir, "pretrain", *run_name("evaluated"), *settings, processes=2)
+    evaluated, trained = metrics(workdir, "evaluated"), metrics(workdir, "one")
+    assert evaluated["steps"] == 0
+    assert evaluated["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-6)
+    assert (workdir / "results-evaluated" / "pretrain" / "samples.txt").is_file()
 
 
 UNEVEN_FIT = """
