@@ -164,9 +164,9 @@ def stage_run(config: Mapping[str, Any], stage: str) -> Iterator[StageRun]:
     rank 0 creates and logs to it."""
     import yaml
 
-    from pipeline.train.distributed import launched_world
+    from pipeline.train.distributed import is_main_process
 
-    if not launched_world().is_main:
+    if not is_main_process():
         yield _RankRun()
         return
 
