@@ -17,6 +17,11 @@ backward's 5 matmuls, the recomputation of Q K^T included, as in the FlashAttent
 Cases come in groups: the model shapes, head dimension at B4 H12 T256, sequence length at
 B1 H12 D64 (forward+backward only up to T2048, to keep the run short) and few (batch, head)
 pairs at T1024 D64, where the work must be split inside a head to keep every core busy.
+
+A last table times what the model's attention layer does between its two projections, from
+the packed (B, T, 3C) qkv to the (B, T, C) input of the output projection, forward+backward:
+the packed entry point (`causal_attention_qkv`, what the model runs) against the same op
+behind the split / transpose / merge copies (the unpacked path) and against SDPA behind them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.kernels import causal_attention, cpu_capability  # noqa: E402
+from pipeline.kernels import causal_attention, causal_attention_qkv, cpu_capability  # noqa: E402
+from pipeline.model.attention import merge_heads, split_heads  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,53 @@ def time_case(
     return fwd, median_ms(forward_backward, warmup, repeats, budget_s)
 
 
+PACKED_CASES = [
+    Case(16, 4, 128, 32),
+    Case(16, 4, 128, 64),
+    Case(4, 12, 256, 64),
+    Case(2, 12, 1024, 64),
+]
+
+LayerFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def unpacked(attention: AttentionFn) -> LayerFn:
+    """The layer path around a (B, H, T, D) op: split the heads, attend, merge them back."""
+    return lambda qkv, n_head: merge_heads(attention(*split_heads(qkv, n_head)))
+
+
+def time_layer(
+    layer: LayerFn, case: Case, dtype: torch.dtype, warmup: int, repeats: int, budget_s: float
+) -> float:
+    """Median milliseconds of forward + backward from the packed qkv to (B, T, C)."""
+    gen = torch.Generator().manual_seed(0)
+    c = case.heads * case.head_dim
+    qkv = torch.randn(case.batch, case.seq_len, 3 * c, generator=gen).to(dtype)
+    grad = torch.randn(case.batch, case.seq_len, c, generator=gen).to(dtype)
+    qkv.requires_grad_()
+
+    def forward_backward() -> None:
+        torch.autograd.grad(layer(qkv, case.heads), qkv, grad)
+
+    return median_ms(forward_backward, warmup, repeats, budget_s)
+
+
+def print_packed_table(dtype: torch.dtype, warmup: int, repeats: int, budget_s: float) -> None:
+    print("-- layer path, packed qkv (B, T, 3C) -> (B, T, C), fwd+bwd " + "-" * 30)
+    print(
+        f"{'case':<22} {'packed ms':>10} {'unpacked ms':>12} {'/packed':>8} "
+        f"{'SDPA unpacked ms':>17} {'/packed':>8}"
+    )
+    for case in PACKED_CASES:
+        ours = time_layer(causal_attention_qkv, case, dtype, warmup, repeats, budget_s)
+        split = time_layer(unpacked(causal_attention), case, dtype, warmup, repeats, budget_s)
+        theirs = time_layer(unpacked(sdpa), case, dtype, warmup, repeats, budget_s)
+        print(
+            f"{case!s:<22} {ours:10.2f} {split:12.2f} {split / ours:8.2f} "
+            f"{theirs:17.2f} {theirs / ours:8.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s)")
@@ -170,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                 line += f" {gflop / (ours_ms / 1e3):10.1f}"
                 line += "".join(f" {gflop / (ms / 1e3):15.1f}" for ms in sdpa_ms)
                 print(line)
+    print_packed_table(dtype, warmup, repeats, budget_s)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
 // 16-bit types are converted to float32 as tiles are loaded, so all products, the softmax
 // statistics and `lse` are float32 and only `out` (and dq, dk, dv) are rounded back to the
 // input type. The forward keeps `out` and the per-row `lse`; the backward recomputes the
-// probabilities tile by tile from them. The tile kernels live in
+// probabilities tile by tile from them. The kernels read and write every (B, H, T, D)
+// tensor through its strides (only the last dimension must be contiguous), so the packed
+// entry points (`causal_attention_qkv_fwd/bwd`) take the model's (B, T, 3C) projection and
+// return a (B, T, C) output and the projection's gradient without any copies. The tile kernels live in
 // causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512; the
 // widest one the CPU supports is used (environment variable PIPELINE_CPU_CAPABILITY =
 // default | avx2 | avx512 caps the choice, e.g. to test the narrower code paths).
@@ -30,6 +33,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -224,32 +228,77 @@ void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
   });
 }
 
+// The tensor itself when its last dimension is contiguous (the kernels read any other
+// strides), else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
+}
+
+template <typename T>
+HeadView<T> head_view(const at::Tensor& t, T* data) {
+  return HeadView<T>{data, t.size(1), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename scalar_t>
+HeadView<const scalar_t> input_view(const at::Tensor& t) {
+  return head_view(t, t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+HeadView<scalar_t> output_view(const at::Tensor& t) {
+  return head_view(t, t.mutable_data_ptr<scalar_t>());
+}
+
+template <typename acc_t>
+acc_t softmax_scale(int64_t D) {
+  return static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
+}
+
+// The forward on (B, H, T, D) tensors with a contiguous last dimension (out and lse
+// allocated by the caller: out in any such layout, lse contiguous).
+void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse) {
+  if (out.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_fwd", [&] {
+        using acc_t = acc_type<scalar_t>;
+        ForwardArgs<scalar_t> args{};
+        args.q = input_view<scalar_t>(q);
+        args.k = input_view<scalar_t>(k);
+        args.v = input_view<scalar_t>(v);
+        args.out = output_view<scalar_t>(out);
+        args.lse = lse.mutable_data_ptr<acc_t>();
+        args.T = q.size(2);
+        args.D = q.size(3);
+        args.scale = softmax_scale<acc_t>(args.D);
+        run_forward(args, q.size(0) * q.size(1));
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
-  check_qkv(q_in, k_in, v_in);
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor k = k_in.contiguous();
-  const at::Tensor v = v_in.contiguous();
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qkv(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, H, T, D}, q.options());
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(lse_dtype(q.scalar_type())));
-  if (out.numel() == 0) {
-    return {out, lse};
-  }
-  const auto dtype = q.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_attention_fwd", [&] {
-    using acc_t = acc_type<scalar_t>;
-    ForwardArgs<scalar_t> args{};
-    args.q = q.const_data_ptr<scalar_t>();
-    args.k = k.const_data_ptr<scalar_t>();
-    args.v = v.const_data_ptr<scalar_t>();
-    args.out = out.mutable_data_ptr<scalar_t>();
-    args.lse = lse.mutable_data_ptr<acc_t>();
-    args.T = T;
-    args.D = D;
-    args.scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
-    run_forward(args, B * H);
-  });
+  forward_into(rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), out, lse);
+  return {out, lse};
+}
+
+// The packed entry point: q, k, v are read in place from the (B, T, 3C) projection and the
+// output is written as (B, T, C), the layout the output projection takes.
+std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cpu(const at::Tensor& qkv_in,
+                                                                int64_t n_head) {
+  check_packed_qkv(qkv_in, n_head);
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
+  check_qkv(q, k, v);
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  at::Tensor out = at::empty({B, T, C}, qkv.options());
+  at::Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(lse_dtype(qkv.scalar_type())));
+  forward_into(q, k, v, heads_view(out, n_head), lse);
   return {out, lse};
 }
 
@@ -328,46 +377,67 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   for_items(BackwardItem::kQueries, BH * num_tiles, tile_work);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
-  check_qkv(q_in, k_in, v_in);
-  check_backward_args(grad_out_in, q_in, out_in, lse_in, lse_dtype(q_in.scalar_type()));
-  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
-
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor k = k_in.contiguous();
-  const at::Tensor v = v_in.contiguous();
-  const at::Tensor out = out_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
-  at::Tensor dq = at::empty({B, H, T, D}, q.options());
-  at::Tensor dk = at::empty({B, H, T, D}, q.options());
-  at::Tensor dv = at::empty({B, H, T, D}, q.options());
+// The backward on (B, H, T, D) tensors with a contiguous last dimension (dq, dk, dv
+// allocated by the caller in any such layout).
+void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   if (dq.numel() == 0) {
-    return {dq, dk, dv};
+    return;
   }
-  at::Tensor delta = at::empty({B, H, T}, lse.options());
-  const auto dtype = q.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_attention_bwd", [&] {
-    using acc_t = acc_type<scalar_t>;
-    BackwardArgs<scalar_t> args{};
-    args.grad_out = grad_out.const_data_ptr<scalar_t>();
-    args.q = q.const_data_ptr<scalar_t>();
-    args.k = k.const_data_ptr<scalar_t>();
-    args.v = v.const_data_ptr<scalar_t>();
-    args.out = out.const_data_ptr<scalar_t>();
-    args.lse = lse.const_data_ptr<acc_t>();
-    args.delta = delta.mutable_data_ptr<acc_t>();
-    args.dq = dq.mutable_data_ptr<scalar_t>();
-    args.dk = dk.mutable_data_ptr<scalar_t>();
-    args.dv = dv.mutable_data_ptr<scalar_t>();
-    args.T = T;
-    args.D = D;
-    args.scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
-    run_backward(args, B * H);
-  });
+  const at::Tensor delta = at::empty_like(lse);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_bwd", [&] {
+        using acc_t = acc_type<scalar_t>;
+        BackwardArgs<scalar_t> args{};
+        args.grad_out = input_view<scalar_t>(grad_out);
+        args.q = input_view<scalar_t>(q);
+        args.k = input_view<scalar_t>(k);
+        args.v = input_view<scalar_t>(v);
+        args.out = input_view<scalar_t>(out);
+        args.lse = lse.const_data_ptr<acc_t>();
+        args.delta = delta.mutable_data_ptr<acc_t>();
+        args.dq = output_view<scalar_t>(dq);
+        args.dk = output_view<scalar_t>(dk);
+        args.dv = output_view<scalar_t>(dv);
+        args.T = q.size(2);
+        args.D = q.size(3);
+        args.scale = softmax_scale<acc_t>(args.D);
+        run_backward(args, q.size(0) * q.size(1));
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse) {
+  check_qkv(q, k, v);
+  check_backward_args(grad_out, q, out, lse, lse_dtype(q.scalar_type()));
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
+  backward_into(rows_contiguous(grad_out), rows_contiguous(q), rows_contiguous(k),
+                rows_contiguous(v), rows_contiguous(out), lse.contiguous(), dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// The packed backward: the gradient of the (B, T, 3C) projection, dq, dk and dv written in
+// place into one tensor.
+at::Tensor causal_attention_qkv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv_in,
+                                        const at::Tensor& out, const at::Tensor& lse,
+                                        int64_t n_head) {
+  check_packed_qkv(qkv_in, n_head);
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
+  check_qkv(q, k, v);
+  check_packed_outputs(grad_out, out, qkv);
+  const at::Tensor grad_out_heads = heads_view(grad_out, n_head);
+  const at::Tensor out_heads = heads_view(out, n_head);
+  check_backward_args(grad_out_heads, q, out_heads, lse, lse_dtype(q.scalar_type()));
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq, dk, dv] = split_packed_qkv(dqkv, n_head);
+  backward_into(rows_contiguous(grad_out_heads), q, k, v, rows_contiguous(out_heads),
+                lse.contiguous(), dq, dk, dv);
+  return dqkv;
 }
 
 std::string cpu_capability() {
@@ -382,6 +452,13 @@ TORCH_LIBRARY(pipeline, m) {
   m.def(
       "causal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The same attention on the model's packed (B, T, 3C) projection [q | k | v]: out is
+  // (B, T, C) and the backward returns the projection's gradient, with no split, transpose
+  // or concatenation copies around the kernels.
+  m.def("causal_attention_qkv_fwd(Tensor qkv, int n_head) -> (Tensor out, Tensor lse)");
+  m.def(
+      "causal_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
+      "int n_head) -> Tensor dqkv");
   // Which instruction set the CPU kernels use ("default", "avx2" or "avx512").
   m.def("causal_attention_cpu_capability() -> str",
         &pipeline::attention::cpu_capability);
@@ -390,6 +467,8 @@ TORCH_LIBRARY(pipeline, m) {
 TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
   m.impl("causal_attention_fwd", &pipeline::attention::causal_attention_fwd_cpu);
   m.impl("causal_attention_bwd", &pipeline::attention::causal_attention_bwd_cpu);
+  m.impl("causal_attention_qkv_fwd", &pipeline::attention::causal_attention_qkv_fwd_cpu);
+  m.impl("causal_attention_qkv_bwd", &pipeline::attention::causal_attention_qkv_bwd_cpu);
 }
 
 // `import pipeline.kernels._C` loads this library, which runs the registrations above.

@@ -55,4 +55,38 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q,
   }
 }
 
+// The packed-QKV entry points take the model's (B, T, 3C) projection [q | k | v] and n_head.
+inline void check_packed_qkv(const at::Tensor& qkv, int64_t n_head) {
+  TORCH_CHECK(qkv.dim() == 3,
+              "causal_attention_qkv: qkv must be the (B, T, 3C) projection [q | k | v], got shape ",
+              qkv.sizes());
+  TORCH_CHECK(n_head > 0, "causal_attention_qkv: n_head must be positive, got ", n_head);
+  TORCH_CHECK(qkv.size(2) > 0 && qkv.size(2) % (3 * n_head) == 0,
+              "causal_attention_qkv: the last dimension of qkv (", qkv.size(2),
+              ") must be 3 * n_head * head_dim with n_head = ", n_head);
+}
+
+// grad_out and out of the packed backward: (B, T, C) for a (B, T, 3C) qkv.
+inline void check_packed_outputs(const at::Tensor& grad_out, const at::Tensor& out,
+                                 const at::Tensor& qkv) {
+  const std::array<int64_t, 3> shape{qkv.size(0), qkv.size(1), qkv.size(2) / 3};
+  for (const at::Tensor* t : {&grad_out, &out}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(shape),
+                "causal_attention_qkv: grad_out and out must have shape (B, T, C) = ",
+                at::IntArrayRef(shape), ", got ", t->sizes());
+  }
+}
+
+// A (B, T, C) tensor as the (B, H, T, D) view of its heads (no copy).
+inline at::Tensor heads_view(const at::Tensor& x, int64_t n_head) {
+  return x.unflatten(2, {n_head, x.size(2) / n_head}).transpose(1, 2);
+}
+
+// q, k, v of a packed (B, T, 3C) projection as (B, H, T, D) views (no copy).
+inline std::array<at::Tensor, 3> split_packed_qkv(const at::Tensor& qkv, int64_t n_head) {
+  const int64_t C = qkv.size(2) / 3;
+  return {heads_view(qkv.narrow(2, 0, C), n_head), heads_view(qkv.narrow(2, C, C), n_head),
+          heads_view(qkv.narrow(2, 2 * C, C), n_head)};
+}
+
 }  // namespace pipeline::attention

@@ -30,6 +30,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/cuda/CUDAException.h>
@@ -849,10 +850,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
+// The packed entry points on the same kernels: q, k, v are read in place from the
+// (B, T, 3C) projection (kernel_layout keeps aligned views); the (B, H, T, D) results are
+// then copied into the packed layouts.
+at::Tensor packed_layout(const at::Tensor& heads) {
+  return heads.transpose(1, 2).flatten(2);
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cuda(const at::Tensor& qkv,
+                                                                 int64_t n_head) {
+  check_packed_qkv(qkv, n_head);
+  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
+  const auto [out, lse] = causal_attention_fwd_cuda(q, k, v);
+  return {packed_layout(out).contiguous(), lse};
+}
+
+at::Tensor causal_attention_qkv_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                         const at::Tensor& out, const at::Tensor& lse,
+                                         int64_t n_head) {
+  check_packed_qkv(qkv, n_head);
+  check_packed_outputs(grad_out, out, qkv);
+  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
+  const auto [dq, dk, dv] = causal_attention_bwd_cuda(
+      heads_view(grad_out, n_head), q, k, v, heads_view(out, n_head), lse);
+  return at::cat({packed_layout(dq), packed_layout(dk), packed_layout(dv)}, 2);
+}
+
 }  // namespace
 }  // namespace pipeline::attention::cuda
 
 TORCH_LIBRARY_IMPL(pipeline, CUDA, m) {
   m.impl("causal_attention_fwd", &pipeline::attention::cuda::causal_attention_fwd_cuda);
   m.impl("causal_attention_bwd", &pipeline::attention::cuda::causal_attention_bwd_cuda);
+  m.impl("causal_attention_qkv_fwd", &pipeline::attention::cuda::causal_attention_qkv_fwd_cuda);
+  m.impl("causal_attention_qkv_bwd", &pipeline::attention::cuda::causal_attention_qkv_bwd_cuda);
 }

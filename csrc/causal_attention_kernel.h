@@ -223,18 +223,19 @@ PIPELINE_ALWAYS_INLINE acc_t to_acc(const scalar_t* __restrict src, int64_t i) {
 }
 
 // ----------------------------------------------------------------------------------------
-// Tile loads: rows [0, rows) of a row-major (rows, D) block into zero-padded tiles.
+// Tile loads: rows [0, rows) of a (rows, D) block whose rows start `ld` elements apart into
+// zero-padded tiles.
 
 // dst[r][d] = src[r][d] * scale, shape (kTile, Dp), zero-padded.
 template <typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void load_tile(
-    const scalar_t* __restrict src, int64_t rows, int64_t D, int64_t Dp,
+    const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t D, int64_t Dp,
     acc_t* __restrict dst, acc_t scale = acc_t(1)) {
   for (int64_t r = 0; r < kTile; ++r) {
     acc_t* __restrict row = dst + r * Dp;
     const int64_t valid = r < rows ? D : 0;
     for (int64_t d = 0; d < valid; ++d) {
-      row[d] = to_acc<acc_t>(src, r * D + d) * scale;
+      row[d] = to_acc<acc_t>(src, r * ld + d) * scale;
     }
     for (int64_t d = valid; d < Dp; ++d) {
       row[d] = acc_t(0);
@@ -245,13 +246,13 @@ PIPELINE_ALWAYS_INLINE void load_tile(
 // dst[d][r] = src[r][d] * scale, shape (Dp, kTile), zero-padded.
 template <typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void load_tile_transposed(
-    const scalar_t* __restrict src, int64_t rows, int64_t D, int64_t Dp,
+    const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t D, int64_t Dp,
     acc_t* __restrict dst, acc_t scale = acc_t(1)) {
   for (int64_t d = 0; d < Dp; ++d) {
     acc_t* __restrict col = dst + d * kTile;
     const int64_t valid = d < D ? rows : 0;
     for (int64_t r = 0; r < valid; ++r) {
-      col[r] = to_acc<acc_t>(src, r * D + d) * scale;
+      col[r] = to_acc<acc_t>(src, r * ld + d) * scale;
     }
     for (int64_t r = valid; r < kTile; ++r) {
       col[r] = acc_t(0);
@@ -267,16 +268,34 @@ PIPELINE_ALWAYS_INLINE void fill(T* __restrict dst, int64_t n, T value) {
 }
 
 // ----------------------------------------------------------------------------------------
-// Problem description shared by the entry points. All tensors are contiguous; q, k, v,
-// out, grad_out are (BH, T, D) and lse is (BH, T).
+// Problem description shared by the entry points. q, k, v, out, grad_out, dq, dk, dv are
+// HeadViews of (B, H, T, D) tensors; lse and delta are contiguous (BH, T).
+
+// Where each (T, D) head matrix of a (B, H, T, D) tensor lies: elements along D contiguous,
+// anything else strided. This covers contiguous tensors, the transposed (B, T, H, D) views
+// the model makes from its projections, and q, k, v inside one packed (B, T, 3C) projection,
+// so none of them is copied.
+template <typename T>
+struct HeadView {
+  T* data;
+  int64_t heads;
+  int64_t batch_stride;
+  int64_t head_stride;
+  int64_t row_stride;
+
+  // Row t of head bh (= b * heads + h).
+  T* row(int64_t bh, int64_t t) const {
+    return data + (bh / heads) * batch_stride + (bh % heads) * head_stride + t * row_stride;
+  }
+};
 
 template <typename scalar_t>
 struct ForwardArgs {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  scalar_t* out;
+  HeadView<const scalar_t> q;
+  HeadView<const scalar_t> k;
+  HeadView<const scalar_t> v;
+  HeadView<scalar_t> out;
   acc_t* lse;
   int64_t T;
   int64_t D;
@@ -286,19 +305,19 @@ struct ForwardArgs {
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* grad_out;
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  const scalar_t* out;
+  HeadView<const scalar_t> grad_out;
+  HeadView<const scalar_t> q;
+  HeadView<const scalar_t> k;
+  HeadView<const scalar_t> v;
+  HeadView<const scalar_t> out;
   const acc_t* lse;
   acc_t* delta;  // (BH, T) rowsum(dO * O), filled by the backward itself
   // Split backward only (else null): per key tile, its operands K, K^T and V^T, prepared
   // once by the kPrepare items instead of by every item that reads them.
   acc_t* key_operands;
-  scalar_t* dq;
-  scalar_t* dk;
-  scalar_t* dv;
+  HeadView<scalar_t> dq;
+  HeadView<scalar_t> dk;
+  HeadView<scalar_t> dv;
   int64_t T;
   int64_t D;
   acc_t scale;
@@ -351,10 +370,9 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   const int64_t rows = std::min(kTile, T - row0);
   const int64_t q_cols = round_up(rows, kColBlock);  // query columns of S^T computed
   const int64_t m_rows = round_up(rows, kRows);      // output rows computed (<= q_cols)
-  const int64_t head = bh * T * D;
 
   // Scaling Q (not S) makes the largest score of a row give exactly exp(0) = 1.
-  load_tile_transposed(args.q + head + row0 * D, rows, D, Dp, s.qt, args.scale);
+  load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt, args.scale);
   fill(s.o, kTile * Dp, acc_t(0));
   fill(s.row_max, kTile, -std::numeric_limits<acc_t>::infinity());
   fill(s.row_sum, kTile, acc_t(0));
@@ -363,8 +381,8 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     const bool diagonal = kv_tile == tile;
     const int64_t col0 = kv_tile * kTile;
     const int64_t cols = std::min(kTile, T - col0);  // keys
-    load_tile(args.k + head + col0 * D, cols, D, Dp, s.k);
-    load_tile(args.v + head + col0 * D, cols, D, Dp, s.v);
+    load_tile(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.k);
+    load_tile(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp, s.v);
 
     // S^T = K (scale Q)^T. On the diagonal tile, register tiles whose keys all come after
     // their queries are skipped; the loops below never read them (query m >= key n).
@@ -413,13 +431,14 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
         diagonal, m_rows, Dp, cols, s.st, kTile, s.v, Dp, s.o, Dp);
   }
 
-  scalar_t* __restrict out = args.out + head + row0 * D;
+  scalar_t* __restrict out = args.out.row(bh, row0);
+  const int64_t ld_out = args.out.row_stride;
   acc_t* __restrict lse = args.lse + bh * T + row0;
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t inv_sum = acc_t(1) / s.row_sum[r];
     const acc_t* __restrict o = s.o + r * Dp;
     for (int64_t d = 0; d < D; ++d) {
-      out[r * D + d] = static_cast<scalar_t>(o[d] * inv_sum);
+      out[r * ld_out + d] = static_cast<scalar_t>(o[d] * inv_sum);
     }
     lse[r] = s.row_max[r] + std::log(s.row_sum[r]);
   }
@@ -459,13 +478,13 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
-  const int64_t head = bh * T * D;
   const int64_t row0 = q_tile * kTile;
   const int64_t rows = std::min(kTile, T - row0);
   acc_t* __restrict dout_t = s.dt;
   acc_t* __restrict out_t = s.dt + Dp * kTile;
-  load_tile_transposed(args.grad_out + head + row0 * D, rows, D, Dp, dout_t);
-  load_tile_transposed(args.out + head + row0 * D, rows, D, Dp, out_t);
+  load_tile_transposed(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
+                       dout_t);
+  load_tile_transposed(args.out.row(bh, row0), args.out.row_stride, rows, D, Dp, out_t);
   acc_t delta[kTile] = {};
   for (int64_t d = 0; d < D; ++d) {
 #pragma omp simd
@@ -484,11 +503,13 @@ PIPELINE_ALWAYS_INLINE void backward_load_keys(
     acc_type<scalar_t>* dst) {
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
-  const int64_t offset = bh * args.T * D + kv_tile * kTile * D;
-  const int64_t cols = std::min(kTile, args.T - kv_tile * kTile);
-  load_tile(args.k + offset, cols, D, Dp, dst);
-  load_tile_transposed(args.k + offset, cols, D, Dp, dst + kTile * Dp);
-  load_tile_transposed(args.v + offset, cols, D, Dp, dst + 2 * kTile * Dp);
+  const int64_t col0 = kv_tile * kTile;
+  const int64_t cols = std::min(kTile, args.T - col0);
+  const scalar_t* k = args.k.row(bh, col0);
+  load_tile(k, args.k.row_stride, cols, D, Dp, dst);
+  load_tile_transposed(k, args.k.row_stride, cols, D, Dp, dst + kTile * Dp);
+  load_tile_transposed(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp,
+                       dst + 2 * kTile * Dp);
 }
 
 // The key operands of a tile: the prepared ones (split backward) or loaded into scratch.
@@ -512,10 +533,10 @@ PIPELINE_ALWAYS_INLINE void backward_load_queries(
     const BackwardScratch<acc_type<scalar_t>>& s) {
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
-  const int64_t offset = bh * args.T * D + q_tile * kTile * D;
-  const int64_t rows = std::min(kTile, args.T - q_tile * kTile);
-  load_tile(args.q + offset, rows, D, Dp, s.q, args.scale);
-  load_tile(args.grad_out + offset, rows, D, Dp, s.dout);
+  const int64_t row0 = q_tile * kTile;
+  const int64_t rows = std::min(kTile, args.T - row0);
+  load_tile(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q, args.scale);
+  load_tile(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp, s.dout);
 }
 
 // One (query tile, key tile) pair, query operands in s.q, s.dout and key operands at
@@ -588,14 +609,15 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   }
 }
 
-// Rows [0, rows) of a (kTile, Dp) accumulator tile, times `scale`, to a (rows, D) output.
+// Rows [0, rows) of a (kTile, Dp) accumulator tile, times `scale`, to a (rows, D) output
+// whose rows start `ld` elements apart.
 template <typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void store_tile(
     const acc_t* __restrict src, int64_t rows, int64_t D, int64_t Dp, scalar_t* __restrict dst,
-    acc_t scale = acc_t(1)) {
+    int64_t ld, acc_t scale = acc_t(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t d = 0; d < D; ++d) {
-      dst[r * D + d] = static_cast<scalar_t>(src[r * Dp + d] * scale);
+      dst[r * ld + d] = static_cast<scalar_t>(src[r * Dp + d] * scale);
     }
   }
 }
@@ -619,10 +641,10 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
     backward_pair<true, kWithDq, scalar_t, Isa>(
         args, bh, q_tile, kv_tile, keys, s, s.dq + q_tile * kTile * Dp);
   }
-  const int64_t offset = bh * T * D + kv_tile * kTile * D;
-  const int64_t cols = std::min(kTile, T - kv_tile * kTile);
-  store_tile(s.dk, cols, D, Dp, args.dk + offset);
-  store_tile(s.dv, cols, D, Dp, args.dv + offset);
+  const int64_t col0 = kv_tile * kTile;
+  const int64_t cols = std::min(kTile, T - col0);
+  store_tile(s.dk, cols, D, Dp, args.dk.row(bh, col0), args.dk.row_stride);
+  store_tile(s.dv, cols, D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
 }
 
 template <typename scalar_t, typename Isa>
@@ -643,7 +665,7 @@ PIPELINE_ALWAYS_INLINE void backward_item(
       for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
         backward_keys<true, scalar_t, Isa>(args, bh, kv_tile, s);
       }
-      store_tile(s.dq, T, D, Dp, args.dq + bh * T * D, args.scale);
+      store_tile(s.dq, T, D, Dp, args.dq.row(bh, 0), args.dq.row_stride, args.scale);
       break;
     }
     case BackwardItem::kPrepare: {
@@ -663,7 +685,8 @@ PIPELINE_ALWAYS_INLINE void backward_item(
         backward_pair<false, true, scalar_t, Isa>(args, bh, tile, kv_tile, keys, s, s.dq);
       }
       const int64_t rows = std::min(kTile, T - tile * kTile);
-      store_tile(s.dq, rows, D, Dp, args.dq + bh * T * D + tile * kTile * D, args.scale);
+      store_tile(s.dq, rows, D, Dp, args.dq.row(bh, tile * kTile), args.dq.row_stride,
+                 args.scale);
       break;
     }
   }

@@ -1,8 +1,10 @@
 """This project's compiled kernels: a fused causal attention op (csrc/causal_attention.cpp).
 
 Importing this package loads `pipeline.kernels._C`, which registers the operators
-`torch.ops.pipeline.causal_attention_fwd` / `causal_attention_bwd`, and adds what autograd
-and `torch.compile` need: fake (meta) implementations and the backward formula.
+`torch.ops.pipeline.causal_attention_fwd` / `causal_attention_bwd` (q, k, v of shape
+(B, H, T, D)) and `causal_attention_qkv_fwd` / `causal_attention_qkv_bwd` (the model's packed
+(B, T, 3C) projection), and adds what autograd and `torch.compile` need: fake (meta)
+implementations and the backward formulas.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ except ImportError as exc:
         "(or `python setup.py build_ext --inplace`)"
     ) from exc
 
-__all__ = ["causal_attention", "cpu_capability"]
+__all__ = ["causal_attention", "causal_attention_qkv", "cpu_capability"]
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +74,58 @@ torch.library.register_autograd(
 )
 
 
+def _check_packed_qkv(qkv: Tensor, n_head: int) -> None:
+    torch._check(
+        qkv.dim() == 3,
+        lambda: f"causal_attention_qkv: qkv must be (B, T, 3C), got shape {list(qkv.shape)}",
+    )
+    torch._check(
+        n_head > 0 and qkv.shape[2] > 0 and qkv.shape[2] % (3 * n_head) == 0,
+        lambda: (
+            f"causal_attention_qkv: the last dimension of qkv ({qkv.shape[2]}) must be "
+            f"3 * n_head * head_dim with n_head = {n_head}"
+        ),
+    )
+
+
+@torch.library.register_fake("pipeline::causal_attention_qkv_fwd")
+def _causal_attention_qkv_fwd_fake(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor]:
+    _check_packed_qkv(qkv, n_head)
+    batch, seq_len, width = qkv.shape
+    out = qkv.new_empty((batch, seq_len, width // 3))
+    lse = qkv.new_empty((batch, n_head, seq_len), dtype=_lse_dtype(qkv.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("pipeline::causal_attention_qkv_bwd")
+def _causal_attention_qkv_bwd_fake(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_head: int
+) -> Tensor:
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_qkv_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple
+) -> None:
+    qkv, n_head = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.n_head = n_head
+
+
+def _qkv_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None
+) -> tuple[Tensor, None]:
+    qkv, out, lse = ctx.saved_tensors
+    return torch.ops.pipeline.causal_attention_qkv_bwd(grad_out, qkv, out, lse, ctx.n_head), None
+
+
+torch.library.register_autograd(
+    "pipeline::causal_attention_qkv_fwd", _qkv_backward, setup_context=_setup_qkv_context
+)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal self-attention, ``softmax(q kᵀ / sqrt(D) + causal mask) v``.
 
@@ -82,6 +136,17 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     Differentiable, and traceable by ``torch.compile(fullgraph=True)``.
     """
     return torch.ops.pipeline.causal_attention_fwd(q, k, v)[0]
+
+
+def causal_attention_qkv(qkv: Tensor, n_head: int) -> Tensor:
+    """`causal_attention` on the packed (B, T, 3C) projection ``[q | k | v]`` of ``n_head`` heads.
+
+    Returns the (B, T, C) output the output projection takes; the backward returns the
+    projection's gradient. The kernels read q, k, v where they lie and write the output and
+    the gradient in place, so the split, transpose and concatenation copies of the unpacked
+    path are gone. Same results as ``causal_attention`` on the split heads.
+    """
+    return torch.ops.pipeline.causal_attention_qkv_fwd(qkv, n_head)[0]
 
 
 def cpu_capability() -> str:

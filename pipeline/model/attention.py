@@ -1,8 +1,10 @@
 """Causal self-attention backends.
 
 Every backend takes already projected queries, keys and values of shape (B, H, T, D) and returns
-(B, H, T, D). None holds weights, so a model can switch backend without touching its state dict
-and every backend must give the same outputs.
+(B, H, T, D); `attend_packed` takes the model's packed (B, T, 3C) projection instead and returns
+(B, T, C), which `fused` computes without splitting or merging heads. None holds weights, so a
+model can switch backend without touching its state dict and every backend must give the same
+outputs.
 
 The three reference backends follow chapter 3 of *Build a Large Language Model (From Scratch)*:
 `simple` masks after the softmax and renormalises, `causal` masks before the softmax one head at
@@ -13,6 +15,7 @@ and `fused` is this project's compiled op (pipeline/kernels).
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +24,29 @@ from torch import Tensor, nn
 ATTENTION_BACKENDS: tuple[str, ...] = ("fused", "sdpa", "simple", "causal", "multihead")
 
 
-class SimpleSelfAttention(nn.Module):
+def split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v of a packed (B, T, 3C) projection as (B, H, T, D) views."""
+    b, t, width = qkv.shape
+    c = width // 3
+    q, k, v = qkv.split(c, dim=2)
+    return tuple(z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v))
+
+
+def merge_heads(y: Tensor) -> Tensor:
+    """(B, H, T, D) heads back to the (B, T, C) layout of the output projection."""
+    b, h, t, d = y.shape
+    return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+class AttentionBackend(nn.Module):
+    """A causal attention backend: ``forward(q, k, v)`` on (B, H, T, D) heads."""
+
+    def attend_packed(self, qkv: Tensor, n_head: int) -> Tensor:
+        """Attention of the packed (B, T, 3C) projection, as (B, T, C)."""
+        return merge_heads(self(*split_heads(qkv, n_head)))
+
+
+class SimpleSelfAttention(AttentionBackend):
     """Scaled dot-product attention made causal the book's first way.
 
     Softmax over all keys, then zero the weights of future tokens with a lower-triangular mask
@@ -65,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         return weights @ v
 
 
-class MultiHeadAttentionWrapper(nn.Module):
+class MultiHeadAttentionWrapper(AttentionBackend):
     """Multi-head attention as independent heads: one `CausalSelfAttention` call per head.
 
     The results are stacked on the head axis, which is the book's concatenation along the
@@ -81,7 +106,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         return torch.stack(heads, dim=1)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(AttentionBackend):
     """All heads in one batched matmul, with the causal mask built once as a buffer.
 
     The buffer is non-persistent: it is derived from context_length, so it stays out of the
@@ -105,7 +130,7 @@ class MultiHeadAttention(nn.Module):
         return weights @ v
 
 
-class SDPAttention(nn.Module):
+class SDPAttention(AttentionBackend):
     """PyTorch's `scaled_dot_product_attention`: flash or memory-efficient kernels if available."""
 
     def __init__(self, attn_dropout: float = 0.0) -> None:
@@ -117,18 +142,21 @@ class SDPAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
-class FusedAttention(nn.Module):
+class FusedAttention(AttentionBackend):
     """This project's compiled causal-attention op (pipeline/kernels); no attention dropout.
 
     The kernel takes float32, float64, bfloat16 and float16 directly; 16-bit inputs (bf16
     autocast) are accumulated in float32 inside the kernel and the output keeps the input dtype.
+    The model calls `attend_packed`: the kernels read q, k, v in place from the (B, T, 3C)
+    projection and write (B, T, C), so no head is split, transposed or merged by copying.
     """
 
     def __init__(self, attn_dropout: float = 0.0) -> None:
         super().__init__()
         self.attn_dropout = attn_dropout
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _kernels(self, device: torch.device) -> ModuleType:
+        """`pipeline.kernels`, once the call is known to be one its CPU kernels can run."""
         if self.training and self.attn_dropout > 0:
             raise ValueError(
                 f"the 'fused' attention backend does not implement attention dropout "
@@ -136,22 +164,30 @@ class FusedAttention(nn.Module):
                 f"or choose `model.attention: sdpa`"
             )
         try:
-            from pipeline.kernels import causal_attention
+            import pipeline.kernels
         except ImportError as exc:
             raise ImportError(
                 f"the 'fused' attention backend needs the compiled extension "
                 f"pipeline/kernels/_C, which could not be imported ({exc}); build it with "
                 f"`make setup` or choose another backend, e.g. `model.attention: sdpa`"
             ) from exc
-        if q.device.type != "cpu":
+        if device.type != "cpu":
             raise NotImplementedError(
-                f"the 'fused' attention op has a CPU kernel only (got {q.device.type} tensors); "
+                f"the 'fused' attention op has a CPU kernel only (got {device.type} tensors); "
                 f"set `model.attention: sdpa` for this device"
             )
-        return causal_attention(q, k, v)
+        return pipeline.kernels
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._kernels(q.device).causal_attention(q, k, v)
+
+    def attend_packed(self, qkv: Tensor, n_head: int) -> Tensor:
+        return self._kernels(qkv.device).causal_attention_qkv(qkv, n_head)
 
 
-def build_attention(name: str, *, context_length: int, attn_dropout: float = 0.0) -> nn.Module:
+def build_attention(
+    name: str, *, context_length: int, attn_dropout: float = 0.0
+) -> AttentionBackend:
     """The backend module called `name`; the single place that maps names to classes."""
     if name == "fused":
         return FusedAttention(attn_dropout)

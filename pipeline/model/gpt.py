@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.attention import attend_to_cache, build_attention
+from pipeline.model.attention import attend_to_cache, build_attention, merge_heads, split_heads
 from pipeline.model.config import GPTConfig
 
 
@@ -70,21 +70,18 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        qkv = self.qkv(x)
         if kv_cache is None:
+            return self.proj(self.backend.attend_packed(qkv, self.n_head))
+        q, k, v = split_heads(qkv, self.n_head)
+        prefill = kv_cache.layer_length(self.layer_idx) == 0
+        k, v = kv_cache.update(self.layer_idx, k, v)
+        if prefill:
             y = self.backend(q, k, v)
         else:
-            prefill = kv_cache.layer_length(self.layer_idx) == 0
-            k, v = kv_cache.update(self.layer_idx, k, v)
-            if prefill:
-                y = self.backend(q, k, v)
-            else:
-                dropout_p = self.attn_dropout if self.training else 0.0
-                y = attend_to_cache(q, k, v, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
-        return self.proj(y)
+            dropout_p = self.attn_dropout if self.training else 0.0
+            y = attend_to_cache(q, k, v, dropout_p=dropout_p)
+        return self.proj(merge_heads(y))
 
 
 class MLP(nn.Module):

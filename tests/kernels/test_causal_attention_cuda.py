@@ -196,3 +196,25 @@ def test_unsupported_inputs() -> None:
         bwd_op(out, q, k, v, out, lse[:, :1])
     with pytest.raises(RuntimeError, match="lse must have dtype Float"):
         bwd_op(out, q, k, v, out, lse.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_packed_qkv_same_bits_as_the_split_heads(head_dim: int, dtype: torch.dtype) -> None:
+    batch, seq_len, n_head = 2, 200, 3
+    c = n_head * head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(batch, seq_len, 3 * c, generator=gen, device="cuda").to(dtype)
+    grad_out = torch.randn(batch, seq_len, c, generator=gen, device="cuda").to(dtype)
+    packed = qkv.detach().requires_grad_()
+    out = kernels.causal_attention_qkv(packed, n_head)
+    (dqkv,) = torch.autograd.grad(out, packed, grad_out)
+    heads = [z.view(batch, seq_len, n_head, head_dim).transpose(1, 2) for z in qkv.split(c, 2)]
+    split = run(
+        causal_attention, *heads, grad_out.view(batch, seq_len, n_head, head_dim).transpose(1, 2)
+    )
+    merged = [t.transpose(1, 2).reshape(batch, seq_len, c) for t in split]
+    assert torch.equal(out, merged[0])
+    assert torch.equal(dqkv, torch.cat(merged[1:], dim=2))
+    qkv_fwd_op = torch.ops.pipeline.causal_attention_qkv_fwd.default
+    torch.library.opcheck(qkv_fwd_op, (qkv.detach().requires_grad_(), n_head))
