@@ -12,9 +12,11 @@
 // tensor through its strides (only the last dimension must be contiguous), so the packed
 // entry points (`causal_attention_qkv_fwd/bwd`) take the model's (B, T, 3C) projection and
 // return a (B, T, C) output and the projection's gradient without any copies. The tile kernels live in
-// causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512; the
-// widest one the CPU supports is used (environment variable PIPELINE_CPU_CAPABILITY =
-// default | avx2 | avx512 caps the choice, e.g. to test the narrower code paths).
+// causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512, and for
+// AVX-512 with AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16
+// inputs; the widest one the CPU supports is used (environment variable
+// PIPELINE_CPU_CAPABILITY = default | avx2 | avx512 | avx512_bf16 caps the choice, e.g. to
+// test the narrower code paths).
 //
 // Work split (at::parallel_for): the forward over (batch*head, query tile) items, the
 // backward over batch*head items, or, when there are fewer heads than threads, over
@@ -53,7 +55,7 @@ namespace {
 // ----------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
-enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 Capability supported_capability() {
   static const Capability supported = [] {
@@ -61,7 +63,8 @@ Capability supported_capability() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma")) {
-      return Capability::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? Capability::kAvx512Bf16
+                                                  : Capability::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       return Capability::kAvx2;
@@ -86,8 +89,12 @@ Capability active_capability() {
     cap = Capability::kAvx2;
   } else if (std::strcmp(requested, "avx512") == 0) {
     cap = Capability::kAvx512;
+  } else if (std::strcmp(requested, "avx512_bf16") == 0) {
+    cap = Capability::kAvx512Bf16;
   } else {
-    TORCH_CHECK(false, "PIPELINE_CPU_CAPABILITY must be one of default, avx2, avx512; got '",
+    TORCH_CHECK(false,
+                "PIPELINE_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16; "
+                "got '",
                 requested, "'");
   }
   return static_cast<int>(cap) < static_cast<int>(supported) ? cap : supported;
@@ -95,6 +102,8 @@ Capability active_capability() {
 
 const char* capability_name(Capability cap) {
   switch (cap) {
+    case Capability::kAvx512Bf16:
+      return "avx512_bf16";
     case Capability::kAvx512:
       return "avx512";
     case Capability::kAvx2:
@@ -188,6 +197,11 @@ using ForwardFn = void (*)(const ForwardArgs<scalar_t>&, int64_t, int64_t,
 template <typename scalar_t>
 ForwardFn<scalar_t> forward_kernel(Capability cap) {
   switch (cap) {
+    case Capability::kAvx512Bf16:
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        return &forward_tile_avx512_bf16;
+      }
+      return &forward_tile_avx512<scalar_t>;
     case Capability::kAvx512:
       return &forward_tile_avx512<scalar_t>;
     case Capability::kAvx2:
@@ -219,6 +233,9 @@ void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
     scratch.st = arena.take(kTile * kTile);
     scratch.row_max = arena.take(kTile);
     scratch.row_sum = arena.take(kTile);
+    ScratchArena<uint32_t> words(2 * ScratchArena<uint32_t>::footprint(kTile * Dp / 2));
+    scratch.qw = words.take(kTile * Dp / 2);
+    scratch.kw = words.take(kTile * Dp / 2);
     for (const auto item : c10::irange(begin, end)) {
       // Query tile i costs i + 1 key tiles.
       const int64_t bh = item / num_tiles;
@@ -312,6 +329,7 @@ using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, BackwardItem, int64_t
 template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
+    case Capability::kAvx512Bf16:
     case Capability::kAvx512:
       return &backward_item_avx512<scalar_t>;
     case Capability::kAvx2:
@@ -459,7 +477,7 @@ TORCH_LIBRARY(pipeline, m) {
   m.def(
       "causal_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
       "int n_head) -> Tensor dqkv");
-  // Which instruction set the CPU kernels use ("default", "avx2" or "avx512").
+  // Which instruction set the CPU kernels use ("default", "avx2", "avx512", "avx512_bf16").
   m.def("causal_attention_cpu_capability() -> str",
         &pipeline::attention::cpu_capability);
 }

@@ -4,8 +4,10 @@
 // points at the bottom of this file (forward_tile_<isa>, backward_item_<isa>). Those carry
 // `__attribute__((target(...)))`, so GCC compiles the same plain C++ loops three times:
 // for baseline x86-64 (SSE2), for AVX2+FMA and for AVX-512; causal_attention.cpp picks one
-// at run time. The code contains no intrinsics: the loops are written so that the compiler
-// vectorises them (fixed-size register tiles, contiguous inner loops, `omp simd` reductions).
+// at run time. The loops are written so that the compiler vectorises them (fixed-size
+// register tiles, contiguous inner loops, `omp simd` reductions). The one exception is the
+// bf16 dot-product microkernel (register_tile_bf16, AVX512_BF16 intrinsics), which a fourth
+// forward entry point uses for the scores of bf16 inputs.
 //
 // Layout conventions. A "tile" is up to kTile = 64 rows of a (T, D) matrix, copied into an
 // accumulation-type buffer of shape (kTile, Dp) where Dp is D rounded up to kColBlock; a
@@ -16,13 +18,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #define PIPELINE_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PIPELINE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PIPELINE_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#define PIPELINE_TARGET_AVX512_BF16                                                         \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,"          \
+                        "prefer-vector-width=512")))
 
 namespace pipeline::attention {
 
@@ -53,17 +64,24 @@ inline int64_t round_up(int64_t x, int64_t multiple) {
 
 // ----------------------------------------------------------------------------------------
 // Instruction sets: vector width and register count decide the register-tile height.
+// kBf16Dot: the AVX512_BF16 dot products are available (see register_tile_bf16).
 struct IsaDefault {  // baseline x86-64: SSE2
   static constexpr int kVectorBytes = 16;
   static constexpr int kRegisters = 16;
+  static constexpr bool kBf16Dot = false;
 };
 struct IsaAvx2 {
   static constexpr int kVectorBytes = 32;
   static constexpr int kRegisters = 16;
+  static constexpr bool kBf16Dot = false;
 };
 struct IsaAvx512 {
   static constexpr int kVectorBytes = 64;
   static constexpr int kRegisters = 32;
+  static constexpr bool kBf16Dot = false;
+};
+struct IsaAvx512Bf16 : IsaAvx512 {
+  static constexpr bool kBf16Dot = true;
 };
 
 // Rows of a register tile (kRows x kColBlock accumulators): about half of the vector
@@ -122,6 +140,16 @@ enum class Causal {
   kLowerAT,    // A = transpose of a lower-triangular matrix (A[m][k] == 0 for k < m)
 };
 
+// Columns [n0, n_end) of C that rows [m0, m0 + rows) need under kCausal (kLowerC, kUpperC).
+template <Causal kCausal>
+PIPELINE_ALWAYS_INLINE std::pair<int64_t, int64_t> causal_columns(int64_t m0, int64_t rows,
+                                                                  int64_t N) {
+  const int64_t n0 = kCausal == Causal::kUpperC ? m0 / kColBlock * kColBlock : 0;
+  const int64_t n_end =
+      kCausal == Causal::kLowerC ? std::min(N, round_up(m0 + rows, kColBlock)) : N;
+  return {n0, n_end};
+}
+
 // One kRows x kCols register tile of C; the fixed-size accumulator array lives in vector
 // registers once the loops are unrolled. With kAccumulate the product is summed from zero
 // and then added to C (like BLAS beta = 1): blocked summation, which keeps the rounding
@@ -158,6 +186,54 @@ PIPELINE_ALWAYS_INLINE void register_tile(
   }
 }
 
+// ----------------------------------------------------------------------------------------
+// bfloat16 dot products (AVX512_BF16). Where both factors of a product are bf16 inputs, the
+// scores Q K^T and the backward's dP = dO V^T, vdpbf16ps multiplies pairs of them exactly
+// and adds them to float32 accumulators: twice the multiply-adds per instruction of the
+// float32 path, and no rounding beyond float32 accumulation. Products with a computed
+// factor (P, dS) stay in float32, where rounding it to bf16 would cost accuracy.
+//
+// Operands are "word" tiles: a uint32 holds two bf16 neighbours along the contracted
+// dimension, so a contraction over Dp is one over Dp / 2 words. A (M, Dp / 2) is the bf16
+// matrix's rows as they are; B (Dp / 2, N) holds at [p][n] the word p of row n of B^T.
+
+// One kRows x (16 kVecs) register tile of C = A B on words, written (not accumulated).
+template <int kRows, int kVecs>
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX512_BF16 void register_tile_bf16(
+    int64_t k_begin, int64_t k_end, const uint32_t* __restrict a, int64_t lda,
+    const uint32_t* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
+  __m512 acc[kRows][kVecs];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) {
+      acc[i][j] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = k_begin; p < k_end; ++p) {
+    __m512bh bp[kVecs];
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) {
+      bp[j] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * j);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + p]));
+#pragma GCC unroll 4
+      for (int j = 0; j < kVecs; ++j) {
+        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, bp[j]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) {
+      _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+    }
+  }
+}
+
 // With 32 vector registers (kRows >= 8: AVX-512) the register tiles are half as tall and
 // twice as wide, kRows / 2 x 2 kColBlock: 2 vector loads and kRows / 2 broadcasts per
 // 2 (kRows / 2) FMAs instead of 1 and kRows per kRows. Every element of C is still one
@@ -179,9 +255,7 @@ PIPELINE_ALWAYS_INLINE void matmul(
     if constexpr (kCausal == Causal::kLowerAT) {
       k_begin = std::min(K, m0);
     }
-    int64_t n0 = kCausal == Causal::kUpperC ? m0 / kColBlock * kColBlock : 0;
-    const int64_t n_end =
-        kCausal == Causal::kLowerC ? std::min(N, round_up(m0 + kTileRows, kColBlock)) : N;
+    auto [n0, n_end] = causal_columns<kCausal>(m0, kTileRows, N);
     if constexpr (kWide) {
       for (; n0 + 2 * kColBlock <= n_end; n0 += 2 * kColBlock) {
         register_tile<kTileRows, 2 * kColBlock, kTransA, kAccumulate>(
@@ -204,6 +278,38 @@ PIPELINE_ALWAYS_INLINE void tile_matmul(
     matmul<kRows, kCausal, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc);
   } else {
     matmul<kRows, Causal::kNone, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// C = A B on bf16 word tiles (K counts words), float C, 8 x 32 register tiles; kCausal as
+// for matmul (kNone, kLowerC, kUpperC). Not inlined: the intrinsics need this function's
+// target, which the ISA-generic callers do not have; one call covers a whole tile product.
+template <Causal kCausal>
+PIPELINE_TARGET_AVX512_BF16 void matmul_bf16(
+    int64_t M, int64_t N, int64_t K, const uint32_t* a, int64_t lda, const uint32_t* b,
+    int64_t ldb, float* c, int64_t ldc) {
+  constexpr int kTileRows = 8;
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    auto [n0, n_end] = causal_columns<kCausal>(m0, kTileRows, N);
+    for (; n0 + 2 * kColBlock <= n_end; n0 += 2 * kColBlock) {
+      register_tile_bf16<kTileRows, 2>(0, K, a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0,
+                                       ldc);
+    }
+    for (; n0 < n_end; n0 += kColBlock) {
+      register_tile_bf16<kTileRows, 1>(0, K, a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0,
+                                       ldc);
+    }
+  }
+}
+
+template <Causal kCausal>
+PIPELINE_ALWAYS_INLINE void tile_matmul_bf16(
+    bool diagonal, int64_t M, int64_t N, int64_t K, const uint32_t* a, int64_t lda,
+    const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
+  if (diagonal) {
+    matmul_bf16<kCausal>(M, N, K, a, lda, b, ldb, c, ldc);
+  } else {
+    matmul_bf16<Causal::kNone>(M, N, K, a, lda, b, ldb, c, ldc);
   }
 }
 
@@ -256,6 +362,34 @@ PIPELINE_ALWAYS_INLINE void load_tile_transposed(
     }
     for (int64_t r = valid; r < kTile; ++r) {
       col[r] = acc_t(0);
+    }
+  }
+}
+
+// Rows [0, rows) of a bf16 (rows, D) block (rows `ld` apart) as bf16 word tiles, zero-padded:
+// (kTile, Dp / 2) with a row's words in a row (the bf16 row itself), or transposed,
+// (Dp / 2, kTile).
+template <bool kTransposed>
+PIPELINE_ALWAYS_INLINE void load_words(
+    const c10::BFloat16* __restrict src, int64_t ld, int64_t rows, int64_t D, int64_t Dp,
+    uint32_t* __restrict dst) {
+  const int64_t words = Dp / 2;
+  if constexpr (!kTransposed) {
+    for (int64_t r = 0; r < kTile; ++r) {
+      char* row = reinterpret_cast<char*>(dst + r * words);
+      const int64_t bytes = r < rows ? D * 2 : 0;
+      std::memcpy(row, src + r * ld, bytes);
+      std::memset(row + bytes, 0, words * 4 - bytes);
+    }
+  } else {
+    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t r = 0; r < kTile; ++r) {
+      const uint16_t* __restrict row = bits + r * ld;
+      for (int64_t p = 0; p < words; ++p) {
+        const uint32_t lo = r < rows && 2 * p < D ? row[2 * p] : 0;
+        const uint32_t hi = r < rows && 2 * p + 1 < D ? row[2 * p + 1] : 0;
+        dst[p * kTile + r] = lo | (hi << 16);
+      }
     }
   }
 }
@@ -333,7 +467,18 @@ struct ForwardScratch {
   acc_t* o;        // (kTile, Dp) unnormalised output
   acc_t* row_max;  // (kTile) running max of each query's scores
   acc_t* row_sum;  // (kTile)
+  // bf16 dot products only (uses_bf16_dot): Q and K as word tiles, (Dp / 2, kTile) and
+  // (kTile, Dp / 2), in place of qt and k.
+  uint32_t* qw;
+  uint32_t* kw;
 };
+
+// Whether the kernels for `Isa` compute the products of two bf16 inputs with bf16 dot
+// products (word tiles) instead of converting the inputs to float32 tiles.
+template <typename scalar_t, typename Isa>
+constexpr bool uses_bf16_dot() {
+  return Isa::kBf16Dot && std::is_same_v<scalar_t, c10::BFloat16>;
+}
 
 template <typename acc_t>
 struct BackwardScratch {
@@ -371,8 +516,15 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   const int64_t q_cols = round_up(rows, kColBlock);  // query columns of S^T computed
   const int64_t m_rows = round_up(rows, kRows);      // output rows computed (<= q_cols)
 
-  // Scaling Q (not S) makes the largest score of a row give exactly exp(0) = 1.
-  load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt, args.scale);
+  constexpr bool kBf16Dot = uses_bf16_dot<scalar_t, Isa>();
+  // Scaling Q (not S) makes the largest score of a row give exactly exp(0) = 1. The bf16
+  // dot products take Q as it is and scale S.
+  if constexpr (kBf16Dot) {
+    load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qw);
+  } else {
+    load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt,
+                         args.scale);
+  }
   fill(s.o, kTile * Dp, acc_t(0));
   fill(s.row_max, kTile, -std::numeric_limits<acc_t>::infinity());
   fill(s.row_sum, kTile, acc_t(0));
@@ -381,13 +533,26 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     const bool diagonal = kv_tile == tile;
     const int64_t col0 = kv_tile * kTile;
     const int64_t cols = std::min(kTile, T - col0);  // keys
-    load_tile(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.k);
     load_tile(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp, s.v);
 
     // S^T = K (scale Q)^T. On the diagonal tile, register tiles whose keys all come after
     // their queries are skipped; the loops below never read them (query m >= key n).
-    tile_matmul<kRows, Causal::kUpperC, false, false>(
-        diagonal, round_up(cols, kRows), q_cols, Dp, s.k, Dp, s.qt, kTile, s.st, kTile);
+    if constexpr (kBf16Dot) {
+      load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.kw);
+      tile_matmul_bf16<Causal::kUpperC>(diagonal, round_up(cols, kRows), q_cols, Dp / 2, s.kw,
+                                        Dp / 2, s.qw, kTile, s.st, kTile);
+      for (int64_t n = 0; n < cols; ++n) {
+        acc_t* __restrict st = s.st + n * kTile;
+#pragma omp simd
+        for (int64_t m = diagonal ? n / kColBlock * kColBlock : 0; m < q_cols; ++m) {
+          st[m] *= args.scale;
+        }
+      }
+    } else {
+      load_tile(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.k);
+      tile_matmul<kRows, Causal::kUpperC, false, false>(
+          diagonal, round_up(cols, kRows), q_cols, Dp, s.k, Dp, s.qt, kTile, s.st, kTile);
+    }
 
     // Online softmax, one query per column: new running max, P^T = exp(S^T - max), sums.
     // Key n is visible to the queries m >= n of a diagonal tile, to all queries otherwise.
@@ -696,10 +861,6 @@ PIPELINE_ALWAYS_INLINE void backward_item(
 // Per-ISA entry points. The bodies above are always_inline, so each of these is compiled
 // entirely with its own target options.
 
-#define PIPELINE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PIPELINE_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
-
 template <typename scalar_t>
 void forward_tile_default(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
@@ -717,6 +878,13 @@ PIPELINE_TARGET_AVX512 void forward_tile_avx512(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
     const ForwardScratch<acc_type<scalar_t>>& s) {
   forward_tile<scalar_t, IsaAvx512>(args, bh, tile, s);
+}
+
+// bfloat16 only: the other dtypes have no bf16 products and use forward_tile_avx512.
+inline PIPELINE_TARGET_AVX512_BF16 void forward_tile_avx512_bf16(
+    const ForwardArgs<c10::BFloat16>& args, int64_t bh, int64_t tile,
+    const ForwardScratch<float>& s) {
+  forward_tile<c10::BFloat16, IsaAvx512Bf16>(args, bh, tile, s);
 }
 
 template <typename scalar_t>

@@ -15,6 +15,8 @@ kernels = pytest.importorskip(
 causal_attention = kernels.causal_attention
 fwd_op = torch.ops.pipeline.causal_attention_fwd.default
 bwd_op = torch.ops.pipeline.causal_attention_bwd.default
+# avx512_bf16: AVX-512, and bf16 dot products for the scores of bf16 inputs.
+CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]
 
 
 def make_qkv(
@@ -107,12 +109,12 @@ def test_matches_sdpa_float16(seq_len: int) -> None:
     assert_as_accurate_as_sdpa(*make_qkv(qkv_shape(seq_len, 64), dtype=torch.float16))
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_every_instruction_set(capability: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", capability)
     if kernels.cpu_capability() != capability:
         pytest.skip(f"this CPU does not support {capability}")
-    for seq_len, head_dim in [(5, 8), (130, 24), (300, 64)]:
+    for seq_len, head_dim in [(5, 8), (65, 7), (130, 24), (300, 64)]:
         for dtype in (torch.float32, torch.bfloat16):
             assert_as_accurate_as_sdpa(*make_qkv((1, 2, seq_len, head_dim), dtype, seq_len))
     q, k, v = make_qkv((1, 2, 70, 16), dtype=torch.float64)
@@ -216,7 +218,7 @@ def test_deterministic(dtype: torch.dtype) -> None:
     "dtype, head_dim",
     [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 80), (torch.float16, 80)],
 )
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_backward_split_inside_a_head(
     capability: str, dtype: torch.dtype, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
