@@ -378,7 +378,9 @@ PIPELINE_ALWAYS_INLINE void load_words(
     for (int64_t r = 0; r < kTile; ++r) {
       char* row = reinterpret_cast<char*>(dst + r * words);
       const int64_t bytes = r < rows ? D * 2 : 0;
-      std::memcpy(row, src + r * ld, bytes);
+      if (bytes > 0) {
+        std::memcpy(row, src + r * ld, bytes);
+      }
       std::memset(row + bytes, 0, words * 4 - bytes);
     }
   } else {
