@@ -5,14 +5,15 @@
 // FlashAttention-style: queries and keys are processed in 64 x 64 tiles with an online
 // softmax, so no T x T matrix is ever materialised; tiles above the diagonal are skipped and
 // only the diagonal tile is masked. Inputs are float32, float64, bfloat16 or float16; the
-// 16-bit types are converted to float32 as tiles are loaded, so all products, the softmax
+// 16-bit types are converted to float32 as tiles are loaded (except bf16 Q and K under
+// AVX512_BF16, whose exact products are summed in float32), so all sums, the softmax
 // statistics and `lse` are float32 and only `out` (and dq, dk, dv) are rounded back to the
 // input type. The forward keeps `out` and the per-row `lse`; the backward recomputes the
 // probabilities tile by tile from them. The kernels read and write every (B, H, T, D)
-// tensor through its strides (only the last dimension must be contiguous), so the packed
-// entry points (`causal_attention_qkv_fwd/bwd`) take the model's (B, T, 3C) projection and
-// return a (B, T, C) output and the projection's gradient without any copies. The tile kernels live in
-// causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512, and for
+// tensor through its strides (only a non-contiguous last dimension is copied), so the
+// packed entry points (`causal_attention_qkv_fwd/bwd`) take the model's (B, T, 3C)
+// projection and return a (B, T, C) output and the projection's gradient in place. The tile
+// kernels live in causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512, and for
 // AVX-512 with AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16
 // inputs; the widest one the CPU supports is used (environment variable
 // PIPELINE_CPU_CAPABILITY = default | avx2 | avx512 | avx512_bf16 caps the choice, e.g. to

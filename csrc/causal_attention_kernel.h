@@ -187,11 +187,11 @@ PIPELINE_ALWAYS_INLINE void register_tile(
 }
 
 // ----------------------------------------------------------------------------------------
-// bfloat16 dot products (AVX512_BF16). Where both factors of a product are bf16 inputs, the
-// scores Q K^T and the backward's dP = dO V^T, vdpbf16ps multiplies pairs of them exactly
-// and adds them to float32 accumulators: twice the multiply-adds per instruction of the
-// float32 path, and no rounding beyond float32 accumulation. Products with a computed
-// factor (P, dS) stay in float32, where rounding it to bf16 would cost accuracy.
+// bfloat16 dot products (AVX512_BF16), used for the forward's scores Q K^T of bf16 inputs:
+// vdpbf16ps multiplies pairs of bf16 inputs exactly and adds them to float32 accumulators,
+// twice the multiply-adds per instruction of the float32 path (it flushes denormals, which
+// does not matter for scores). Products with a computed factor (P V) stay in float32, where
+// rounding P to bf16 would cost accuracy; the backward does not use them yet.
 //
 // Operands are "word" tiles: a uint32 holds two bf16 neighbours along the contracted
 // dimension, so a contraction over Dp is one over Dp / 2 words. A (M, Dp / 2) is the bf16
@@ -386,10 +386,16 @@ PIPELINE_ALWAYS_INLINE void load_words(
   } else {
     const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
     for (int64_t r = 0; r < kTile; ++r) {
+      if (r >= rows) {
+        for (int64_t p = 0; p < words; ++p) {
+          dst[p * kTile + r] = 0;
+        }
+        continue;
+      }
       const uint16_t* __restrict row = bits + r * ld;
       for (int64_t p = 0; p < words; ++p) {
-        const uint32_t lo = r < rows && 2 * p < D ? row[2 * p] : 0;
-        const uint32_t hi = r < rows && 2 * p + 1 < D ? row[2 * p + 1] : 0;
+        const uint32_t lo = 2 * p < D ? row[2 * p] : 0;
+        const uint32_t hi = 2 * p + 1 < D ? row[2 * p + 1] : 0;
         dst[p * kTile + r] = lo | (hi << 16);
       }
     }

@@ -123,6 +123,17 @@ def test_every_instruction_set(capability: str, monkeypatch: pytest.MonkeyPatch)
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_bf16_dot_products_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under avx512_bf16 the bf16 forward takes its own path (its scores are summed in another
+    order), not the avx512 one; both are held to SDPA's accuracy above."""
+    if kernels.cpu_capability() != "avx512_bf16":
+        pytest.skip("this CPU has no AVX512_BF16")
+    q, k, v = make_qkv((1, 2, 300, 64), torch.bfloat16)
+    dots = causal_attention(q, k, v)
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx512")
+    assert not torch.equal(dots, causal_attention(q, k, v))
+
+
 def test_unknown_capability_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx9000")
     with pytest.raises(RuntimeError, match="PIPELINE_CPU_CAPABILITY must be one of"):
