@@ -40,12 +40,14 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "causal_attention_checks.h"
 #include "causal_attention_kernel.h"
@@ -305,14 +307,23 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
   return {out, lse};
 }
 
+// The packed projection (B, T, 3C) the kernels read (contiguous along C) and its q, k, v
+// as (B, H, T, D) views, checked.
+std::tuple<at::Tensor, std::array<at::Tensor, 3>> packed_inputs(const at::Tensor& qkv_in,
+                                                                int64_t n_head) {
+  check_packed_qkv(qkv_in, n_head);
+  at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  std::array<at::Tensor, 3> heads = split_packed_qkv(qkv, n_head);
+  check_qkv(heads[0], heads[1], heads[2]);
+  return {std::move(qkv), std::move(heads)};
+}
+
 // The packed entry point: q, k, v are read in place from the (B, T, 3C) projection and the
 // output is written as (B, T, C), the layout the output projection takes.
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cpu(const at::Tensor& qkv_in,
                                                                 int64_t n_head) {
-  check_packed_qkv(qkv_in, n_head);
-  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
-  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
-  check_qkv(q, k, v);
+  const auto [qkv, heads] = packed_inputs(qkv_in, n_head);
+  const auto& [q, k, v] = heads;
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   at::Tensor out = at::empty({B, T, C}, qkv.options());
   at::Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(lse_dtype(qkv.scalar_type())));
@@ -444,10 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
 at::Tensor causal_attention_qkv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv_in,
                                         const at::Tensor& out, const at::Tensor& lse,
                                         int64_t n_head) {
-  check_packed_qkv(qkv_in, n_head);
-  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
-  const auto [q, k, v] = split_packed_qkv(qkv, n_head);
-  check_qkv(q, k, v);
+  const auto [qkv, heads] = packed_inputs(qkv_in, n_head);
+  const auto& [q, k, v] = heads;
   check_packed_outputs(grad_out, out, qkv);
   const at::Tensor grad_out_heads = heads_view(grad_out, n_head);
   const at::Tensor out_heads = heads_view(out, n_head);

@@ -15,6 +15,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from snakemake_runs import tiny_config
 
 from pipeline.launch import single_node_launcher
 
@@ -24,27 +25,21 @@ CHECKPOINT_EVERY = 10
 
 
 def tiny_pretrain(mirror: Path, workdir: Path, **train) -> dict:
-    return {
-        "device": "cpu",
-        "data": {"mirrors": [str(mirror)]},
-        "prepare": {"corpus": ["the-verdict.txt"]},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_length": 32},
-        "pretrain": {
-            "sample_tokens": 4,
-            "peak_flops": 1.0e11,
-            "train": {
-                "max_steps": MAX_STEPS,
-                "batch_size": 8,
-                "eval_every": 30,
-                "eval_batches": 2,
-                "checkpoint_every": CHECKPOINT_EVERY,
-                "log_every": 1,
-                "warmup_steps": 5,
-                **train,
-            },
-        },
-        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "log_model": False},
-    }
+    """The Snakemake tests' tiny config, with a longer pretraining run on two blocks."""
+    config = tiny_config(
+        mirror,
+        max_steps=MAX_STEPS,
+        batch_size=8,
+        eval_every=30,
+        checkpoint_every=CHECKPOINT_EVERY,
+        warmup_steps=5,
+        **train,
+    )
+    config["device"] = "cpu"
+    config["model"]["n_layer"] = 2
+    config["pretrain"]["sample_tokens"] = 4
+    config["tracking"] = {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "log_model": False}
+    return config
 
 
 def command(stage: str, *args: str, processes: int = 1) -> list[str]:
