@@ -35,7 +35,7 @@ class Trainer:
 
     def __init__(self, attention: str, preset: str, bf16: bool, compile_model: bool) -> None:
         torch.manual_seed(0)  # same initial weights for every backend
-        self.model = GPT(GPTConfig.from_preset(preset, attention=attention)).train()
+        self.model = GPT(GPTConfig.from_preset(preset), attention=attention).train()
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1)
         self.bf16 = bf16

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-
-if TYPE_CHECKING:
-    import tiktoken
+from pipeline.stages.registry import STAGES
 
 log = logging.getLogger("pipeline")
-
-STAGES = (
-    "download",
-    "prepare",
-    "pretrain",
-    "finetune-classifier",
-    "finetune-instruct",
-    "align-dpo",
-)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage"))
-    _add_config_args(
-        commands.add_parser("config", help="print the resolved, validated configuration")
+    config = commands.add_parser(
+        "config", help="print the resolved configuration (every setting, defaults included)"
     )
+    _add_config_args(config)
+    shown = config.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--defaults", action="store_true", help="print every default as commented YAML"
+    )
+    shown.add_argument("--schema", action="store_true", help="print the config's JSON Schema")
 
     cls = commands.add_parser("classify", help="label texts with a fine-tuned classifier")
     cls.add_argument("--checkpoint", type=Path, required=True, help="classifier checkpoint")
@@ -75,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--output", type=Path, help="predictions TSV (default: stdout)")
     cls.add_argument("--batch-size", type=_positive_int, default=32)
     cls.add_argument("--device", default="auto")
+    _add_attention_arg(cls)
 
     imp = commands.add_parser(
         "import-gpt2",
@@ -82,9 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("src", type=Path, metavar="SRC", help="directory holding GPT-2 weights")
     imp.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
-    imp.add_argument(
-        "--attention", default="fused", metavar="NAME", help="attention backend to record"
-    )
     exp = commands.add_parser(
         "export-hf", help="write a language-model checkpoint as a Hugging Face GPT-2 directory"
     )
@@ -120,40 +112,28 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="recompute every step instead of a KV cache"
     )
     parser.add_argument("--device", default="auto")
+    _add_attention_arg(parser)
+
+
+def _add_attention_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--attention", default=None, help="attention backend (default: the checkpoint's)"
+        "--attention",
+        default="auto",
+        metavar="NAME",
+        help="attention backend: auto (fused on the CPU, sdpa elsewhere), fused, sdpa, ...",
     )
 
 
-def stream_text(token_ids: Iterator[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
-    """Decode token by token without splitting a UTF-8 character across tokens."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in token_ids:
-        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
-            yield text
-    if tail := decoder.decode(b"", final=True):
-        yield tail
+def _load_for_inference(checkpoint: Path, args: argparse.Namespace):
+    """A checkpoint's model on the asked device, running the asked attention backend."""
+    from pipeline.model import load_checkpoint
+    from pipeline.model.attention import resolve_attention
+    from pipeline.train import pick_device
 
-
-def stream_until(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
-    """Pass text through until the first stop string, holding back only what could begin one."""
-    held = ""
-    for piece in pieces:
-        held += piece
-        hits = [i for i in (held.find(stop) for stop in stops) if i >= 0]
-        if hits:
-            if head := held[: min(hits)]:
-                yield head
-            return
-        keep = max(
-            (n for stop in stops for n in range(1, len(stop)) if held.endswith(stop[:n])),
-            default=0,
-        )
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
+    device = pick_device(args.device)
+    model = load_checkpoint(checkpoint, device=device)
+    model.set_attention(resolve_attention(args.attention, device, model.config.attn_dropout))
+    return model.eval(), device
 
 
 class _Generation:
@@ -164,11 +144,8 @@ class _Generation:
 
         from pipeline.model import GPT
         from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-        from pipeline.train import pick_device
 
-        device = pick_device(args.device)
-        attention = inference_attention(device, args.attention)
-        self.model = GPT.from_checkpoint(args.checkpoint, device=device, attention=attention)
+        self.model, device = _load_for_inference(args.checkpoint, args)
         if type(self.model) is not GPT:
             raise ValueError(f"{args.checkpoint} is not a language-model checkpoint")
         self.config = load_checkpoint_config(args.checkpoint)
@@ -179,7 +156,7 @@ class _Generation:
             self.generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def stream(self, prompt: str, stop_at_eot: bool = True) -> Iterator[str]:
-        from pipeline.model.generate import generate_tokens
+        from pipeline.model.generate import generate_tokens, stream_text
 
         ids = generate_tokens(
             self.model,
@@ -212,6 +189,7 @@ def generate_command(args: argparse.Namespace) -> None:
 def chat_command(args: argparse.Namespace) -> None:
     """Wrap each instruction in the checkpoint's prompt template and stream the answer."""
     from pipeline.data.instruct import format_prompt, get_template
+    from pipeline.model.generate import stream_until
 
     generation = _Generation(args)
     template = args.template or generation.config.get("instruct", {}).get("template")
@@ -242,35 +220,10 @@ def chat_command(args: argparse.Namespace) -> None:
             print()
 
 
-def inference_attention(device, requested: str | None) -> str | None:
-    """The attention backend to run a checkpoint with: the one asked for, else the checkpoint's
-    on the CPU and sdpa elsewhere (the fused op has a CPU kernel only; all give the same output)."""
-    if requested is None and device.type != "cpu":
-        return "sdpa"
-    return requested
-
-
-def read_texts(path: Path) -> list[str]:
-    """Texts from a TSV with a `text` column, else one per line; a clear error names the line."""
-    from pipeline.data.labeled_text import read_lines, read_tsv
-
-    lines = read_lines(path)
-    if lines and "\t" in lines[0] and "text" in lines[0].split("\t"):
-        return [r.text for r in read_tsv(path, require_label=False)]
-    if lines and lines[-1] == "":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise ValueError(f"{path}:{number}: empty text")
-    return lines
-
-
 def classify_command(args: argparse.Namespace) -> None:
-    from pipeline.model import load_checkpoint
+    from pipeline.data.labeled_text import read_texts
     from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-    from pipeline.model.classifier import GPTClassifier
-    from pipeline.stages.finetune_classifier import encode_texts, predict_probabilities
-    from pipeline.train import pick_device
+    from pipeline.model.classifier import GPTClassifier, encode_texts, predict_probabilities
 
     if bool(args.texts) == bool(args.input):
         raise ValueError("give texts as arguments or --input FILE (one of the two)")
@@ -278,13 +231,9 @@ def classify_command(args: argparse.Namespace) -> None:
     for i, text in enumerate(texts, start=1):
         if not text.strip():
             raise ValueError(f"text {i} is empty")
-    device = pick_device(args.device)
-    model = load_checkpoint(
-        args.checkpoint, device=device, attention=inference_attention(device, None)
-    )
+    model, _ = _load_for_inference(args.checkpoint, args)
     if not isinstance(model, GPTClassifier):
         raise ValueError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
-    model.eval()
     tokenizer = checkpoint_tokenizer(args.checkpoint)
     head = load_checkpoint_config(args.checkpoint)["classifier"]
     max_length = head.get("max_length") or model.config.context_length
@@ -322,7 +271,7 @@ def import_gpt2_command(args: argparse.Namespace) -> None:
     from pipeline.model.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_checkpoint_config
     from pipeline.model.hf import import_gpt2
 
-    out = import_gpt2(args.src, args.out, attention=args.attention)
+    out = import_gpt2(args.src, args.out)
     model = load_checkpoint_config(out)["model"]
     shape = ", ".join(f"{k}={model[k]}" for k in ("n_layer", "n_head", "n_embd", "context_length"))
     has_tokenizer = (out / TOKENIZER_DIR / "encoder.json").is_file()
@@ -370,6 +319,15 @@ def distributed_stage(config: Mapping[str, Any]) -> Iterator[None]:
         shutdown_distributed()
 
 
+def _config_reference(as_schema: bool) -> str:
+    """Every setting with its default and meaning: as config.yaml, or as the JSON Schema."""
+    import json
+
+    from pipeline.config import json_schema, render_defaults
+
+    return json.dumps(json_schema(), indent=1) + "\n" if as_schema else render_defaults()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -384,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in COMMANDS:
             COMMANDS[args.command](args)
             return 0
+        if args.command == "config" and (args.defaults or args.schema):
+            sys.stdout.write(_config_reference(args.schema))
+            return 0
         config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if args.command == "config":
             import yaml
@@ -394,11 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        import importlib
-
-        stage = importlib.import_module(f"pipeline.stages.{args.command.replace('-', '_')}")
         with distributed_stage(config):
-            stage.run(config)
+            STAGES[args.command].run(config)
         return 0
     except (
         ConfigError,

@@ -1,14 +1,14 @@
-"""Pipeline configuration: YAML files deep-merged in order, `key.path=value` overrides, and
-validation against `config.schema.json` (JSON Schema draft 2020-12).
+"""Pipeline configuration: YAML files deep-merged in order, `key.path=value` overrides, checked
+against the JSON Schema (draft 2020-12) derived from `pipeline/settings` and completed with
+the defaults, so the resolved config holds every effective value.
 
-Snakemake and every `python -m pipeline` command go through `validate`, so a wrong key or type
+Snakemake and every `python -m pipeline` command go through `resolve`, so a wrong key or type
 fails the same way everywhere, naming the key.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -16,23 +16,90 @@ from typing import Any
 
 import yaml
 
-from pipeline.launch import launch_problems
+from pipeline import settings
+from pipeline.settings import schema
+from pipeline.settings.schema import FieldSpec, Group
 
-SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 DEFAULT_CONFIG = Path("config.yaml")
+SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 
 
 class ConfigError(ValueError):
     """A configuration file or value that does not match the schema."""
 
 
+def root_settings() -> Group:
+    """The whole config: the fixed sections, then one section per registered stage that has
+    settings, then each training stage's resources."""
+    from pipeline.stages.registry import STAGES, training_stages
+
+    resources = Group(
+        tuple(
+            FieldSpec(name, settings.StageResources, schema.to_plain(stage.resources))
+            for name, stage in training_stages().items()
+        ),
+        doc=settings.StageResources.__doc__ or "",
+    )
+    fields = (
+        FieldSpec("seed", int, 1234, schema={"minimum": 0}),
+        FieldSpec(
+            "device",
+            str,
+            "auto",
+            help="auto (cuda > mps > cpu) | cpu | cuda | mps",
+            schema={"enum": ("auto", "cpu", "cuda", "mps")},
+        ),
+        FieldSpec("paths", settings.PathSettings, schema.defaults(settings.PathSettings)),
+        FieldSpec("data", settings.DataSettings, schema.defaults(settings.DataSettings)),
+        FieldSpec("model", settings.ModelSettings, schema.defaults(settings.ModelSettings)),
+        *(
+            FieldSpec(name, stage.settings, schema.defaults(stage.settings))
+            for name, stage in STAGES.items()
+            if stage.settings is not None
+        ),
+        FieldSpec("resources", resources, schema.defaults(resources)),
+        FieldSpec(
+            "tracking", settings.TrackingSettings, schema.defaults(settings.TrackingSettings)
+        ),
+    )
+    return Group(fields, doc="gpt-pipeline configuration")
+
+
+def json_schema() -> dict[str, Any]:
+    """The config's JSON Schema, with every setting's type, bounds, default and description."""
+    return {
+        "$schema": SCHEMA_URI,
+        "title": "gpt-pipeline configuration",
+        **schema.object_schema(root_settings()),
+    }
+
+
 @cache
 def _validator():
     import jsonschema
 
-    schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    found = json_schema()
+    jsonschema.Draft202012Validator.check_schema(found)
+    return jsonschema.Draft202012Validator(found)
+
+
+def defaults() -> dict[str, Any]:
+    """Every setting at its default: what `config.yaml` holds."""
+    return schema.defaults(root_settings())
+
+
+def render_defaults() -> str:
+    """`config.yaml`: every default, each with its meaning."""
+    header = [
+        "# The pipeline's defaults, sized so the whole DAG runs on 2 CPU cores. Generated from",
+        "# pipeline/settings by `python -m pipeline config --defaults > config.yaml`:",
+        "# change a default there. Put your own values in a file of yours and pass it with",
+        "# `snakemake --configfile my.yaml` or `python -m pipeline <stage> --config my.yaml`",
+        "# (deep-merged over these; lists replace). Relative paths are relative to the directory",
+        "# the pipeline runs in.",
+        "",
+    ]
+    return "\n".join(header + schema.render_yaml(root_settings(), defaults())) + "\n"
 
 
 def _key(path: Iterable[Any]) -> str:
@@ -48,6 +115,8 @@ def _describe(error) -> str:
         for name in unknown:
             key = f"{where}.{name}" if error.absolute_path else name
             hint = ""
+            if name.replace("_", "-") in allowed and name.replace("_", "-") != name:
+                hint = f" (stage sections are spelt like the stage: {name.replace('_', '-')})"
             if "." in name and not error.absolute_path:
                 hint = (
                     " (a dotted key at the top level: Snakemake's `--config a.b=1` does not"
@@ -58,31 +127,45 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-FINE_TUNING_SECTIONS = ("finetune_classifier", "finetune_instruct", "align_dpo")
-
-
 def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(key, value) of every setting that names a `data.sources` entry."""
+    """(key, value) of every setting that names a `data.sources` entry: the corpus, and the
+    `data` of every stage section that has one."""
+    from pipeline.stages.registry import STAGES
+
     refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(config["prepare"]["corpus"])]
-    refs += [(f"{stage}.data", config[stage]["data"]) for stage in FINE_TUNING_SECTIONS]
+    refs += [
+        (f"{name}.data", config[name]["data"])
+        for name in STAGES
+        if isinstance(config.get(name), Mapping) and "data" in config[name]
+    ]
     return refs
+
+
+def resolve(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """The config completed with every default, after checking it; ConfigError lists every key
+    that does not match the schema, then what the schema alone cannot check."""
+    from pipeline.launch import launch_problems
+
+    errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [line for e in errors for line in _describe(e).splitlines()]
+    resolved = schema.fill_defaults(root_settings(), config)
+    if not errors:
+        names = sorted(s["name"] for s in resolved["data"]["sources"])
+        problems += [
+            f"{key}: {name!r} is not a data.sources name; expected one of: {', '.join(names)}"
+            for key, name in _source_references(resolved)
+            if name not in names
+        ]
+        problems += launch_problems(resolved)
+    if problems:
+        details = "\n".join("  " + line for line in problems)
+        raise ConfigError(f"invalid configuration ({source}):\n{details}")
+    return resolved
 
 
 def validate(config: Mapping[str, Any], source: str = "config") -> None:
     """Raise ConfigError listing every key that does not match the schema."""
-    errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    problems = [line for e in errors for line in _describe(e).splitlines()]
-    if not errors:
-        names = sorted(s["name"] for s in config["data"]["sources"])
-        problems += [
-            f"{key}: {name!r} is not a data.sources name; expected one of: {', '.join(names)}"
-            for key, name in _source_references(config)
-            if name not in names
-        ]
-        problems += launch_problems(config)
-    if problems:
-        details = "\n".join("  " + line for line in problems)
-        raise ConfigError(f"invalid configuration ({source}):\n{details}")
+    resolve(config, source)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,15 +208,14 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
 def load_config(
     paths: Iterable[Path | str] = (DEFAULT_CONFIG,), overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Read, merge, override and validate; the result is the fully resolved configuration."""
+    """Read, merge, override, check and complete: the fully resolved configuration."""
     paths = [Path(p) for p in paths]
     config: dict[str, Any] = {}
     for path in paths:
         config = deep_merge(config, read_yaml(path))
     for assignment in overrides:
         config = apply_override(config, assignment)
-    validate(config, source=" + ".join(str(p) for p in paths) or "config")
-    return config
+    return resolve(config, source=" + ".join(str(p) for p in paths) or "config")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

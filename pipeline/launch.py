@@ -12,14 +12,9 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-TRAINING_SECTIONS = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
-LAUNCH_KEYS = ("nproc_per_node", "nnodes", "parallelism")
+from pipeline.settings import LAUNCH_KEYS
+
 RENDEZVOUS_PORT = 29500
-
-
-def stage_name(section: str) -> str:
-    """The `python -m pipeline` subcommand of a config section (`align_dpo` -> `align-dpo`)."""
-    return section.replace("_", "-")
 
 
 def nproc_per_node(train: Mapping[str, Any]) -> int:
@@ -103,7 +98,8 @@ def stage_command(
 
 
 def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any]) -> dict:
-    """A training rule's Snakemake `resources` (the SLURM executor plugin's names).
+    """A training rule's Snakemake `resources` (the SLURM executor plugin's names; a
+    `partition` becomes `slurm_partition`, else the profile's default applies).
 
     One node: `gpu` (sbatch --gpus). Several nodes: one task per node (`nodes`, `tasks`) and
     `gres=gpu:N` per node, because the plugin's `gpu` is a total, not a per-node count;
@@ -114,6 +110,8 @@ def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any])
         "mem_mb": stage_resources["mem_mb"],
         "runtime": stage_resources["runtime"],
     }
+    if stage_resources.get("partition"):
+        resources["slurm_partition"] = stage_resources["partition"]
     gpu = stage_resources["gpu"]
     nodes = nnodes(train)
     if nodes == 1:
@@ -126,8 +124,10 @@ def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any])
 
 def launch_problems(config: Mapping[str, Any]) -> list[str]:
     """`key: problem` lines for launch settings the schema alone cannot check."""
+    from pipeline.stages.registry import training_stages
+
     problems = []
-    for section in TRAINING_SECTIONS:
+    for section in training_stages():
         train = config[section]["train"]
         size = world_size(train)
         if train["batch_size"] % size:

@@ -90,17 +90,17 @@ def _with(default_config: dict, section: str, train: dict, resources: dict | Non
 
 
 def test_the_default_config_launches_one_process_per_stage(default_config):
-    for section in ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo"):
+    for section in ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"):
         assert world_size(default_config[section]["train"]) == 1
         assert default_config["resources"][section]["gpu"] == 0
 
 
 def test_batch_size_must_divide_among_the_processes(default_config):
-    config = _with(default_config, "finetune_instruct", {"batch_size": 6, "nproc_per_node": 4})
-    with pytest.raises(ConfigError, match=r"finetune_instruct\.train\.batch_size: 6 is not "
+    config = _with(default_config, "finetune-instruct", {"batch_size": 6, "nproc_per_node": 4})
+    with pytest.raises(ConfigError, match=r"finetune-instruct\.train\.batch_size: 6 is not "
                        r"divisible by the world size 4"):  # fmt: skip
         validate(config)
-    validate(_with(default_config, "finetune_instruct", {"batch_size": 8, "nproc_per_node": 4}))
+    validate(_with(default_config, "finetune-instruct", {"batch_size": 8, "nproc_per_node": 4}))
     two_nodes = _with(default_config, "pretrain", {"batch_size": 16, "nproc_per_node": 4})
     two_nodes["pretrain"]["train"]["nnodes"] = 3
     with pytest.raises(ConfigError, match=r"world size 12 \(nproc_per_node 4 x nnodes 3\)"):
@@ -117,16 +117,16 @@ def test_gpus_per_node_must_match_the_processes(default_config):
 
 
 def test_threads_must_cover_the_processes(default_config):
-    config = _with(default_config, "align_dpo", {"nproc_per_node": 4}, {"threads": 2})
-    with pytest.raises(ConfigError, match=r"resources\.align_dpo\.threads: 2 is fewer than"):
+    config = _with(default_config, "align-dpo", {"nproc_per_node": 4}, {"threads": 2})
+    with pytest.raises(ConfigError, match=r"resources\.align-dpo\.threads: 2 is fewer than"):
         validate(config)
 
 
 def test_launch_keys_and_resources_are_checked_by_the_schema(repo):
     with pytest.raises(ConfigError, match=r"pretrain\.train\.parallelism: 'zero3' is not one of"):
         load_config([repo / "config.yaml"], ["pretrain.train.parallelism=zero3"])
-    with pytest.raises(ConfigError, match=r"align_dpo\.train\.nnodes: 0 is less than"):
-        load_config([repo / "config.yaml"], ["align_dpo.train.nnodes=0"])
+    with pytest.raises(ConfigError, match=r"align-dpo\.train\.nnodes: 0 is less than"):
+        load_config([repo / "config.yaml"], ["align-dpo.train.nnodes=0"])
     with pytest.raises(ConfigError, match=r"resources\.pretrain\.gpus: unknown key"):
         load_config([repo / "config.yaml"], ["resources.pretrain.gpus=1"])
     with pytest.raises(ConfigError, match=r"resources\.prepare: unknown key; expected one of: al"):
@@ -135,8 +135,8 @@ def test_launch_keys_and_resources_are_checked_by_the_schema(repo):
 
 def test_gpu_cluster_preset_merged_over_the_defaults_is_valid(repo):
     config = load_config([repo / "config.yaml", repo / "configs" / "gpu-cluster.yaml"])
-    assert config["device"] == "cuda" and config["model"]["attention"] == "sdpa"
-    for section in ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo"):
+    assert config["device"] == "cuda" and config["model"]["attention"] == "auto"
+    for section in ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"):
         train, resources = config[section]["train"], config["resources"][section]
         assert train["precision"] == "bf16"
         assert train["nproc_per_node"] == resources["gpu"] == 4

@@ -16,7 +16,7 @@ import yaml
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TRAINING_RULES = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
-SLURM_ENV = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu", "GPU_PARTITION": "gpu-a100"}
+SLURM_ENV = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu"}
 
 
 @pytest.fixture
@@ -82,7 +82,8 @@ def test_profiles_are_yaml_mappings_of_snakemake_options(repo):
     assert {"slurm_account", "slurm_partition", "mem_mb", "runtime"} <= set(
         slurm["default-resources"]
     )
-    assert set(slurm["set-resources"]) == set(TRAINING_RULES)
+    # no per-stage settings: a stage's partition is its config's resources.<stage>.partition
+    assert "set-resources" not in slurm
     # Snakemake would apply a profiles/default to every run, the SLURM one included.
     assert not (repo / "profiles" / "default").exists()
 
@@ -116,7 +117,7 @@ def test_slurm_profile_maps_the_gpu_preset_to_sbatch(workdir):
     for rule in TRAINING_RULES:
         job = jobs[rule]
         assert job.resources["slurm_account"] == "proj42"
-        assert job.resources["slurm_partition"] == "gpu-a100"
+        assert job.resources["slurm_partition"] == "gpu"  # the preset's resources.<stage>
         assert job.threads == 32 and job.resources["gpu"] == 4
         assert job.shell.startswith(
             "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
@@ -131,7 +132,7 @@ def test_slurm_profile_maps_the_gpu_preset_to_sbatch(workdir):
 
 
 def _training(**train) -> dict:
-    return {section: {"train": dict(train)} for section in TRAINING_RULES}
+    return {rule.replace("_", "-"): {"train": dict(train)} for rule in TRAINING_RULES}
 
 
 def test_default_config_requests_its_resources_and_runs_one_process(workdir):
@@ -150,10 +151,10 @@ def test_default_config_requests_its_resources_and_runs_one_process(workdir):
 def test_processes_gpus_and_nodes_reach_the_rules(workdir):
     config = _training()
     config["pretrain"]["train"] = {"nproc_per_node": 2}
-    config["finetune_instruct"]["train"] = {"nproc_per_node": 2, "nnodes": 2}
+    config["finetune-instruct"]["train"] = {"nproc_per_node": 2, "nnodes": 2}
     config["resources"] = {
         "pretrain": {"threads": 6, "mem_mb": 8000, "runtime": 90, "gpu": 2},
-        "finetune_instruct": {"threads": 4, "mem_mb": 16000, "runtime": 45, "gpu": 2},
+        "finetune-instruct": {"threads": 4, "mem_mb": 16000, "runtime": 45, "gpu": 2},
     }
     jobs = dry_run_jobs(snakemake(workdir, "--cores", "8", "--dry-run", "-p", config=config))
 

@@ -138,3 +138,16 @@ def stratified_split(
     for split in splits:
         rng.shuffle(split)
     return splits[0], splits[1], splits[2]
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a TSV with a `text` column, else one per line; a clear error names the line."""
+    lines = read_lines(path)
+    if lines and "\t" in lines[0] and "text" in lines[0].split("\t"):
+        return [r.text for r in read_tsv(path, require_label=False)]
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"{path}:{number}: empty text")
+    return lines

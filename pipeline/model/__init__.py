@@ -1,27 +1,33 @@
-"""GPT-2 model: configuration, architecture, attention backends, generation and checkpoints."""
+"""GPT-2 model: configuration, architecture, attention backends, generation and checkpoints.
 
-from pipeline.model.attention import ATTENTION_BACKENDS, build_attention
-from pipeline.model.checkpoint import (
-    load_checkpoint,
-    load_checkpoint_config,
-    load_weights,
-    save_checkpoint,
-)
-from pipeline.model.config import PRESETS, GPTConfig
-from pipeline.model.generate import generate, generate_tokens
-from pipeline.model.gpt import GPT, KVCache
+Names are imported on first use (PEP 562), so `pipeline.model.config` and
+`pipeline.model.weights` can be read without importing torch (the Snakefile does). `generate`
+is not among them: it would be shadowed by its module; import it from `pipeline.model.generate`.
+"""
 
-__all__ = [
-    "ATTENTION_BACKENDS",
-    "GPT",
-    "PRESETS",
-    "GPTConfig",
-    "KVCache",
-    "build_attention",
-    "generate",
-    "generate_tokens",
-    "load_checkpoint",
-    "load_checkpoint_config",
-    "load_weights",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "ATTENTION_BACKENDS": "pipeline.model.attention",
+    "build_attention": "pipeline.model.attention",
+    "load_checkpoint": "pipeline.model.checkpoint",
+    "load_checkpoint_config": "pipeline.model.checkpoint",
+    "load_weights": "pipeline.model.checkpoint",
+    "save_checkpoint": "pipeline.model.checkpoint",
+    "PRESETS": "pipeline.model.config",
+    "GPTConfig": "pipeline.model.config",
+    "generate_tokens": "pipeline.model.generate",
+    "GPT": "pipeline.model.gpt",
+    "KVCache": "pipeline.model.gpt",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'pipeline.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)

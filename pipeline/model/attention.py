@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("fused", "sdpa", "simple", "causal", "multihead")
+FUSED_KERNEL_DEVICES = ("cpu",)
+"""Device types where the fused op's kernel is verified (its CUDA kernel has not run yet)."""
 
 
 def split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,11 +172,6 @@ class FusedAttention(AttentionBackend):
                 f"pipeline/kernels/_C, which could not be imported ({exc}); build it with "
                 f"`make setup` or choose another backend, e.g. `model.attention: sdpa`"
             ) from exc
-        if device.type != "cpu":
-            raise NotImplementedError(
-                f"the 'fused' attention op has a CPU kernel only (got {device.type} tensors); "
-                f"set `model.attention: sdpa` for this device"
-            )
         return pipeline.kernels
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -185,21 +181,50 @@ class FusedAttention(AttentionBackend):
         return self._kernels(qkv.device).causal_attention_qkv(qkv, n_head)
 
 
+_BUILDERS = {
+    "fused": lambda context_length, attn_dropout: FusedAttention(attn_dropout),
+    "sdpa": lambda context_length, attn_dropout: SDPAttention(attn_dropout),
+    "simple": lambda context_length, attn_dropout: SimpleSelfAttention(attn_dropout),
+    "causal": lambda context_length, attn_dropout: MultiHeadAttentionWrapper(attn_dropout),
+    "multihead": MultiHeadAttention,
+}
+ATTENTION_BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
+
+
 def build_attention(
     name: str, *, context_length: int, attn_dropout: float = 0.0
 ) -> AttentionBackend:
     """The backend module called `name`; the single place that maps names to classes."""
-    if name == "fused":
-        return FusedAttention(attn_dropout)
-    if name == "sdpa":
-        return SDPAttention(attn_dropout)
-    if name == "simple":
-        return SimpleSelfAttention(attn_dropout)
-    if name == "causal":
-        return MultiHeadAttentionWrapper(attn_dropout)
-    if name == "multihead":
-        return MultiHeadAttention(context_length, attn_dropout)
-    raise ValueError(f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS}")
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    return _BUILDERS[name](context_length, attn_dropout)
+
+
+def resolve_attention(requested: str, device: torch.device, attn_dropout: float = 0.0) -> str:
+    """The backend a run uses on `device`: the one place that decides what runs where.
+
+    `auto` is the fused op where its kernel is verified for the device (FUSED_KERNEL_DEVICES)
+    and the model has no attention dropout (the op has none), else sdpa. A backend named
+    explicitly is used as it is, except `fused` where its kernel is not verified.
+    """
+    device = torch.device(device)
+    fused_runs_here = device.type in FUSED_KERNEL_DEVICES
+    if requested == "auto":
+        return "fused" if fused_runs_here and not attn_dropout else "sdpa"
+    if requested not in _BUILDERS:
+        raise ValueError(
+            f"model.attention: unknown backend {requested!r}; expected auto or one of "
+            f"{', '.join(ATTENTION_BACKENDS)}"
+        )
+    if requested == "fused" and not fused_runs_here:
+        raise ValueError(
+            f"model.attention: 'fused' has a verified kernel for "
+            f"{', '.join(FUSED_KERNEL_DEVICES)} only, but the device is {device.type}; set "
+            "`model.attention: auto` (sdpa on this device) or `sdpa`"
+        )
+    return requested
 
 
 def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:

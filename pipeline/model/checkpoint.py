@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.io import atomic_directory
+from pipeline.model.classifier import GPTClassifier
 from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 
@@ -168,25 +169,17 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
     assert gpt.lm_head.weight is gpt.tok_emb.weight
 
 
-def load_checkpoint(
-    directory: str | Path,
-    device: str | torch.device = "cpu",
-    attention: str | None = None,
-) -> GPT:
-    """A GPT built from a checkpoint's config and weights; see `GPT.from_checkpoint`.
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT rebuilt from a checkpoint written by `save_checkpoint` (sdpa attention until the
+    caller picks the run's backend with `set_attention`).
 
     A checkpoint whose config has a `classifier` section ({labels, pooling}) gives a
     `GPTClassifier`.
     """
-    from pipeline.model.classifier import GPTClassifier
-
     directory = Path(directory)
     saved = load_checkpoint_config(directory)
-    model_dict = dict(saved["model"])
-    if attention is not None:
-        model_dict["attention"] = attention
     try:
-        config = GPTConfig.from_dict(model_dict)
+        config = GPTConfig.from_dict(dict(saved["model"]))
     except ValueError as exc:
         raise ValueError(f"{directory / CONFIG_FILE}: {exc}") from exc
     head = saved.get("classifier")

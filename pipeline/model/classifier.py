@@ -7,12 +7,17 @@ checkpoint holds every tensor of the model it started from plus `classifier.weig
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
+
+if TYPE_CHECKING:
+    import tiktoken
 
 POOLINGS = ("last", "mean", "first")
 
@@ -34,8 +39,14 @@ def pool_hidden_states(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
 class GPTClassifier(GPT):
     """A GPT whose output is one logit per label, read from the pooled final hidden states."""
 
-    def __init__(self, config: GPTConfig, labels: Sequence[str], pooling: str = "last") -> None:
-        super().__init__(config)
+    def __init__(
+        self,
+        config: GPTConfig,
+        labels: Sequence[str],
+        pooling: str = "last",
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__(config, attention)
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"a classifier needs at least two distinct labels, got {list(labels)}")
         if pooling not in POOLINGS:
@@ -60,7 +71,7 @@ class GPTClassifier(GPT):
         """A classifier sharing nothing with `model` but a copy of its weights; a new head."""
         device = model.tok_emb.weight.device
         with torch.device(device):
-            classifier = cls(model.config, labels, pooling)
+            classifier = cls(model.config, labels, pooling, attention=model.attention)
         result = classifier.load_state_dict(model.state_dict(), strict=False)
         missing = sorted(set(result.missing_keys) - {"classifier.weight", "classifier.bias"})
         if missing or result.unexpected_keys:
@@ -88,3 +99,42 @@ class GPTClassifier(GPT):
                 for p in module.parameters():
                     p.requires_grad_(True)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def encode_texts(
+    texts: Sequence[str], tokenizer: tiktoken.Encoding, max_length: int
+) -> tuple[list[list[int]], int]:
+    """Token ids per text, cut to `max_length`; also how many texts were cut."""
+    ids = [tokenizer.encode_ordinary(t) for t in texts]
+    truncated = sum(len(x) > max_length for x in ids)
+    return [x[:max_length] for x in ids], truncated
+
+
+def collate_texts(
+    ids: Sequence[Sequence[int]], labels: Sequence[int] | None = None, pad_id: int = END_OF_TEXT_ID
+) -> tuple[torch.Tensor, ...]:
+    """(tokens right-padded to the longest, lengths[, labels]); pooling reads `lengths`."""
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("cannot classify an empty text (it has no tokens)")
+    longest = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+    for row, x in enumerate(ids):
+        tokens[row, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    if labels is None:
+        return tokens, lengths
+    return tokens, lengths, torch.as_tensor(labels, dtype=torch.long)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: GPTClassifier, ids: Sequence[Sequence[int]], batch_size: int
+) -> torch.Tensor:
+    """Softmax class probabilities (N, num_labels) on the CPU, in input order."""
+    device = model.tok_emb.weight.device
+    out = []
+    for start in range(0, len(ids), batch_size):
+        tokens, lengths = collate_texts(ids[start : start + batch_size])
+        logits = model(tokens.to(device), lengths.to(device))
+        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)

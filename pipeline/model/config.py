@@ -1,4 +1,8 @@
-"""GPT model configuration: one validated dataclass, plus the GPT-2 size presets."""
+"""GPT model configuration: one validated dataclass, plus the GPT-2 size presets.
+
+The architecture only: which attention backend runs it is chosen at run time
+(`pipeline.model.attention.resolve_attention`), never stored. No torch import here.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
-
-from pipeline.model.attention import ATTENTION_BACKENDS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -52,6 +54,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+HF_NAME_FOR_PRESET: dict[str, str] = {
+    "gpt2-124m": "gpt2",
+    "gpt2-355m": "gpt2-medium",
+    "gpt2-774m": "gpt2-large",
+    "gpt2-1558m": "gpt2-xl",
+}
+"""Each GPT-2 preset's name on the Hugging Face hub (also a weights directory name)."""
+
+LEGACY_ATTENTION_KEY = "attention"
+
 _POSITIVE_INTS = ("vocab_size", "context_length", "n_layer", "n_head", "n_embd")
 _PROBABILITIES = ("dropout", "attn_dropout")
 
@@ -72,7 +84,6 @@ class GPTConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     qkv_bias: bool = True
-    attention: str = "fused"
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INTS:
@@ -93,11 +104,6 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
                 f"GPTConfig.n_head ({self.n_head})"
             )
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"GPTConfig.attention must be one of {', '.join(ATTENTION_BACKENDS)}; "
-                f"got {self.attention!r}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +116,11 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Inverse of `to_dict`; unknown keys are an error rather than silently dropped."""
+        """Inverse of `to_dict`; unknown keys are an error rather than silently dropped.
+
+        `attention`, which checkpoints written before it became a run-time choice carry, is
+        ignored."""
+        d = {k: v for k, v in d.items() if k != LEGACY_ATTENTION_KEY}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -122,7 +132,7 @@ class GPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A named size from PRESETS, with any field overridden (e.g. attention="sdpa")."""
+        """A named size from PRESETS, with any field overridden (e.g. n_layer=2)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         d = copy.deepcopy(PRESETS[name])

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.model.gpt import GPT, KVCache
+
+if TYPE_CHECKING:
+    import tiktoken
 
 __all__ = ["KVCache", "generate", "generate_tokens", "sample_next", "top_k_filter", "top_p_filter"]
 
@@ -167,3 +171,34 @@ def generate(
 ) -> list[int]:
     """The new token ids of `generate_tokens` as a list (the prompt is not included)."""
     return list(generate_tokens(model, prompt_ids, max_new_tokens, **kwargs))
+
+
+def stream_text(token_ids: Iterator[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
+    """Decode token by token without splitting a UTF-8 character across tokens."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_ids:
+        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
+            yield text
+    if tail := decoder.decode(b"", final=True):
+        yield tail
+
+
+def stream_until(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+    """Pass text through until the first stop string, holding back only what could begin one."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(stop) for stop in stops) if i >= 0]
+        if hits:
+            if head := held[: min(hits)]:
+                yield head
+            return
+        keep = max(
+            (n for stop in stops for n in range(1, len(stop)) if held.endswith(stop[:n])),
+            default=0,
+        )
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +54,7 @@ class KVCache:
 class SelfAttention(nn.Module):
     """Multi-head causal self-attention: fused qkv projection, a pluggable backend, output proj."""
 
-    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int, attention: str) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.layer_idx = layer_idx
@@ -64,7 +62,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.backend = build_attention(
-            config.attention,
+            attention,
             context_length=config.context_length,
             attn_dropout=config.attn_dropout,
         )
@@ -100,10 +98,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + drop(attn(ln_1(x))), then x + drop(mlp(ln_2(x)))."""
 
-    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int, attention: str) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.attn = SelfAttention(config, layer_idx)
+        self.attn = SelfAttention(config, layer_idx, attention)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -115,15 +113,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: token + position embeddings, n_layer blocks, final LayerNorm, tied LM head."""
+    """GPT-2: token + position embeddings, n_layer blocks, final LayerNorm, tied LM head.
 
-    def __init__(self, config: GPTConfig) -> None:
+    `attention` names the backend the layers run (no weights: `set_attention` switches it);
+    it is a run-time choice, not part of the architecture or of a checkpoint.
+    """
+
+    def __init__(self, config: GPTConfig, attention: str = "sdpa") -> None:
         super().__init__()
         self.config = config
+        self.attention = attention
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.context_length, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, i, attention) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
@@ -204,7 +207,7 @@ class GPT(nn.Module):
 
     def set_attention(self, name: str) -> None:
         """Switch every layer to another attention backend; weights are untouched."""
-        self.config = dataclasses.replace(self.config, attention=name)
+        self.attention = name
         device = self.tok_emb.weight.device
         for block in self.blocks:
             backend = build_attention(
@@ -213,15 +216,3 @@ class GPT(nn.Module):
                 attn_dropout=self.config.attn_dropout,
             )
             block.attn.backend = backend.to(device).train(block.attn.training)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        device: str | torch.device = "cpu",
-        attention: str | None = None,
-    ) -> GPT:
-        """Rebuild a model saved by `save_checkpoint`; `attention` overrides the stored backend."""
-        from pipeline.model.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, device=device, attention=attention)

@@ -39,7 +39,7 @@ from pipeline.model.checkpoint import (
     load_checkpoint_config,
     save_checkpoint,
 )
-from pipeline.model.config import GPTConfig
+from pipeline.model.config import HF_NAME_FOR_PRESET, GPTConfig
 from pipeline.model.gpt import GPT
 
 __all__ = [
@@ -64,12 +64,6 @@ __all__ = [
 
 log = logging.getLogger("pipeline.model.hf")
 
-HF_NAME_FOR_PRESET: dict[str, str] = {
-    "gpt2-124m": "gpt2",
-    "gpt2-355m": "gpt2-medium",
-    "gpt2-774m": "gpt2-large",
-    "gpt2-1558m": "gpt2-xl",
-}
 # Also under the hub's current names (openai-community/gpt2, ...).
 PRESET_FOR_HF_NAME: dict[str, str] = {
     name: preset
@@ -154,7 +148,7 @@ def _name_table(n_layer: int) -> list[tuple[str, str, str, bool]]:
 def _our_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, from a model on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        model = GPT(dataclasses.replace(config, attention="sdpa", qkv_bias=True))
+        model = GPT(dataclasses.replace(config, qkv_bias=True))
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name != TIED_KEY}
 
 
@@ -206,11 +200,11 @@ def _transposed(shape: tuple[int, ...]) -> tuple[int, ...]:
 # --- configs ----------------------------------------------------------------------------------
 
 
-def config_from_hf(hf: Mapping[str, Any], attention: str = "fused") -> GPTConfig:
+def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
     """Our GPTConfig for a Hugging Face GPT-2 `config.json`; refuses what our GPT cannot compute.
 
-    Dropouts carry over (resid_pdrop is our `dropout`), except that the `fused` backend has no
-    attention dropout, so with it `attn_dropout` is 0 rather than a value that fails in training.
+    Dropouts carry over (resid_pdrop is our `dropout`, attn_pdrop our `attn_dropout`; with it,
+    `model.attention: auto` trains with sdpa, since the fused op has no attention dropout).
     """
     c = {**_HF_DEFAULTS, **hf}
     if "n_positions" not in hf and "n_ctx" in hf:  # very old configs
@@ -248,9 +242,6 @@ def config_from_hf(hf: Mapping[str, Any], attention: str = "fused") -> GPTConfig
             dropout,
             dropout,
         )
-    if attention == "fused" and attn_dropout:
-        log.info("attention 'fused' has no attention dropout: attn_dropout %s -> 0", attn_dropout)
-        attn_dropout = 0.0
     return GPTConfig(
         vocab_size=c["vocab_size"],
         context_length=c["n_positions"],
@@ -260,11 +251,10 @@ def config_from_hf(hf: Mapping[str, Any], attention: str = "fused") -> GPTConfig
         dropout=dropout,
         attn_dropout=attn_dropout,
         qkv_bias=True,
-        attention=attention,
     )
 
 
-def config_from_tf_hparams(hparams: Mapping[str, Any], attention: str = "fused") -> GPTConfig:
+def config_from_tf_hparams(hparams: Mapping[str, Any]) -> GPTConfig:
     """Our GPTConfig for OpenAI's `hparams.json` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
     keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     missing = [key for key in keys if key not in hparams]
@@ -277,7 +267,6 @@ def config_from_tf_hparams(hparams: Mapping[str, Any], attention: str = "fused")
         n_head=hparams["n_head"],
         n_embd=hparams["n_embd"],
         qkv_bias=True,
-        attention=attention,
     )
 
 
@@ -496,19 +485,19 @@ def _check_dir(src: Path) -> None:
         raise FileNotFoundError(f"{src} is not a directory")
 
 
-def _hf_dir_config(src: Path, attention: str) -> tuple[dict[str, Any], GPTConfig]:
+def _hf_dir_config(src: Path) -> tuple[dict[str, Any], GPTConfig]:
     hf = _read_json(src / HF_CONFIG)
     try:
-        return hf, config_from_hf(hf, attention=attention)
+        return hf, config_from_hf(hf)
     except ValueError as exc:
         raise ValueError(f"{src / HF_CONFIG}: {exc}") from exc
 
 
-def load_hf_gpt2(src: Path, attention: str = "fused") -> GPT:
+def load_hf_gpt2(src: Path) -> GPT:
     """A GPT from a local Hugging Face GPT-2 directory (config.json + safetensors or .bin)."""
     src = Path(src)
     _check_dir(src)
-    hf, config = _hf_dir_config(src, attention)
+    hf, config = _hf_dir_config(src)
     path, tensors = _read_hf_weights(src)
     require_lm_head = not hf.get("tie_word_embeddings", True)
     state = state_dict_from_hf(tensors, config, source=path, require_lm_head=require_lm_head)
@@ -540,23 +529,23 @@ def _read_tf_variables(prefix: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{prefix} could not be read as a TensorFlow checkpoint: {exc}") from exc
 
 
-def load_tf_gpt2(src: Path, attention: str = "fused") -> GPT:
+def load_tf_gpt2(src: Path) -> GPT:
     """A GPT from OpenAI's original TensorFlow checkpoint directory (hparams.json + model.ckpt.*).
 
     Needs the optional tensorflow (`pip install 'gpt-pipeline[tf]'`).
     """
     src = Path(src)
     _check_dir(src)
-    config = _tf_dir_config(src, attention)
+    config = _tf_dir_config(src)
     prefix = _tf_checkpoint_prefix(src)
     state = state_dict_from_tf(_read_tf_variables(prefix), config, source=prefix)
     return _build(config, state)
 
 
-def _tf_dir_config(src: Path, attention: str) -> GPTConfig:
+def _tf_dir_config(src: Path) -> GPTConfig:
     hparams_path = src / TF_HPARAMS
     try:
-        return config_from_tf_hparams(_read_json(hparams_path), attention=attention)
+        return config_from_tf_hparams(_read_json(hparams_path))
     except ValueError as exc:
         raise ValueError(f"{hparams_path}: {exc}") from exc
 
@@ -582,38 +571,38 @@ def gpt2_layout(src: Path) -> str:
     )
 
 
-def _checkpoint_config(src: Path, attention: str) -> GPTConfig:
+def _checkpoint_config(src: Path) -> GPTConfig:
     meta = load_checkpoint_config(src)
     if "classifier" in meta:
         raise ValueError(f"{src} is a classifier checkpoint, not a GPT-2 language model")
     try:
-        return GPTConfig.from_dict({**meta["model"], "attention": attention})
+        return GPTConfig.from_dict(meta["model"])
     except ValueError as exc:
         raise ValueError(f"{src / HF_CONFIG}: {exc}") from exc
 
 
-def gpt2_config(src: Path, attention: str = "fused") -> GPTConfig:
+def gpt2_config(src: Path) -> GPTConfig:
     """The architecture a weights directory of any layout holds, without reading its tensors,
     so a wrong size fails before gigabytes are loaded."""
     src = Path(src)
     layout = gpt2_layout(src)
     if layout == LAYOUT_CHECKPOINT:
-        return _checkpoint_config(src, attention)
+        return _checkpoint_config(src)
     if layout == LAYOUT_HF:
-        return _hf_dir_config(src, attention)[1]
-    return _tf_dir_config(src, attention)
+        return _hf_dir_config(src)[1]
+    return _tf_dir_config(src)
 
 
-def load_gpt2(src: Path, attention: str = "fused") -> GPT:
+def load_gpt2(src: Path) -> GPT:
     """A GPT from our checkpoint, a Hugging Face GPT-2 or OpenAI's TensorFlow checkpoint."""
     src = Path(src)
     layout = gpt2_layout(src)
     if layout == LAYOUT_HF:
-        return load_hf_gpt2(src, attention=attention)
+        return load_hf_gpt2(src)
     if layout == LAYOUT_TF:
-        return load_tf_gpt2(src, attention=attention)
-    _checkpoint_config(src, attention)  # refuses a classifier before loading it
-    return load_checkpoint(src, attention=attention)
+        return load_tf_gpt2(src)
+    _checkpoint_config(src)  # refuses a classifier before loading it
+    return load_checkpoint(src)
 
 
 def weight_files(src: Path) -> list[Path]:
@@ -679,7 +668,7 @@ def _tokenizer_files(src: Path, names: Mapping[str, str], staging: Path) -> dict
     return files
 
 
-def import_gpt2(src: Path, out: Path, attention: str = "fused") -> Path:
+def import_gpt2(src: Path, out: Path) -> Path:
     """Convert a Hugging Face or OpenAI TF GPT-2 directory into our checkpoint at `out`.
 
     The layout is detected from the files (config.json: Hugging Face; hparams.json: OpenAI).
@@ -688,10 +677,10 @@ def import_gpt2(src: Path, out: Path, attention: str = "fused") -> Path:
     src = Path(src)
     layout = gpt2_layout(src)
     if layout == LAYOUT_HF:
-        model = load_hf_gpt2(src, attention=attention)
+        model = load_hf_gpt2(src)
         names = HF_TOKENIZER_NAMES
     elif layout == LAYOUT_TF:
-        model = load_tf_gpt2(src, attention=attention)
+        model = load_tf_gpt2(src)
         names = {name: name for name in GPT2_BPE_FILES}
     else:
         raise ValueError(f"{src} is already a {CHECKPOINT_FORMAT} directory; nothing to import")
@@ -749,7 +738,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
             f"{checkpoint} is a classifier ({', '.join(heads) or 'classifier section in config'});"
             f" only language models export to GPT2LMHeadModel"
         )
-    model = load_checkpoint(checkpoint, attention="sdpa")
+    model = load_checkpoint(checkpoint)
     if type(model) is not GPT:
         raise ValueError(
             f"{checkpoint} holds a {type(model).__name__}, not a plain GPT; only language "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,33 +27,23 @@ from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
 from pipeline.io import atomic_write_json
 from pipeline.model import GPT, load_checkpoint_config
-from pipeline.model.checkpoint import (
-    checkpoint_tokenizer,
-    checkpoint_tokenizer_files,
-    save_checkpoint,
-)
-from pipeline.model.lora import merge_lora
-from pipeline.paths import Paths
-from pipeline.plots import plot_training_curves
+from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
 from pipeline.stages.common import (
-    epoch_train_config,
+    epoch_train_settings,
     fine_tuning_fingerprint,
-    finish_stage,
     instruction_splits,
     load_language_model,
     make_trainable,
     seeded,
-    stage_device,
 )
-from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit, is_main_process
+from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
+from pipeline.tracking import StageRun
+from pipeline.train import TrainResult, TrainTask, is_main_process
 from pipeline.train.dpo import model_response_logprobs, preference_loss
 
 log = logging.getLogger("pipeline.align_dpo")
 
 STAGE = "align-dpo"
-SECTION = "align_dpo"
-ARTIFACTS = ("train.json", "val.json", "test.json", "loss.png", "test_responses.json")
 PREFERENCE_KEYS = ("instruction", "input", "chosen", "rejected")
 PairBatch = tuple[torch.Tensor, ...]
 
@@ -95,148 +86,142 @@ def reference_logprobs(
     return torch.cat(out_c), torch.cat(out_r)
 
 
-def run(config: Mapping[str, Any]) -> dict[str, Any]:
-    paths = Paths.from_config(config)
-    section = config[SECTION]
-    out_dir = paths.stage(STAGE)
-    device = stage_device(config)
+class AlignDpo(TrainingStage):
+    name = STAGE
 
-    train, val, test, skipped = instruction_splits(config, SECTION, PREFERENCE_KEYS)
-    model, start = load_language_model(config, SECTION, device)
-    template = section["template"] or load_checkpoint_config(start).get("instruct", {}).get(
-        "template"
-    )
-    if template is None:
-        raise ValueError(
-            f"{start} records no prompt template (not an instruction-tuned checkpoint?); "
-            f"set {SECTION}.template"
+    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+        section = self.section = config[STAGE]
+        train_records, val, self.test, skipped = instruction_splits(config, STAGE, PREFERENCE_KEYS)
+        model, start = load_language_model(config, STAGE, device)
+        template = section["template"] or load_checkpoint_config(start).get("instruct", {}).get(
+            "template"
         )
-    tokenizer = checkpoint_tokenizer(start)
-    context = model.config.context_length
-    batch_size = section["train"]["batch_size"]
-    examples = {
-        (name, key): [encode_example(r, template, tokenizer, response_key=key) for r in split]
-        for name, split in (("train", train), ("val", val))
-        for key in ("chosen", "rejected")
-    }
-    for (name, key), split_examples in examples.items():
-        if n := count_truncated(split_examples, context):
-            log.info(
-                "%s %s: %d of %d truncated to %d tokens", name, key, n, len(split_examples), context
+        if template is None:
+            raise ValueError(
+                f"{start} records no prompt template (not an instruction-tuned checkpoint?); "
+                f"set {STAGE}.template"
             )
+        self.template = template
+        tokenizer = checkpoint_tokenizer(start)
+        context = model.config.context_length
+        batch_size = section["train"]["batch_size"]
+        examples = {
+            (name, key): [encode_example(r, template, tokenizer, response_key=key) for r in split]
+            for name, split in (("train", train_records), ("val", val))
+            for key in ("chosen", "rejected")
+        }
+        for (name, key), split_examples in examples.items():
+            if n := count_truncated(split_examples, context):
+                log.info(
+                    "%s %s: %d of %d truncated to %d tokens",
+                    name, key, n, len(split_examples), context,
+                )  # fmt: skip
 
-    generation = section["generation"]
-    model.eval()
-    generator = seeded(config, device)
-    before = (
-        [respond(model, tokenizer, r, template, generation, generator) for r in test]
-        if is_main_process()
-        else []
-    )
-    reference = {
-        name: reference_logprobs(
-            model, examples[name, "chosen"], examples[name, "rejected"], context, batch_size
-        )
-        for name in ("train", "val")
-    }
-
-    trainable, total = make_trainable(model, config, SECTION)
-
-    def pair_batch(split: str, indices: Sequence[int]) -> PairBatch:
-        inputs, targets = collate_pairs(
-            [examples[split, "chosen"][i] for i in indices],
-            [examples[split, "rejected"][i] for i in indices],
-            context,
-        )
-        ref_c, ref_r = reference[split]
-        index = torch.as_tensor(list(indices))
-        return inputs, targets, ref_c[index], ref_r[index]
-
-    def loss_fn(m: torch.nn.Module, batch: PairBatch):
-        inputs, targets, ref_c, ref_r = batch
-        policy_c, policy_r = pair_logprobs(m, inputs, targets)
-        return preference_loss(
-            policy_c,
-            policy_r,
-            ref_c,
-            ref_r,
-            beta=section["beta"],
-            label_smoothing=section["label_smoothing"],
-            loss_type=section["loss"],
-        )
-
-    train_batches = ExampleBatches(
-        len(train), batch_size, lambda idx: pair_batch("train", idx), seed=config["seed"]
-    )
-    train_cfg, steps_per_epoch = epoch_train_config(
-        section["train"], config["seed"], section["epochs"], train_batches.steps_per_epoch
-    )
-    eval_sizes = {"train": min(len(train), train_cfg.eval_batches * batch_size), "val": len(val)}
-
-    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for split, size in eval_sizes.items():
-            sums: dict[str, float] = {}
-            for i in range(0, size, batch_size):
-                indices = range(i, min(i + batch_size, size))
-                batch = tuple(t.to(device) for t in pair_batch(split, indices))
-                loss, stats = loss_fn(m, batch)
-                for key, value in {"loss": loss, **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value.item() * len(indices)
-            metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
-        return metrics
-
-    fingerprint = fine_tuning_fingerprint(
-        config, SECTION, start, model, ("generation", "sample_table_rows"), template=template
-    )
-    with stage_run(config, STAGE) as tracker:
-        tracker.set_tags(
-            {"init_from": str(start), "device": device.type, "method": section["method"]}
-        )
-        tracker.log_metrics(
-            {"trainable_parameters": float(trainable), "trainable_fraction": trainable / total},
-            step=0,
-        )
-        result = fit(
-            model,
-            loss_fn,
-            train_batches,
-            train_cfg,
-            device=device,
-            resume_dir=paths.stage_resume(STAGE),
-            fingerprint=fingerprint,
-            logger=tracker,
-            eval_fn=eval_fn,
-            loss_units=lambda batch: len(batch[2]),
-        )
-        if not is_main_process():
-            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
-        if section["method"] == "lora":
-            merge_lora(model)
         model.eval()
-        rows = []
-        generator = seeded(config, device)
-        for record, answer_before in zip(test, before, strict=True):
-            answer_after = respond(model, tokenizer, record, template, generation, generator)
-            rows.append(
-                {
-                    "instruction": record["instruction"],
-                    "input": record["input"],
-                    "chosen": record["chosen"],
-                    "rejected": record["rejected"],
-                    "response_before": answer_before,
-                    "response_after": answer_after,
-                }
-            )
-        atomic_write_json(out_dir / "test_responses.json", rows)
-        shown = rows[: section["sample_table_rows"]]
-        tracker.log_table(
-            {
-                k: [row[k] for row in shown]
-                for k in ("instruction", "chosen", "response_before", "response_after")
-            },
-            "test_samples.json",
+        self.generator = lambda: seeded(config, device)  # the same one before and after
+        before = self.generator()
+        self.before = (
+            [self.respond(model, tokenizer, r, before) for r in self.test]
+            if is_main_process()
+            else []
         )
+        reference = {
+            name: reference_logprobs(
+                model, examples[name, "chosen"], examples[name, "rejected"], context, batch_size
+            )
+            for name in ("train", "val")
+        }
+        trainable, total = make_trainable(model, config, STAGE)
+
+        def pair_batch(split: str, indices: Sequence[int]) -> PairBatch:
+            inputs, targets = collate_pairs(
+                [examples[split, "chosen"][i] for i in indices],
+                [examples[split, "rejected"][i] for i in indices],
+                context,
+            )
+            ref_c, ref_r = reference[split]
+            index = torch.as_tensor(list(indices))
+            return inputs, targets, ref_c[index], ref_r[index]
+
+        def loss_fn(m: torch.nn.Module, batch: PairBatch):
+            inputs, targets, ref_c, ref_r = batch
+            policy_c, policy_r = pair_logprobs(m, inputs, targets)
+            return preference_loss(
+                policy_c, policy_r, ref_c, ref_r, beta=section["beta"],
+                label_smoothing=section["label_smoothing"], loss_type=section["loss"],
+            )  # fmt: skip
+
+        batches = ExampleBatches(
+            len(train_records), batch_size, lambda idx: pair_batch("train", idx),
+            seed=config["seed"],
+        )  # fmt: skip
+        train, self.steps_per_epoch = epoch_train_settings(
+            section["train"], section["epochs"], batches.steps_per_epoch
+        )
+        eval_sizes = {
+            "train": min(len(train_records), train.eval_batches * batch_size),
+            "val": len(val),
+        }
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            for split, size in eval_sizes.items():
+                sums: dict[str, float] = {}
+                for i in range(0, size, batch_size):
+                    indices = range(i, min(i + batch_size, size))
+                    batch = tuple(t.to(device) for t in pair_batch(split, indices))
+                    loss, stats = loss_fn(m, batch)
+                    for key, value in {"loss": loss, **stats}.items():
+                        sums[key] = sums.get(key, 0.0) + value.item() * len(indices)
+                metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
+            return metrics
+
+        task = TrainTask(loss_fn, batches, eval_fn=eval_fn, loss_units=lambda batch: len(batch[2]))
+        fingerprint = fine_tuning_fingerprint(
+            config, STAGE, start, model, ("generation", "sample_table_rows"), template=template
+        )
+        self.summary = {
+            "method": section["method"],
+            "loss_type": section["loss"],
+            "beta": section["beta"],
+            "trainable_parameters": trainable,
+            "skipped_records": skipped,
+        }
+        return StagePlan(
+            model, task, train, fingerprint, tokenizer, checkpoint_tokenizer_files(start),
+            title=f"{STAGE} ({section['loss']})",
+            tags={"init_from": str(start), "device": device.type, "method": section["method"]},
+            start_metrics={
+                "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
+            },
+            checkpoint_metadata={
+                "instruct": {"template": template, "method": section["method"], "aligned": "dpo"}
+            },
+            lora=section["method"] == "lora",
+        )  # fmt: skip
+
+    def respond(self, model: GPT, tokenizer, record: Mapping[str, Any], generator) -> str:
+        generation = self.section["generation"]
+        return respond(model, tokenizer, record, self.template, generation, generator)
+
+    def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
+               tracker: StageRun) -> dict[str, Any]:  # fmt: skip
+        after = self.generator()
+        rows = [
+            {
+                "instruction": record["instruction"],
+                "input": record["input"],
+                "chosen": record["chosen"],
+                "rejected": record["rejected"],
+                "response_before": before,
+                "response_after": self.respond(plan.model, plan.tokenizer, record, after),
+            }
+            for record, before in zip(self.test, self.before, strict=True)
+        ]
+        atomic_write_json(out_dir / "test_responses.json", rows)
+        shown = rows[: self.section["sample_table_rows"]]
+        columns = ("instruction", "chosen", "response_before", "response_after")
+        tracker.log_table({k: [row[k] for row in shown] for k in columns}, "test_samples.json")
 
         def mean_rouge(key: str) -> float:
             return sum(rouge_l_f1(row[key], row["chosen"]) for row in rows) / max(len(rows), 1)
@@ -249,12 +234,8 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
                 r["response_before"] != r["response_after"] for r in rows
             ),
             "steps": result.step,
-            "epochs": result.step / steps_per_epoch,
-            "method": section["method"],
-            "loss_type": section["loss"],
-            "beta": section["beta"],
-            "trainable_parameters": trainable,
-            "skipped_records": skipped,
+            "epochs": result.step / self.steps_per_epoch,
+            **self.summary,
         }
         log.info(
             "val: loss %.4f, reward accuracy %.3f, margin %.4f; "
@@ -262,22 +243,11 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
             metrics["val_loss"], metrics["val_reward_accuracy"], metrics["val_reward_margin"],
             metrics["test_rouge_l_chosen_before"], metrics["test_rouge_l_chosen_after"],
         )  # fmt: skip
-        plot_training_curves(
-            result.history, out_dir / "loss.png", title=f"{STAGE} ({section['loss']})"
-        )
-        save_checkpoint(
-            model,
-            out_dir / "model",
-            metadata={
-                "stage": STAGE,
-                "instruct": {"template": template, "method": section["method"], "aligned": "dpo"},
-                "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
-                "metrics": {
-                    k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")
-                },
-            },
-            extra_files=checkpoint_tokenizer_files(start),
-        )
-        finish_stage(tracker, config, out_dir, metrics, result.step, ARTIFACTS)
-    clear_resume_state(paths.stage_resume(STAGE))
-    return metrics
+        return metrics
+
+    def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}
+
+
+def main(config: Mapping[str, Any]) -> dict[str, Any]:
+    return run_training_stage(AlignDpo(), config)

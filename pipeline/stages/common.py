@@ -1,11 +1,11 @@
-"""What every training stage does the same way: device, train config, init checkpoint, the end."""
+"""Helpers the training stages share: device and attention, train settings, start checkpoints,
+record splits, trainable parts, resume fingerprints, and the stage's last writes."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -13,48 +13,51 @@ import torch
 
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
+from pipeline.model.attention import resolve_attention
 from pipeline.model.checkpoint import WEIGHTS_FILE
 from pipeline.model.lora import apply_lora
 from pipeline.paths import Paths
-from pipeline.tracking import StageRun
-from pipeline.train import TrainConfig, pick_device
+from pipeline.settings import TrainSettings
+from pipeline.stages.registry import init_checkpoint_path
+from pipeline.train import pick_device
 from pipeline.train.distributed import current_world
 
 log = logging.getLogger("pipeline.stages")
 
-MODEL_STAGES = ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo")
-"""Stages whose `model/` a later stage can start from by naming the stage."""
-
 
 def stage_device(config: Mapping[str, Any]) -> torch.device:
-    """The configured device, refusing the CPU-only fused attention elsewhere before any work."""
+    """The configured device (under torchrun on GPUs, this process's GPU)."""
     device = pick_device(config["device"])
     if device.type == "cuda" and device.index is None and current_world().distributed:
-        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU
-    if config["model"]["attention"] == "fused" and device.type != "cpu":
-        raise ValueError(
-            f"model.attention: 'fused' has a CPU kernel only, but device is {device.type}; "
-            "set `model.attention: sdpa` (or `device: cpu`)"
-        )
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def train_config(train_section: Mapping[str, Any], seed: int, **derived: int) -> TrainConfig:
-    """A stage's TrainConfig; `derived` values (steps from epochs...) yield to the config's."""
-    return TrainConfig.from_dict({**derived, **train_section, "seed": seed})
+def use_attention(model: GPT, config: Mapping[str, Any], device: torch.device) -> str:
+    """Switch `model` to the backend `model.attention` asks for on `device` (`auto`: fused on
+    the CPU, sdpa elsewhere; see `resolve_attention`); returns its name."""
+    name = resolve_attention(config["model"]["attention"], device, model.config.attn_dropout)
+    model.set_attention(name)
+    return name
 
 
-def epoch_train_config(
-    train_section: Mapping[str, Any], seed: int, epochs: int, batches_per_epoch: int
-) -> tuple[TrainConfig, int]:
-    """(TrainConfig, optimizer steps per epoch) for a stage counted in epochs: an optimizer step
+def train_settings(train: Mapping[str, Any], **derived: int) -> TrainSettings:
+    """A stage's validated `train` section as settings; `derived` values (steps from epochs...)
+    stand in where the section leaves them null."""
+    values = dict(train)
+    for key, value in derived.items():
+        if values.get(key) is None:
+            values[key] = value
+    return TrainSettings(**values)
+
+
+def epoch_train_settings(train: Mapping[str, Any], epochs: int, batches_per_epoch: int
+                         ) -> tuple[TrainSettings, int]:  # fmt: skip
+    """(settings, optimizer steps per epoch) for a stage counted in epochs: an optimizer step
     draws grad_accum_steps batches, and evaluation falls on every epoch's end. A `max_steps` or
     `eval_every` in the config wins."""
-    accum = train_section.get("grad_accum_steps", 1)
-    steps_per_epoch = max(1, -(-batches_per_epoch // accum))
-    cfg = train_config(
-        train_section, seed, max_steps=epochs * steps_per_epoch, eval_every=steps_per_epoch
-    )
+    steps_per_epoch = max(1, -(-batches_per_epoch // train["grad_accum_steps"]))
+    cfg = train_settings(train, max_steps=epochs * steps_per_epoch, eval_every=steps_per_epoch)
     return cfg, steps_per_epoch
 
 
@@ -71,13 +74,6 @@ def check_splits(section: str, **splits: Sized) -> None:
                 f"{section}.split gives an empty {name} split; adjust {section}.split "
                 "(train and val fractions; test gets the rest)"
             )
-
-
-def init_checkpoint_path(config: Mapping[str, Any], init_from: str) -> Path:
-    """Where a fine-tuning stage starts: a stage name's `model/`, or a checkpoint directory."""
-    if init_from in MODEL_STAGES:
-        return Paths.from_config(config).stage(init_from) / "model"
-    return Path(init_from)
 
 
 def init_checkpoint(config: Mapping[str, Any], init_from: str) -> Path:
@@ -107,14 +103,14 @@ def weights_sha256(directory: Path) -> str:
 
 
 def instruction_splits(
-    config: Mapping[str, Any], section_name: str, required: Sequence[str]
+    config: Mapping[str, Any], stage: str, required: Sequence[str]
 ) -> tuple[list[dict], list[dict], list[dict], int]:
     """(train, val, test, skipped) of a stage's instruction records: validated (invalid ones
     skipped and logged if the section says so), split with the seed, written as stage outputs."""
     from pipeline.data.instruct import load_records, split_records
 
     paths = Paths.from_config(config)
-    section = config[section_name]
+    section = config[stage]
     data_path = paths.source(section["data"])
     records, skipped = load_records(
         data_path, required=required, skip_invalid=section["skip_invalid"]
@@ -124,8 +120,8 @@ def instruction_splits(
     train, val, test = split_records(
         records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
     )
-    check_splits(section_name, train=train, val=val, test=test)
-    out_dir = paths.stage(section_name.replace("_", "-"))
+    check_splits(stage, train=train, val=val, test=test)
+    out_dir = paths.stage(stage)
     for name, split in (("train", train), ("val", val), ("test", test)):
         atomic_write_json(out_dir / f"{name}.json", split)
     log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))
@@ -133,20 +129,22 @@ def instruction_splits(
 
 
 def load_language_model(
-    config: Mapping[str, Any], section_name: str, device: torch.device
+    config: Mapping[str, Any], stage: str, device: torch.device
 ) -> tuple[GPT, Path]:
-    """The section's start checkpoint as a language model (not a classifier), and its path."""
-    start = init_checkpoint(config, config[section_name]["init_from"])
-    model = load_checkpoint(start, device=device, attention=config["model"]["attention"])
+    """The section's start checkpoint as a language model (not a classifier), running the
+    configured attention, and its path."""
+    start = init_checkpoint(config, config[stage]["init_from"])
+    model = load_checkpoint(start, device=device)
     if type(model) is not GPT:
-        raise ValueError(f"{section_name}.init_from {start} is not a language-model checkpoint")
+        raise ValueError(f"{stage}.init_from {start} is not a language-model checkpoint")
+    use_attention(model, config, device)
     return model, start
 
 
-def make_trainable(model: GPT, config: Mapping[str, Any], section_name: str) -> tuple[int, int]:
+def make_trainable(model: GPT, config: Mapping[str, Any], stage: str) -> tuple[int, int]:
     """Full fine-tuning, or LoRA adapters (seeded) on a frozen model, as the section says;
     returns (trainable, total) parameter counts, also logged."""
-    section = config[section_name]
+    section = config[stage]
     lora = section["lora"]
     torch.manual_seed(config["seed"])  # LoRA's A matrices
     if section["method"] == "lora":
@@ -156,14 +154,14 @@ def make_trainable(model: GPT, config: Mapping[str, Any], section_name: str) -> 
         trainable = total = sum(p.numel() for p in model.parameters())
     log.info(
         "%s %s: %s of %s parameters trainable (%.2f%%)",
-        section_name, section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+        stage, section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
     )  # fmt: skip
     return trainable, total
 
 
 def fine_tuning_fingerprint(
     config: Mapping[str, Any],
-    section_name: str,
+    stage: str,
     start: Path,
     model: GPT,
     reporting_keys: Sequence[str] = (),
@@ -174,7 +172,7 @@ def fine_tuning_fingerprint(
     `train` is fingerprinted by `fit` itself; `reporting_keys` only shape the stage's reports
     (sample counts, generation settings), so changing them keeps the resume state.
     """
-    section = config[section_name]
+    section = config[stage]
     skipped = {"train", *reporting_keys}
     return {
         "init_weights": weights_sha256(start),
@@ -183,26 +181,3 @@ def fine_tuning_fingerprint(
         "section": {k: v for k, v in section.items() if k not in skipped},
         "model": model.config.to_dict(),
     }
-
-
-def finish_stage(
-    tracker: StageRun,
-    config: Mapping[str, Any],
-    out_dir: Path,
-    metrics: Mapping[str, Any],
-    step: int,
-    artifacts: Iterable[str],
-) -> None:
-    """Write metrics.json last (it is the stage's completion marker), log it, the artifacts and
-    the model directory to the stage's MLflow run."""
-    numeric = {
-        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    # JSON has no NaN: an undefined metric (ROC-AUC of a one-class subset) is written as null
-    undefined = {k: None for k, v in numeric.items() if not math.isfinite(v)}
-    atomic_write_json(out_dir / "metrics.json", {**metrics, **undefined})
-    tracker.log_metrics({f"final_{k}": v for k, v in numeric.items()}, step=step)
-    for name in ("metrics.json", *artifacts):
-        tracker.log_artifact(out_dir / name)
-    if config["tracking"]["log_model"]:
-        tracker.log_artifact(out_dir / "model", "model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,34 +28,24 @@ from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
 from pipeline.io import atomic_write_json
 from pipeline.model import GPT
-from pipeline.model.checkpoint import (
-    checkpoint_tokenizer,
-    checkpoint_tokenizer_files,
-    save_checkpoint,
-)
-from pipeline.model.lora import merge_lora
-from pipeline.paths import Paths
-from pipeline.plots import plot_training_curves
+from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
 from pipeline.stages.common import (
-    epoch_train_config,
+    epoch_train_settings,
     fine_tuning_fingerprint,
-    finish_stage,
     instruction_splits,
     load_language_model,
     make_trainable,
     seeded,
-    stage_device,
 )
-from pipeline.tracking import stage_run
-from pipeline.train import clear_resume_state, fit, is_main_process
+from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
+from pipeline.tracking import StageRun
+from pipeline.train import TrainResult, TrainTask
 from pipeline.train.losses import learned_targets, lm_loss
 
 log = logging.getLogger("pipeline.finetune_instruct")
 
 STAGE = "finetune-instruct"
-SECTION = "finetune_instruct"
 RECORD_KEYS = ("instruction", "input", "output")
-ARTIFACTS = ("train.json", "val.json", "test.json", "loss.png", "test_responses.json")
 
 
 def _sample_table(rows: Sequence[Mapping[str, Any]], limit: int) -> dict[str, list]:
@@ -62,111 +53,91 @@ def _sample_table(rows: Sequence[Mapping[str, Any]], limit: int) -> dict[str, li
     return {k: [row[k] for row in rows[:limit]] for k in keys}
 
 
-def run(config: Mapping[str, Any]) -> dict[str, Any]:
-    paths = Paths.from_config(config)
-    section = config[SECTION]
-    out_dir = paths.stage(STAGE)
-    device = stage_device(config)
-    template = section["template"]
+class FinetuneInstruct(TrainingStage):
+    name = STAGE
 
-    train, val, test, skipped = instruction_splits(config, SECTION, RECORD_KEYS)
-    model, start = load_language_model(config, SECTION, device)
-    tokenizer = checkpoint_tokenizer(start)
-    context = model.config.context_length
-    examples: dict[str, list[InstructionExample]] = {
-        name: [encode_example(r, template, tokenizer) for r in split]
-        for name, split in (("train", train), ("val", val))
-    }
-    truncated = {name: count_truncated(ex, context) for name, ex in examples.items()}
-    for name, n in truncated.items():
-        if n:
-            log.info(
-                "%s: %d of %d examples truncated to %d tokens",
-                name,
-                n,
-                len(examples[name]),
-                context,
-            )
+    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+        section = self.section = config[STAGE]
+        template = section["template"]
+        train_records, val, self.test, skipped = instruction_splits(config, STAGE, RECORD_KEYS)
+        model, start = load_language_model(config, STAGE, device)
+        tokenizer = checkpoint_tokenizer(start)
+        context = model.config.context_length
+        examples: dict[str, list[InstructionExample]] = {
+            name: [encode_example(r, template, tokenizer) for r in split]
+            for name, split in (("train", train_records), ("val", val))
+        }
+        truncated = {name: count_truncated(ex, context) for name, ex in examples.items()}
+        for name, n in truncated.items():
+            if n:
+                log.info(
+                    "%s: %d of %d examples truncated to %d tokens",
+                    name, n, len(examples[name]), context,
+                )  # fmt: skip
+        trainable, total = make_trainable(model, config, STAGE)
+        batch_size = section["train"]["batch_size"]
 
-    trainable, total = make_trainable(model, config, SECTION)
+        def collate_examples(split: str, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+            chosen = [examples[split][i] for i in indices]
+            return collate(chosen, context_length=context, mask_prompt=section["mask_prompt"])
 
-    batch_size = section["train"]["batch_size"]
-
-    def collate_examples(split: str, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        return collate(
-            [examples[split][i] for i in indices],
-            context_length=context,
-            mask_prompt=section["mask_prompt"],
+        lengths = [ex.num_tokens for ex in examples["train"]]
+        order = None
+        if section["bucket_by_length"]:
+            order = lambda g: bucketed_order(lengths, batch_size, int(g.initial_seed()))  # noqa: E731
+        batches = ExampleBatches(
+            len(train_records), batch_size, lambda idx: collate_examples("train", idx),
+            seed=config["seed"], order=order,
+        )  # fmt: skip
+        train, self.steps_per_epoch = epoch_train_settings(
+            section["train"], section["epochs"], batches.steps_per_epoch
         )
+        eval_batches = {
+            split: [
+                collate_examples(split, range(i, min(i + batch_size, len(examples[split]))))
+                for i in range(0, len(examples[split]), batch_size)
+            ][: train.eval_batches]
+            for split in ("train", "val")
+        }
+        first_val, generation = val[0], section["generation"]
 
-    lengths = [ex.num_tokens for ex in examples["train"]]
-    order = None
-    if section["bucket_by_length"]:
-        order = lambda g: bucketed_order(lengths, batch_size, int(g.initial_seed()))  # noqa: E731
-    train_batches = ExampleBatches(
-        len(train),
-        batch_size,
-        lambda idx: collate_examples("train", idx),
-        seed=config["seed"],
-        order=order,
-    )
-    train_cfg, steps_per_epoch = epoch_train_config(
-        section["train"], config["seed"], section["epochs"], train_batches.steps_per_epoch
-    )
-    eval_batches = {
-        split: [
-            collate_examples(split, range(i, min(i + batch_size, len(examples[split]))))
-            for i in range(0, len(examples[split]), batch_size)
-        ][: train_cfg.eval_batches]
-        for split in ("train", "val")
-    }
-    generation = section["generation"]
-    first_val = val[0]
+        def sample_fn(m: GPT) -> str:
+            answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
+            return f"{format_prompt(first_val, template)}{answer}"
 
-    def sample_fn(m: GPT) -> str:
-        answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
-        return f"{format_prompt(first_val, template)}{answer}"
-
-    fingerprint = fine_tuning_fingerprint(
-        config, SECTION, start, model, reporting_keys=("generation", "sample_table_rows")
-    )
-    with stage_run(config, STAGE) as tracker:
-        tracker.set_tags(
-            {"init_from": str(start), "device": device.type, "method": section["method"]}
-        )
-        tracker.log_metrics(
-            {
-                "trainable_parameters": float(trainable),
-                "trainable_fraction": trainable / total,
-                "skipped_records": float(skipped),
-                **{f"truncated_{k}": float(v) for k, v in truncated.items()},
-            },
-            step=0,
-        )
-        result = fit(
-            model,
-            lm_loss,
-            train_batches,
-            train_cfg,
-            device=device,
+        task = TrainTask(
+            lm_loss, batches, sample_fn=sample_fn, loss_units=learned_targets,
             eval_sets={split: (lambda b=b: b) for split, b in eval_batches.items()},
-            resume_dir=paths.stage_resume(STAGE),
-            fingerprint=fingerprint,
-            logger=tracker,
-            sample_fn=sample_fn,
-            loss_units=learned_targets,
+        )  # fmt: skip
+        fingerprint = fine_tuning_fingerprint(
+            config, STAGE, start, model, reporting_keys=("generation", "sample_table_rows")
         )
-        if not is_main_process():
-            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
-        if section["method"] == "lora":
-            merge_lora(model)
-        model.eval()
+        self.generator = seeded(config, device)
+        self.summary = {
+            "method": section["method"],
+            "trainable_parameters": trainable,
+            "trainable_fraction": trainable / total,
+            "skipped_records": skipped,
+            **{f"truncated_{k}": v for k, v in truncated.items()},
+        }
+        return StagePlan(
+            model, task, train, fingerprint, tokenizer, checkpoint_tokenizer_files(start),
+            title=f"{STAGE} ({section['method']})",
+            tags={"init_from": str(start), "device": device.type, "method": section["method"]},
+            start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
+            checkpoint_metadata={"instruct": {"template": template, "method": section["method"]}},
+            lora=section["method"] == "lora",
+        )  # fmt: skip
 
+    def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
+               tracker: StageRun) -> dict[str, Any]:  # fmt: skip
+        section, template = self.section, self.section["template"]
         t0 = time.perf_counter()
         rows = []
-        generator = seeded(config, device)
-        for record in test:
-            answer = respond(model, tokenizer, record, template, generation, generator)
+        for record in self.test:
+            answer = respond(
+                plan.model, plan.tokenizer, record, template, section["generation"], self.generator
+            )
             rows.append(
                 {
                     "instruction": record["instruction"],
@@ -185,37 +156,20 @@ def run(config: Mapping[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
         atomic_write_json(out_dir / "test_responses.json", rows)
         tracker.log_table(_sample_table(rows, section["sample_table_rows"]), "test_samples.json")
-
-        metrics = {
+        return {
             **result.metrics,
             "test_rouge_l": scores["rouge_l_f1"],
             "test_exact_match": scores["exact_match"],
             "test_responses": len(rows),
             "response_time_s": response_time,
             "steps": result.step,
-            "epochs": result.step / steps_per_epoch,
-            "method": section["method"],
-            "trainable_parameters": trainable,
-            "trainable_fraction": trainable / total,
-            "skipped_records": skipped,
-            **{f"truncated_{k}": v for k, v in truncated.items()},
+            "epochs": result.step / self.steps_per_epoch,
+            **self.summary,
         }
-        plot_training_curves(
-            result.history, out_dir / "loss.png", title=f"{STAGE} ({section['method']})"
-        )
-        save_checkpoint(
-            model,
-            out_dir / "model",
-            metadata={
-                "stage": STAGE,
-                "instruct": {"template": template, "method": section["method"]},
-                "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
-                "metrics": {
-                    k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")
-                },
-            },
-            extra_files=checkpoint_tokenizer_files(start),
-        )
-        finish_stage(tracker, config, out_dir, metrics, result.step, ARTIFACTS)
-    clear_resume_state(paths.stage_resume(STAGE))
-    return metrics
+
+    def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")}
+
+
+def main(config: Mapping[str, Any]) -> dict[str, Any]:
+    return run_training_stage(FinetuneInstruct(), config)

@@ -12,7 +12,7 @@ from pipeline.paths import Paths
 from pipeline.tracking import stage_run
 
 
-def run(config: Mapping[str, Any]) -> dict[str, Any]:
+def main(config: Mapping[str, Any]) -> dict[str, Any]:
     paths = Paths.from_config(config)
     corpus = [paths.source(name) for name in config["prepare"]["corpus"]]
     missing = [str(p) for p in corpus if not p.is_file()]

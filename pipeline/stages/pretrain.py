@@ -25,20 +25,15 @@ from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.io import atomic_write_text
 from pipeline.model import GPT, PRESETS, GPTConfig
-from pipeline.model.checkpoint import save_checkpoint, tokenizer_files
+from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
-from pipeline.model.hf import HF_NAME_FOR_PRESET, gpt2_config, load_gpt2
+from pipeline.model.hf import gpt2_config, load_gpt2
+from pipeline.model.weights import resolve_init_from
 from pipeline.paths import Paths
-from pipeline.plots import plot_training_curves
-from pipeline.stages.common import finish_stage, stage_device, train_config, weights_sha256
-from pipeline.tracking import stage_run
-from pipeline.train import (
-    clear_resume_state,
-    evaluate_losses,
-    fit,
-    is_main_process,
-    measure_peak_flops,
-)
+from pipeline.stages.common import train_settings, use_attention, weights_sha256
+from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
+from pipeline.tracking import StageRun
+from pipeline.train import TrainResult, TrainTask, measure_peak_flops
 from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.pretrain")
@@ -53,80 +48,14 @@ MODEL_OVERRIDES = (
     "attn_dropout",
     "qkv_bias",
 )
-SCRATCH = "scratch"
-# The names `init_from` looks up under paths.weights: our presets and Hugging Face's model names.
-PRESET_FOR_WEIGHTS_NAME: dict[str, str] = {
-    **{preset: preset for preset in HF_NAME_FOR_PRESET},
-    **{hf: preset for preset, hf in HF_NAME_FOR_PRESET.items()},
-}
-# What must agree between the init weights and the model section; dropouts and attention need not.
+# What must agree between the init weights and the model section; dropouts need not.
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size", "qkv_bias")
 
 
 def model_config(model_section: Mapping[str, Any], vocab_size: int) -> GPTConfig:
     """The model section's GPTConfig: the preset with any overrides."""
-    overrides = {k: model_section[k] for k in MODEL_OVERRIDES if k in model_section}
-    return GPTConfig.from_preset(
-        model_section["preset"],
-        attention=model_section["attention"],
-        vocab_size=vocab_size,
-        **overrides,
-    )
-
-
-def weights_candidates(config: Mapping[str, Any], name: str) -> list[Path]:
-    """Where a GPT-2 name is looked for: paths.weights/<preset>, then paths.weights/<HF name>."""
-    preset = PRESET_FOR_WEIGHTS_NAME[name]
-    weights = Paths.from_config(config).weights
-    return [weights / preset, weights / HF_NAME_FOR_PRESET[preset]]
-
-
-def resolve_init_from(config: Mapping[str, Any]) -> Path | None:
-    """The weights directory `pretrain.init_from` names, or None for `scratch`.
-
-    A missing directory fails here, saying where it was looked for and how to get the weights.
-    """
-    init_from = config[STAGE]["init_from"]
-    if init_from == SCRATCH:
-        return None
-    if init_from in PRESET_FOR_WEIGHTS_NAME:
-        candidates = weights_candidates(config, init_from)
-        for directory in candidates:
-            if directory.is_dir():
-                return directory
-        preset = PRESET_FOR_WEIGHTS_NAME[init_from]
-        hf_name = HF_NAME_FOR_PRESET[preset]
-        raise FileNotFoundError(
-            f"pretrain.init_from {init_from!r}: no weights at {candidates[0]} or {candidates[1]} "
-            f"(paths.weights is {Paths.from_config(config).weights}). Download GPT-2 {preset} "
-            f"first, e.g. `hf download openai-community/{hf_name} config.json model.safetensors "
-            f"vocab.json merges.txt --local-dir {candidates[1]}`, or put OpenAI's checkpoint "
-            f"(hparams.json, model.ckpt.*) in {candidates[0]}; or set pretrain.init_from to the "
-            f"directory that holds them"
-        )
-    directory = Path(init_from)
-    if not directory.is_dir():
-        names = ", ".join(PRESET_FOR_WEIGHTS_NAME)
-        raise FileNotFoundError(
-            f"pretrain.init_from {init_from!r}: no such directory; expected {SCRATCH!r}, a GPT-2 "
-            f"name looked up under paths.weights ({names}) or a weights directory"
-        )
-    return directory
-
-
-def init_from_input(config: Mapping[str, Any]) -> list[str]:
-    """The Snakefile's extra input for rule pretrain: the init_from directory, if any.
-
-    A directory given by path is always an input, so Snakemake reports it missing before running;
-    a name is an input once found (if it is not, the stage's own error says where it looked).
-    """
-    init_from = config[STAGE]["init_from"]
-    if init_from == SCRATCH:
-        return []
-    if init_from in PRESET_FOR_WEIGHTS_NAME:
-        found = [d for d in weights_candidates(config, init_from) if d.is_dir()]
-        return [str(found[0])] if found else []
-    return [init_from]
+    overrides = {k: model_section[k] for k in MODEL_OVERRIDES if model_section.get(k) is not None}
+    return GPTConfig.from_preset(model_section["preset"], vocab_size=vocab_size, **overrides)
 
 
 def _describe(config: GPTConfig) -> str:
@@ -145,7 +74,9 @@ def check_architecture(
     if not differ:
         return
     preset = model_section["preset"]
-    overrides = [key for key in MODEL_OVERRIDES if key in model_section and key in ARCHITECTURE]
+    overrides = [
+        key for key in MODEL_OVERRIDES if model_section.get(key) is not None and key in ARCHITECTURE
+    ]
     given = f"model.preset {preset!r}" + (
         f" with model.{', model.'.join(overrides)}" if overrides else ""
     )
@@ -178,14 +109,11 @@ def load_init_model(
 ) -> GPT:
     """A GPT with `cfg` holding the weights in `directory` (any layout `load_gpt2` reads).
 
-    The architecture is checked before any tensor is read; dropouts and attention come from the
-    model section, not from the weights' config (Hugging Face's says 0.1, GPT-2's training value).
+    The architecture is checked before any tensor is read; dropouts come from the model
+    section, not from the weights' config (Hugging Face's says 0.1, GPT-2's training value).
     """
-    # The source model only carries the tensors over, so its attention backend does not matter.
-    check_architecture(
-        gpt2_config(directory, attention="sdpa"), cfg, model_section, init_from, directory
-    )
-    source = load_gpt2(directory, attention="sdpa")
+    check_architecture(gpt2_config(directory), cfg, model_section, init_from, directory)
+    source = load_gpt2(directory)
     model = GPT(cfg)
     model.load_state_dict(source.state_dict())
     return model
@@ -207,148 +135,118 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: i
     return prompt + tokenizer.decode(list(ids))
 
 
-def run(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Train (or, for weights with continue_pretraining false, only evaluate) and save the model."""
-    paths = Paths.from_config(config)
-    section = config[STAGE]
-    out_dir = paths.stage(STAGE)
-    init_from = section["init_from"]
-    init_dir = resolve_init_from(config)  # before any work: a missing download fails at once
-    meta = json.loads((paths.tokens / "meta.json").read_text())
-    train_tokens = load_tokens(paths.tokens / "train.bin")
-    val_tokens = load_tokens(paths.tokens / "val.bin")
-    tokenizer = gpt2_tokenizer(paths.bpe)
+class Pretrain(TrainingStage):
+    """From scratch (random init, then training), or from GPT-2 weights: evaluated as they are
+    (`continue_pretraining: false`) or trained further."""
 
-    cfg = model_config(config["model"], vocab_size=meta["vocab_size"])
-    train_cfg = train_config(section["train"], config["seed"])
-    device = stage_device(config)
-    torch.manual_seed(config["seed"])
-    if init_dir is None:
-        model = GPT(cfg)
-        training, init_sha = True, None
-    else:
-        model = load_init_model(init_dir, cfg, config["model"], init_from)
-        training, init_sha = section["continue_pretraining"], weights_sha256(init_dir)
-    log.info(
-        "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
-        config["model"]["preset"],
-        f"{model.num_parameters():,}",
-        cfg.attention,
-        device,
-        init_from,
-        "" if init_dir is None else f" ({init_dir}, sha256 {init_sha})",
-    )
-    if not training:
-        log.info("continue_pretraining is false: evaluating %s as it is, no training", init_from)
+    name = STAGE
 
-    ctx, batch = cfg.context_length, train_cfg.batch_size
-    train_batches = TokenWindows(
-        train_tokens,
-        ctx,
-        batch,
-        sampling=section["sampling"],
-        stride=section["stride"],
-        seed=config["seed"],
-    )
-    fixed_batches = {
-        split: evaluation_batches(
-            tokens, ctx, batch, train_cfg.eval_batches, str(paths.tokens / f"{split}.bin")
-        )
-        for split, tokens in (("train", train_tokens), ("val", val_tokens))
-    }
-    eval_sets = {split: (lambda b=b: b) for split, b in fixed_batches.items()}
-    peak_flops = section["peak_flops"]
-    if peak_flops is None and training:
-        peak_flops = measure_peak_flops(
-            device, torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
-        )
-    fingerprint = {
-        "model": cfg.to_dict(),
-        "seed": config["seed"],
-        "sampling": section["sampling"],
-        "stride": section["stride"],
-        "data": [d["sha256"] for d in meta["documents"]],
-        "val_fraction": meta["val_fraction"],
-    }
-    init_info: dict[str, Any] = {"init_from": init_from}
-    if init_dir is not None:
-        fingerprint["init_weights"] = init_sha  # absent for scratch: older resume states stay valid
-        init_info["init_weights_sha256"] = init_sha
+    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+        paths, section = Paths.from_config(config), config[STAGE]
+        init_from = section["init_from"]
+        init_dir = resolve_init_from(config)  # before any work: a missing download fails at once
+        meta = json.loads((paths.tokens / "meta.json").read_text())
+        train_tokens = load_tokens(paths.tokens / "train.bin")
+        val_tokens = load_tokens(paths.tokens / "val.bin")
+        self.tokenizer = gpt2_tokenizer(paths.bpe)
+        self.section, self.seed = section, config["seed"]
 
-    with stage_run(config, STAGE) as tracker:
-        tags = {"parameters": model.num_parameters(), "device": device.type, **init_info}
-        if init_dir is not None:
-            tags.update(init_weights=init_dir, continue_pretraining=training)
-        tracker.set_tags(tags)
-        if training:
-            result = fit(
-                model,
-                lm_loss,
-                train_batches,
-                train_cfg,
-                device=device,
-                eval_sets=eval_sets,
-                resume_dir=paths.stage_resume(STAGE),
-                fingerprint=fingerprint,
-                logger=tracker,
-                sample_fn=lambda m: sample_text(
-                    m, tokenizer, section["sample_prompt"], section["sample_tokens"], config["seed"]
-                ),
-                flops_per_token=model.flops_per_token(),
-                peak_flops=peak_flops,
-            )
-            step, history, measured = result.step, result.history, result.metrics
+        cfg = model_config(config["model"], vocab_size=meta["vocab_size"])
+        train = train_settings(section["train"])
+        torch.manual_seed(config["seed"])
+        if init_dir is None:
+            model, trains, init_sha = GPT(cfg), True, None
         else:
-            model.to(device).eval()
-            measured = evaluate_losses(
-                model, lm_loss, eval_sets, train_cfg.eval_batches, device, train_cfg.precision
+            model = load_init_model(init_dir, cfg, config["model"], init_from)
+            trains, init_sha = section["continue_pretraining"], weights_sha256(init_dir)
+        attention = use_attention(model, config, device)
+        log.info(
+            "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
+            config["model"]["preset"], f"{model.num_parameters():,}", attention, device,
+            init_from, "" if init_dir is None else f" ({init_dir}, sha256 {init_sha})",
+        )  # fmt: skip
+        if not trains:
+            log.info(
+                "continue_pretraining is false: evaluating %s as it is, no training", init_from
             )
-            tracker.log_metrics(measured, step=0)
-            step, history = 0, [{"step": 0, **measured}]
-        if not is_main_process():
-            return measured  # rank 0 writes and logs the stage's outputs
-        metrics = {
-            **measured,
-            "steps": step,
-            "parameters": model.num_parameters(),
-            "tokens_seen": step * train_cfg.grad_accum_steps * batch * ctx,
-            "epochs": train_batches.epoch,
-            **init_info,
+
+        ctx, batch = cfg.context_length, train.batch_size
+        self.batches = TokenWindows(
+            train_tokens, ctx, batch, sampling=section["sampling"], stride=section["stride"],
+            seed=config["seed"],
+        )  # fmt: skip
+        fixed = {
+            split: evaluation_batches(
+                tokens, ctx, batch, train.eval_batches, str(paths.tokens / f"{split}.bin")
+            )
+            for split, tokens in (("train", train_tokens), ("val", val_tokens))
         }
-        samples = sample_text(
-            model, tokenizer, section["sample_prompt"], section["sample_tokens"], config["seed"]
+        peak_flops = section["peak_flops"]
+        if peak_flops is None and trains:
+            dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+            peak_flops = measure_peak_flops(device, dtype)
+        task = TrainTask(
+            lm_loss,
+            self.batches,
+            eval_sets={split: (lambda b=b: b) for split, b in fixed.items()},
+            sample_fn=self.sample,
+            flops_per_token=model.flops_per_token(),
+            peak_flops=peak_flops,
         )
-        if not training:
+        fingerprint = {
+            "model": cfg.to_dict(),
+            "attention": attention,
+            "seed": config["seed"],
+            "sampling": section["sampling"],
+            "stride": section["stride"],
+            "data": [d["sha256"] for d in meta["documents"]],
+            "val_fraction": meta["val_fraction"],
+        }
+        self.init_info: dict[str, Any] = {"init_from": init_from}
+        tags = {"parameters": model.num_parameters(), "device": device.type}
+        if init_dir is not None:
+            fingerprint["init_weights"] = init_sha
+            self.init_info["init_weights_sha256"] = init_sha
+            tags.update(init_weights=init_dir, continue_pretraining=trains)
+        return StagePlan(
+            model, task, train, fingerprint, self.tokenizer, tokenizer_files(paths.bpe),
+            title=f"pretrain ({config['model']['preset']}, init_from {init_from})",
+            tags={**tags, **self.init_info}, trains=trains,
+        )  # fmt: skip
+
+    def sample(self, model: GPT) -> str:
+        section = self.section
+        return sample_text(
+            model, self.tokenizer, section["sample_prompt"], section["sample_tokens"], self.seed
+        )
+
+    def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
+               tracker: StageRun) -> dict[str, Any]:  # fmt: skip
+        model, train = plan.model, plan.train
+        metrics = {
+            **result.metrics,
+            "steps": result.step,
+            "parameters": model.num_parameters(),
+            "tokens_seen": result.step
+            * train.grad_accum_steps
+            * train.batch_size
+            * model.config.context_length,
+            "epochs": self.batches.epoch,
+            **self.init_info,
+        }
+        samples = self.sample(model)
+        if not plan.trains:
             log.info("sample:\n%s", samples)
             tracker.log_text(samples, "samples/step_000000.txt")
-
-        save_checkpoint(
-            model,
-            out_dir / "model",
-            metadata={
-                "stage": STAGE,
-                "tokenizer": {"name": "gpt2", "eot_token": tokenizer.eot_token},
-                "metrics": metrics,
-            },
-            extra_files=tokenizer_files(paths.bpe),
-        )
-        title = f"pretrain ({config['model']['preset']}, init_from {init_from})"
-        plot_training_curves(history, out_dir / "loss.png", title=title)
         atomic_write_text(out_dir / "samples.txt", samples + "\n")
-        finish_stage(tracker, config, out_dir, metrics, step, ("loss.png", "samples.txt"))
-    clear_resume_state(paths.stage_resume(STAGE))
-    if training:
+        how = "" if plan.trains else ", not trained"
         log.info(
-            "pretrain done (init_from %s): val_loss %.4f, %.0f tokens/s",
-            init_from,
-            metrics.get("val_loss", float("nan")),
-            metrics.get("tokens_per_second", float("nan")),
-        )
-    else:
-        log.info(
-            "pretrain done (init_from %s, not trained): train_loss %.4f, val_loss %.4f",
-            init_from,
-            metrics["train_loss"],
-            metrics["val_loss"],
-        )
-    return metrics
+            "pretrain done (init_from %s%s): train_loss %.4f, val_loss %.4f, %.0f tokens/s",
+            self.init_info["init_from"], how, metrics.get("train_loss", float("nan")),
+            metrics.get("val_loss", float("nan")), metrics.get("tokens_per_second", 0.0),
+        )  # fmt: skip
+        return metrics
+
+
+def main(config: Mapping[str, Any]) -> dict[str, Any]:
+    return run_training_stage(Pretrain(), config)

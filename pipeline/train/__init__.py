@@ -1,13 +1,13 @@
-"""One training loop for every stage: ``fit`` plus its config, schedule, devices and resume."""
+"""One training loop for every stage: ``fit`` plus its task, schedule, devices and resume."""
 
 from pipeline.train.device import measure_peak_flops, pick_device
 from pipeline.train.distributed import is_main_process
 from pipeline.train.loop import (
     Batches,
     NonFiniteLossError,
-    TrainConfig,
     TrainLogger,
     TrainResult,
+    TrainTask,
     configure_optimizer,
     evaluate_losses,
     fit,
@@ -19,9 +19,9 @@ from pipeline.train.state import clear_resume_state, read_resume_meta
 __all__ = [
     "Batches",
     "NonFiniteLossError",
-    "TrainConfig",
     "TrainLogger",
     "TrainResult",
+    "TrainTask",
     "clear_resume_state",
     "configure_optimizer",
     "evaluate_losses",

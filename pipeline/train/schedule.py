@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipeline.train.loop import TrainConfig
+from pipeline.settings import TrainSettings
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainSettings) -> float:
     """Learning rate for optimizer step ``step`` (1-based in ``fit``; 0 is the warmup start).
 
     Linear warmup from 0 to ``cfg.lr`` over ``cfg.warmup_steps``, then cosine decay to

@@ -9,6 +9,7 @@ unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -24,7 +25,7 @@ from pipeline.io import atomic_directory, old_sibling
 
 log = logging.getLogger("pipeline.train")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
@@ -33,16 +34,17 @@ _FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE})
 
 
 @dataclass
-class ResumeState:
-    """The non-tensor part of a checkpoint, after the tensors were loaded into their owners."""
+class FitState:
+    """A run's counters: what `fit` keeps between steps and exactly what a checkpoint's
+    `state.json` holds beside the tensors (model, optimizer, RNGs)."""
 
-    step: int
-    data_state: dict
-    history: list[dict] = field(default_factory=list)
+    step: int = 0
     train_time_s: float = 0.0
     tokens_seen: int = 0
+    history: list[dict] = field(default_factory=list)
     last_metrics: dict[str, float] = field(default_factory=dict)
-    optimizer_state: dict = field(default_factory=dict)
+    data_state: dict = field(default_factory=dict)
+    """The batch stream's state (`Batches.state_dict`) at `step`."""
 
 
 def canonical_json(obj: Any) -> Any:
@@ -106,7 +108,7 @@ def save_resume_state(
     *,
     model: nn.Module,
     optimizer_state: dict,
-    state: ResumeState,
+    state: FitState,
     fingerprint: Any,
 ) -> None:
     """Atomically replace the checkpoint in ``resume_dir`` with the current training state.
@@ -123,13 +125,8 @@ def save_resume_state(
         safetensors.torch.save_file(rng, str(tmp / RNG_FILE))
         meta = {
             "version": STATE_VERSION,
-            "step": state.step,
             "fingerprint": canonical_json(fingerprint),
-            "data_state": state.data_state,
-            "history": state.history,
-            "train_time_s": state.train_time_s,
-            "tokens_seen": state.tokens_seen,
-            "last_metrics": state.last_metrics,
+            **dataclasses.asdict(state),
         }
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -148,9 +145,9 @@ def load_resume_state(
     model: nn.Module,
     fingerprint: Any,
     device: torch.device,
-) -> ResumeState | None:
-    """Load a matching checkpoint into ``model`` and the RNGs and return the rest (with the
-    optimizer state, for the optimizer built on whatever module trains ``model``).
+) -> tuple[FitState, dict] | None:
+    """Load a matching checkpoint into ``model`` and the RNGs and return its state and the
+    optimizer state (for the optimizer built on whatever module trains ``model``).
 
     Returns None (training starts fresh) when there is no checkpoint or its fingerprint differs;
     the stale checkpoint is left in place until the new run writes its first one.
@@ -182,15 +179,8 @@ def load_resume_state(
     safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=True, device=str(device))
     optimizer_state = torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     _restore_rng(safetensors.torch.load_file(str(found / RNG_FILE)))
-    return ResumeState(
-        step=int(meta["step"]),
-        data_state=meta["data_state"],
-        history=meta["history"],
-        train_time_s=float(meta["train_time_s"]),
-        tokens_seen=int(meta["tokens_seen"]),
-        last_metrics=meta.get("last_metrics", {}),
-        optimizer_state=optimizer_state,
-    )
+    fields = {f.name for f in dataclasses.fields(FitState)}
+    return FitState(**{k: v for k, v in meta.items() if k in fields}), optimizer_state
 
 
 def clear_resume_state(resume_dir: Path) -> None:

@@ -159,10 +159,8 @@ def test_model_layer_copies_nothing_with_fused(backend: str) -> None:
     from pipeline.model import GPTConfig
     from pipeline.model.gpt import SelfAttention
 
-    config = GPTConfig(
-        vocab_size=97, context_length=16, n_layer=1, n_head=4, n_embd=32, attention=backend
-    )
-    layer = SelfAttention(config, layer_idx=0)
+    config = GPTConfig(vocab_size=97, context_length=16, n_layer=1, n_head=4, n_embd=32)
+    layer = SelfAttention(config, layer_idx=0, attention=backend)
     x = torch.randn(2, 16, 32, requires_grad=True)
     with OpLog() as log, torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         layer(x).sum().backward()
@@ -187,10 +185,8 @@ def test_compiled_model_fullgraph() -> None:
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=97, context_length=32, n_layer=2, n_head=4, n_embd=32, attention="fused"
-    )
-    model = GPT(config)
+    config = GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4, n_embd=32)
+    model = GPT(config, attention="fused")
     idx = torch.randint(0, 97, (2, 32))
 
     def loss_and_grads(forward):  # type: ignore[no-untyped-def]

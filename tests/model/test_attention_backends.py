@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import ATTENTION_BACKENDS, GPT, GPTConfig, KVCache, build_attention
-from pipeline.model.attention import attend_to_cache
+from pipeline.model.attention import attend_to_cache, resolve_attention
 
 OTHERS = [name for name in ATTENTION_BACKENDS if name != "sdpa"]
 
@@ -13,7 +13,6 @@ OTHERS = [name for name in ATTENTION_BACKENDS if name != "sdpa"]
 def tiny(**overrides):
     fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
     fields.update(overrides)
-    fields.setdefault("attention", "sdpa")
     return GPTConfig(**fields)
 
 
@@ -57,14 +56,14 @@ def test_backend_matches_sdpa_on_raw_qkv(backend):
 
 
 def test_fused_refuses_attention_dropout_in_training():
-    model = GPT(tiny(attention="fused", attn_dropout=0.1)).train()
+    model = GPT(tiny(attn_dropout=0.1), attention="fused").train()
     with pytest.raises(ValueError, match=r"model\.attn_dropout: 0.*sdpa"):
         model(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_fused_allows_attention_dropout_config_in_eval():
     torch.manual_seed(0)
-    model = GPT(tiny(attention="fused", attn_dropout=0.1)).eval()
+    model = GPT(tiny(attn_dropout=0.1), attention="fused").eval()
     idx = torch.randint(0, 97, (2, 16))
     fused = model(idx)
     model.set_attention("sdpa")
@@ -105,7 +104,7 @@ def test_attend_to_cache_aligns_causal_mask_bottom_right():
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_kv_cache_logits_match_full_forward(backend):
     torch.manual_seed(0)
-    model = GPT(tiny(attention=backend)).eval()
+    model = GPT(tiny(), attention=backend).eval()
     idx = torch.randint(0, 97, (2, 16))
     full = model(idx)
     cache = KVCache(model.config.n_layer)
@@ -133,8 +132,20 @@ def test_fused_matches_sdpa_under_bf16_autocast():
     logits = {}
     for backend in ("fused", "sdpa"):
         torch.manual_seed(1)
-        model = GPT(tiny(attention=backend)).eval()
+        model = GPT(tiny(), attention=backend).eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits[backend] = model(idx)
     assert logits["fused"].dtype == logits["sdpa"].dtype
     torch.testing.assert_close(logits["fused"], logits["sdpa"], atol=5e-2, rtol=5e-2)
+
+
+def test_auto_runs_the_fused_op_where_its_kernel_is_verified_and_sdpa_elsewhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu) == "fused"
+    assert resolve_attention("auto", cuda) == "sdpa"
+    assert resolve_attention("auto", cpu, attn_dropout=0.1) == "sdpa"  # the op has no dropout
+    assert resolve_attention("multihead", cuda) == "multihead"
+    with pytest.raises(ValueError, match=r"'fused' has a verified kernel for cpu only.*auto"):
+        resolve_attention("fused", cuda)
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        resolve_attention("flash", cpu)

@@ -5,13 +5,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pipeline.model.checkpoint as checkpoint
-from pipeline.model import GPT, GPTConfig, load_checkpoint_config, save_checkpoint
+from pipeline.model import GPT, GPTConfig, load_checkpoint, load_checkpoint_config, save_checkpoint
 
 
 def tiny(**overrides):
     fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
     fields.update(overrides)
-    fields.setdefault("attention", "sdpa")
     return GPTConfig(**fields)
 
 
@@ -28,7 +27,7 @@ def saved(model, tmp_path):
 
 def test_round_trip_gives_identical_logits(model, saved):
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
-    loaded = GPT.from_checkpoint(saved).eval()
+    loaded = load_checkpoint(saved).eval()
     idx = torch.randint(0, 97, (2, 16))
     assert torch.equal(loaded(idx), model(idx))
     assert loaded.config == model.config
@@ -45,7 +44,7 @@ def test_config_json_holds_format_model_and_metadata(model, saved):
 def test_tied_head_stored_once_and_tied_after_load(saved):
     tensors = load_file(saved / "model.safetensors")
     assert "lm_head.weight" not in tensors and "tok_emb.weight" in tensors
-    loaded = GPT.from_checkpoint(saved)
+    loaded = load_checkpoint(saved)
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     with torch.no_grad():
         loaded.tok_emb.weight[3, 0] = 123.0
@@ -53,12 +52,21 @@ def test_tied_head_stored_once_and_tied_after_load(saved):
     assert loaded.num_parameters() == GPT(tiny()).num_parameters()
 
 
-def test_attention_override(saved):
-    loaded = GPT.from_checkpoint(saved, attention="multihead")
-    assert loaded.config.attention == "multihead"
-    assert load_checkpoint_config(saved)["model"]["attention"] == "sdpa"
-    with pytest.raises(ValueError, match="attention"):
-        GPT.from_checkpoint(saved, attention="flash")
+def test_attention_is_chosen_after_loading_and_not_saved(saved):
+    loaded = load_checkpoint(saved)
+    assert loaded.attention == "sdpa"
+    assert "attention" not in load_checkpoint_config(saved)["model"]
+    loaded.set_attention("multihead")
+    assert loaded.attention == "multihead"
+
+
+def test_a_checkpoint_that_records_an_attention_backend_still_loads(model, saved):
+    config_file = saved / "config.json"
+    meta = json.loads(config_file.read_text())
+    meta["model"]["attention"] = "fused"  # as written before attention became a run-time choice
+    config_file.write_text(json.dumps(meta))
+    idx = torch.randint(0, 97, (1, 8))
+    assert torch.equal(load_checkpoint(saved)(idx), model(idx))
 
 
 def test_replaces_existing_checkpoint_atomically(model, saved):
@@ -67,7 +75,7 @@ def test_replaces_existing_checkpoint_atomically(model, saved):
     save_checkpoint(other, saved, {"stage": "finetune"})
     assert load_checkpoint_config(saved)["stage"] == "finetune"
     idx = torch.randint(0, 97, (1, 8))
-    assert torch.equal(GPT.from_checkpoint(saved)(idx), other(idx))
+    assert torch.equal(load_checkpoint(saved)(idx), other(idx))
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
 
 
@@ -100,13 +108,13 @@ def test_reserved_metadata_keys(model, tmp_path):
 
 def test_missing_directory_and_files(model, saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        GPT.from_checkpoint(tmp_path / "nowhere")
+        load_checkpoint(tmp_path / "nowhere")
     (saved / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
     (saved / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +129,7 @@ def test_missing_directory_and_files(model, saved, tmp_path):
 def test_bad_config_json(saved, text, match):
     (saved / "config.json").write_text(text)
     with pytest.raises(ValueError, match=match):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def test_bad_model_section_names_the_file_and_field(saved):
@@ -129,14 +137,14 @@ def test_bad_model_section_names_the_file_and_field(saved):
     config["model"]["n_layers"] = 3
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json.*n_layers"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def test_truncated_weights(saved):
     path = saved / "model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors could not be read"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def edit_tensors(saved, edit):
@@ -150,19 +158,19 @@ def test_missing_tensor_is_named(saved):
     edit_tensors(saved, lambda t: t.pop("blocks.1.mlp.fc.bias"))
     match = r"model.safetensors is missing tensor\(s\): blocks.1.mlp.fc.bias"
     with pytest.raises(ValueError, match=match):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def test_unexpected_tensor_is_named(saved):
     edit_tensors(saved, lambda t: t.update(extra=torch.zeros(2)))
     with pytest.raises(ValueError, match=r"unexpected tensor\(s\): extra"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def test_misshaped_tensor_is_named(saved):
     edit_tensors(saved, lambda t: t.update({"ln_f.weight": torch.ones(33)}))
     with pytest.raises(ValueError, match=r"ln_f.weight has shape \(33,\).*\(32,\)"):
-        GPT.from_checkpoint(saved)
+        load_checkpoint(saved)
 
 
 def test_extra_files_are_copied_into_the_checkpoint(model, tmp_path):
@@ -171,7 +179,7 @@ def test_extra_files_are_copied_into_the_checkpoint(model, tmp_path):
         model, tmp_path / "ckpt", extra_files={"tokenizer/vocab.bpe": tmp_path / "vocab.bpe"}
     )
     assert (saved / "tokenizer" / "vocab.bpe").read_text() == "merges"
-    GPT.from_checkpoint(saved)
+    load_checkpoint(saved)
     for bad in ("../escape.txt", "/abs.txt", "config.json"):
         with pytest.raises(ValueError, match="extra file name"):
             save_checkpoint(model, tmp_path / "other", extra_files={bad: tmp_path / "vocab.bpe"})

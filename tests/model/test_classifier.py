@@ -2,13 +2,12 @@ import pytest
 import torch
 
 from pipeline.model import GPT, GPTConfig, load_checkpoint, save_checkpoint
-from pipeline.model.classifier import GPTClassifier, pool_hidden_states
-from pipeline.stages.finetune_classifier import collate_texts
+from pipeline.model.classifier import GPTClassifier, collate_texts, pool_hidden_states
 
 
 def tiny(**overrides) -> GPTConfig:
     fields = dict(vocab_size=97, context_length=16, n_layer=3, n_head=2, n_embd=16)
-    return GPTConfig(**{**fields, "attention": "sdpa", **overrides})
+    return GPTConfig(**{**fields, **overrides})
 
 
 @pytest.fixture

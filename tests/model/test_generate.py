@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from pipeline.model import ATTENTION_BACKENDS, GPT, GPTConfig, generate, generate_tokens
-from pipeline.model.generate import sample_next, top_k_filter, top_p_filter
+from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.model import ATTENTION_BACKENDS, GPT, GPTConfig, generate_tokens
+from pipeline.model.generate import (
+    generate,
+    sample_next,
+    stream_text,
+    stream_until,
+    top_k_filter,
+    top_p_filter,
+)
 
 NEG_INF = float("-inf")
 
@@ -12,7 +20,6 @@ NEG_INF = float("-inf")
 def tiny(**overrides):
     fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
     fields.update(overrides)
-    fields.setdefault("attention", "sdpa")
     return GPTConfig(**fields)
 
 
@@ -38,7 +45,7 @@ def model():
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_greedy_cache_matches_no_cache_beyond_context(backend):
     torch.manual_seed(0)
-    model = sharpen(GPT(tiny(attention=backend)))
+    model = sharpen(GPT(tiny(), attention=backend))
     prompt = [5, 17, 3, 42, 8]
     cached = generate(model, prompt, 30, use_cache=True)
     uncached = generate(model, prompt, 30, use_cache=False)
@@ -158,3 +165,26 @@ def test_low_temperature_approaches_greedy():
     draws = [sample_next(logits, temperature=0.01, generator=generator) for _ in range(50)]
     assert draws == [1] * 50
     assert math.isclose(torch.softmax(logits / 0.01, -1)[1].item(), 1.0, rel_tol=1e-6)
+
+
+def test_streamed_text_never_splits_a_character(mirror):
+    tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
+    text = "naïve 日本語 🚀 done"
+    ids = tokenizer.encode_ordinary(text)
+    assert any(
+        len(tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")) == 1
+        and "\ufffd" in tokenizer.decode_single_token_bytes(t).decode("utf-8", "replace")
+        for t in ids
+    )  # some token holds only part of a character
+    pieces = list(stream_text(iter(ids), tokenizer))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_until_stops_at_a_marker_split_across_pieces():
+    pieces = ["The answer", " is 4.\n\n#", "## Instr", "uction: more"]
+    assert "".join(stream_until(iter(pieces), ["\n\n### "])) == "The answer is 4."
+    # text that only looks like the start of a marker is released once it cannot be one
+    out = list(stream_until(iter(["a\n", "\nb", "c"]), ["\n\n### "]))
+    assert "".join(out) == "a\n\nbc" and out[0] == "a"
+    assert "".join(stream_until(iter(["ab", "c"]), ["<|user|>"])) == "abc"

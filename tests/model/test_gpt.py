@@ -9,7 +9,6 @@ from pipeline.model import GPT, GPTConfig
 def tiny(**overrides):
     fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
     fields.update(overrides)
-    fields.setdefault("attention", "sdpa")
     return GPTConfig(**fields)
 
 
@@ -91,7 +90,7 @@ def test_set_attention_keeps_weights_and_mode():
     keys = list(model.state_dict())
     model.eval()
     model.set_attention("multihead")
-    assert model.config.attention == "multihead"
+    assert model.attention == "multihead"
     assert not model.blocks[0].attn.backend.training
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)

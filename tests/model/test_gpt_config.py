@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.model import ATTENTION_BACKENDS, GPT, PRESETS, GPTConfig
+from pipeline.model import GPT, PRESETS, GPTConfig
 
 # Hugging Face's GPT2LMHeadModel.num_parameters() for gpt2, gpt2-medium, -large, -xl.
 REFERENCE_COUNTS = {
@@ -36,24 +36,27 @@ def test_tiny_preset_is_cpu_sized_with_gpt2_vocab():
     assert set(PRESETS) == {"tiny", *REFERENCE_COUNTS}
 
 
-def test_defaults_are_gpt2_small_with_fused_attention():
+def test_defaults_are_gpt2_small_and_hold_no_attention_backend():
     config = GPTConfig()
     assert config == GPTConfig.from_preset("gpt2-124m")
-    assert config.attention == "fused"
-    assert config.attention in ATTENTION_BACKENDS
+    assert "attention" not in config.to_dict()  # a run-time choice, not the architecture
 
 
 def test_round_trip_and_overrides():
-    config = GPTConfig.from_preset("tiny", attention="sdpa", dropout=0.1)
-    assert config.attention == "sdpa" and config.dropout == 0.1
+    config = GPTConfig.from_preset("tiny", dropout=0.1)
+    assert config.dropout == 0.1
     assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_configs_saved_with_an_attention_backend_still_load():
+    old = {**GPTConfig.from_preset("tiny").to_dict(), "attention": "fused"}
+    assert GPTConfig.from_dict(old) == GPTConfig.from_preset("tiny")
 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
         ({"n_embd": 100, "n_head": 3}, "n_embd"),
-        ({"attention": "flash"}, "attention"),
         ({"n_layer": 0}, "n_layer"),
         ({"vocab_size": -5}, "vocab_size"),
         ({"context_length": 1.5}, "context_length"),

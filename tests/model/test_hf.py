@@ -18,12 +18,13 @@ from pipeline.model import (
     GPT,
     PRESETS,
     GPTConfig,
-    generate,
     hf,
     load_checkpoint,
     load_checkpoint_config,
     save_checkpoint,
 )
+from pipeline.model.attention import resolve_attention
+from pipeline.model.generate import generate
 
 transformers = pytest.importorskip("transformers")
 GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
@@ -62,7 +63,7 @@ def our_model(seed: int = 0, **overrides) -> GPT:
     fields = dict(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
     fields.update(overrides)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(attention="sdpa", **fields)).eval()
+    model = GPT(GPTConfig(**fields)).eval()
     _randomize(model.named_parameters(), seed)
     return model
 
@@ -130,13 +131,12 @@ def test_import_matches_transformers_logits_with_every_backend(tmp_path, shape, 
         torch.testing.assert_close(logits_of(model, idx), expected, atol=1e-5, rtol=0)
 
 
-def test_import_config_dropouts_and_attention(hf_dir):
+def test_import_config_keeps_both_dropouts(hf_dir):
     src, _ = hf_dir
-    fused = hf.load_hf_gpt2(src)
-    assert fused.config.attention == "fused"
-    assert (fused.config.dropout, fused.config.attn_dropout) == (0.1, 0.0)  # fused: no attn drop
-    sdpa = hf.load_hf_gpt2(src, attention="sdpa")
-    assert (sdpa.config.dropout, sdpa.config.attn_dropout) == (0.1, 0.1)
+    model = hf.load_hf_gpt2(src)
+    assert (model.config.dropout, model.config.attn_dropout) == (0.1, 0.1)
+    # with attention dropout, `auto` trains with sdpa: the fused op has none
+    assert resolve_attention("auto", torch.device("cpu"), model.config.attn_dropout) == "sdpa"
 
 
 def test_greedy_generation_matches_transformers(tmp_path):
@@ -364,12 +364,12 @@ def test_import_gpt2_from_hf_writes_our_checkpoint_with_tokenizer(tmp_path, mirr
     src = save_hf(reference, tmp_path / "src")
     hf_style_tokenizer(mirror, src)
     assert (src / "vocab.json").read_bytes() != (mirror / "gpt2-bpe" / "encoder.json").read_bytes()
-    out = hf.import_gpt2(src, tmp_path / "ckpt", attention="sdpa")
+    out = hf.import_gpt2(src, tmp_path / "ckpt")
     assert out == tmp_path / "ckpt"
     config = load_checkpoint_config(out)
     assert config["stage"] == "import" and config["source"] == str(src)
     assert config["tokenizer"] == {"name": "gpt2", "eot_token": 50256}
-    assert config["model"]["attention"] == "sdpa"
+    assert "attention" not in config["model"]
     for name, digest in GPT2_BPE_FILES.items():
         assert sha256_file(out / "tokenizer" / name) == digest
     text = "ROMEO: hi"
@@ -388,7 +388,6 @@ def test_import_skips_tokenizer_files_that_are_not_gpt2s(tmp_path, mirror, caplo
         out = hf.import_gpt2(src, tmp_path / "ckpt")
     assert "merges.txt is not GPT-2's vocab.bpe" in caplog.text
     assert not (out / "tokenizer").exists()
-    assert load_checkpoint_config(out)["model"]["attention"] == "fused"
 
 
 def test_import_gpt2_from_tf_layout(tmp_path, monkeypatch, mirror):
@@ -503,7 +502,7 @@ def test_preset_names_map_both_ways():
 
 @pytest.mark.parametrize("preset", list(hf.HF_NAME_FOR_PRESET))
 def test_preset_parameter_counts_equal_transformers(preset):
-    config = GPTConfig.from_preset(preset, attention="sdpa")
+    config = GPTConfig.from_preset(preset)
     hf_cfg = GPT2Config(
         n_layer=config.n_layer,
         n_head=config.n_head,
@@ -515,5 +514,5 @@ def test_preset_parameter_counts_equal_transformers(preset):
         ours = GPT(config).num_parameters()
         theirs = GPT2LMHeadModel(hf_cfg).num_parameters()
     assert ours == theirs
-    imported = hf.config_from_hf(hf_cfg.to_dict(), attention="sdpa")
+    imported = hf.config_from_hf(hf_cfg.to_dict())
     assert imported == dataclasses.replace(config, dropout=0.1, attn_dropout=0.1)

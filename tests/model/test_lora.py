@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import GPT, GPTConfig, generate, load_checkpoint, save_checkpoint
+from pipeline.model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from pipeline.model.generate import generate
 from pipeline.model.lora import LORA_TARGETS, LoRALinear, apply_lora, merge_lora
-from pipeline.train.loop import TrainConfig, configure_optimizer
+from pipeline.settings import TrainSettings
+from pipeline.train.loop import configure_optimizer
 
 CONFIG = GPTConfig(
-    vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32, attention="sdpa"
+    vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32
 )
 
 
@@ -114,7 +116,7 @@ def test_applying_twice_is_an_error():
 def test_one_step_only_changes_adapters():
     model, _ = lora_model(dropout=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(max_steps=1, batch_size=2, lr=1e-2)
+    cfg = TrainSettings(max_steps=1, batch_size=2, lr=1e-2)
     optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 4096
     model.train()

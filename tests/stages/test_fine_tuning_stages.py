@@ -69,13 +69,13 @@ def config_for(workdir, results: str, section: str, settings: dict) -> dict:
 
 
 CASES = {
-    "classifier": (finetune_classifier, "finetune_classifier", {"balance": "class_weights"}),
+    "classifier": (finetune_classifier, "finetune-classifier", {"balance": "class_weights"}),
     "instruct": (
         finetune_instruct,
-        "finetune_instruct",
+        "finetune-instruct",
         {"method": "lora", "bucket_by_length": True, "generation": {"max_new_tokens": 2}},
     ),
-    "dpo": (align_dpo, "align_dpo", {"method": "lora", "generation": {"max_new_tokens": 1}}),
+    "dpo": (align_dpo, "align-dpo", {"method": "lora", "generation": {"max_new_tokens": 1}}),
 }
 
 
@@ -93,10 +93,10 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
     interrupted = config_for(workdir, f"{case}-interrupted", section, settings)
     monkeypatch.setattr(loop, "save_resume_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        stage.run(interrupted)
+        stage.main(interrupted)
     monkeypatch.undo()
-    resumed = stage.run(interrupted)
-    reference = stage.run(config_for(workdir, f"{case}-reference", section, settings))
+    resumed = stage.main(interrupted)
+    reference = stage.main(config_for(workdir, f"{case}-reference", section, settings))
 
     timings = ("tokens_per_second", "train_time_s", "response_time_s")
     assert resumed.keys() == reference.keys()
@@ -122,4 +122,4 @@ def test_a_classifier_checkpoint_is_not_a_start_for_fine_tuning(case, workdir):
     if case == "dpo":
         config[section]["template"] = "alpaca"
     with pytest.raises(ValueError, match="not a language-model checkpoint"):
-        stage.run(config)
+        stage.main(config)

@@ -38,7 +38,7 @@ def cmdline(pid: int) -> bytes:
 def done(tmp_path_factory, repo, mirror) -> Path:
     """One full run of the DAG on the tiny config; align-dpo as 2 processes under torchrun."""
     config = tiny_config(mirror)
-    config["align_dpo"]["train"]["nproc_per_node"] = 2
+    config["align-dpo"]["train"]["nproc_per_node"] = 2
     workdir = make_workdir(tmp_path_factory.mktemp("dag"), repo, config)
     snakemake(workdir)
     return workdir
@@ -186,7 +186,7 @@ def test_chat_answers_one_instruction_with_the_checkpoints_template(done):
 
 
 def test_changed_classifier_config_reruns_only_the_classifier(done):
-    (done / "mean.yaml").write_text(yaml.safe_dump({"finetune_classifier": {"pooling": "mean"}}))
+    (done / "mean.yaml").write_text(yaml.safe_dump({"finetune-classifier": {"pooling": "mean"}}))
     jobs = snakemake(done, "--dry-run", configfiles=("tiny.yaml", "mean.yaml")).stdout
     assert "rule finetune_classifier" in jobs and "rule pretrain" not in jobs
 

@@ -19,7 +19,8 @@ from pipeline.data.tokens import load_tokens
 from pipeline.io import sha256_file
 from pipeline.model import GPTConfig, load_checkpoint, load_checkpoint_config
 from pipeline.model.hf import weight_files
-from pipeline.stages import download, prepare, pretrain
+from pipeline.model.weights import init_from_input
+from pipeline.stages import download, prepare, pretrain, training
 from pipeline.stages.common import weights_sha256
 
 transformers = pytest.importorskip("transformers")
@@ -70,8 +71,8 @@ def base(tmp_path_factory, repo, mirror):
         "pretrain.peak_flops=1.0e+11",
     ]
     config = load_config([repo / "config.yaml"], overrides)
-    download.run(config)
-    prepare.run(config)
+    download.main(config)
+    prepare.main(config)
     return repo, overrides
 
 
@@ -109,7 +110,7 @@ def run_tags(config: dict) -> dict:
 
 def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_dir, hf_model):
     config = stage_config(base, tmp_path, f"pretrain.init_from={hf_dir}")
-    metrics = pretrain.run(config)
+    metrics = pretrain.main(config)
 
     out = tmp_path / "results" / "pretrain"
     model = load_checkpoint(out / "model").eval()
@@ -141,13 +142,13 @@ def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_d
 def spy_on_fit(monkeypatch) -> dict:
     """Records the arguments pretrain passes to the real fit."""
     seen: dict = {}
-    real_fit = pretrain.fit
+    real_fit = training.fit
 
     def fit(*args, **kwargs):
         seen.update(kwargs)
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "fit", fit)
+    monkeypatch.setattr(training, "fit", fit)
     return seen
 
 
@@ -162,7 +163,7 @@ def test_continue_pretraining_trains_the_imported_weights(
         "pretrain.continue_pretraining=true",
         "model.dropout=0.05",
     )
-    metrics = pretrain.run(config)
+    metrics = pretrain.main(config)
 
     assert metrics["steps"] == 2 and metrics["init_from"] == str(hf_dir)
     model = load_checkpoint(tmp_path / "results" / "pretrain" / "model").eval()
@@ -176,7 +177,7 @@ def test_continue_pretraining_trains_the_imported_weights(
 def test_scratch_trains_a_fresh_model_as_before(base, tmp_path, monkeypatch):
     seen = spy_on_fit(monkeypatch)
     config = stage_config(base, tmp_path, "pretrain.train.max_steps=1")
-    metrics = pretrain.run(config)
+    metrics = pretrain.main(config)
     assert (metrics["steps"], metrics["init_from"]) == (1, "scratch")
     assert "init_weights_sha256" not in metrics
     assert "init_weights" not in seen["fingerprint"]  # resume states from before stay valid
@@ -186,7 +187,7 @@ def test_scratch_trains_a_fresh_model_as_before(base, tmp_path, monkeypatch):
 def test_weights_that_do_not_fit_the_model_section_name_both(base, tmp_path, hf_dir):
     config = stage_config(base, tmp_path, f"pretrain.init_from={hf_dir}", "model.n_layer=3")
     with pytest.raises(ValueError) as err:
-        pretrain.run(config)
+        pretrain.main(config)
     message = str(err.value)
     assert f"the weights in {hf_dir} are a GPT-2 with n_layer=2, n_head=2, n_embd=32" in message
     assert "model.preset 'tiny' with model.context_length, model.n_layer" in message
@@ -209,15 +210,15 @@ def test_a_mismatch_with_a_gpt2_size_names_the_preset_to_set():
 def test_a_gpt2_name_is_looked_up_under_paths_weights(base, tmp_path, hf_dir):
     shutil.copytree(hf_dir, tmp_path / "models" / "gpt2")
     config = stage_config(base, tmp_path, "pretrain.init_from=gpt2-124m")
-    assert pretrain.init_from_input(config) == [str(tmp_path / "models" / "gpt2")]
-    metrics = pretrain.run(config)
+    assert init_from_input(config) == [str(tmp_path / "models" / "gpt2")]
+    metrics = pretrain.main(config)
     assert (metrics["init_from"], metrics["steps"]) == ("gpt2-124m", 0)
     assert run_tags(config)["init_weights"] == str(tmp_path / "models" / "gpt2")
 
     missing = stage_config(base, tmp_path, "pretrain.init_from=gpt2-medium")
-    assert pretrain.init_from_input(missing) == []  # the stage, not Snakemake, explains
+    assert init_from_input(missing) == []  # the stage, not Snakemake, explains
     with pytest.raises(FileNotFoundError) as err:
-        pretrain.run(missing)
+        pretrain.main(missing)
     message = str(err.value)
     for place in ("gpt2-355m", "gpt2-medium"):
         assert str(tmp_path / "models" / place) in message
@@ -225,11 +226,11 @@ def test_a_gpt2_name_is_looked_up_under_paths_weights(base, tmp_path, hf_dir):
 
 
 def test_init_from_a_directory_is_a_snakemake_input(base, tmp_path):
-    assert pretrain.init_from_input(stage_config(base, tmp_path)) == []
+    assert init_from_input(stage_config(base, tmp_path)) == []
     config = stage_config(base, tmp_path, f"pretrain.init_from={tmp_path / 'nowhere'}")
-    assert pretrain.init_from_input(config) == [str(tmp_path / "nowhere")]
+    assert init_from_input(config) == [str(tmp_path / "nowhere")]
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere': no such directory; expected"):
-        pretrain.run(config)
+        pretrain.main(config)
 
 
 def test_cli_import_then_export_round_trips_through_transformers(tmp_path, hf_dir, hf_model):

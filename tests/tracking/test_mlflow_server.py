@@ -45,7 +45,7 @@ def pipeline_run(tmp_path_factory, repo, mirror, mlflow_server) -> Path:
     out of `--cores 2`), tracked by the server; pretrain and finetune-classifier run as two
     processes under torchrun, of which only rank 0 may log."""
     config = tiny_config(mirror, nproc_per_node=2)
-    config["finetune_classifier"]["train"]["nproc_per_node"] = 2
+    config["finetune-classifier"]["train"]["nproc_per_node"] = 2
     config["tracking"] = {"uri": mlflow_server.uri, "experiment": "team-dag"}
     workdir = make_workdir(tmp_path_factory.mktemp("team-dag"), repo, config)
     targets = [f"results/{stage}/metrics.json" for stage in FINE_TUNING]

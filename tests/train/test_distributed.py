@@ -167,7 +167,8 @@ import json, sys
 import torch
 from pipeline.data.loader import ExampleBatches
 from pipeline.model import GPT, GPTConfig
-from pipeline.train import TrainConfig, fit
+from pipeline.settings import TrainSettings
+from pipeline.train import TrainTask, fit
 from pipeline.train.distributed import current_world, init_distributed, shutdown_distributed
 from pipeline.train.losses import learned_targets, lm_loss
 
@@ -192,10 +193,11 @@ def collate(indices):
 
 model = GPT(GPTConfig(vocab_size=64, context_length=32, n_layer=1, n_head=2, n_embd=16))
 batches = ExampleBatches(len(examples), 4, collate, seed=3)
-cfg = TrainConfig(max_steps=6, batch_size=4, grad_accum_steps=2, eval_every=100, log_every=1,
+cfg = TrainSettings(max_steps=6, batch_size=4, grad_accum_steps=2, eval_every=100, log_every=1,
                   warmup_steps=0, lr=1e-2)
 units = learned_targets if sys.argv[2] == "weighted" else None
-result = fit(model, lm_loss, batches, cfg, device=torch.device("cpu"), loss_units=units)
+result = fit(model, TrainTask(lm_loss, batches, loss_units=units), cfg, device=torch.device("cpu"),
+             seed=1234)
 if current_world().is_main:
     with open(sys.argv[1], "w") as f:
         json.dump([entry["loss"] for entry in result.history], f)

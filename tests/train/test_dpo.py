@@ -86,7 +86,7 @@ def toy_pairs():
 def toy_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=50257, context_length=16, n_layer=2, n_head=2, n_embd=32)
-    return GPT(GPTConfig(**{**config.to_dict(), "attention": "sdpa"}))
+    return GPT(GPTConfig(**config.to_dict()))
 
 
 def test_pairs_mask_prompts_and_padding_and_the_reference_gets_no_gradient():

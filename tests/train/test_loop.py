@@ -6,13 +6,14 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from pipeline.train import NonFiniteLossError, TrainConfig, configure_optimizer, fit, lr_at
+from pipeline.settings import TrainSettings
+from pipeline.train import NonFiniteLossError, TrainTask, configure_optimizer, fit, lr_at
 from pipeline.train.state import read_resume_meta
 
 CPU = torch.device("cpu")
 
 
-def cfg(**kw) -> TrainConfig:
+def cfg(**kw) -> TrainSettings:
     base = {
         "max_steps": 6,
         "batch_size": 4,
@@ -23,7 +24,7 @@ def cfg(**kw) -> TrainConfig:
         "checkpoint_every": 0,
         "log_every": 1,
     }
-    return TrainConfig(**{**base, **kw})
+    return TrainSettings(**{**base, **kw})
 
 
 class FixedBatches:
@@ -64,7 +65,13 @@ def test_frozen_parameters_do_not_change(toy):
     model = toy.TinyLM()
     model.emb.weight.requires_grad_(False)
     before = model.emb.weight.detach().clone()
-    fit(model, toy.lm_loss, toy.SuccessorBatches(), cfg(max_steps=3), device=CPU)
+    fit(
+        model,
+        TrainTask(toy.lm_loss, toy.SuccessorBatches()),
+        cfg(max_steps=3),
+        device=CPU,
+        seed=1234,
+    )
     assert torch.equal(model.emb.weight, before)
 
 
@@ -73,13 +80,13 @@ def test_gradient_accumulation_matches_one_big_batch(toy):
     halves = [tuple(t[s] for t in b) for b in big for s in (slice(0, 4), slice(4, 8))]
     m1, m2 = toy.TinyLM(seed=3), toy.TinyLM(seed=3)
     c = cfg(max_steps=3, warmup_steps=0)
-    r1 = fit(m1, toy.lm_loss, FixedBatches(big), c, device=CPU)
+    r1 = fit(m1, TrainTask(toy.lm_loss, FixedBatches(big)), c, device=CPU, seed=1234)
     r2 = fit(
         m2,
-        toy.lm_loss,
-        FixedBatches(halves),
+        TrainTask(toy.lm_loss, FixedBatches(halves)),
         cfg(max_steps=3, warmup_steps=0, grad_accum_steps=2),
         device=CPU,
+        seed=1234,
     )
     for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6)
@@ -103,10 +110,10 @@ def test_clipping_bounds_the_gradient_norm_seen_by_the_optimizer(toy):
     try:
         result = fit(
             toy.TinyLM(),
-            scaled_loss,
-            toy.SuccessorBatches(),
+            TrainTask(scaled_loss, toy.SuccessorBatches()),
             cfg(max_steps=3, grad_clip=0.5),
             device=CPU,
+            seed=1234,
         )
     finally:
         handle.remove()
@@ -119,10 +126,10 @@ def test_clipping_bounds_the_gradient_norm_seen_by_the_optimizer(toy):
     try:
         result = fit(
             toy.TinyLM(),
-            scaled_loss,
-            toy.SuccessorBatches(),
+            TrainTask(scaled_loss, toy.SuccessorBatches()),
             cfg(max_steps=2, grad_clip=0.0),
             device=CPU,
+            seed=1234,
         )
     finally:
         handle.remove()
@@ -133,7 +140,13 @@ def test_clipping_bounds_the_gradient_norm_seen_by_the_optimizer(toy):
 def test_loss_decreases_on_a_learnable_task(toy):
     c = cfg(max_steps=60, lr=3e-2, min_lr=3e-3, warmup_steps=5, eval_every=30, log_every=10)
     sets = {"val": toy.eval_set(seed=99)}
-    result = fit(toy.TinyLM(), toy.lm_loss, toy.SuccessorBatches(), c, device=CPU, eval_sets=sets)
+    result = fit(
+        toy.TinyLM(),
+        TrainTask(toy.lm_loss, toy.SuccessorBatches(), eval_sets=sets),
+        c,
+        device=CPU,
+        seed=1234,
+    )
     evals = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert len(evals) == 2
     assert evals[-1] < 0.5 * math.log(toy.VOCAB)
@@ -160,15 +173,18 @@ def test_eval_sample_and_logger_calls_happen_at_the_right_steps(toy, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
         result = fit(
             toy.TinyLM(),
-            toy.lm_loss,
-            toy.SuccessorBatches(),
+            TrainTask(
+                toy.lm_loss,
+                toy.SuccessorBatches(),
+                eval_sets={"train": toy.eval_set(1), "val": counting_eval},
+                sample_fn=sample_fn,
+                flops_per_token=100.0,
+                peak_flops=1e9,
+            ),
             c,
             device=CPU,
-            eval_sets={"train": toy.eval_set(1), "val": counting_eval},
             logger=logger,
-            sample_fn=sample_fn,
-            flops_per_token=100.0,
-            peak_flops=1e9,
+            seed=1234,
         )
 
     assert result.step == 7 and result.resumed_from is None
@@ -204,11 +220,10 @@ def test_eval_loss_is_the_mean_over_the_first_eval_batches(toy):
     c = cfg(max_steps=1, eval_batches=3, lr=0.0, min_lr=0.0)
     result = fit(
         model,
-        toy.lm_loss,
-        toy.SuccessorBatches(),
+        TrainTask(toy.lm_loss, toy.SuccessorBatches(), eval_sets={"val": lambda: iter(batches)}),
         c,
         device=CPU,
-        eval_sets={"val": lambda: iter(batches)},
+        seed=1234,
     )
     model.eval()
     with torch.no_grad():
@@ -228,12 +243,24 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(toy, tmp_path):
     c = cfg(max_steps=8, checkpoint_every=2)
     model = toy.TinyLM()
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 5"):
-        fit(model, nan_at_step_5, toy.SuccessorBatches(), c, device=CPU, resume_dir=resume)
+        fit(
+            model,
+            TrainTask(nan_at_step_5, toy.SuccessorBatches()),
+            c,
+            device=CPU,
+            resume_dir=resume,
+            seed=1234,
+        )
     assert read_resume_meta(resume)["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     result = fit(
-        toy.TinyLM(), toy.lm_loss, toy.SuccessorBatches(), c, device=CPU, resume_dir=resume
+        toy.TinyLM(),
+        TrainTask(toy.lm_loss, toy.SuccessorBatches()),
+        c,
+        device=CPU,
+        resume_dir=resume,
+        seed=1234,
     )
     assert result.resumed_from == 4 and result.step == 8
 
@@ -242,11 +269,10 @@ def test_bf16_autocast_trains(toy):
     c = cfg(max_steps=3, precision="bf16", eval_every=3)
     result = fit(
         toy.TinyLM(),
-        toy.lm_loss,
-        toy.SuccessorBatches(),
+        TrainTask(toy.lm_loss, toy.SuccessorBatches(), eval_sets={"val": toy.eval_set(2)}),
         c,
         device=CPU,
-        eval_sets={"val": toy.eval_set(2)},
+        seed=1234,
     )
     assert math.isfinite(result.metrics["val_loss"])
 
@@ -261,13 +287,16 @@ def test_eval_fn_metrics_are_logged_with_the_losses_in_eval_mode(toy, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
         result = fit(
             toy.TinyLM(),
-            toy.lm_loss,
-            toy.SuccessorBatches(),
+            TrainTask(
+                toy.lm_loss,
+                toy.SuccessorBatches(),
+                eval_sets={"val": toy.eval_set(1)},
+                eval_fn=eval_fn,
+            ),
             cfg(max_steps=4, eval_every=2),
             device=CPU,
-            eval_sets={"val": toy.eval_set(1)},
             logger=logger,
-            eval_fn=eval_fn,
+            seed=1234,
         )
     evaluated = [(s, m) for s, m in logger.metrics if "val_loss" in m]
     assert [s for s, _ in evaluated] == [2, 4]
@@ -285,12 +314,11 @@ def test_statistics_returned_beside_the_loss_are_logged_per_step(toy):
 
     fit(
         toy.TinyLM(),
-        loss_with_stats,
-        toy.SuccessorBatches(),
+        TrainTask(loss_with_stats, toy.SuccessorBatches(), eval_sets={"val": toy.eval_set(1)}),
         cfg(max_steps=3, grad_accum_steps=2, eval_every=3),
         device=CPU,
-        eval_sets={"val": toy.eval_set(1)},
         logger=logger,
+        seed=1234,
     )
     logged = [m for _, m in logger.metrics if "loss" in m]
     assert len(logged) == 3

@@ -3,13 +3,14 @@ import logging
 import pytest
 import torch
 
-from pipeline.train import TrainConfig, clear_resume_state, fit, read_resume_meta
+from pipeline.settings import TrainSettings
+from pipeline.train import TrainTask, clear_resume_state, fit, read_resume_meta
 
 CPU = torch.device("cpu")
 TIMING_KEYS = {"tokens_per_second", "train_time_s", "mfu"}
 
 
-def cfg(**kw) -> TrainConfig:
+def cfg(**kw) -> TrainSettings:
     base = {
         "max_steps": 10,
         "batch_size": 4,
@@ -22,7 +23,7 @@ def cfg(**kw) -> TrainConfig:
         "checkpoint_every": 3,
         "log_every": 1,
     }
-    return TrainConfig(**{**base, **kw})
+    return TrainSettings(**{**base, **kw})
 
 
 def sample_fn(model) -> str:
@@ -33,15 +34,18 @@ def sample_fn(model) -> str:
 def run(toy, c, resume_dir=None, logger=None, fingerprint=None, batches=None):
     return fit(
         toy.TinyLM(seed=1, dropout=0.2, tied=True),
-        toy.lm_loss,
-        batches or toy.SuccessorBatches(batch_size=4, seed=3),
+        TrainTask(
+            toy.lm_loss,
+            batches or toy.SuccessorBatches(batch_size=4, seed=3),
+            eval_sets={"train": toy.eval_set(4), "val": toy.eval_set(5)},
+            sample_fn=sample_fn,
+        ),
         c,
         device=CPU,
-        eval_sets={"train": toy.eval_set(4), "val": toy.eval_set(5)},
         resume_dir=resume_dir,
         fingerprint=fingerprint or {"data": "abc", "stage": "pretrain"},
         logger=logger,
-        sample_fn=sample_fn,
+        seed=1234,
     )
 
 
@@ -50,13 +54,16 @@ def run_keep_model(toy, c, **kw):
     kw.setdefault("fingerprint", {"data": "abc", "stage": "pretrain"})
     result = fit(
         model,
-        toy.lm_loss,
-        kw.pop("batches", None) or toy.SuccessorBatches(batch_size=4, seed=3),
+        TrainTask(
+            toy.lm_loss,
+            kw.pop("batches", None) or toy.SuccessorBatches(batch_size=4, seed=3),
+            eval_sets={"train": toy.eval_set(4), "val": toy.eval_set(5)},
+            sample_fn=sample_fn,
+        ),
         c,
         device=CPU,
-        eval_sets={"train": toy.eval_set(4), "val": toy.eval_set(5)},
-        sample_fn=sample_fn,
         **kw,
+        seed=1234,
     )
     return model, result
 

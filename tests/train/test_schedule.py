@@ -2,12 +2,13 @@ import math
 
 import pytest
 
-from pipeline.train import TrainConfig, lr_at
+from pipeline.settings import TrainSettings
+from pipeline.train import lr_at
 
 
-def cfg(**kw) -> TrainConfig:
+def cfg(**kw) -> TrainSettings:
     base = {"max_steps": 110, "batch_size": 2, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10}
-    return TrainConfig(**{**base, **kw})
+    return TrainSettings(**{**base, **kw})
 
 
 def test_warmup_is_linear_from_zero_to_peak():
@@ -30,28 +31,3 @@ def test_no_warmup_starts_at_peak():
     c = cfg(warmup_steps=0)
     assert lr_at(0, c) == pytest.approx(1e-3)
     assert lr_at(55, c) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)
-
-
-def test_from_dict_round_trip_and_yaml_float_strings():
-    c = TrainConfig.from_dict({"max_steps": 5, "batch_size": 2, "lr": "6e-4", "min_lr": 0})
-    assert c.lr == 6e-4 and isinstance(c.min_lr, float) and c.grad_accum_steps == 1
-
-
-def test_from_dict_rejects_unknown_key_by_name():
-    with pytest.raises(ValueError, match="learning_rate"):
-        TrainConfig.from_dict({"max_steps": 5, "batch_size": 2, "learning_rate": 1e-3})
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"max_steps": "5"},
-        {"compile": 1},
-        {"lr": "fast"},
-        {"precision": "fp16"},
-        {"grad_accum_steps": 0},
-    ],
-)
-def test_from_dict_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        TrainConfig.from_dict({"max_steps": 5, "batch_size": 2, **bad})

@@ -1,0 +1,358 @@
+"""Every setting of the pipeline, defined once: type, bounds, default and meaning.
+
+The JSON Schema that validates a config, the defaults that complete it (and so appear in
+`results/config.resolved.yaml`) and the shipped `config.yaml` are all derived from these
+classes (by `schema.py` beside this file, for `pipeline/config.py`). A stage's section is the
+`settings` class of its registry entry (`pipeline/stages/registry.py`). Nothing here imports
+torch: the Snakefile reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.model.config import PRESETS
+from pipeline.settings.schema import setting
+
+ATTENTION_CHOICES = ("auto", "fused", "sdpa", "multihead", "causal", "simple")
+"""`model.attention`: auto, or a backend of pipeline/model/attention.py (a test ties the two)."""
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class PathSettings:
+    data: str = setting("data", minLength=1, help="downloads go to data/raw, tokens to data/tokens")
+    results: str = setting("results", minLength=1, help="one folder per stage")
+    resume: str = setting(
+        ".resume", minLength=1, help="resume checkpoints: kept outside Snakemake's outputs"
+    )
+    weights: str = setting(
+        "models", minLength=1, help="downloaded GPT-2 weights, models/<name> (pretrain.init_from)"
+    )
+
+
+@dataclass
+class Source:
+    name: str = setting(pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+    url: str = setting(pattern=r"^(https?|file)://")
+    sha256: str = setting(pattern=r"^[0-9a-f]{64}$")
+    member: str | None = setting(None, minLength=1, help="the file to take from a zip archive")
+
+
+_RASBT = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
+DEFAULT_SOURCES = [
+    Source(
+        "gpt2-bpe/encoder.json",
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
+    Source(
+        "gpt2-bpe/vocab.bpe",
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    Source(
+        "the-verdict.txt",
+        f"{_RASBT}/ch02/01_main-chapter-code/the-verdict.txt",
+        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+    ),
+    Source(
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+    Source(
+        "SMSSpamCollection",
+        "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+        member="SMSSpamCollection",
+    ),
+    Source(
+        "instruction-data.json",
+        f"{_RASBT}/ch07/01_main-chapter-code/instruction-data.json",
+        "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
+    ),
+    Source(
+        "instruction-data-with-preference.json",
+        f"{_RASBT}/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+    ),
+]
+
+
+@dataclass
+class DataSettings:
+    mirrors: list[str] = setting(
+        ["../shared/data"],
+        help="local mirror directories, searched (by source name) before the URL; sha256 is "
+        "always checked",
+    )
+    sources: list[Source] = setting(DEFAULT_SOURCES, minItems=1, help="downloadable files")
+
+
+@dataclass
+class PrepareSettings:
+    corpus: list[str] = setting(
+        ["tinyshakespeare.txt"],
+        minItems=1,
+        help="data.sources names, joined with <|endoftext|> between documents",
+    )
+    val_fraction: float = setting(
+        0.1, exclusiveMinimum=0, exclusiveMaximum=1, help="the last share of the tokens"
+    )
+
+
+@dataclass
+class ModelSettings:
+    """The architecture (a preset, any field overridden) and the attention backend to run."""
+
+    preset: str = setting("tiny", enum=tuple(PRESETS), help="a GPT-2 size")
+    attention: str = setting(
+        "auto",
+        enum=ATTENTION_CHOICES,
+        help="run-time choice, not stored in checkpoints: auto = the fused op where it has a "
+        "verified kernel (the CPU), sdpa elsewhere",
+    )
+    context_length: int | None = setting(None, minimum=1, help="null: the preset's")
+    n_layer: int | None = setting(None, minimum=1, help="null: the preset's")
+    n_head: int | None = setting(None, minimum=1, help="null: the preset's")
+    n_embd: int | None = setting(None, minimum=1, help="null: the preset's")
+    dropout: float = setting(0.0, minimum=0, exclusiveMaximum=1)
+    attn_dropout: float = setting(0.0, minimum=0, exclusiveMaximum=1)
+    qkv_bias: bool | None = setting(None, help="null: the preset's")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one stage (its `train` section); `max_steps` counts optimizer
+    steps. The launch keys (nproc_per_node, nnodes, parallelism) change how a stage runs, not
+    what it computes: changing them reruns nothing."""
+
+    max_steps: int | None = setting(
+        None, minimum=1, help="null: the stage's epochs x steps per epoch"
+    )
+    batch_size: int = setting(8, minimum=1, help="the global batch (all processes)")
+    grad_accum_steps: int = setting(1, minimum=1)
+    lr: float = setting(5.0e-4, exclusiveMinimum=0)
+    min_lr: float = setting(5.0e-5, minimum=0, help="the cosine schedule's floor")
+    warmup_steps: int = setting(20, minimum=0)
+    weight_decay: float = setting(0.1, minimum=0)
+    beta1: float = setting(0.9, minimum=0, exclusiveMaximum=1)
+    beta2: float = setting(0.95, minimum=0, exclusiveMaximum=1)
+    grad_clip: float = setting(1.0, minimum=0, help="0: no clipping")
+    eval_every: int | None = setting(None, minimum=1, help="null: at each epoch's end")
+    eval_batches: int = setting(10, minimum=1, help="batches per split at each evaluation")
+    checkpoint_every: int = setting(50, minimum=0, help="resume checkpoints; 0: none")
+    log_every: int = setting(10, minimum=1)
+    precision: Precision = setting("fp32", help="fp32 | bf16 (autocast)")
+    compile: bool = setting(False, help="torch.compile the model")
+    nproc_per_node: int = setting(
+        1, minimum=1, help="processes per node, one per GPU; above 1: torchrun"
+    )
+    nnodes: int = setting(1, minimum=1, help="above 1: srun + torchrun across SLURM nodes")
+    parallelism: Literal["ddp", "fsdp"] = setting(
+        "ddp", help="ddp | fsdp (sharded parameters, for gpt2-774m/1558m)"
+    )
+
+
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "parallelism")
+
+
+@dataclass
+class PretrainTrain(TrainSettings):
+    max_steps: int = setting(250, minimum=1)
+    batch_size: int = setting(16, minimum=1, help="the global batch (all processes)")
+    lr: float = setting(1.0e-3, exclusiveMinimum=0)
+    min_lr: float = setting(1.0e-4, minimum=0, help="the cosine schedule's floor")
+    eval_every: int = setting(50, minimum=1)
+    eval_batches: int = setting(4, minimum=1, help="batches per split at each evaluation")
+
+
+@dataclass
+class PretrainSettings:
+    init_from: str = setting(
+        "scratch",
+        minLength=1,
+        help="scratch (random init), or weights to start from: gpt2-124m .. gpt2-1558m or gpt2, "
+        "gpt2-medium, gpt2-large, gpt2-xl (looked up as paths.weights/<name>), or a directory "
+        "(our checkpoint, a Hugging Face GPT-2 or OpenAI's TF checkpoint). The architecture "
+        "must match the model section.",
+    )
+    continue_pretraining: bool = setting(
+        False, help="with weights: false = evaluate and save them; true = train on"
+    )
+    sampling: Literal["random", "sliding"] = setting(
+        "random", help="random windows, or sliding windows every `stride` tokens"
+    )
+    stride: int | None = setting(
+        None, minimum=1, help="sliding: tokens between window starts (null: context_length)"
+    )
+    sample_prompt: str = setting("ROMEO:", minLength=1)
+    sample_tokens: int = setting(48, minimum=0)
+    peak_flops: float | None = setting(
+        None,
+        exclusiveMinimum=0,
+        help="MFU denominator; null: a known GPU's bf16 peak, else a quick matmul measurement",
+    )
+    train: PretrainTrain = setting(PretrainTrain())
+
+
+@dataclass
+class Split:
+    train: float = setting(0.85, exclusiveMinimum=0, exclusiveMaximum=1)
+    val: float = setting(0.05, exclusiveMinimum=0, exclusiveMaximum=1)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = setting(16, minimum=1)
+    alpha: float = setting(16, exclusiveMinimum=0)
+    dropout: float = setting(0.0, minimum=0, exclusiveMaximum=1)
+    targets: list[Literal["attn_qkv", "attn_proj", "mlp"]] = setting(
+        ["attn_qkv", "attn_proj", "mlp"], minItems=1, uniqueItems=True
+    )
+
+
+@dataclass
+class Generation:
+    max_new_tokens: int = setting(64, minimum=1)
+    temperature: float = setting(0.0, minimum=0, help="0: greedy")
+    top_k: int | None = setting(None, minimum=1)
+    top_p: float | None = setting(None, exclusiveMinimum=0, maximum=1)
+
+
+INIT_FROM_HELP = "a stage name (pretrain, finetune-instruct, ...) or a checkpoint directory"
+
+
+@dataclass
+class ClassifierSettings:
+    init_from: str = setting("pretrain", minLength=1, help=INIT_FROM_HELP)
+    data: str = setting(
+        "SMSSpamCollection", minLength=1, help="a data.sources name of `label<TAB>text` lines"
+    )
+    positive_label: str = setting(
+        "spam", minLength=1, help="the class precision, recall, F1 and ROC-AUC are about"
+    )
+    balance: Literal["undersample", "class_weights"] = setting(
+        "undersample", help="undersample the majority class (the book) | class_weights"
+    )
+    split: Split = setting(
+        Split(train=0.7, val=0.1), help="stratified by label; test gets the rest"
+    )
+    trainable_blocks: Literal["all"] | int = setting(
+        "all",
+        help="all, or N: train only the last N blocks + final norm + head (the book: 1); the "
+        "tiny Shakespeare-pretrained default needs all",
+    )
+    pooling: Literal["last", "mean", "first"] = setting(
+        "last", help="last (non-padding) token | mean | first"
+    )
+    max_length: int | None = setting(
+        None, minimum=1, help="tokens per text, longer ones truncated (null: context_length)"
+    )
+    epochs: int = setting(5, minimum=1)
+    misclassified_examples: int = setting(25, minimum=0)
+    train: TrainSettings = setting(TrainSettings())
+
+
+@dataclass
+class InstructSettings:
+    init_from: str = setting("pretrain", minLength=1, help=INIT_FROM_HELP)
+    data: str = setting(
+        "instruction-data.json",
+        minLength=1,
+        help="a data.sources name: a JSON list of {instruction, input, output}",
+    )
+    skip_invalid: bool = setting(
+        False, help="false: an invalid record is an error; true: skip, count and log it"
+    )
+    split: Split = setting(Split(), help="seeded shuffle; test gets the rest")
+    template: Literal["alpaca", "phi3"] = setting("alpaca")
+    mask_prompt: bool = setting(True, help="learn only the response tokens")
+    bucket_by_length: bool = setting(False, help="batches of similar lengths (less padding)")
+    method: Literal["full", "lora"] = setting(
+        "full", help="full | lora (the checkpoint written has the adapters merged)"
+    )
+    lora: LoraSettings = setting(LoraSettings())
+    epochs: int = setting(2, minimum=1)
+    generation: Generation = setting(Generation(), help="test responses")
+    sample_table_rows: int = setting(
+        20, minimum=0, help="test responses shown in MLflow's table artifact"
+    )
+    train: TrainSettings = setting(TrainSettings())
+
+
+@dataclass
+class DpoTrain(TrainSettings):
+    lr: float = setting(
+        5.0e-5,
+        exclusiveMinimum=0,
+        help="higher rates widen the margin faster but degrade the answers",
+    )
+    min_lr: float = setting(5.0e-6, minimum=0, help="the cosine schedule's floor")
+    warmup_steps: int = setting(10, minimum=0)
+    weight_decay: float = setting(0.0, minimum=0)
+
+
+@dataclass
+class DpoSettings:
+    init_from: str = setting(
+        "finetune-instruct", minLength=1, help="a stage name or an instruction-tuned checkpoint"
+    )
+    data: str = setting(
+        "instruction-data-with-preference.json",
+        minLength=1,
+        help="records with `chosen` and `rejected` answers",
+    )
+    skip_invalid: bool = setting(False)
+    split: Split = setting(Split(), help="as finetune_instruct: same records, same split")
+    template: Literal["alpaca", "phi3"] | None = setting(
+        None, help="null: the template the checkpoint was instruction-tuned with"
+    )
+    loss: Literal["sigmoid", "ipo"] = setting("sigmoid", help="sigmoid (DPO) | ipo")
+    beta: float = setting(
+        0.1, exclusiveMinimum=0, help="DPO's beta: how far the policy may move from the reference"
+    )
+    label_smoothing: float = setting(
+        0.0,
+        minimum=0,
+        exclusiveMaximum=0.5,
+        help="conservative DPO: assumed share of flipped labels",
+    )
+    method: Literal["full", "lora"] = setting("full", help="full | lora (merged when written)")
+    lora: LoraSettings = setting(LoraSettings())
+    epochs: int = setting(1, minimum=1)
+    generation: Generation = setting(Generation(), help="test responses")
+    sample_table_rows: int = setting(20, minimum=0)
+    train: DpoTrain = setting(DpoTrain())
+
+
+@dataclass
+class StageResources:
+    """What a training stage's Snakemake rule asks for (on SLURM: --cpus-per-task, --mem,
+    --time, --gpus). Kept apart from the stage sections so changing it reruns nothing."""
+
+    threads: int | None = setting(
+        None,
+        minimum=1,
+        help="CPU cores per node, shared by its processes; null: all of --cores (local runs)",
+    )
+    mem_mb: int = setting(4000, minimum=1, help="memory per node in MB (SLURM --mem)")
+    runtime: int = setting(30, minimum=1, help="wall-clock limit in minutes (SLURM --time)")
+    gpu: int = setting(
+        0, minimum=0, help="GPUs per node; above 0 it must equal train.nproc_per_node"
+    )
+    partition: str | None = setting(
+        None, minLength=1, help="SLURM partition; null: the profile's default-resources"
+    )
+
+
+@dataclass
+class TrackingSettings:
+    uri: str = setting("sqlite:///mlflow.db", minLength=1)
+    experiment: str = setting("gpt-pipeline", minLength=1)
+    log_model: bool = setting(
+        True, help="log each stage's checkpoint (safetensors + config.json) as run artifacts"
+    )

@@ -1,0 +1,149 @@
+"""The stage registry: the one list of stages that the CLI, the config, the launcher and the
+Snakefile read. A new stage is one `Stage` entry here (or `register(...)` from a module named in
+`PIPELINE_EXTRA_STAGES`) plus its module with a `main(config)`.
+
+Each stage has one name, used everywhere a user meets it: `python -m pipeline <name>`, the config
+section `<name>:`, `results/<name>/`, `logs/<name>.log`, `init_from: <name>` and its MLflow run.
+Only Snakemake's rule names, which must be Python identifiers, spell it with underscores.
+Nothing here imports torch: building the DAG must stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import settings as s
+from pipeline.paths import Paths
+
+EXTRA_STAGES_ENV = "PIPELINE_EXTRA_STAGES"
+"""Comma-separated modules imported after the built-in stages; each may `register` stages."""
+
+Inputs = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """CLI command, config section, results and log folder name."""
+    module: str
+    """The module whose `main(config)` runs the stage."""
+    settings: type | None = None
+    """Its config section's settings class (pipeline/settings/__init__.py), if it has one."""
+    trains: bool = False
+    """A training stage: its Snakemake rule is generated, launched as `train` says, and its
+    `model/` is a checkpoint that later stages can start from (`init_from: <name>`)."""
+    outputs: tuple[str, ...] = ()
+    """Files it writes in results/<name>/ besides model/ and metrics.json (logged to MLflow)."""
+    inputs: Inputs | None = None
+    """Its rule's named inputs, from the resolved config (training stages)."""
+    resources: s.StageResources = field(default_factory=s.StageResources)
+    """Its default `resources.<name>` (training stages)."""
+
+    @property
+    def rule(self) -> str:
+        """The Snakemake rule name (an identifier)."""
+        return self.name.replace("-", "_")
+
+    def run(self, config: Mapping[str, Any]) -> Any:
+        return importlib.import_module(self.module).main(config)
+
+
+def source_input(config: Mapping[str, Any], stage: str) -> str:
+    return str(Paths.from_config(config).source(config[stage]["data"]))
+
+
+def init_checkpoint_path(config: Mapping[str, Any], init_from: str) -> Path:
+    """Where a fine-tuning stage starts: a training stage's `model/`, or a checkpoint directory."""
+    if init_from in training_stages():
+        return Paths.from_config(config).stage(init_from) / "model"
+    return Path(init_from)
+
+
+def fine_tuning_inputs(stage: str) -> Inputs:
+    """A fine-tuning stage reads its data source and its start checkpoint."""
+
+    def inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+        start = init_checkpoint_path(config, config[stage]["init_from"])
+        return {"data": source_input(config, stage), "model": str(start)}
+
+    return inputs
+
+
+def pretrain_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The token files and, when `pretrain.init_from` names weights, their directory."""
+    from pipeline.model.weights import init_from_input
+
+    tokens = Paths.from_config(config).tokens
+    names = ("train.bin", "val.bin", "meta.json")
+    return {"tokens": [str(tokens / n) for n in names], "init": init_from_input(config)}
+
+
+SPLITS_JSON = ("train.json", "val.json", "test.json")
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage; its name must be new and its settings a dataclass."""
+    if stage.name in STAGES:
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    STAGES[stage.name] = stage
+    return stage
+
+
+for _stage in (
+    Stage("download", "pipeline.stages.download"),
+    Stage("prepare", "pipeline.stages.prepare", s.PrepareSettings),
+    Stage(
+        "pretrain",
+        "pipeline.stages.pretrain",
+        s.PretrainSettings,
+        trains=True,
+        outputs=("loss.png", "samples.txt"),
+        inputs=pretrain_inputs,
+        resources=s.StageResources(runtime=60),
+    ),
+    Stage(
+        "finetune-classifier",
+        "pipeline.stages.finetune_classifier",
+        s.ClassifierSettings,
+        trains=True,
+        outputs=(
+            "train.tsv",
+            "val.tsv",
+            "test.tsv",
+            "loss.png",
+            "confusion_matrix.png",
+            "misclassified.tsv",
+        ),  # fmt: skip
+        inputs=fine_tuning_inputs("finetune-classifier"),
+    ),
+    Stage(
+        "finetune-instruct",
+        "pipeline.stages.finetune_instruct",
+        s.InstructSettings,
+        trains=True,
+        outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
+        inputs=fine_tuning_inputs("finetune-instruct"),
+    ),
+    Stage(
+        "align-dpo",
+        "pipeline.stages.align_dpo",
+        s.DpoSettings,
+        trains=True,
+        outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
+        inputs=fine_tuning_inputs("align-dpo"),
+    ),
+):
+    register(_stage)
+
+for _module in filter(None, os.environ.get(EXTRA_STAGES_ENV, "").split(",")):
+    importlib.import_module(_module.strip())
+
+
+def training_stages() -> dict[str, Stage]:
+    return {name: stage for name, stage in STAGES.items() if stage.trains}

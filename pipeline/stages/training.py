@@ -1,0 +1,160 @@
+"""The one skeleton every training stage runs; a stage supplies only what differs.
+
+`run_training_stage` owns the shared sequence: device -> the stage's `setup` (its data, start
+model, trainable parts, task and fingerprint) -> MLflow run -> `fit` (or, for weights that are
+only evaluated, an evaluation) -> rank-0 gate -> LoRA merge -> the stage's `report` (its test
+evaluation and files) -> loss plot -> checkpoint -> metrics.json and artifacts -> clearing the
+resume state. A stage is a `TrainingStage` subclass whose `setup` and `report` read top to
+bottom, as a torchtune recipe does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import torch
+
+from pipeline.io import atomic_write_json
+from pipeline.model import GPT
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.lora import merge_lora
+from pipeline.paths import Paths
+from pipeline.plots import plot_training_curves
+from pipeline.settings import TrainSettings
+from pipeline.stages.common import stage_device
+from pipeline.stages.registry import STAGES
+from pipeline.tracking import StageRun, stage_run
+from pipeline.train import (
+    TrainResult,
+    TrainTask,
+    clear_resume_state,
+    evaluate_losses,
+    fit,
+    is_main_process,
+)
+
+log = logging.getLogger("pipeline.stages")
+
+
+@dataclass
+class StagePlan:
+    """What a stage's `setup` hands the skeleton."""
+
+    model: GPT
+    """Trained in place, then saved as results/<stage>/model."""
+    task: TrainTask
+    train: TrainSettings
+    """The `train` section, with what the stage derives (steps from epochs) filled in."""
+    fingerprint: dict[str, Any]
+    """What identifies the run for resume, beside `train` (data, start weights, ...)."""
+    tokenizer: tiktoken.Encoding
+    tokenizer_files: Mapping[str, Path]
+    """Files saved beside the weights so the checkpoint carries its tokenizer."""
+    title: str
+    """The loss plot's title."""
+    tags: dict[str, Any] = field(default_factory=dict)
+    start_metrics: dict[str, float] = field(default_factory=dict)
+    """Logged at step 0 (trainable parameters, truncated examples, ...)."""
+    checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
+    """Stage sections of the checkpoint's config.json (`classifier`, `instruct`)."""
+    lora: bool = False
+    """Merge LoRA adapters into the weights before reporting and saving."""
+    trains: bool = True
+    """False: evaluate the start weights only (pretrain.continue_pretraining false)."""
+
+
+class TrainingStage:
+    """A training stage: its registry `name`, what it sets up and what it reports."""
+
+    name: str
+
+    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+        raise NotImplementedError
+
+    def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
+               tracker: StageRun) -> dict[str, Any]:  # fmt: skip
+        """The stage's final metrics, after writing its own outputs (test answers, plots)."""
+        raise NotImplementedError
+
+    def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The metrics the checkpoint's config.json keeps."""
+        return dict(metrics)
+
+
+def _evaluate_only(plan: StagePlan, device: torch.device, tracker: StageRun) -> TrainResult:
+    plan.model.to(device).eval()
+    measured = evaluate_losses(
+        plan.model, plan.task.loss_fn, plan.task.eval_sets, plan.train.eval_batches, device,
+        plan.train.precision,
+    )  # fmt: skip
+    tracker.log_metrics(measured, step=0)
+    return TrainResult(0, measured, [{"step": 0, **measured}])
+
+
+def run_training_stage(stage: TrainingStage, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Set up, train, report and save one stage; returns its metrics (rank 0's final ones)."""
+    paths = Paths.from_config(config)
+    out_dir, resume_dir = paths.stage(stage.name), paths.stage_resume(stage.name)
+    device = stage_device(config)
+    plan = stage.setup(config, device)
+    with stage_run(config, stage.name) as tracker:
+        tracker.set_tags(plan.tags)
+        if plan.start_metrics:
+            tracker.log_metrics(plan.start_metrics, step=0)
+        if plan.trains:
+            result = fit(
+                plan.model, plan.task, plan.train, device=device, seed=config["seed"],
+                resume_dir=resume_dir, fingerprint=plan.fingerprint, logger=tracker,
+            )  # fmt: skip
+        else:
+            result = _evaluate_only(plan, device, tracker)
+        if not is_main_process():
+            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
+        if plan.lora:
+            merge_lora(plan.model)
+        plan.model.eval()
+        metrics = stage.report(plan, result, out_dir, tracker)
+        plot_training_curves(result.history, out_dir / "loss.png", title=plan.title)
+        save_checkpoint(
+            plan.model,
+            out_dir / "model",
+            metadata={
+                "stage": stage.name,
+                **plan.checkpoint_metadata,
+                "tokenizer": {"name": "gpt2", "eot_token": plan.tokenizer.eot_token},
+                "metrics": stage.saved_metrics(metrics),
+            },
+            extra_files=plan.tokenizer_files,
+        )
+        finish_stage(tracker, config, out_dir, metrics, result.step, STAGES[stage.name].outputs)
+    clear_resume_state(resume_dir)
+    return metrics
+
+
+def finish_stage(
+    tracker: StageRun,
+    config: Mapping[str, Any],
+    out_dir: Path,
+    metrics: Mapping[str, Any],
+    step: int,
+    artifacts: Iterable[str],
+) -> None:
+    """Write metrics.json last (it is the stage's completion marker), log it, the artifacts and
+    the model directory to the stage's MLflow run."""
+    numeric = {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    # JSON has no NaN: an undefined metric (ROC-AUC of a one-class subset) is written as null
+    undefined = {k: None for k, v in numeric.items() if not math.isfinite(v)}
+    atomic_write_json(out_dir / "metrics.json", {**metrics, **undefined})
+    tracker.log_metrics({f"final_{k}": v for k, v in numeric.items()}, step=step)
+    for name in ("metrics.json", *artifacts):
+        tracker.log_artifact(out_dir / name)
+    if config["tracking"]["log_model"]:
+        tracker.log_artifact(out_dir / "model", "model")

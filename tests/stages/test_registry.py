@@ -1,0 +1,114 @@
+"""The stage registry is the one list of stages: a new stage is one entry plus its module, and
+the CLI, the config, the launcher and the DAG all take it from there."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+from snakemake_runs import SNAKEMAKE, make_workdir, tiny_config
+
+from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, training_stages
+
+EXTRA_STAGE = '''
+"""A hypothetical stage: distil the instruction-tuned model (registry entry + module only)."""
+from dataclasses import dataclass
+
+from pipeline.settings.schema import setting
+from pipeline.settings import TrainSettings
+from pipeline.stages.registry import Stage, fine_tuning_inputs, register
+
+
+@dataclass
+class DistillSettings:
+    init_from: str = setting("finetune-instruct", help="the teacher")
+    data: str = setting("instruction-data.json")
+    temperature: float = setting(2.0, exclusiveMinimum=0)
+    train: TrainSettings = setting(TrainSettings())
+
+
+register(
+    Stage(
+        "distill", "extra_stage", DistillSettings, trains=True, outputs=("loss.png",),
+        inputs=fine_tuning_inputs("distill"),
+    )
+)
+
+
+def main(config):
+    raise NotImplementedError("a dry run only")
+'''
+
+
+def with_extra_stage(tmp_path: Path) -> dict:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "extra_stage.py").write_text(textwrap.dedent(EXTRA_STAGE))
+    path = os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, EXTRA_STAGES_ENV: "extra_stage", "PYTHONPATH": path}
+
+
+def test_one_name_per_stage_and_every_training_stage_has_settings():
+    assert list(training_stages()) == [
+        "pretrain", "finetune-classifier", "finetune-instruct", "align-dpo",
+    ]  # fmt: skip
+    for name, stage in STAGES.items():
+        assert stage.rule == name.replace("-", "_")
+        assert not stage.trains or stage.settings is not None, name
+
+
+def test_a_registered_stage_joins_the_config_the_cli_and_the_dag(tmp_path, repo, mirror):
+    env = with_extra_stage(tmp_path)
+    workdir = make_workdir(tmp_path / "work", repo, tiny_config(mirror))
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipeline", "config", "--config", "config.yaml",
+         "--set", "distill.temperature=3"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    config = yaml.safe_load(shown.stdout)
+    assert config["distill"]["temperature"] == 3
+    assert config["distill"]["train"]["lr"] == 5.0e-4  # its defaults filled in
+    assert config["resources"]["distill"]["runtime"] == 30
+
+    dry = subprocess.run(
+        [SNAKEMAKE, "--cores", "2", "--configfile", "tiny.yaml", "--dry-run", "-p",
+         "results/distill/metrics.json"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    out = dry.stdout
+    assert "rule distill:" in out
+    assert "input: data/raw/instruction-data.json, results/finetune-instruct/model" in out
+    assert "output: results/distill/model, results/distill/metrics.json, " in out
+    assert (
+        "python -m pipeline distill --config results/config.resolved.yaml --threads 2 "
+        "> logs/distill.log 2>&1" in out
+    )
+    assert "rule finetune_instruct:" in out and "rule pretrain:" in out  # what it builds on
+
+
+def test_building_the_dag_imports_no_torch(repo):
+    """The modules the Snakefile imports (config, registry, launcher, tracking, weights lookup)
+    stay light, so `snakemake -n` does not pay torch's import."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import pipeline.config, pipeline.launch, pipeline.paths, pipeline.tracking
+        from pipeline.stages.registry import STAGES
+        from pipeline.config import load_config
+        config = load_config(["config.yaml"])
+        for stage in STAGES.values():
+            if stage.inputs:
+                stage.inputs(config)
+        heavy = sorted(m for m in ("torch", "numpy", "mlflow", "tiktoken") if m in sys.modules)
+        print(",".join(heavy))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
