@@ -11,7 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.errors import InputError
 from pipeline.stages.registry import STAGES
 
 log = logging.getLogger("pipeline")
@@ -147,7 +148,7 @@ class _Generation:
 
         self.model, device = _load_for_inference(args.checkpoint, args)
         if type(self.model) is not GPT:
-            raise ValueError(f"{args.checkpoint} is not a language-model checkpoint")
+            raise InputError(f"{args.checkpoint} is not a language-model checkpoint")
         self.config = load_checkpoint_config(args.checkpoint)
         self.tokenizer = checkpoint_tokenizer(args.checkpoint)
         self.args = args
@@ -206,7 +207,7 @@ def chat_command(args: argparse.Namespace) -> None:
 
     if args.instruction is not None:
         if not args.instruction.strip():
-            raise ValueError("--instruction is empty")
+            raise InputError("--instruction is empty")
         answer(args.instruction, args.input_text)
         return
     interactive = sys.stdin.isatty()
@@ -226,14 +227,14 @@ def classify_command(args: argparse.Namespace) -> None:
     from pipeline.model.classifier import GPTClassifier, encode_texts, predict_probabilities
 
     if bool(args.texts) == bool(args.input):
-        raise ValueError("give texts as arguments or --input FILE (one of the two)")
+        raise InputError("give texts as arguments or --input FILE (one of the two)")
     texts = read_texts(args.input) if args.input else list(args.texts)
     for i, text in enumerate(texts, start=1):
         if not text.strip():
-            raise ValueError(f"text {i} is empty")
+            raise InputError(f"text {i} is empty")
     model, _ = _load_for_inference(args.checkpoint, args)
     if not isinstance(model, GPTClassifier):
-        raise ValueError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
+        raise InputError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
     tokenizer = checkpoint_tokenizer(args.checkpoint)
     head = load_checkpoint_config(args.checkpoint)["classifier"]
     max_length = head.get("max_length") or model.config.context_length
@@ -358,14 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with distributed_stage(config):
             STAGES[args.command].run(config)
         return 0
-    except (
-        ConfigError,
-        DownloadError,
-        NonFiniteLossError,
-        OSError,
-        TensorFlowRequiredError,
-        ValueError,
-    ) as exc:
+    except (DownloadError, InputError, NonFiniteLossError, OSError, TensorFlowRequiredError) as exc:
+        # what the user can fix, in one line; any other error (a bug) keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

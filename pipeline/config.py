@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline import settings
+from pipeline.errors import InputError
 from pipeline.settings import schema
 from pipeline.settings.schema import FieldSpec, Group
 
@@ -24,7 +25,7 @@ DEFAULT_CONFIG = Path("config.yaml")
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration file or value that does not match the schema."""
 
 

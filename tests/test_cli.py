@@ -42,3 +42,29 @@ def test_every_registered_stage_is_a_command():
 
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(STAGES) <= set(commands)
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(repo, capsys, monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from pipeline.errors import InputError
+    from pipeline.stages import registry
+
+    def stage_raising(error: Exception):
+        def main(config):
+            raise error
+
+        module = type(sys)("fake_stage")
+        module.main = main
+        monkeypatch.setitem(sys.modules, "fake_stage", module)
+        return dataclasses.replace(registry.STAGES["prepare"], module="fake_stage")
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setitem(registry.STAGES, "prepare", stage_raising(InputError("data.csv:3: bad")))
+    assert main(["prepare"]) == 1
+    assert capsys.readouterr().err == "error: data.csv:3: bad\n"
+    monkeypatch.setitem(registry.STAGES, "prepare", stage_raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["prepare"])

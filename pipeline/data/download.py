@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_write_bytes, sha256_bytes, sha256_file
 
 log = logging.getLogger("pipeline.data")
@@ -26,11 +27,11 @@ def _extract_member(blob: bytes, member: str, origin: str) -> bytes:
                 return archive.read(member)
             except KeyError:
                 names = ", ".join(archive.namelist())
-                raise ValueError(
+                raise InputError(
                     f"{origin}: zip has no member {member!r} (members: {names})"
                 ) from None
     except zipfile.BadZipFile:
-        raise ValueError(f"{origin}: expected a zip archive holding {member!r}") from None
+        raise InputError(f"{origin}: expected a zip archive holding {member!r}") from None
 
 
 def _read_url(url: str, timeout: float) -> bytes:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.tokenizer import END_OF_TEXT_ID
+from pipeline.errors import InputError
 
 RecordT = TypeVar("RecordT")
 
@@ -76,7 +77,7 @@ def get_template(name: str) -> PromptTemplate:
     try:
         return _TEMPLATES[name]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}"
         ) from None
 
@@ -125,10 +126,10 @@ def load_records(
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        raise InputError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, list):
         kind = _JSON_TYPES.get(type(data), type(data).__name__)
-        raise ValueError(f"{path}: expected a JSON list of records, got {kind}")
+        raise InputError(f"{path}: expected a JSON list of records, got {kind}")
     valid, invalid = [], []
     for i, record in enumerate(data):
         problems = _record_problems(record, required)
@@ -140,7 +141,7 @@ def load_records(
         listed = [f"record {i}: {reason}" for i, reason in invalid[:MAX_LISTED_ERRORS]]
         if len(invalid) > MAX_LISTED_ERRORS:
             listed.append(f"... and {len(invalid) - MAX_LISTED_ERRORS} more")
-        raise ValueError(
+        raise InputError(
             f"{path}: {len(invalid)} of {len(data)} records invalid: " + "; ".join(listed)
         )
     return valid, invalid
@@ -156,7 +157,7 @@ def split_records(
     same on every run and Python version, whatever PYTHONHASHSEED is.
     """
     if not 0.0 < train <= 1.0 or not 0.0 <= val < 1.0 or train + val > 1.0:
-        raise ValueError(
+        raise InputError(
             f"need 0 < train <= 1, 0 <= val < 1 and train + val <= 1; got train={train}, val={val}"
         )
     n = len(records)
@@ -189,7 +190,7 @@ class InstructionExample:
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
-            raise ValueError("an instruction example needs at least one prompt token")
+            raise InputError("an instruction example needs at least one prompt token")
 
     @property
     def num_tokens(self) -> int:
@@ -239,9 +240,9 @@ def collate(
     mean cross-entropy never divides by zero (NaN). `count_truncated` counts the cut examples.
     """
     if not examples:
-        raise ValueError("collate needs at least one example")
+        raise InputError("collate needs at least one example")
     if context_length < 1:
-        raise ValueError(f"context_length must be >= 1, got {context_length}")
+        raise InputError(f"context_length must be >= 1, got {context_length}")
     t = min(max(ex.num_tokens for ex in examples) - 1, context_length)
     inputs = torch.full((len(examples), t), pad_id, dtype=torch.int64)
     targets = torch.full((len(examples), t), ignore_index, dtype=torch.int64)
@@ -276,7 +277,7 @@ def bucketed_order(
     `rng` (or ``random.Random(rng)`` for an int) makes the order deterministic.
     """
     if batch_size < 1 or bucket_batches < 1:
-        raise ValueError(
+        raise InputError(
             f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}"
         )
     if isinstance(rng, int):

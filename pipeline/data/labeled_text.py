@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
 
 BALANCE_MODES = ("undersample", "class_weights")
@@ -31,7 +32,7 @@ def read_lines(path: Path) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+        raise InputError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
@@ -43,10 +44,10 @@ def read_label_tab_text(path: Path) -> list[LabeledText]:
             continue
         label, sep, text = line.partition("\t")
         if not sep or not label.strip() or not text.strip():
-            raise ValueError(f"{path}:{number}: expected 'label<TAB>text', got {line[:80]!r}")
+            raise InputError(f"{path}:{number}: expected 'label<TAB>text', got {line[:80]!r}")
         records.append(LabeledText(label.strip(), text))
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise InputError(f"{path}: no records")
     return records
 
 
@@ -55,7 +56,7 @@ def write_tsv(path: Path, records: Sequence[LabeledText]) -> None:
     lines = ["label\ttext"]
     for r in records:
         if "\n" in r.text or "\r" in r.text:
-            raise ValueError(f"text of a {r.label!r} record contains a line break: {r.text[:80]!r}")
+            raise InputError(f"text of a {r.label!r} record contains a line break: {r.text[:80]!r}")
         lines.append(f"{r.label}\t{r.text}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -68,11 +69,11 @@ def read_tsv(path: Path, require_label: bool = True) -> list[LabeledText]:
     """
     lines = read_lines(path)
     if not lines[0].strip():
-        raise ValueError(f"{path}: empty file, expected a header with a 'text' column")
+        raise InputError(f"{path}: empty file, expected a header with a 'text' column")
     columns = lines[0].split("\t")
     if "text" not in columns or (require_label and "label" not in columns):
         wanted = "'label' and 'text' columns" if require_label else "a 'text' column"
-        raise ValueError(f"{path}:1: header {columns} does not have {wanted}")
+        raise InputError(f"{path}:1: header {columns} does not have {wanted}")
     text_last = columns[-1] == "text"
     records = []
     for number, line in enumerate(lines[1:], start=2):
@@ -80,10 +81,10 @@ def read_tsv(path: Path, require_label: bool = True) -> list[LabeledText]:
             continue
         fields = line.split("\t", len(columns) - 1) if text_last else line.split("\t")
         if len(fields) != len(columns):
-            raise ValueError(f"{path}:{number}: expected {len(columns)} columns, got {len(fields)}")
+            raise InputError(f"{path}:{number}: expected {len(columns)} columns, got {len(fields)}")
         row = dict(zip(columns, fields, strict=True))
         if not row["text"].strip():
-            raise ValueError(f"{path}:{number}: empty text")
+            raise InputError(f"{path}:{number}: empty text")
         records.append(LabeledText(row.get("label", ""), row["text"]))
     return records
 
@@ -109,7 +110,7 @@ def class_weights(records: Sequence[LabeledText], labels: Sequence[str]) -> list
     counts = Counter(r.label for r in records)
     missing = [label for label in labels if counts[label] == 0]
     if missing:
-        raise ValueError(f"no training records with label(s) {missing}")
+        raise InputError(f"no training records with label(s) {missing}")
     return [len(records) / (len(labels) * counts[label]) for label in labels]
 
 
@@ -119,7 +120,7 @@ def stratified_split(
     """Each class split train/val/test in the same proportions (test gets the rest; sizes are
     rounded per class), each split in a seeded shuffled order."""
     if not (0 < train < 1 and 0 <= val < 1 and train + val < 1):
-        raise ValueError(
+        raise InputError(
             f"split fractions need 0 < train, 0 <= val, train + val < 1: {train}, {val}"
         )
     rng = random.Random(seed)
@@ -149,5 +150,5 @@ def read_texts(path: Path) -> list[str]:
         lines.pop()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise ValueError(f"{path}:{number}: empty text")
+            raise InputError(f"{path}:{number}: empty text")
     return lines

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import InputError
+
 _SEED_STRIDE = 1_000_003
 
 
 def _check_length(tokens: np.ndarray, context_length: int, what: str) -> None:
     if len(tokens) < context_length + 1:
-        raise ValueError(
+        raise InputError(
             f"{what}: {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1} "
             "(use a larger corpus, a larger prepare.val_fraction or a smaller model.context_length)"
         )
@@ -52,7 +54,7 @@ class TokenWindows:
     ) -> None:
         _check_length(tokens, context_length, name)
         if sampling not in ("random", "sliding"):
-            raise ValueError(f"sampling must be 'random' or 'sliding', got {sampling!r}")
+            raise InputError(f"sampling must be 'random' or 'sliding', got {sampling!r}")
         self.tokens = tokens
         self.context_length = context_length
         self.batch_size = batch_size
@@ -68,7 +70,7 @@ class TokenWindows:
     def shard(self, rank: int, world_size: int) -> None:
         """Make `next_batch` return this process's `batch_size / world_size` rows of each batch."""
         if self.batch_size % world_size:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: batch_size {self.batch_size} is the global batch and must be "
                 f"divisible by the number of processes ({world_size})"
             )
@@ -112,7 +114,7 @@ class TokenWindows:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("sampling") != self.sampling or state.get("seed") != self.seed:
-            raise ValueError(f"data state {state} does not belong to this {self.sampling} sampler")
+            raise InputError(f"data state {state} does not belong to this {self.sampling} sampler")
         self.batches_drawn = int(state["batches_drawn"])
 
 
@@ -150,9 +152,9 @@ class ExampleBatches:
         name: str = "train",
     ) -> None:
         if num_examples < 1:
-            raise ValueError(f"{name}: no examples to train on")
+            raise InputError(f"{name}: no examples to train on")
         if batch_size < 1:
-            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"{name}: batch_size must be >= 1, got {batch_size}")
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.collate = collate
@@ -171,13 +173,13 @@ class ExampleBatches:
         batch's. Every process must get at least one example of every batch.
         """
         if self.batch_size % world_size:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: batch_size {self.batch_size} is the global batch and must be "
                 f"divisible by the number of processes ({world_size})"
             )
         last = self.num_examples % self.batch_size
         if 0 < last < world_size:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: an epoch's last batch holds {last} of {self.num_examples} "
                 f"examples, fewer than the {world_size} processes; choose a batch_size that "
                 "leaves no such remainder, or fewer processes"
@@ -196,7 +198,7 @@ class ExampleBatches:
             else:
                 indices = list(self.order(generator))
                 if sorted(indices) != list(range(self.num_examples)):
-                    raise ValueError("order() must return a permutation of the example indices")
+                    raise InputError("order() must return a permutation of the example indices")
             size = self.batch_size
             batches = [indices[i : i + size] for i in range(0, len(indices), size)]
             self._epoch_cache = (epoch, batches)
@@ -219,7 +221,7 @@ class ExampleBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed:
-            raise ValueError(
+            raise InputError(
                 f"data state {state} does not belong to this sampler (seed {self.seed})"
             )
         self.batches_drawn = int(state["batches_drawn"])

@@ -13,6 +13,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from pipeline.errors import InputError
+
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
 VOCAB_SIZE = 50257
@@ -35,7 +37,7 @@ def _from_files(bpe_dir: Path) -> tiktoken.Encoding:
             encoder_json_hash=GPT2_BPE_FILES["encoder.json"],
         )
     except ValueError as exc:
-        raise ValueError(
+        raise InputError(
             f"{bpe_dir}: GPT-2 BPE files do not have the expected sha256: {exc}"
         ) from None
     return tiktoken.Encoding(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_open, atomic_write_json, sha256_file
 
 TOKEN_DTYPE = np.uint16
@@ -22,7 +23,7 @@ def encode_documents(
     """Encode each file as one document, with <|endoftext|> between documents."""
     eot = tokenizer.eot_token
     if tokenizer.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise ValueError(
+        raise InputError(
             f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids: too many for uint16"
         )
     pieces: list[list[int]] = []
@@ -31,7 +32,7 @@ def encode_documents(
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+            raise InputError(f"{path}: not UTF-8 text ({exc})") from None
         ids = tokenizer.encode_ordinary(text)
         if i:
             pieces.append([eot])
@@ -55,7 +56,7 @@ def prepare_corpus(
     tokens, documents = encode_documents(paths, tokenizer)
     n_val = int(round(len(tokens) * val_fraction))
     if n_val < 2 or len(tokens) - n_val < 2:
-        raise ValueError(
+        raise InputError(
             f"corpus {[str(p) for p in paths]}: {len(tokens)} tokens is too few to split "
             f"with val_fraction={val_fraction}"
         )

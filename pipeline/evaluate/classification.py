@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.errors import InputError
+
 
 def confusion_matrix(
     labels: Sequence[int], predictions: Sequence[int], num_classes: int
@@ -55,7 +57,7 @@ def binary_metrics(
     y = np.asarray(labels)
     p = np.asarray(predictions)
     if len(y) == 0 or len(y) != len(p) or len(y) != len(positive_scores):
-        raise ValueError(
+        raise InputError(
             f"need equally many labels, predictions and scores, got {len(y)}, {len(p)}, "
             f"{len(positive_scores)}"
         )

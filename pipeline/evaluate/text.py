@@ -6,6 +6,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from pipeline.data.instruct import get_template
+from pipeline.errors import InputError
 
 
 def _is_punctuation(char: str) -> bool:
@@ -72,11 +73,11 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
 def corpus_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Means over the pairs: ``{"exact_match": ..., "rouge_l_f1": ...}``."""
     if len(predictions) != len(references):
-        raise ValueError(
+        raise InputError(
             f"{len(predictions)} predictions but {len(references)} references; need one each"
         )
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise InputError("no predictions to score")
     n = len(predictions)
     pairs = list(zip(predictions, references, strict=True))
     return {

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.errors import InputError
+
 FUSED_KERNEL_DEVICES = ("cpu",)
 """Device types where the fused op's kernel is verified (its CUDA kernel has not run yet)."""
 
@@ -159,7 +161,7 @@ class FusedAttention(AttentionBackend):
     def _kernels(self, device: torch.device) -> ModuleType:
         """`pipeline.kernels`, once the call is known to be one its CPU kernels can run."""
         if self.training and self.attn_dropout > 0:
-            raise ValueError(
+            raise InputError(
                 f"the 'fused' attention backend does not implement attention dropout "
                 f"(attn_dropout={self.attn_dropout}); set `model.attn_dropout: 0` "
                 f"or choose `model.attention: sdpa`"
@@ -196,7 +198,7 @@ def build_attention(
 ) -> AttentionBackend:
     """The backend module called `name`; the single place that maps names to classes."""
     if name not in _BUILDERS:
-        raise ValueError(
+        raise InputError(
             f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     return _BUILDERS[name](context_length, attn_dropout)
@@ -214,12 +216,12 @@ def resolve_attention(requested: str, device: torch.device, attn_dropout: float 
     if requested == "auto":
         return "fused" if fused_runs_here and not attn_dropout else "sdpa"
     if requested not in _BUILDERS:
-        raise ValueError(
+        raise InputError(
             f"model.attention: unknown backend {requested!r}; expected auto or one of "
             f"{', '.join(ATTENTION_BACKENDS)}"
         )
     if requested == "fused" and not fused_runs_here:
-        raise ValueError(
+        raise InputError(
             f"model.attention: 'fused' has a verified kernel for "
             f"{', '.join(FUSED_KERNEL_DEVICES)} only, but the device is {device.type}; set "
             "`model.attention: auto` (sdpa on this device) or `sdpa`"

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_directory
 from pipeline.model.classifier import GPTClassifier
 from pipeline.model.config import GPTConfig
@@ -62,11 +63,11 @@ def _extra_file_targets(extra_files: Mapping[str, str | Path]) -> dict[PurePosix
     for name, source in extra_files.items():
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise ValueError(
+            raise InputError(
                 f"extra file name {name!r} must be a relative path inside the checkpoint"
             )
         if rel.parts[0] in (WEIGHTS_FILE, CONFIG_FILE):
-            raise ValueError(f"extra file name {name!r} clashes with the checkpoint's own files")
+            raise InputError(f"extra file name {name!r} clashes with the checkpoint's own files")
         targets[rel] = Path(source)
     return targets
 
@@ -87,11 +88,11 @@ def save_checkpoint(
     """
     gpt = _unwrap(model)
     if gpt.lm_head.weight is not gpt.tok_emb.weight:
-        raise ValueError("lm_head.weight is not tied to tok_emb.weight; this format stores it once")
+        raise InputError("lm_head.weight is not tied to tok_emb.weight; this format stores it once")
     metadata = dict(metadata or {})
     clashes = sorted(set(metadata) & set(_RESERVED_KEYS))
     if clashes:
-        raise ValueError(f"metadata keys {clashes} are reserved by the checkpoint format")
+        raise InputError(f"metadata keys {clashes} are reserved by the checkpoint format")
     config_text = json.dumps(
         {"format": FORMAT, "version": VERSION, "model": gpt.config.to_dict(), **metadata},
         indent=2,
@@ -126,16 +127,16 @@ def load_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint config {path} is not valid JSON: {exc}") from exc
+        raise InputError(f"checkpoint config {path} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} config (its 'format' is not {FORMAT!r})")
+        raise InputError(f"{path} is not a {FORMAT} config (its 'format' is not {FORMAT!r})")
     if config.get("version") != VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} has checkpoint version {config.get('version')!r}; "
             f"this code reads version {VERSION}"
         )
     if not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path} has no 'model' section with the GPTConfig fields")
+        raise InputError(f"{path} has no 'model' section with the GPTConfig fields")
     return config
 
 
@@ -149,18 +150,18 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
     try:
         tensors = load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint weights {path} could not be read: {exc}") from exc
+        raise InputError(f"checkpoint weights {path} could not be read: {exc}") from exc
 
     expected = {name: t.shape for name, t in gpt.state_dict().items() if name != TIED_KEY}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise ValueError(f"{path} is missing tensor(s): {', '.join(missing)}")
+        raise InputError(f"{path} is missing tensor(s): {', '.join(missing)}")
     if unexpected:
-        raise ValueError(f"{path} has unexpected tensor(s): {', '.join(unexpected)}")
+        raise InputError(f"{path} has unexpected tensor(s): {', '.join(unexpected)}")
     for name, shape in expected.items():
         if tensors[name].shape != shape:
-            raise ValueError(
+            raise InputError(
                 f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                 f"the model expects {tuple(shape)}"
             )
@@ -181,7 +182,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     try:
         config = GPTConfig.from_dict(dict(saved["model"]))
     except ValueError as exc:
-        raise ValueError(f"{directory / CONFIG_FILE}: {exc}") from exc
+        raise InputError(f"{directory / CONFIG_FILE}: {exc}") from exc
     head = saved.get("classifier")
     with torch.device(device):
         if head is None:
@@ -190,7 +191,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             try:
                 model = GPTClassifier(config, head["labels"], head.get("pooling", "last"))
             except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(
+                raise InputError(
                     f"{directory / CONFIG_FILE}: bad 'classifier' section {head!r}: {exc}"
                 ) from exc
     load_weights(model, directory)

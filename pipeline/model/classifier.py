@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.data.tokenizer import END_OF_TEXT_ID
+from pipeline.errors import InputError
 from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 
@@ -33,7 +34,7 @@ def pool_hidden_states(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
         return (hidden * mask).sum(1) / lengths.to(hidden.dtype).unsqueeze(-1)
     if pooling == "first":
         return hidden[:, 0]
-    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
 class GPTClassifier(GPT):
@@ -48,9 +49,9 @@ class GPTClassifier(GPT):
     ) -> None:
         super().__init__(config, attention)
         if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ValueError(f"a classifier needs at least two distinct labels, got {list(labels)}")
+            raise InputError(f"a classifier needs at least two distinct labels, got {list(labels)}")
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+            raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.labels = list(labels)
         self.pooling = pooling
         self.classifier = nn.Linear(config.n_embd, len(labels))
@@ -75,7 +76,7 @@ class GPTClassifier(GPT):
         result = classifier.load_state_dict(model.state_dict(), strict=False)
         missing = sorted(set(result.missing_keys) - {"classifier.weight", "classifier.bias"})
         if missing or result.unexpected_keys:
-            raise ValueError(
+            raise InputError(
                 f"language model does not fit the classifier: missing {missing}, "
                 f"unexpected {result.unexpected_keys}"
             )
@@ -89,7 +90,7 @@ class GPTClassifier(GPT):
                 p.requires_grad_(True)
         else:
             if not isinstance(blocks, int) or not 0 <= blocks <= self.config.n_layer:
-                raise ValueError(
+                raise InputError(
                     f"trainable blocks must be 'all' or 0..{self.config.n_layer}, got {blocks!r}"
                 )
             for p in self.parameters():
@@ -115,7 +116,7 @@ def collate_texts(
 ) -> tuple[torch.Tensor, ...]:
     """(tokens right-padded to the longest, lengths[, labels]); pooling reads `lengths`."""
     if any(len(x) == 0 for x in ids):
-        raise ValueError("cannot classify an empty text (it has no tokens)")
+        raise InputError("cannot classify an empty text (it has no tokens)")
     longest = max(len(x) for x in ids)
     tokens = torch.full((len(ids), longest), pad_id, dtype=torch.long)
     for row, x in enumerate(ids):

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import InputError
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vocab_size": 50257,
@@ -89,18 +91,18 @@ class GPTConfig:
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise InputError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         for name in _PROBABILITIES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"GPTConfig.{name} must be a number in [0, 1), got {value!r}")
+                raise InputError(f"GPTConfig.{name} must be a number in [0, 1), got {value!r}")
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {value!r}")
+                raise InputError(f"GPTConfig.{name} must be in [0, 1), got {value!r}")
             setattr(self, name, float(value))
         if not isinstance(self.qkv_bias, bool):
-            raise ValueError(f"GPTConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+            raise InputError(f"GPTConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
+            raise InputError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
                 f"GPTConfig.n_head ({self.n_head})"
             )
@@ -124,7 +126,7 @@ class GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown GPTConfig field(s): {', '.join(unknown)} "
                 f"(known: {', '.join(sorted(known))})"
             )
@@ -134,7 +136,7 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A named size from PRESETS, with any field overridden (e.g. n_layer=2)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         d = copy.deepcopy(PRESETS[name])
         d.update(overrides)
         return cls.from_dict(d)

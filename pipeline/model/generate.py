@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.errors import InputError
 from pipeline.model.gpt import GPT, KVCache
 
 if TYPE_CHECKING:
@@ -84,15 +85,15 @@ def _validate(
     top_p: float | None,
 ) -> None:
     if len(prompt_ids) == 0:
-        raise ValueError("prompt_ids is empty; generation needs at least one token")
+        raise InputError("prompt_ids is empty; generation needs at least one token")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InputError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InputError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def generate_tokens(

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pipeline.errors import InputError
 from pipeline.model.attention import attend_to_cache, build_attention, merge_heads, split_heads
 from pipeline.model.config import GPTConfig
 
@@ -161,23 +162,23 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """The final-LayerNorm outputs (B, T, n_embd) that the LM head (or a task head) reads."""
         if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+            raise InputError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         t = idx.shape[1]
         ctx = self.config.context_length
         past = 0
         if kv_cache is not None:
             if kv_cache.n_layer != self.config.n_layer:
-                raise ValueError(
+                raise InputError(
                     f"KV cache has {kv_cache.n_layer} layers, model has {self.config.n_layer}"
                 )
             past = kv_cache.length
         if past + t > ctx:
             if past:
-                raise ValueError(
+                raise InputError(
                     f"KV cache holds {past} tokens; {t} more would exceed context_length "
                     f"{ctx}; rebuild the cache from the last {ctx} tokens"
                 )
-            raise ValueError(
+            raise InputError(
                 f"sequence length {t} exceeds context_length {ctx}; "
                 f"crop the input to the last {ctx} tokens"
             )

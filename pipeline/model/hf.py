@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pipeline.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, GPT2_BPE_FILES
+from pipeline.errors import InputError
 from pipeline.io import atomic_directory, sha256_bytes
 from pipeline.model.checkpoint import (
     FORMAT as CHECKPOINT_FORMAT,
@@ -186,10 +187,10 @@ def _map_tensors(
         ):
             if names:
                 lines.append(f"  {len(names)} {label}: {', '.join(names)}")
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     for name in expected:
         if not tensors[name].is_floating_point():
-            raise ValueError(f"{source}: tensor {name} has dtype {tensors[name].dtype}, not float")
+            raise InputError(f"{source}: tensor {name} has dtype {tensors[name].dtype}, not float")
     return {ours: convert(tensors[name]) for name, (ours, _, convert) in expected.items()}
 
 
@@ -232,7 +233,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
         if c[key]:
             problems.append(f"{key} is true; our GPT does not implement it")
     if problems:
-        raise ValueError("unsupported GPT-2 config: " + "; ".join(problems))
+        raise InputError("unsupported GPT-2 config: " + "; ".join(problems))
 
     dropout, attn_dropout = c["resid_pdrop"], c["attn_pdrop"]
     if c["embd_pdrop"] != dropout:
@@ -259,7 +260,7 @@ def config_from_tf_hparams(hparams: Mapping[str, Any]) -> GPTConfig:
     keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
     missing = [key for key in keys if key not in hparams]
     if missing:
-        raise ValueError(f"hparams lack {', '.join(missing)}")
+        raise InputError(f"hparams lack {', '.join(missing)}")
     return GPTConfig(
         vocab_size=hparams["n_vocab"],
         context_length=hparams["n_ctx"],
@@ -333,7 +334,7 @@ def state_dict_from_hf(
     state = _map_tensors(renamed, expected, config, source)
     lm_head = state.pop(HF_LM_HEAD, None)
     if lm_head is not None and not torch.equal(lm_head, state["tok_emb.weight"]):
-        raise ValueError(
+        raise InputError(
             f"{source}: lm_head.weight differs from {prefix}wte.weight; our GPT ties the LM head "
             f"to the token embedding and cannot hold an untied one"
         )
@@ -368,10 +369,10 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
         if t is None and ours.endswith("attn.qkv.bias") and not model.config.qkv_bias:
             t = torch.zeros(3 * model.config.n_embd, dtype=model.tok_emb.weight.dtype)
         if t is None:
-            raise ValueError(f"model has no tensor {ours}")
+            raise InputError(f"model has no tensor {ours}")
         out[HF_PREFIX + hf] = (t.t() if conv else t).contiguous()
     if state:
-        raise ValueError(
+        raise InputError(
             f"model has tensors a GPT2LMHeadModel cannot hold: {', '.join(sorted(state))}"
         )
     return out
@@ -393,7 +394,7 @@ def _build(config: GPTConfig, state: Mapping[str, Tensor]) -> GPT:
     model = GPT(config)
     result = model.load_state_dict(state, strict=False)
     if list(result.missing_keys) != [TIED_KEY] or result.unexpected_keys:
-        raise ValueError(
+        raise InputError(
             f"mapped GPT-2 tensors do not fit the model: missing {result.missing_keys}, "
             f"unexpected {result.unexpected_keys}"
         )
@@ -409,9 +410,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise InputError(f"{path} does not hold a JSON object")
     return data
 
 
@@ -419,7 +420,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} could not be read as safetensors (truncated?): {exc}") from exc
+        raise InputError(f"{path} could not be read as safetensors (truncated?): {exc}") from exc
 
 
 def _read_bin(path: Path) -> dict[str, Tensor]:
@@ -430,16 +431,16 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
         # torch's message is mostly advice to retry unsafely; keep only the offending object
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = f"it references {found.group(1)}" if found else type(exc).__name__
-        raise ValueError(
+        raise InputError(
             f"{path} is not a plain tensor state dict and was not unpickled "
             f"(torch.load(weights_only=True) refused it: {reason})"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path} could not be read by torch.load (truncated?): {exc}") from exc
+        raise InputError(f"{path} could not be read by torch.load (truncated?): {exc}") from exc
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
-        raise ValueError(f"{path} does not hold a state dict of named tensors")
+        raise InputError(f"{path} does not hold a state dict of named tensors")
     return dict(state)
 
 
@@ -447,7 +448,7 @@ def _shards(index: Path) -> list[Path]:
     """The shard files a `*.index.json` lists, each checked to exist."""
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no 'weight_map'")
+        raise InputError(f"{index} has no 'weight_map'")
     paths = [index.parent / shard for shard in sorted(set(weight_map.values()))]
     for path in paths:
         if not path.is_file():
@@ -490,7 +491,7 @@ def _hf_dir_config(src: Path) -> tuple[dict[str, Any], GPTConfig]:
     try:
         return hf, config_from_hf(hf)
     except ValueError as exc:
-        raise ValueError(f"{src / HF_CONFIG}: {exc}") from exc
+        raise InputError(f"{src / HF_CONFIG}: {exc}") from exc
 
 
 def load_hf_gpt2(src: Path) -> GPT:
@@ -513,7 +514,7 @@ def _tf_checkpoint_prefix(src: Path) -> Path:
         return indexes[0].with_suffix("")
     if not indexes:
         raise FileNotFoundError(f"{src} has no TensorFlow checkpoint (model.ckpt.index)")
-    raise ValueError(f"{src} has several checkpoints: {', '.join(p.name for p in indexes)}")
+    raise InputError(f"{src} has several checkpoints: {', '.join(p.name for p in indexes)}")
 
 
 def _read_tf_variables(prefix: Path) -> dict[str, np.ndarray]:
@@ -526,7 +527,7 @@ def _read_tf_variables(prefix: Path) -> dict[str, np.ndarray]:
         names = [name for name, _ in tf.train.list_variables(str(prefix))]
         return {name: np.asarray(tf.train.load_variable(str(prefix), name)) for name in names}
     except (tf.errors.OpError, ValueError) as exc:
-        raise ValueError(f"{prefix} could not be read as a TensorFlow checkpoint: {exc}") from exc
+        raise InputError(f"{prefix} could not be read as a TensorFlow checkpoint: {exc}") from exc
 
 
 def load_tf_gpt2(src: Path) -> GPT:
@@ -547,7 +548,7 @@ def _tf_dir_config(src: Path) -> GPTConfig:
     try:
         return config_from_tf_hparams(_read_json(hparams_path))
     except ValueError as exc:
-        raise ValueError(f"{hparams_path}: {exc}") from exc
+        raise InputError(f"{hparams_path}: {exc}") from exc
 
 
 # --- any layout -------------------------------------------------------------------------------
@@ -574,11 +575,11 @@ def gpt2_layout(src: Path) -> str:
 def _checkpoint_config(src: Path) -> GPTConfig:
     meta = load_checkpoint_config(src)
     if "classifier" in meta:
-        raise ValueError(f"{src} is a classifier checkpoint, not a GPT-2 language model")
+        raise InputError(f"{src} is a classifier checkpoint, not a GPT-2 language model")
     try:
         return GPTConfig.from_dict(meta["model"])
     except ValueError as exc:
-        raise ValueError(f"{src / HF_CONFIG}: {exc}") from exc
+        raise InputError(f"{src / HF_CONFIG}: {exc}") from exc
 
 
 def gpt2_config(src: Path) -> GPTConfig:
@@ -683,7 +684,7 @@ def import_gpt2(src: Path, out: Path) -> Path:
         model = load_tf_gpt2(src)
         names = {name: name for name in GPT2_BPE_FILES}
     else:
-        raise ValueError(f"{src} is already a {CHECKPOINT_FORMAT} directory; nothing to import")
+        raise InputError(f"{src} is already a {CHECKPOINT_FORMAT} directory; nothing to import")
     metadata = {
         "stage": "import",
         "source": str(src),
@@ -732,15 +733,15 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
         with safe_open(weights, "pt") as f:
             heads = sorted(k for k in f.keys() if k.startswith("classifier."))  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"checkpoint weights {weights} could not be read: {exc}") from exc
+        raise InputError(f"checkpoint weights {weights} could not be read: {exc}") from exc
     if heads or "classifier" in meta:
-        raise ValueError(
+        raise InputError(
             f"{checkpoint} is a classifier ({', '.join(heads) or 'classifier section in config'});"
             f" only language models export to GPT2LMHeadModel"
         )
     model = load_checkpoint(checkpoint)
     if type(model) is not GPT:
-        raise ValueError(
+        raise InputError(
             f"{checkpoint} holds a {type(model).__name__}, not a plain GPT; only language "
             f"models export to GPT2LMHeadModel"
         )

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pipeline.errors import InputError
+
 LORA_TARGETS = ("attn_qkv", "attn_proj", "mlp")
 _TARGET_MODULES = {
     "attn_qkv": ("attn.qkv",),
@@ -80,11 +82,11 @@ class LoRAStats:
 
 def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+        raise InputError(f"LoRA rank must be an integer >= 1, got {rank!r}")
     if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        raise InputError(f"LoRA alpha must be > 0, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
 def apply_lora(
@@ -105,14 +107,14 @@ def apply_lora(
         targets = (targets,)
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown:
-        raise ValueError(f"unknown LoRA target {unknown[0]!r}; known: {', '.join(LORA_TARGETS)}")
+        raise InputError(f"unknown LoRA target {unknown[0]!r}; known: {', '.join(LORA_TARGETS)}")
     if not targets:
-        raise ValueError(f"LoRA targets are empty; choose from {', '.join(LORA_TARGETS)}")
+        raise InputError(f"LoRA targets are empty; choose from {', '.join(LORA_TARGETS)}")
     blocks = getattr(getattr(model, "_orig_mod", model), "blocks", None)
     if blocks is None:
         raise TypeError(f"expected a GPT (a model with .blocks), got {type(model).__name__}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("model already has LoRA adapters; merge_lora it first")
+        raise InputError("model already has LoRA adapters; merge_lora it first")
     model.requires_grad_(False)
     wrapped = 0
     for block in blocks:

@@ -23,6 +23,7 @@ from pipeline.data.instruct import (
     encode_example,
 )
 from pipeline.data.loader import ExampleBatches
+from pipeline.errors import InputError
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
 from pipeline.io import atomic_write_json
@@ -93,31 +94,19 @@ class AlignDpo(TrainingStage):
         section = self.section = config[STAGE]
         train_records, val, self.test, skipped = instruction_splits(config, STAGE, PREFERENCE_KEYS)
         model, start = load_language_model(config, STAGE, device)
-        template = section["template"] or load_checkpoint_config(start).get("instruct", {}).get(
-            "template"
-        )
-        if template is None:
-            raise ValueError(
+        self.template = section["template"] or load_checkpoint_config(start).get(
+            "instruct", {}
+        ).get("template")
+        if self.template is None:
+            raise InputError(
                 f"{start} records no prompt template (not an instruction-tuned checkpoint?); "
                 f"set {STAGE}.template"
             )
-        self.template = template
         tokenizer = checkpoint_tokenizer(start)
-        context = model.config.context_length
-        batch_size = section["train"]["batch_size"]
-        examples = {
-            (name, key): [encode_example(r, template, tokenizer, response_key=key) for r in split]
-            for name, split in (("train", train_records), ("val", val))
-            for key in ("chosen", "rejected")
-        }
-        for (name, key), split_examples in examples.items():
-            if n := count_truncated(split_examples, context):
-                log.info(
-                    "%s %s: %d of %d truncated to %d tokens",
-                    name, key, n, len(split_examples), context,
-                )  # fmt: skip
+        self.context, self.batch_size = model.config.context_length, section["train"]["batch_size"]
+        self.encode({"train": train_records, "val": val}, tokenizer)
 
-        model.eval()
+        model.eval()  # the start model answers the test set and is the frozen reference
         self.generator = lambda: seeded(config, device)  # the same one before and after
         before = self.generator()
         self.before = (
@@ -125,61 +114,27 @@ class AlignDpo(TrainingStage):
             if is_main_process()
             else []
         )
-        reference = {
+        self.reference = {
             name: reference_logprobs(
-                model, examples[name, "chosen"], examples[name, "rejected"], context, batch_size
+                model, self.examples[name, "chosen"], self.examples[name, "rejected"],
+                self.context, self.batch_size,
             )
             for name in ("train", "val")
-        }
+        }  # fmt: skip
         trainable, total = make_trainable(model, config, STAGE)
 
-        def pair_batch(split: str, indices: Sequence[int]) -> PairBatch:
-            inputs, targets = collate_pairs(
-                [examples[split, "chosen"][i] for i in indices],
-                [examples[split, "rejected"][i] for i in indices],
-                context,
-            )
-            ref_c, ref_r = reference[split]
-            index = torch.as_tensor(list(indices))
-            return inputs, targets, ref_c[index], ref_r[index]
-
-        def loss_fn(m: torch.nn.Module, batch: PairBatch):
-            inputs, targets, ref_c, ref_r = batch
-            policy_c, policy_r = pair_logprobs(m, inputs, targets)
-            return preference_loss(
-                policy_c, policy_r, ref_c, ref_r, beta=section["beta"],
-                label_smoothing=section["label_smoothing"], loss_type=section["loss"],
-            )  # fmt: skip
-
         batches = ExampleBatches(
-            len(train_records), batch_size, lambda idx: pair_batch("train", idx),
+            len(train_records), self.batch_size, lambda idx: self.pair_batch("train", idx),
             seed=config["seed"],
         )  # fmt: skip
         train, self.steps_per_epoch = epoch_train_settings(
             section["train"], section["epochs"], batches.steps_per_epoch
         )
-        eval_sizes = {
-            "train": min(len(train_records), train.eval_batches * batch_size),
+        self.eval_sizes = {
+            "train": min(len(train_records), train.eval_batches * self.batch_size),
             "val": len(val),
         }
-
-        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-            metrics: dict[str, float] = {}
-            for split, size in eval_sizes.items():
-                sums: dict[str, float] = {}
-                for i in range(0, size, batch_size):
-                    indices = range(i, min(i + batch_size, size))
-                    batch = tuple(t.to(device) for t in pair_batch(split, indices))
-                    loss, stats = loss_fn(m, batch)
-                    for key, value in {"loss": loss, **stats}.items():
-                        sums[key] = sums.get(key, 0.0) + value.item() * len(indices)
-                metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
-            return metrics
-
-        task = TrainTask(loss_fn, batches, eval_fn=eval_fn, loss_units=lambda batch: len(batch[2]))
-        fingerprint = fine_tuning_fingerprint(
-            config, STAGE, start, model, ("generation", "sample_table_rows"), template=template
-        )
+        self.device = device
         self.summary = {
             "method": section["method"],
             "loss_type": section["loss"],
@@ -188,17 +143,77 @@ class AlignDpo(TrainingStage):
             "skipped_records": skipped,
         }
         return StagePlan(
-            model, task, train, fingerprint, tokenizer, checkpoint_tokenizer_files(start),
+            model,
+            TrainTask(self.loss, batches, eval_fn=self.evaluate, loss_units=lambda b: len(b[2])),
+            train,
+            fine_tuning_fingerprint(
+                config, STAGE, start, model, ("generation", "sample_table_rows"),
+                template=self.template,
+            ),
+            tokenizer,
+            checkpoint_tokenizer_files(start),
             title=f"{STAGE} ({section['loss']})",
             tags={"init_from": str(start), "device": device.type, "method": section["method"]},
             start_metrics={
                 "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
             },
             checkpoint_metadata={
-                "instruct": {"template": template, "method": section["method"], "aligned": "dpo"}
+                "instruct": {
+                    "template": self.template, "method": section["method"], "aligned": "dpo",
+                }
             },
             lora=section["method"] == "lora",
         )  # fmt: skip
+
+    def encode(self, splits: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer) -> None:
+        """Each split's chosen and rejected answers as training examples (truncation logged)."""
+        self.examples = {
+            (name, key): [
+                encode_example(r, self.template, tokenizer, response_key=key) for r in split
+            ]
+            for name, split in splits.items()
+            for key in ("chosen", "rejected")
+        }
+        for (name, key), split_examples in self.examples.items():
+            if n := count_truncated(split_examples, self.context):
+                log.info(
+                    "%s %s: %d of %d truncated to %d tokens",
+                    name, key, n, len(split_examples), self.context,
+                )  # fmt: skip
+
+    def pair_batch(self, split: str, indices: Sequence[int]) -> PairBatch:
+        """Chosen and rejected sequences of `indices`, with their reference log-probabilities."""
+        inputs, targets = collate_pairs(
+            [self.examples[split, "chosen"][i] for i in indices],
+            [self.examples[split, "rejected"][i] for i in indices],
+            self.context,
+        )
+        ref_c, ref_r = self.reference[split]
+        index = torch.as_tensor(list(indices))
+        return inputs, targets, ref_c[index], ref_r[index]
+
+    def loss(self, model: torch.nn.Module, batch: PairBatch):
+        inputs, targets, ref_c, ref_r = batch
+        policy_c, policy_r = pair_logprobs(model, inputs, targets)
+        section = self.section
+        return preference_loss(
+            policy_c, policy_r, ref_c, ref_r, beta=section["beta"],
+            label_smoothing=section["label_smoothing"], loss_type=section["loss"],
+        )  # fmt: skip
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The preference loss and reward statistics over the train sample and all of val."""
+        metrics: dict[str, float] = {}
+        for split, size in self.eval_sizes.items():
+            sums: dict[str, float] = {}
+            for i in range(0, size, self.batch_size):
+                indices = range(i, min(i + self.batch_size, size))
+                batch = tuple(t.to(self.device) for t in self.pair_batch(split, indices))
+                loss, stats = self.loss(model, batch)
+                for key, value in {"loss": loss, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.item() * len(indices)
+            metrics.update({f"{split}_{k}": v / size for k, v in sums.items()})
+        return metrics
 
     def respond(self, model: GPT, tokenizer, record: Mapping[str, Any], generator) -> str:
         generation = self.section["generation"]

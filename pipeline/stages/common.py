@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.attention import resolve_attention
@@ -70,7 +71,7 @@ def check_splits(section: str, **splits: Sized) -> None:
     """Every split must hold records; an empty one is named with the key that sizes it."""
     for name, split in splits.items():
         if len(split) == 0:
-            raise ValueError(
+            raise InputError(
                 f"{section}.split gives an empty {name} split; adjust {section}.split "
                 "(train and val fractions; test gets the rest)"
             )
@@ -136,7 +137,7 @@ def load_language_model(
     start = init_checkpoint(config, config[stage]["init_from"])
     model = load_checkpoint(start, device=device)
     if type(model) is not GPT:
-        raise ValueError(f"{stage}.init_from {start} is not a language-model checkpoint")
+        raise InputError(f"{stage}.init_from {start} is not a language-model checkpoint")
     use_attention(model, config, device)
     return model, start
 

@@ -25,6 +25,7 @@ from pipeline.data.labeled_text import (
     write_tsv,
 )
 from pipeline.data.loader import ExampleBatches
+from pipeline.errors import InputError
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
 from pipeline.io import atomic_write_text
 from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
@@ -72,60 +73,21 @@ class FinetuneClassifier(TrainingStage):
     name = STAGE
 
     def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
-        paths, section = Paths.from_config(config), config[STAGE]
-        records = read_label_tab_text(paths.source(section["data"]))
-        labels = sorted(label_counts(records))
-        positive_label = section["positive_label"]
-        if positive_label not in labels:
-            raise ValueError(
-                f"{STAGE}.positive_label {positive_label!r} is not a label of "
-                f"{paths.source(section['data'])} (labels: {labels})"
-            )
-        self.labels, self.positive = labels, labels.index(positive_label)
-        log.info("read %d records: %s", len(records), label_counts(records))
-        if section["balance"] == "undersample":
-            records = undersample(records, config["seed"])
-            log.info("balanced by undersampling to %s", label_counts(records))
-        splits = stratified_split(
-            records, section["split"]["train"], section["split"]["val"], config["seed"]
-        )
-        self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
-        check_splits(STAGE, **self.splits)
-        for name, split in self.splits.items():
-            write_tsv(paths.stage(STAGE) / f"{name}.tsv", split)
-            log.info("%s split: %d records %s", name, len(split), label_counts(split))
-        self.weight = None
-        if section["balance"] == "class_weights":
-            self.weight = torch.tensor(class_weights(self.splits["train"], labels))
-            log.info("class weights %s", dict(zip(labels, self.weight.tolist(), strict=True)))
-
+        section = self.section = config[STAGE]
+        self.split_records(config)
         base, start = load_language_model(config, STAGE, device)
         torch.manual_seed(config["seed"])  # the new head's initialisation
-        model = GPTClassifier.from_language_model(base, labels, section["pooling"])
+        model = GPTClassifier.from_language_model(base, self.labels, section["pooling"])
         del base
         tokenizer = checkpoint_tokenizer(start)
         max_length = section["max_length"] or model.config.context_length
         if max_length > model.config.context_length:
-            raise ValueError(
+            raise InputError(
                 f"{STAGE}.max_length {max_length} exceeds the model's context_length "
                 f"{model.config.context_length}"
             )
-        self.encoded, truncated = {}, {}
-        for name, split in self.splits.items():
-            self.encoded[name], truncated[name] = encode_texts(
-                [r.text for r in split], tokenizer, max_length
-            )
-            if truncated[name]:
-                log.info(
-                    "%s: %d of %d texts truncated to %d tokens",
-                    name, truncated[name], len(split), max_length,
-                )  # fmt: skip
-        self.targets = {
-            name: [labels.index(r.label) for r in split] for name, split in self.splits.items()
-        }
-        self.truncated = truncated
-
-        trainable = model.set_trainable(section["trainable_blocks"])
+        self.encode(tokenizer, max_length)
+        self.trainable = model.set_trainable(section["trainable_blocks"])
         self.batch_size = section["train"]["batch_size"]
         batches = ExampleBatches(
             len(self.splits["train"]),
@@ -145,26 +107,71 @@ class FinetuneClassifier(TrainingStage):
             tokens, lengths, y = batch
             return F.cross_entropy(m(tokens, lengths).float(), y, weight=loss_weight)
 
-        task = TrainTask(loss_fn, batches, eval_fn=self.evaluate, loss_units=self.loss_units)
-        fingerprint = fine_tuning_fingerprint(
-            config, STAGE, start, model, reporting_keys=("misclassified_examples",)
-        )
-        self.trainable, self.section = trainable, section
         return StagePlan(
-            model, task, train, fingerprint, tokenizer, checkpoint_tokenizer_files(start),
+            model,
+            TrainTask(loss_fn, batches, eval_fn=self.evaluate, loss_units=self.loss_units),
+            train,
+            fine_tuning_fingerprint(config, STAGE, start, model, ("misclassified_examples",)),
+            tokenizer,
+            checkpoint_tokenizer_files(start),
             title=STAGE,
             tags={"init_from": str(start), "device": device.type,
-                  "trainable_parameters": trainable},
-            start_metrics={f"truncated_{name}": float(n) for name, n in truncated.items()},
+                  "trainable_parameters": self.trainable},
+            start_metrics={f"truncated_{name}": float(n) for name, n in self.truncated.items()},
             checkpoint_metadata={
                 "classifier": {
-                    "labels": labels,
+                    "labels": self.labels,
                     "pooling": section["pooling"],
-                    "positive_label": positive_label,
+                    "positive_label": section["positive_label"],
                     "max_length": max_length,
                 }
             },
         )  # fmt: skip
+
+    def split_records(self, config: Mapping[str, Any]) -> None:
+        """Read the labelled texts, balance them as configured, split them stratified (written
+        as the stage's train/val/test.tsv) and weigh the classes if asked."""
+        paths, section = Paths.from_config(config), self.section
+        records = read_label_tab_text(paths.source(section["data"]))
+        labels = sorted(label_counts(records))
+        if section["positive_label"] not in labels:
+            raise InputError(
+                f"{STAGE}.positive_label {section['positive_label']!r} is not a label of "
+                f"{paths.source(section['data'])} (labels: {labels})"
+            )
+        self.labels, self.positive = labels, labels.index(section["positive_label"])
+        log.info("read %d records: %s", len(records), label_counts(records))
+        if section["balance"] == "undersample":
+            records = undersample(records, config["seed"])
+            log.info("balanced by undersampling to %s", label_counts(records))
+        splits = stratified_split(
+            records, section["split"]["train"], section["split"]["val"], config["seed"]
+        )
+        self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
+        check_splits(STAGE, **self.splits)
+        for name, split in self.splits.items():
+            write_tsv(paths.stage(STAGE) / f"{name}.tsv", split)
+            log.info("%s split: %d records %s", name, len(split), label_counts(split))
+        self.weight = None
+        if section["balance"] == "class_weights":
+            self.weight = torch.tensor(class_weights(self.splits["train"], labels))
+            log.info("class weights %s", dict(zip(labels, self.weight.tolist(), strict=True)))
+
+    def encode(self, tokenizer, max_length: int) -> None:
+        """Each split's texts as token ids (cut to `max_length`, counted) and label indices."""
+        self.encoded, self.truncated = {}, {}
+        for name, split in self.splits.items():
+            self.encoded[name], self.truncated[name] = encode_texts(
+                [r.text for r in split], tokenizer, max_length
+            )
+            if self.truncated[name]:
+                log.info(
+                    "%s: %d of %d texts truncated to %d tokens",
+                    name, self.truncated[name], len(split), max_length,
+                )  # fmt: skip
+        self.targets = {
+            name: [self.labels.index(r.label) for r in split] for name, split in self.splits.items()
+        }
 
     def loss_units(self, batch: tuple[torch.Tensor, ...]) -> float:
         """What the (class-weighted) cross-entropy averages over: examples, or their weights."""

@@ -23,6 +23,7 @@ import torch
 from pipeline.data.loader import TokenWindows, evaluation_batches
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
+from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import tokenizer_files
@@ -97,7 +98,7 @@ def check_architecture(
                 fix += f" and remove model.{', model.'.join(overrides)}"
         else:
             fix = "set " + ", ".join(f"model.{key}: {getattr(weights, key)}" for key in differ)
-    raise ValueError(
+    raise InputError(
         f"pretrain.init_from {init_from!r}: the weights in {directory} are a GPT-2 with "
         f"{_describe(weights)}, but the model section ({given}) gives {_describe(configured)}. "
         f"The architecture comes from the weights: {fix}"

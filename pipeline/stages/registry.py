@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import settings as s
+from pipeline.errors import InputError
 from pipeline.paths import Paths
 
 EXTRA_STAGES_ENV = "PIPELINE_EXTRA_STAGES"
@@ -90,7 +91,7 @@ STAGES: dict[str, Stage] = {}
 def register(stage: Stage) -> Stage:
     """Add a stage; its name must be new and its settings a dataclass."""
     if stage.name in STAGES:
-        raise ValueError(f"stage {stage.name!r} is registered twice")
+        raise InputError(f"stage {stage.name!r} is registered twice")
     STAGES[stage.name] = stage
     return stage
 

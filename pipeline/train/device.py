@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from pipeline.errors import InputError
+
 log = logging.getLogger("pipeline.train")
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, matched against torch.cuda.get_device_name
@@ -41,7 +43,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -58,7 +60,7 @@ def pick_device(name: str = "auto") -> torch.device:
                 f"device {name!r} requested but MPS is not available; use 'auto' or 'cpu'"
             )
     elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import InputError
+
 log = logging.getLogger("pipeline.train")
 
 PARALLELISMS = ("ddp", "fsdp")
@@ -73,7 +75,7 @@ def init_distributed(device_type: str) -> World:
     if not world.distributed or dist.is_initialized():
         return current_world()
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(
+        raise InputError(
             f"multi-process training runs on CPUs (gloo) or CUDA GPUs (nccl), not {device_type}; "
             "set `device: cpu`, or train.nproc_per_node: 1"
         )

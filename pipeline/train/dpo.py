@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.errors import InputError
+
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -53,9 +55,9 @@ def preference_loss(
     accuracy is the share of pairs whose chosen reward beats the rejected one.
     """
     if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise InputError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise InputError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen_logratio = policy_chosen - reference_chosen
     rejected_logratio = policy_rejected - reference_rejected
     margin = chosen_logratio - rejected_logratio
@@ -66,7 +68,7 @@ def preference_loss(
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        raise InputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     chosen_reward = (beta * chosen_logratio).detach()
     rejected_reward = (beta * rejected_logratio).detach()
     stats = {

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline.errors import InputError
 from pipeline.settings import LAUNCH_KEYS, TrainSettings
 from pipeline.train.distributed import World, all_reduce_sum, current_world
 from pipeline.train.parallel import ParallelModel
@@ -134,7 +135,7 @@ def configure_optimizer(
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        raise InputError("model has no trainable parameters (all have requires_grad=False)")
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
     n_total = sum(p.numel() for p in model.parameters())
@@ -192,7 +193,7 @@ def evaluate_losses(
             total += loss.detach().float()
             count += 1
         if count == 0:
-            raise ValueError(f"eval set {name!r} yielded no batches")
+            raise InputError(f"eval set {name!r} yielded no batches")
         mean = (total / count).item()
         metrics[f"{name}_loss"] = mean
         metrics[f"{name}_perplexity"] = perplexity(mean)
@@ -469,7 +470,7 @@ def fit(
     """
     device, world = torch.device(device), current_world()
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16 requested but {device} does not support bfloat16")
+        raise InputError(f"precision bf16 requested but {device} does not support bfloat16")
     if world.distributed:
         task.batches.shard(world.rank, world.size)
     torch.manual_seed(seed)

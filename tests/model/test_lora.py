@@ -11,9 +11,7 @@ from pipeline.model.lora import LORA_TARGETS, LoRALinear, apply_lora, merge_lora
 from pipeline.settings import TrainSettings
 from pipeline.train.loop import configure_optimizer
 
-CONFIG = GPTConfig(
-    vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32
-)
+CONFIG = GPTConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32)
 
 
 def lora_model(seed=0, **kwargs):
