@@ -1,5 +1,5 @@
-"""The pipeline DAG: download -> prepare -> pretrain -> finetune-classifier, and
-pretrain -> finetune-instruct -> align-dpo.
+"""The pipeline DAG: download -> prepare (tokenize x prepare.scatter, then gather) -> pretrain
+-> finetune-classifier, and pretrain -> finetune-instruct -> align-dpo.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config. The training
 rules are generated from the stage registry (pipeline/stages/registry.py): a stage's config
@@ -14,8 +14,9 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from pipeline.config import resolve, write_config
-from pipeline.launch import rule_resources, stage_command, stage_params
+from pipeline.launch import prepare_params, rule_resources, stage_command, stage_params
 from pipeline.paths import Paths
+from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
 from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
 
@@ -85,24 +86,51 @@ rule download:
         "python -m pipeline download --config {params.config} > {log} 2>&1"
 
 
-rule prepare:
+scattergather:
+    tokenize=config["prepare"]["scatter"],
+
+
+CORPUS_PARTS = corpus_parts(config)  # each part's files: globs are expanded here
+
+
+rule tokenize:
     input:
-        corpus=[str(PATHS.source(name)) for name in config["prepare"]["corpus"]],
+        corpus=lambda wildcards: [str(f.path) for f in CORPUS_PARTS[wildcards.scatteritem]],
         bpe=[str(PATHS.bpe / "encoder.json"), str(PATHS.bpe / "vocab.bpe")],
     output:
-        train=str(PATHS.tokens / "train.bin"),
-        val=str(PATHS.tokens / "val.bin"),
-        meta=str(PATHS.tokens / "meta.json"),
+        temp(directory(str(PATHS.token_parts / "{scatteritem}"))),
     params:
-        prepare=config["prepare"],
+        prepare=prepare_params(config["prepare"]),
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/prepare-{scatteritem}.log",
+    benchmark:
+        "logs/benchmarks/prepare-{scatteritem}.tsv"
+    threads: lambda wildcards: stage_threads("prepare")
+    resources:
+        **rule_resources(config["resources"]["prepare"], {}),
+    shell:
+        "python -m pipeline prepare --part {wildcards.scatteritem} --config {params.config}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        gather.tokenize(str(PATHS.token_parts / "{scatteritem}")),
+    output:
+        directory(str(PATHS.tokens)),
+    params:
+        prepare=prepare_params(config["prepare"]),
         config=lambda wildcards, input: RESOLVED_CONFIG,
     log:
         "logs/prepare.log",
     benchmark:
         "logs/benchmarks/prepare.tsv"
     threads: 1
+    resources:
+        **rule_resources(config["resources"]["prepare"], {}),
     shell:
-        "python -m pipeline prepare --config {params.config} > {log} 2>&1"
+        "python -m pipeline prepare --gather --config {params.config} > {log} 2>&1"
 
 
 def stage_threads(stage: str) -> int:

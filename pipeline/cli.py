@@ -35,7 +35,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override one value, e.g. --set pretrain.train.max_steps=50 (YAML-parsed)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads the stage may use (default: torch's or the stage's choice)",
     )
 
 
@@ -49,8 +52,15 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in STAGES:
-        _add_config_args(commands.add_parser(stage, help=f"run the {stage} stage"))
+    for name, stage in STAGES.items():
+        command = commands.add_parser(name, help=f"run the {name} stage")
+        _add_config_args(command)
+        if stage.parts:
+            one = command.add_mutually_exclusive_group()
+            one.add_argument("--part", metavar="I-of-N", help="run one part only (a cluster job)")
+            one.add_argument(
+                "--gather", action="store_true", help="only join the parts written by --part"
+            )
     config = commands.add_parser(
         "config", help="print the resolved configuration (every setting, defaults included)"
     )
@@ -352,12 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
             return 0
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        stage = STAGES[args.command]
+        options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
         with distributed_stage(config):
-            STAGES[args.command].run(config)
+            stage.run(config, threads=args.threads, **options)
         return 0
     except (DownloadError, InputError, NonFiniteLossError, OSError, TensorFlowRequiredError) as exc:
         # what the user can fix, in one line; any other error (a bug) keeps its traceback

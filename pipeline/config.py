@@ -32,12 +32,12 @@ class ConfigError(InputError):
 def root_settings() -> Group:
     """The whole config: the fixed sections, then one section per registered stage that has
     settings, then each training stage's resources."""
-    from pipeline.stages.registry import STAGES, training_stages
+    from pipeline.stages.registry import STAGES, scheduled_stages
 
     resources = Group(
         tuple(
             FieldSpec(name, settings.StageResources, schema.to_plain(stage.resources))
-            for name, stage in training_stages().items()
+            for name, stage in scheduled_stages().items()
         ),
         doc=settings.StageResources.__doc__ or "",
     )
@@ -133,7 +133,8 @@ def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     `data` of every stage section that has one."""
     from pipeline.stages.registry import STAGES
 
-    refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(config["prepare"]["corpus"])]
+    corpus = config["prepare"]["corpus"]
+    refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(corpus) if isinstance(name, str)]
     refs += [
         (f"{name}.data", config[name]["data"])
         for name in STAGES

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.settings import LAUNCH_KEYS
+from pipeline.settings import LAUNCH_KEYS, PREPARE_RUN_KEYS
 
 RENDEZVOUS_PORT = 29500
 
@@ -34,6 +34,11 @@ def _sorted(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {key: _sorted(value[key]) for key in sorted(value)}
     return value
+
+
+def prepare_params(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The prepare section as a rule param, without how it runs (workers, scatter)."""
+    return _sorted({k: v for k, v in section.items() if k not in PREPARE_RUN_KEYS})
 
 
 def stage_params(section: Mapping[str, Any]) -> dict[str, Any]:

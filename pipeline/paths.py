@@ -33,6 +33,14 @@ class Paths:
     def bpe(self) -> Path:
         return self.raw / "gpt2-bpe"
 
+    @property
+    def token_parts(self) -> Path:
+        """Where `prepare --part` writes each group of files' tokens before they are gathered."""
+        return self.data / "token-parts"
+
+    def token_part(self, name: str) -> Path:
+        return self.token_parts / name
+
     def source(self, name: str) -> Path:
         return self.raw / name
 

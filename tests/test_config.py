@@ -57,7 +57,7 @@ def test_the_schemas_enums_are_the_codes_registries():
     assert set(ATTENTION_CHOICES) == {"auto", *ATTENTION_BACKENDS}
     sections = [name for name, stage in STAGES.items() if stage.settings is not None]
     assert set(sections) <= set(props)
-    assert list(props["resources"]["properties"]) == list(training_stages())
+    assert list(props["resources"]["properties"]) == ["prepare", *training_stages()]
 
 
 @pytest.mark.parametrize(

@@ -90,8 +90,26 @@ def test_profiles_are_yaml_mappings_of_snakemake_options(repo):
 
 def test_slurm_profile_dry_runs_the_whole_dag(workdir):
     jobs = dry_run_jobs(snakemake(workdir, "--profile", "profiles/slurm", "--dry-run"))
-    assert set(jobs) == {"download", "prepare", *TRAINING_RULES, "all"}
+    assert set(jobs) == {"download", "tokenize", "prepare", *TRAINING_RULES, "all"}
     assert jobs["prepare"].resources["slurm_partition"] == "$SBATCH_PARTITION"  # as written
+
+
+def test_slurm_profile_tokenizes_in_scattered_jobs_with_their_resources(workdir):
+    config = {
+        "prepare": {"scatter": 3},
+        "resources": {"prepare": {"threads": 4, "mem_mb": 8000, "runtime": 20}},
+    }
+    args = ("--profile", "profiles/slurm", "--dry-run", "--cores", "64")
+    output = snakemake(workdir, *args, config=config, env=SLURM_ENV)
+    blocks = output.split("\n\n")
+    tokenize = [b for b in blocks if "rule tokenize:" in b]
+    assert len(tokenize) == 3
+    for block in tokenize:
+        job = dry_run_jobs(block)["tokenize"]
+        assert requested(job) == {"threads": 4, "mem_mb": 8000, "runtime": 20, "gpu": 0}
+        assert job.resources["slurm_partition"] == "cpu"
+        assert "python -m pipeline prepare --part" in job.shell and "--threads 4" in job.shell
+    assert len([b for b in blocks if "rule prepare:" in b]) == 1
 
 
 def sbatch_options(job: SimpleNamespace) -> list[str]:

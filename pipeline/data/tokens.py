@@ -1,89 +1,317 @@
-"""Token files: the pretraining corpus as uint16 GPT-2 ids, split into train/val, read by memmap."""
+"""Token files: the pretraining corpus as uint16 GPT-2 ids, in shards, read by memmap.
+
+`prepare` runs in two steps, so a cluster can spread the first over many jobs:
+1. `tokenize_part`: one group of input files -> a part directory: its documents encoded in
+   batches (tiktoken's multi-threaded batch encoding) and streamed to `train.bin` / `val.bin`
+   (ids only ever written, never collected), with `<|endoftext|>` between documents, and
+   `part.json` (each input file's size, sha256, documents, tokens and skipped records);
+2. `gather_parts`: the parts, in order -> the token directory: the train and val streams joined
+   (again with `<|endoftext|>` between), split, cut into shards of at most `shard_tokens`
+   (`train-00000.bin`, ..., `val-00000.bin`), and `meta.json` indexing them.
+The result depends only on the corpus and the settings, not on how many parts or workers made
+it. Both steps write into a temporary directory swapped in whole: an interrupted `prepare`
+leaves no partial file that a later run would read.
+
+The split: `tail` keeps the last `val_fraction` of all tokens (a corpus of one document, as
+Tiny Shakespeare); `documents` puts a document in val when a hash of its text falls below
+`val_fraction`, so no document is in both and adding documents moves none; `auto` is `tail`
+for one document and `documents` for more.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tiktoken
 
+from pipeline.data.corpus import CorpusFile, FileReport, read_documents
 from pipeline.errors import InputError
-from pipeline.io import atomic_open, atomic_write_json, sha256_file
+from pipeline.io import atomic_directory, atomic_write_json, sha256_file
 
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
+PART_META = "part.json"
+BATCH_CHARS = 4 << 20
+"""Characters of text encoded per batch: enough for every worker, small enough to bound memory."""
+COPY_TOKENS = 1 << 24
 
 
-def encode_documents(
-    paths: Sequence[Path], tokenizer: tiktoken.Encoding
-) -> tuple[np.ndarray, list[dict]]:
-    """Encode each file as one document, with <|endoftext|> between documents."""
-    eot = tokenizer.eot_token
+def _check_vocab(tokenizer: tiktoken.Encoding) -> None:
     if tokenizer.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise InputError(
             f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids: too many for uint16"
         )
-    pieces: list[list[int]] = []
-    documents = []
-    for i, path in enumerate(paths):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: not UTF-8 text ({exc})") from None
-        ids = tokenizer.encode_ordinary(text)
-        if i:
-            pieces.append([eot])
-        pieces.append(ids)
-        documents.append(
-            {
-                "file": Path(path).name,
-                "sha256": sha256_file(path),
-                "chars": len(text),
-                "tokens": len(ids),
-            }
-        )
-    tokens = np.fromiter((t for piece in pieces for t in piece), dtype=TOKEN_DTYPE)
-    return tokens, documents
 
 
-def prepare_corpus(
-    paths: Sequence[Path], out_dir: Path, tokenizer: tiktoken.Encoding, val_fraction: float
+def in_val(document: str, val_fraction: float) -> bool:
+    """The `documents` split: a stable hash of the text against `val_fraction`."""
+    digest = hashlib.sha256(document.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+class _Stream:
+    """One split's ids, appended to a file, with `<|endoftext|>` between documents."""
+
+    def __init__(self, path: Path, eot: int) -> None:
+        self.handle = open(path, "wb")  # noqa: SIM115
+        self.eot = eot
+        self.tokens = 0
+
+    def write(self, documents: Sequence[Sequence[int]]) -> None:
+        for ids in documents:
+            if self.tokens:
+                self.handle.write(np.array([self.eot], dtype=TOKEN_DTYPE).tobytes())
+                self.tokens += 1
+            self.handle.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+            self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _batches(documents: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+    """(file index, document) pairs in batches of about BATCH_CHARS, across files."""
+    batch: list[tuple[int, str]] = []
+    size = 0
+    for item in documents:
+        batch.append(item)
+        size += len(item[1])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _documents(
+    files: Sequence[CorpusFile], reports: Sequence[FileReport], skip_bad: bool
+) -> Iterator[tuple[int, str]]:
+    for index, (file, report) in enumerate(zip(files, reports, strict=True)):
+        for document in read_documents(file, report, skip_bad):
+            yield index, document
+
+
+def tokenize_part(
+    files: Sequence[CorpusFile],
+    out_dir: Path,
+    tokenizer: tiktoken.Encoding,
+    *,
+    workers: int,
+    split: str,
+    val_fraction: float,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Write `train.bin`, `val.bin` (the last `val_fraction` of the tokens) and `meta.json`."""
-    tokens, documents = encode_documents(paths, tokenizer)
-    n_val = int(round(len(tokens) * val_fraction))
-    if n_val < 2 or len(tokens) - n_val < 2:
-        raise InputError(
-            f"corpus {[str(p) for p in paths]}: {len(tokens)} tokens is too few to split "
-            f"with val_fraction={val_fraction}"
-        )
-    split = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
-    out_dir = Path(out_dir)
-    for name, array in split.items():
-        with atomic_open(out_dir / f"{name}.bin") as handle:
-            handle.write(array.tobytes())
-    meta = {
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.n_vocab,
-        "eot_token": tokenizer.eot_token,
-        "dtype": np.dtype(TOKEN_DTYPE).name,
-        "val_fraction": val_fraction,
-        "train_tokens": int(len(split["train"])),
-        "val_tokens": int(len(split["val"])),
-        "documents": documents,
-    }
-    atomic_write_json(out_dir / "meta.json", meta)
+    """Encode `files`' documents into `out_dir` (`train.bin`, `val.bin`, `part.json`); `split`
+    is `tail` (every document to train; the gather splits) or `documents`."""
+    _check_vocab(tokenizer)
+    reports = [FileReport() for _ in files]
+    tokens = [0] * len(files)
+    with atomic_directory(out_dir) as tmp:
+        streams = {name: _Stream(tmp / f"{name}.bin", tokenizer.eot_token) for name in SPLITS}
+        try:
+            for batch in _batches(_documents(files, reports, skip_bad)):
+                texts = [text for _, text in batch]
+                encoded = tokenizer.encode_ordinary_batch(texts, num_threads=workers)
+                for (index, _), ids in zip(batch, encoded, strict=True):
+                    tokens[index] += len(ids)
+                if split == "documents":
+                    val = [in_val(text, val_fraction) for text in texts]
+                    streams["val"].write([e for e, v in zip(encoded, val, strict=True) if v])
+                    streams["train"].write([e for e, v in zip(encoded, val, strict=True) if not v])
+                else:
+                    streams["train"].write(encoded)
+        finally:
+            for stream in streams.values():
+                stream.close()
+        meta = {
+            "inputs": [
+                _input_record(f, r, n) for f, r, n in zip(files, reports, tokens, strict=True)
+            ],
+            "tokens": {name: stream.tokens for name, stream in streams.items()},
+        }
+        atomic_write_json(tmp / PART_META, meta)
     return meta
 
 
-def load_tokens(path: Path | str) -> np.memmap:
-    """Memory-map a token file written by `prepare_corpus`."""
-    path = Path(path)
-    meta_path = path.with_name("meta.json")
-    dtype = json.loads(meta_path.read_text())["dtype"] if meta_path.exists() else "uint16"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: token file not found (run `python -m pipeline prepare`)")
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+def _input_record(file: CorpusFile, report: FileReport, tokens: int) -> dict[str, Any]:
+    return {
+        "file": str(file.path),
+        "entry": file.entry,
+        "format": file.format,
+        "bytes": file.path.stat().st_size,
+        "sha256": sha256_file(file.path),
+        "documents": report.documents,
+        "tokens": tokens,
+        "skipped": report.skipped,
+    }
+
+
+class _ShardWriter:
+    """A split's ids cut into files of at most `shard_tokens`: `<split>-00000.bin`, ..."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int) -> None:
+        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.handle = None
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.handle is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            chunk = ids[:room]
+            self.handle.write(np.ascontiguousarray(chunk, dtype=TOKEN_DTYPE).tobytes())
+            self.shards[-1]["tokens"] += len(chunk)
+            ids = ids[room:]
+
+    def _next(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.handle = open(self.directory / name, "wb")  # noqa: SIM115
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.handle is not None:
+            self.handle.close()
+        return self.shards
+
+
+def _part_streams(parts: Sequence[Path], split: str, eot: int) -> Iterator[np.ndarray]:
+    """The parts' `split` streams in order, joined by `<|endoftext|>`, in bounded chunks."""
+    first = True
+    for part in parts:
+        tokens = (
+            np.memmap(part / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+            if ((part / f"{split}.bin").stat().st_size)
+            else np.zeros(0, dtype=TOKEN_DTYPE)
+        )
+        if not len(tokens):
+            continue
+        if not first:
+            yield np.array([eot], dtype=TOKEN_DTYPE)
+        first = False
+        for start in range(0, len(tokens), COPY_TOKENS):
+            yield tokens[start : start + COPY_TOKENS]
+
+
+def gather_parts(
+    parts: Sequence[Path],
+    out_dir: Path,
+    tokenizer: tiktoken.Encoding,
+    *,
+    split: str,
+    val_fraction: float,
+    shard_tokens: int,
+) -> dict[str, Any]:
+    """Join the parts' streams into the split's shards in `out_dir`, with `meta.json`."""
+    metas = [json.loads((part / PART_META).read_text()) for part in parts]
+    inputs = [record for meta in metas for record in meta["inputs"]]
+    counts = {name: _joined_length([m["tokens"][name] for m in metas]) for name in SPLITS}
+    if split == "tail":
+        n_val = int(round(counts["train"] * val_fraction))
+        counts = {"train": counts["train"] - n_val, "val": n_val}
+    if counts["val"] < 2 or counts["train"] < 2:
+        raise InputError(
+            f"corpus {[r['file'] for r in inputs]}: {counts['train']} train and {counts['val']} "
+            f"val tokens are too few (split {split}, val_fraction {val_fraction}); add text or "
+            "change prepare.val_fraction"
+        )
+    eot = tokenizer.eot_token
+    with atomic_directory(out_dir) as tmp:
+        writers = {name: _ShardWriter(tmp, name, shard_tokens) for name in SPLITS}
+        if split == "tail":
+            _write_cut(_part_streams(parts, "train", eot), counts["train"], writers)
+        else:
+            for name in SPLITS:
+                for chunk in _part_streams(parts, name, eot):
+                    writers[name].write(chunk)
+        shards = {name: writer.close() for name, writer in writers.items()}
+        meta = {
+            "tokenizer": tokenizer.name,
+            "vocab_size": tokenizer.n_vocab,
+            "eot_token": eot,
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "split": split,
+            "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "shards": shards,
+            "inputs": inputs,
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+    return meta
+
+
+def _joined_length(lengths: Sequence[int]) -> int:
+    """Tokens of streams joined with one `<|endoftext|>` between the non-empty ones."""
+    present = [n for n in lengths if n]
+    return sum(present) + max(0, len(present) - 1)
+
+
+def _write_cut(chunks: Iterable[np.ndarray], n_train: int, writers: dict) -> None:
+    """The first `n_train` ids to train, the rest to val."""
+    seen = 0
+    for chunk in chunks:
+        cut = min(len(chunk), max(0, n_train - seen))
+        if cut:
+            writers["train"].write(chunk[:cut])
+        if cut < len(chunk):
+            writers["val"].write(chunk[cut:])
+        seen += len(chunk)
+
+
+class TokenShards:
+    """A split's shards read as one array of ids (memory-mapped): `len`, and indexing by an
+    integer array of any shape. One shard is served by its memmap directly."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+        self.ends = np.cumsum([len(a) for a in self.arrays])
+        self.dtype = self.arrays[0].dtype if self.arrays else np.dtype(TOKEN_DTYPE)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: Any) -> Any:
+        if len(self.arrays) == 1:
+            return self.arrays[0][index]
+        if isinstance(index, slice):
+            return self[np.arange(*index.indices(len(self)))]
+        index = np.asarray(index)
+        flat = index.reshape(-1)
+        shard = np.searchsorted(self.ends, flat, side="right")
+        starts = np.concatenate([[0], self.ends[:-1]])
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for s in np.unique(shard):
+            picked = shard == s
+            out[picked] = self.arrays[s][flat[picked] - starts[s]]
+        return out.reshape(index.shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.concatenate(self.arrays).astype(dtype or self.dtype, copy=False)
+
+
+def load_tokens(token_dir: Path | str, split: str) -> TokenShards:
+    """Memory-map a split's shards, as `meta.json` in `token_dir` lists them."""
+    token_dir = Path(token_dir)
+    meta_path = token_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path}: token index not found (run `python -m pipeline prepare`)"
+        )
+    meta = json.loads(meta_path.read_text())
+    dtype = np.dtype(meta["dtype"])
+    arrays = []
+    for shard in meta["shards"][split]:
+        path = token_dir / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: token shard listed in {meta_path} not found")
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return TokenShards(arrays)

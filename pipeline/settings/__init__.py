@@ -93,15 +93,50 @@ class DataSettings:
 
 
 @dataclass
+class CorpusPath:
+    """Local text: a file, a directory (every corpus file below it) or a glob (`**` recurses);
+    .txt/.md = one document per file, .jsonl = one per line, .parquet = one per row, each
+    optionally .gz/.zst compressed (parquet compresses inside)."""
+
+    path: str = setting(minLength=1, help="a file, a directory or a glob")
+    field: str = setting("text", minLength=1, help=".jsonl: the field holding a document")
+    column: str = setting("text", minLength=1, help=".parquet: the column holding a document")
+
+
+@dataclass
 class PrepareSettings:
-    corpus: list[str] = setting(
+    corpus: list[str | CorpusPath] = setting(
         ["tinyshakespeare.txt"],
         minItems=1,
-        help="data.sources names, joined with <|endoftext|> between documents",
+        help="data.sources names (downloads) and {path: ...} entries (local files), joined "
+        "with <|endoftext|> between documents",
     )
     val_fraction: float = setting(
-        0.1, exclusiveMinimum=0, exclusiveMaximum=1, help="the last share of the tokens"
+        0.1, exclusiveMinimum=0, exclusiveMaximum=1, help="the share of tokens held out"
     )
+    val_split: Literal["auto", "tail", "documents"] = setting(
+        "auto",
+        help="tail: the last val_fraction of the tokens; documents: whole documents chosen by "
+        "a hash of their text; auto: tail for a one-document corpus, else documents",
+    )
+    workers: int | None = setting(
+        None, minimum=1, help="encoding threads; null: the rule's threads (--threads)"
+    )
+    shard_tokens: int = setting(
+        100_000_000, minimum=1024, help="tokens per shard file (uint16: 2 bytes each)"
+    )
+    scatter: int = setting(
+        1, minimum=1, help="Snakemake jobs that tokenize (groups of files), then one gathers"
+    )
+    on_bad_record: Literal["error", "skip"] = setting(
+        "error",
+        help="a bad file, line or row: stop naming it, or skip it (counted in meta.json, the "
+        "log and MLflow)",
+    )
+
+
+PREPARE_RUN_KEYS = ("workers", "scatter")
+"""How prepare runs, not what it writes (the token files are the same): no rerun trigger."""
 
 
 @dataclass

@@ -166,10 +166,13 @@ def fill_defaults(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _record_type(kind: Any) -> Any:
-    """The settings class of a `list[SomeSettings]`, else None."""
-    if get_origin(kind) is list and is_settings(get_args(kind)[0]):
-        return get_args(kind)[0]
-    return None
+    """The settings class of a `list[SomeSettings]` (or `list[str | SomeSettings]`), else None."""
+    if get_origin(kind) is not list:
+        return None
+    item = get_args(kind)[0]
+    options = get_args(item) if get_origin(item) in (typing.Union, types.UnionType) else (item,)
+    found = [option for option in options if is_settings(option)]
+    return found[0] if found else None
 
 
 def defaults(cls: Any) -> dict[str, Any]:
@@ -203,6 +206,8 @@ def render_yaml(cls: Any, values: Mapping[str, Any], indent: str = "") -> list[s
         value, kind = values[spec.name], spec.kind
         nested = is_settings(kind) and isinstance(value, Mapping)
         record = _record_type(kind)
+        if record and not any(isinstance(item, Mapping) for item in value):
+            record = None  # plain values only: one flow-style line
         line = f"{indent}{spec.name}:"
         if (nested or record) and not indent and lines:
             lines.append("")  # a blank line before each top-level section
@@ -217,6 +222,9 @@ def render_yaml(cls: Any, values: Mapping[str, Any], indent: str = "") -> list[s
             lines += render_yaml(kind, value, indent + "  ")
         elif record:
             for item in value:
+                if not isinstance(item, Mapping):
+                    lines.append(f"{indent}  - {_scalar(item)}")
+                    continue
                 shown = {k: v for k, v in item.items() if v is not None}
                 body = [f"{indent}    {k}: {_scalar(v)}" for k, v in fill_order(record, shown)]
                 lines.append(f"{indent}  - {body[0].lstrip()}")

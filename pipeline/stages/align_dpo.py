@@ -264,5 +264,5 @@ class AlignDpo(TrainingStage):
         return {k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}
 
 
-def main(config: Mapping[str, Any]) -> dict[str, Any]:
-    return run_training_stage(AlignDpo(), config)
+def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    return run_training_stage(AlignDpo(), config, threads)

@@ -12,7 +12,7 @@ from pipeline.paths import Paths
 from pipeline.tracking import stage_run
 
 
-def main(config: Mapping[str, Any]) -> list[Path]:
+def main(config: Mapping[str, Any], threads: int | None = None) -> list[Path]:
     paths = Paths.from_config(config)
     mirrors = [Path(m) for m in config["data"]["mirrors"]]
     with stage_run(config, "download") as tracker:

@@ -221,8 +221,8 @@ class FinetuneClassifier(TrainingStage):
         return {k: v for k, v in metrics.items() if k.startswith("test_")}
 
 
-def main(config: Mapping[str, Any]) -> dict[str, Any]:
-    return run_training_stage(FinetuneClassifier(), config)
+def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    return run_training_stage(FinetuneClassifier(), config, threads)
 
 
 def _write_misclassified(

@@ -171,5 +171,5 @@ class FinetuneInstruct(TrainingStage):
         return {k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")}
 
 
-def main(config: Mapping[str, Any]) -> dict[str, Any]:
-    return run_training_stage(FinetuneInstruct(), config)
+def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    return run_training_stage(FinetuneInstruct(), config, threads)

@@ -1,30 +1,132 @@
-"""Stage `prepare`: the pretraining corpus -> GPT-2 BPE token files
-(train.bin, val.bin, meta.json)."""
+"""Stage `prepare`: the pretraining corpus -> sharded GPT-2 BPE token files (data/tokens:
+train-00000.bin, ..., val-00000.bin, meta.json).
+
+The corpus (`prepare.corpus`: downloaded sources and local files, directories or globs of text,
+JSONL and parquet) is split into `prepare.scatter` groups of files; each group is tokenized into
+data/token-parts/<i>-of-<n> (`--part i-of-n`: one Snakemake job each, on a cluster one SLURM job
+each), then one job gathers the parts into the token files (`--gather`). Run alone, without
+either flag, it does all of it in this process. The token files are the same whatever the
+number of parts or workers.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from pipeline.data.corpus import CorpusFile, corpus_files, split_into_parts
 from pipeline.data.tokenizer import gpt2_tokenizer
-from pipeline.data.tokens import prepare_corpus
+from pipeline.data.tokens import gather_parts, tokenize_part
+from pipeline.errors import InputError
 from pipeline.paths import Paths
 from pipeline.tracking import stage_run
 
+log = logging.getLogger("pipeline.prepare")
 
-def main(config: Mapping[str, Any]) -> dict[str, Any]:
-    paths = Paths.from_config(config)
-    corpus = [paths.source(name) for name in config["prepare"]["corpus"]]
-    missing = [str(p) for p in corpus if not p.is_file()]
+
+def part_names(scatter: int) -> list[str]:
+    """The parts' names, as Snakemake's scatter names its items: 1-of-3, 2-of-3, 3-of-3."""
+    return [f"{i}-of-{scatter}" for i in range(1, scatter + 1)]
+
+
+def corpus_parts(config: Mapping[str, Any]) -> dict[str, list[CorpusFile]]:
+    """Each part's input files (contiguous groups of about equal size, in corpus order)."""
+    scatter = config["prepare"]["scatter"]
+    groups = split_into_parts(corpus_files(config), scatter)
+    return dict(zip(part_names(scatter), groups, strict=True))
+
+
+def split_mode(config: Mapping[str, Any], files: list[CorpusFile]) -> str:
+    """`auto` is `tail` for one text document (Tiny Shakespeare), `documents` otherwise."""
+    mode = config["prepare"]["val_split"]
+    if mode != "auto":
+        return mode
+    return "tail" if len(files) == 1 and files[0].format == "text" else "documents"
+
+
+def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[str, Any]:
+    """One part's files -> data/token-parts/<part>."""
+    section, paths = config["prepare"], Paths.from_config(config)
+    parts = corpus_parts(config)
+    if part not in parts:
+        raise InputError(f"--part {part}: expected one of {', '.join(parts)}")
+    files = parts[part]
+    missing = [str(f.path) for f in files if not f.path.is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"corpus files missing (run `python -m pipeline download`): {missing}"
-        )
-    tokenizer = gpt2_tokenizer(paths.bpe)
+        raise FileNotFoundError(f"corpus files missing (run `python -m pipeline download`): "
+                                f"{missing}")  # fmt: skip
+    workers = section["workers"] or threads or 1
+    meta = tokenize_part(
+        files, paths.token_part(part), gpt2_tokenizer(paths.bpe), workers=workers,
+        split=split_mode(config, corpus_files(config)), val_fraction=section["val_fraction"],
+        skip_bad=section["on_bad_record"] == "skip",
+    )  # fmt: skip
+    for record in meta["inputs"]:
+        if record["skipped"]:
+            log.warning("%s: skipped %s", record["file"], record["skipped"])
+    log.info("part %s: %d files, %d documents, %d tokens, %d workers", part, len(files),
+             sum(r["documents"] for r in meta["inputs"]), sum(meta["tokens"].values()),
+             workers)  # fmt: skip
+    return meta
+
+
+def gather(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts -> data/tokens (shards, split, meta.json); logged to MLflow."""
+    section, paths = config["prepare"], Paths.from_config(config)
+    parts = [paths.token_part(name) for name in part_names(section["scatter"])]
     with stage_run(config, "prepare") as tracker:
-        meta = prepare_corpus(corpus, paths.tokens, tokenizer, config["prepare"]["val_fraction"])
+        meta = gather_parts(
+            parts, paths.tokens, gpt2_tokenizer(paths.bpe),
+            split=split_mode(config, corpus_files(config)),
+            val_fraction=section["val_fraction"], shard_tokens=section["shard_tokens"],
+        )  # fmt: skip
+        skipped = sum(sum(r["skipped"].values()) for r in meta["inputs"])
         tracker.log_metrics(
-            {"train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}, step=0
+            {
+                "train_tokens": meta["train_tokens"],
+                "val_tokens": meta["val_tokens"],
+                "documents": sum(r["documents"] for r in meta["inputs"]),
+                "skipped_records": skipped,
+                "input_bytes": sum(r["bytes"] for r in meta["inputs"]),
+            },
+            step=0,
         )
+        for record in meta["inputs"]:
+            tracker.log_dataset(
+                name=Path(record["file"]).name,
+                source=record["file"],
+                digest=record["sha256"],
+                profile={k: record[k] for k in ("bytes", "documents", "tokens", "skipped")},
+                context="training",
+            )
         tracker.log_artifact(paths.tokens / "meta.json")
+    log.info("%d train and %d val tokens (%s split) in %d + %d shards; %d records skipped",
+             meta["train_tokens"], meta["val_tokens"], meta["split"],
+             len(meta["shards"]["train"]), len(meta["shards"]["val"]), skipped)  # fmt: skip
+    return meta
+
+
+def main(
+    config: Mapping[str, Any],
+    threads: int | None = None,
+    part: str | None = None,
+    gather_only: bool = False,
+) -> dict[str, Any]:
+    """`part`: tokenize that part only; `gather_only`: gather the parts; neither: both, here."""
+    if part is not None:
+        return tokenize(config, part, threads)
+    if gather_only:
+        return gather(config)
+    names = part_names(config["prepare"]["scatter"])
+    for name in names:
+        tokenize(config, name, threads)
+    meta = gather(config)
+    parts = Paths.from_config(config).token_parts
+    for name in names:
+        shutil.rmtree(parts / name, ignore_errors=True)
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
     return meta

@@ -1,7 +1,8 @@
 """Stage `pretrain`: a GPT-2 language model on the prepared token files, from scratch or from
 pretrained weights.
 
-Reads data/tokens, writes results/pretrain/{model/, metrics.json, loss.png, samples.txt}.
+Reads data/tokens (its shards), writes results/pretrain/{model/, metrics.json, loss.png,
+samples.txt}.
 `pretrain.init_from` picks the start: `scratch` (random init, then training), or GPT-2 weights
 (OpenAI's, found by name under `paths.weights`, or any directory holding our checkpoint, a
 Hugging Face GPT-2 or OpenAI's TensorFlow checkpoint). Weights are then either only evaluated,
@@ -147,8 +148,8 @@ class Pretrain(TrainingStage):
         init_from = section["init_from"]
         init_dir = resolve_init_from(config)  # before any work: a missing download fails at once
         meta = json.loads((paths.tokens / "meta.json").read_text())
-        train_tokens = load_tokens(paths.tokens / "train.bin")
-        val_tokens = load_tokens(paths.tokens / "val.bin")
+        train_tokens = load_tokens(paths.tokens, "train")
+        val_tokens = load_tokens(paths.tokens, "val")
         self.tokenizer = gpt2_tokenizer(paths.bpe)
         self.section, self.seed = section, config["seed"]
 
@@ -178,7 +179,7 @@ class Pretrain(TrainingStage):
         )  # fmt: skip
         fixed = {
             split: evaluation_batches(
-                tokens, ctx, batch, train.eval_batches, str(paths.tokens / f"{split}.bin")
+                tokens, ctx, batch, train.eval_batches, f"{paths.tokens} ({split})"
             )
             for split, tokens in (("train", train_tokens), ("val", val_tokens))
         }
@@ -200,8 +201,8 @@ class Pretrain(TrainingStage):
             "seed": config["seed"],
             "sampling": section["sampling"],
             "stride": section["stride"],
-            "data": [d["sha256"] for d in meta["documents"]],
-            "val_fraction": meta["val_fraction"],
+            "data": [d["sha256"] for d in meta["inputs"]],
+            "split": [meta["split"], meta["val_fraction"]],
         }
         self.init_info: dict[str, Any] = {"init_from": init_from}
         tags = {"parameters": model.num_parameters(), "device": device.type}
@@ -249,5 +250,5 @@ class Pretrain(TrainingStage):
         return metrics
 
 
-def main(config: Mapping[str, Any]) -> dict[str, Any]:
-    return run_training_stage(Pretrain(), config)
+def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+    return run_training_stage(Pretrain(), config, threads)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,20 @@ class Stage:
     """Files it writes in results/<name>/ besides model/ and metrics.json (logged to MLflow)."""
     inputs: Inputs | None = None
     """Its rule's named inputs, from the resolved config (training stages)."""
-    resources: s.StageResources = field(default_factory=s.StageResources)
-    """Its default `resources.<name>` (training stages)."""
+    resources: s.StageResources | None = None
+    """Its default `resources.<name>`, for a stage that runs as scheduled jobs."""
+    parts: bool = False
+    """It runs as several jobs (`--part i-of-n`), then one that gathers (`--gather`)."""
 
     @property
     def rule(self) -> str:
         """The Snakemake rule name (an identifier)."""
         return self.name.replace("-", "_")
 
-    def run(self, config: Mapping[str, Any]) -> Any:
-        return importlib.import_module(self.module).main(config)
+    def run(self, config: Mapping[str, Any], **options: Any) -> Any:
+        """`main(config, threads=..., ...)` of its module; `threads`: the CPU threads the job
+        may use (the rule's), or None."""
+        return importlib.import_module(self.module).main(config, **options)
 
 
 def source_input(config: Mapping[str, Any], stage: str) -> str:
@@ -76,12 +80,10 @@ def fine_tuning_inputs(stage: str) -> Inputs:
 
 
 def pretrain_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The token files and, when `pretrain.init_from` names weights, their directory."""
+    """The token directory and, when `pretrain.init_from` names weights, their directory."""
     from pipeline.model.weights import init_from_input
 
-    tokens = Paths.from_config(config).tokens
-    names = ("train.bin", "val.bin", "meta.json")
-    return {"tokens": [str(tokens / n) for n in names], "init": init_from_input(config)}
+    return {"tokens": str(Paths.from_config(config).tokens), "init": init_from_input(config)}
 
 
 SPLITS_JSON = ("train.json", "val.json", "test.json")
@@ -98,7 +100,13 @@ def register(stage: Stage) -> Stage:
 
 for _stage in (
     Stage("download", "pipeline.stages.download"),
-    Stage("prepare", "pipeline.stages.prepare", s.PrepareSettings),
+    Stage(
+        "prepare",
+        "pipeline.stages.prepare",
+        s.PrepareSettings,
+        resources=s.StageResources(runtime=60),
+        parts=True,
+    ),
     Stage(
         "pretrain",
         "pipeline.stages.pretrain",
@@ -122,6 +130,7 @@ for _stage in (
             "misclassified.tsv",
         ),  # fmt: skip
         inputs=fine_tuning_inputs("finetune-classifier"),
+        resources=s.StageResources(),
     ),
     Stage(
         "finetune-instruct",
@@ -130,6 +139,7 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("finetune-instruct"),
+        resources=s.StageResources(),
     ),
     Stage(
         "align-dpo",
@@ -138,6 +148,7 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("align-dpo"),
+        resources=s.StageResources(),
     ),
 ):
     register(_stage)
@@ -148,3 +159,8 @@ for _module in filter(None, os.environ.get(EXTRA_STAGES_ENV, "").split(",")):
 
 def training_stages() -> dict[str, Stage]:
     return {name: stage for name, stage in STAGES.items() if stage.trains}
+
+
+def scheduled_stages() -> dict[str, Stage]:
+    """Stages with `resources.<name>`: what their jobs ask a scheduler for."""
+    return {name: stage for name, stage in STAGES.items() if stage.resources is not None}

@@ -97,8 +97,13 @@ def _evaluate_only(plan: StagePlan, device: torch.device, tracker: StageRun) -> 
     return TrainResult(0, measured, [{"step": 0, **measured}])
 
 
-def run_training_stage(stage: TrainingStage, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Set up, train, report and save one stage; returns its metrics (rank 0's final ones)."""
+def run_training_stage(
+    stage: TrainingStage, config: Mapping[str, Any], threads: int | None = None
+) -> dict[str, Any]:
+    """Set up, train, report and save one stage; returns its metrics (rank 0's final ones).
+    `threads`: torch's CPU threads (default: torch's choice)."""
+    if threads:
+        torch.set_num_threads(threads)
     paths = Paths.from_config(config)
     out_dir, resume_dir = paths.stage(stage.name), paths.stage_resume(stage.name)
     device = stage_device(config)

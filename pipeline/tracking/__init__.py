@@ -134,6 +134,23 @@ class StageRun:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
+    def log_dataset(
+        self, name: str, source: str, digest: str, profile: Mapping[str, Any], context: str
+    ) -> None:
+        """A file the stage read, as an MLflow dataset input: its sha256 as the digest, its
+        counts as the profile, `context` (training / validation / test) as its role."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="local",
+            source=json.dumps({"uri": str(Path(source).resolve())}),
+            profile=json.dumps(dict(profile)),
+        )
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
+
 
 class _RankRun(StageRun):
     """What a multi-process stage's processes other than rank 0 log to: nothing (rank 0 logs)."""
@@ -154,6 +171,9 @@ class _RankRun(StageRun):
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_dataset(self, *args: Any, **kwargs: Any) -> None:
         pass
 
 

@@ -133,3 +133,19 @@ def test_example_batch_shards_partition_each_batch_uneven_last_included():
         ExampleBatches(9, 4, collate).shard(1, 2)
     with pytest.raises(ValueError, match="must be divisible by the number of processes"):
         ExampleBatches(12, 4, collate).shard(0, 3)
+
+
+def test_windows_over_shards_are_the_windows_over_the_whole_array():
+    from pipeline.data.tokens import TokenShards
+
+    whole = np.random.default_rng(0).integers(0, 50257, 5000).astype(np.uint16)
+    shards = TokenShards(np.split(whole, [1200, 1201, 3000]))
+    for sampling in ("random", "sliding"):
+        flat = TokenWindows(whole, 32, 8, sampling=sampling, stride=20, seed=5)
+        sharded = TokenWindows(shards, 32, 8, sampling=sampling, stride=20, seed=5)
+        for _ in range(20):
+            for a, b in zip(flat.next_batch(), sharded.next_batch(), strict=True):
+                assert torch.equal(a, b)
+    for a, b in zip(evaluation_batches(whole, 32, 4, 3), evaluation_batches(shards, 32, 4, 3),
+                    strict=True):  # fmt: skip
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -1,10 +1,21 @@
+"""Token files: documents joined with <|endoftext|>, the tail and by-document splits, shards
+read as one array, and the same bytes whatever the number of parts or workers."""
+
 import json
 
 import numpy as np
 import pytest
 
+from pipeline.data import tokens as token_files
+from pipeline.data.corpus import CorpusFile, split_into_parts
 from pipeline.data.tokenizer import gpt2_tokenizer
-from pipeline.data.tokens import load_tokens, prepare_corpus
+from pipeline.data.tokens import (
+    TokenShards,
+    gather_parts,
+    in_val,
+    load_tokens,
+    tokenize_part,
+)
 
 
 @pytest.fixture(scope="module")
@@ -12,39 +23,113 @@ def tokenizer(mirror):
     return gpt2_tokenizer(mirror / "gpt2-bpe")
 
 
-def test_documents_are_joined_with_end_of_text_and_split(tmp_path, tokenizer):
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("First document. " * 20)
-    b.write_text("Second one here. " * 20)
-    meta = prepare_corpus([a, b], tmp_path / "tokens", tokenizer, val_fraction=0.25)
-    ids_a, ids_b = (
-        tokenizer.encode_ordinary(a.read_text()),
-        tokenizer.encode_ordinary(b.read_text()),
+def texts(tmp_path, *contents: str) -> list[CorpusFile]:
+    files = []
+    for i, content in enumerate(contents):
+        path = tmp_path / f"doc{i:02d}.txt"
+        path.write_text(content)
+        files.append(CorpusFile(path, "text"))
+    return files
+
+
+def prepare(files, out, tokenizer, *, parts=1, workers=1, split="tail", val=0.25, shard=1 << 20):
+    groups = split_into_parts(files, parts)
+    dirs = []
+    for i, group in enumerate(groups):
+        dirs.append(out / "parts" / f"{i}")
+        tokenize_part(group, dirs[-1], tokenizer, workers=workers, split=split, val_fraction=val)
+    return gather_parts(
+        dirs, out / "tokens", tokenizer, split=split, val_fraction=val, shard_tokens=shard
     )
-    expected = ids_a + [tokenizer.eot_token] + ids_b
-    train, val = (
-        load_tokens(tmp_path / "tokens" / "train.bin"),
-        load_tokens(tmp_path / "tokens" / "val.bin"),
-    )
+
+
+def test_documents_are_joined_with_end_of_text_and_the_tail_is_val(tmp_path, tokenizer):
+    files = texts(tmp_path, "First document. " * 20, "Second one here. " * 20)
+    meta = prepare(files, tmp_path, tokenizer)
+    ids = [tokenizer.encode_ordinary(f.path.read_text()) for f in files]
+    expected = ids[0] + [tokenizer.eot_token] + ids[1]
+    train, val = load_tokens(tmp_path / "tokens", "train"), load_tokens(tmp_path / "tokens", "val")
     assert train.dtype == np.uint16
-    assert list(train) + list(val) == expected
+    assert list(train[np.arange(len(train))]) + list(val[np.arange(len(val))]) == expected
     assert len(val) == round(len(expected) * 0.25)
     saved = json.loads((tmp_path / "tokens" / "meta.json").read_text())
-    assert saved == meta
-    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    assert [d["file"] for d in meta["documents"]] == ["a.txt", "b.txt"]
+    assert saved == meta and meta["split"] == "tail"
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert [r["tokens"] for r in meta["inputs"]] == [len(i) for i in ids]
+    assert [r["documents"] for r in meta["inputs"]] == [1, 1]
+    assert meta["inputs"][0]["bytes"] == files[0].path.stat().st_size
+    assert len(meta["inputs"][0]["sha256"]) == 64
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    assert len(meta["documents"][0]["sha256"]) == 64
 
 
-def test_too_small_corpus_and_bad_text_are_clear_errors(tmp_path, tokenizer):
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("hi")
-    with pytest.raises(ValueError, match="too few to split"):
-        prepare_corpus([tiny], tmp_path / "t", tokenizer, 0.1)
-    binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match="bin.txt: not UTF-8"):
-        prepare_corpus([binary], tmp_path / "t", tokenizer, 0.1)
-    with pytest.raises(FileNotFoundError, match="missing.bin"):
-        load_tokens(tmp_path / "missing.bin")
+def test_the_document_split_keeps_documents_whole_and_stable(tmp_path, tokenizer):
+    docs = [f"Document number {i} talks about topic {i * 7 % 11}. " * 5 for i in range(40)]
+    meta = prepare(texts(tmp_path, *docs), tmp_path / "a", tokenizer, split="documents", val=0.3)
+    chosen = [d for d in docs if in_val(d, 0.3)]
+    assert 0 < len(chosen) < len(docs)
+    eot = [tokenizer.eot_token]
+    expected_val = sum((eot + tokenizer.encode_ordinary(d) for d in chosen), [])[1:]
+    val = load_tokens(tmp_path / "a" / "tokens", "val")
+    assert list(val[np.arange(len(val))]) == expected_val
+    assert meta["val_tokens"] == len(expected_val)
+    # adding documents moves none of the old ones between the splits
+    more = docs + [f"A later addition {i}. " * 5 for i in range(10)]
+    (tmp_path / "b").mkdir()
+    prepare(texts(tmp_path / "b", *more), tmp_path / "b", tokenizer, split="documents", val=0.3)
+    later = load_tokens(tmp_path / "b" / "tokens", "val")
+    later_ids = list(later[np.arange(len(later))])
+    assert later_ids[: len(expected_val)] == expected_val
+
+
+def shard_bytes(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.bin"))}
+
+
+@pytest.mark.parametrize("split", ["tail", "documents"])
+def test_parts_workers_and_shards_do_not_change_the_bytes(tmp_path, tokenizer, split):
+    docs = [f"Paragraph {i}: " + "words and more words " * (5 + i % 13) for i in range(60)]
+    files = texts(tmp_path, *docs)
+    one = prepare(files, tmp_path / "one", tokenizer, split=split, shard=500)
+    three = prepare(files, tmp_path / "three", tokenizer, parts=3, workers=2, split=split,
+                    shard=500)  # fmt: skip
+    assert len(one["shards"]["train"]) > 1  # the cut falls inside documents and parts
+    assert shard_bytes(tmp_path / "one" / "tokens") == shard_bytes(tmp_path / "three" / "tokens")
+    assert one == three
+
+
+def test_shards_read_as_one_array(tmp_path):
+    whole = np.arange(1000, dtype=np.uint16)
+    parts = np.split(whole, [300, 301, 700])
+    shards = TokenShards(parts)
+    assert len(shards) == 1000
+    index = np.array([[0, 299, 300, 301], [699, 700, 999, 5]])
+    assert np.array_equal(shards[index], whole[index])
+    assert np.array_equal(shards[298:303], whole[298:303])
+
+
+def test_an_interrupted_part_leaves_nothing_to_read(tmp_path, tokenizer, monkeypatch):
+    files = texts(tmp_path, "one two three " * 2000, "four five " * 2000)
+    monkeypatch.setattr(token_files, "BATCH_CHARS", 10)  # one batch per document
+    calls = []
+
+    def encode_then_die(batch, num_threads):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return tokenizer.encode_ordinary_batch(batch, num_threads=num_threads)
+
+    class Dying:
+        name, n_vocab, eot_token = tokenizer.name, tokenizer.n_vocab, tokenizer.eot_token
+        encode_ordinary_batch = staticmethod(encode_then_die)
+
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_part(files, tmp_path / "part", Dying(), workers=1, split="tail", val_fraction=0.1)
+    assert not (tmp_path / "part").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".part")] == []
+
+
+def test_too_small_a_corpus_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="too few"):
+        prepare(texts(tmp_path, "hi"), tmp_path, tokenizer, val=0.1)
+    with pytest.raises(FileNotFoundError, match="token index not found"):
+        load_tokens(tmp_path / "nowhere", "train")

@@ -57,7 +57,8 @@ def test_dag_produces_every_stage_output(done):
     assert (pretrain / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (pretrain / "samples.txt").read_text().startswith("ROMEO:")
     meta = json.loads((done / "data" / "tokens" / "meta.json").read_text())
-    assert meta["documents"][0]["tokens"] == 5145  # "The Verdict" in GPT-2 tokens
+    assert meta["inputs"][0]["tokens"] == 5145  # "The Verdict" in GPT-2 tokens
+    assert not (done / "data" / "token-parts" / "1-of-1").exists()  # a temp() output, removed
     assert "val_loss" in (done / "logs" / "pretrain.log").read_text()
     assert not (done / ".resume" / "pretrain").exists()  # resume state is cleared after success
 

@@ -122,7 +122,7 @@ def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_d
     assert saved["init_weights_sha256"] == sha256_file(hf_dir / "model.safetensors")
 
     # val_loss is transformers' loss on the same evaluation windows: scored, not trained
-    val = load_tokens(f"{config['paths']['data']}/tokens/val.bin")
+    val = load_tokens(f"{config['paths']['data']}/tokens", "val")
     batches = evaluation_batches(val, CONTEXT, TRAIN["batch_size"], TRAIN["eval_batches"])
     expected = sum(
         F.cross_entropy(logits(hf_model, x).flatten(0, 1), y.flatten()).item() for x, y in batches

@@ -1,0 +1,222 @@
+"""The pretraining corpus: which files `prepare.corpus` names, and their documents, streamed.
+
+A corpus entry is a `data.sources` name (a checksummed download in data/raw) or a local `path`:
+a file, a directory (every corpus file below it) or a glob (`**` recurses). By suffix, a file is
+- `.txt` / `.md`: one document per file;
+- `.jsonl`: one document per line, the string under `field` (default `text`);
+- `.parquet`: one document per row, the string in `column` (default `text`);
+each optionally `.gz` or `.zst` compressed (not parquet, which compresses inside). Files are read
+as streams: a JSONL or parquet file is never held whole in memory.
+
+A record that is not what is expected (not UTF-8, not JSON, no such field, an empty file...) is
+an `InputError` naming the file and line or row, or, with `on_bad_record: skip`, skipped and
+counted per file.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import InputError
+from pipeline.paths import Paths
+
+TEXT_SUFFIXES = (".txt", ".md")
+FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".zst")
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One input file and how its documents are read."""
+
+    path: Path
+    format: str
+    """text | jsonl | parquet"""
+    key: str = "text"
+    """The JSONL field or parquet column holding a document."""
+    entry: str = ""
+    """The config key it came from (prepare.corpus.<i>), for errors."""
+
+    @property
+    def compression(self) -> str | None:
+        suffix = self.path.suffix
+        return suffix if suffix in COMPRESSIONS else None
+
+
+@dataclass
+class FileReport:
+    """What reading one file gave: documents, and bad records skipped (by reason)."""
+
+    documents: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def file_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) from the suffixes, or None for a file that is no corpus file."""
+    suffixes = path.suffixes[-2:]
+    compression = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSIONS else None
+    base = (suffixes[0] if compression and len(suffixes) == 2 else path.suffix) or ""
+    if compression and not (len(suffixes) == 2 and base in FORMATS):
+        return None
+    kind = FORMATS.get(base)
+    if kind is None or (kind == "parquet" and compression):
+        return None
+    return kind, compression
+
+
+def _expand(pattern: str, entry: str) -> list[Path]:
+    """The corpus files a path entry names, sorted: a file, everything below a directory, or
+    a glob's matches."""
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [p for p in sorted(path.rglob("*")) if p.is_file() and file_format(p)]
+        if not found:
+            raise InputError(f"{entry}: directory {path} holds no corpus file (expected "
+                             f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
+        return found
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    files = [p for p in matches if p.is_file() and file_format(p)]
+    if not files:
+        what = "matches nothing" if not matches else "matches no corpus file"
+        raise InputError(f"{entry}: {pattern!r} {what} (expected files ending in "
+                         f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
+    return files
+
+
+def corpus_files(config: Mapping[str, Any]) -> list[CorpusFile]:
+    """Every input file of `prepare.corpus`, in corpus order (entries in order, each entry's
+    files sorted): the order documents are joined in. A `data.sources` name is one text
+    document whatever its suffix, as before local paths existed."""
+    paths = Paths.from_config(config)
+    files: list[CorpusFile] = []
+    for i, item in enumerate(config["prepare"]["corpus"]):
+        entry = f"prepare.corpus.{i}"
+        if isinstance(item, str):
+            path = paths.source(item)
+            kind = (file_format(path) or ("text", None))[0]
+            files.append(CorpusFile(path, kind, "text", entry))
+            continue
+        for path in _expand(item["path"], entry):
+            kind = file_format(path)[0]
+            key = item["column"] if kind == "parquet" else item["field"]
+            files.append(CorpusFile(path, kind, key, entry))
+    return files
+
+
+def _open_text(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+    return open(path, "rb")  # noqa: SIM115
+
+
+def read_documents(file: CorpusFile, report: FileReport, skip_bad: bool = False) -> Iterator[str]:
+    """The documents of one file, streamed; bad records raise or, with `skip_bad`, are counted
+    in `report` and skipped."""
+    reader = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}
+    for document in reader[file.format](file, report, skip_bad):
+        report.documents += 1
+        yield document
+    if report.documents == 0 and not report.skipped:
+        raise InputError(f"{file.path}: empty (no document in it)")
+
+
+def _bad(report: FileReport, skip_bad: bool, reason: str, message: str) -> None:
+    if not skip_bad:
+        raise InputError(message + " (or set prepare.on_bad_record: skip)")
+    report.skip(reason)
+
+
+def _text_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
+    with _open_text(file.path) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        _bad(report, skip_bad, "not UTF-8",
+             f"{file.path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})")  # fmt: skip
+        return
+    if text:
+        yield text
+
+
+def _jsonl_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
+    with _open_text(file.path) as raw:
+        for number, line in enumerate(io.BufferedReader(raw), start=1):
+            where = f"{file.path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError as exc:
+                _bad(report, skip_bad, "not UTF-8", f"{where}: not UTF-8 ({exc.reason})")
+                continue
+            except json.JSONDecodeError as exc:
+                _bad(report, skip_bad, "not JSON", f"{where}: not a JSON line ({exc.msg})")
+                continue
+            text = record.get(file.key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                what = (
+                    "has no"
+                    if not isinstance(record, dict) or file.key not in record
+                    else ("has a non-string")
+                )
+                _bad(report, skip_bad, f"no {file.key!r}",
+                     f"{where}: the record {what} {file.key!r} field; expected a JSON object "
+                     f"with a string {file.key!r} (set field: in the corpus entry)")  # fmt: skip
+                continue
+            if text:
+                yield text
+
+
+def _parquet_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file.path)
+    except Exception as exc:  # pyarrow raises its own types for a file that is no parquet
+        raise InputError(f"{file.path}: not a parquet file ({exc})") from None
+    names = parquet.schema_arrow.names
+    if file.key not in names:
+        raise InputError(f"{file.path}: no column {file.key!r} (columns: {', '.join(names)}); "
+                         "set column: in the corpus entry")  # fmt: skip
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=[file.key]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                _bad(report, skip_bad, "not a string",
+                     f"{file.path}: row {row}: {file.key!r} is {text!r}, not a string")  # fmt: skip
+                continue
+            if text:
+                yield text
+
+
+def split_into_parts(files: Sequence[CorpusFile], parts: int) -> list[list[CorpusFile]]:
+    """`files` in `parts` contiguous groups of about equal bytes (so joining the parts' outputs
+    in order is the whole corpus in order); a group may be empty when files are few."""
+    sizes = [f.path.stat().st_size if f.path.exists() else 0 for f in files]
+    total = sum(sizes) or 1
+    groups: list[list[CorpusFile]] = [[] for _ in range(parts)]
+    done = 0
+    for file, size in zip(files, sizes, strict=True):
+        index = min(parts - 1, int(parts * (done + size / 2) / total))
+        groups[index].append(file)
+        done += size
+    return groups

@@ -1,0 +1,144 @@
+"""Corpus entries: sources, files, directories and globs of text, JSONL and parquet (plain,
+.gz, .zst), read as streams; every bad input is an error naming the file and line or row, or,
+with on_bad_record: skip, skipped and counted."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from pipeline.config import deep_merge, resolve
+from pipeline.data.corpus import FileReport, corpus_files, read_documents, split_into_parts
+
+
+def config_with(default_config, tmp_path, *corpus) -> dict:
+    paths = {**default_config["paths"], "data": str(tmp_path / "data")}
+    return resolve(
+        deep_merge(default_config, {"paths": paths, "prepare": {"corpus": list(corpus)}})
+    )
+
+
+def documents(file, skip=False):
+    report = FileReport()
+    return list(read_documents(file, report, skip)), report
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wt") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    root = tmp_path / "mine"
+    (root / "books" / "deep").mkdir(parents=True)
+    (root / "books" / "a.txt").write_text("Book A.")
+    (root / "books" / "deep" / "b.md").write_text("# Book B")
+    (root / "books" / "notes.csv").write_text("not,a,corpus,file")
+    write_jsonl(root / "web.jsonl.gz", [{"text": "gz one"}, {"text": "gz two"}], gzip.open)
+    with zstandard.open(root / "web2.jsonl.zst", "wt") as handle:
+        handle.write(json.dumps({"body": "zst one"}) + "\n")
+    pq.write_table(pa.table({"content": ["row one", "row two", "row three"]}),
+                   root / "rows.parquet")  # fmt: skip
+    return root
+
+
+def test_every_kind_of_entry_in_corpus_order(default_config, tmp_path, corpus_dir):
+    config = config_with(
+        default_config, tmp_path, "the-verdict.txt",
+        {"path": str(corpus_dir / "books")},
+        {"path": str(corpus_dir / "web*.jsonl*"), "field": "text"},
+        {"path": str(corpus_dir / "rows.parquet"), "column": "content"},
+    )  # fmt: skip
+    files = corpus_files(config)
+    names = [f.path.name for f in files]
+    assert names == ["the-verdict.txt", "a.txt", "b.md", "web.jsonl.gz", "web2.jsonl.zst",
+                     "rows.parquet"]  # fmt: skip
+    assert [f.entry for f in files] == [f"prepare.corpus.{i}" for i in (0, 1, 1, 2, 2, 3)]
+    assert documents(files[1])[0] == ["Book A."]
+    assert documents(files[3])[0] == ["gz one", "gz two"]
+    assert documents(files[5])[0] == ["row one", "row two", "row three"]
+
+
+def test_a_jsonl_field_and_a_parquet_column_are_named_in_the_entry(default_config, tmp_path,
+                                                                   corpus_dir):  # fmt: skip
+    config = config_with(default_config, tmp_path,
+                         {"path": str(corpus_dir / "web2.jsonl.zst"), "field": "body"})  # fmt: skip
+    assert documents(corpus_files(config)[0])[0] == ["zst one"]
+    missing = config_with(default_config, tmp_path, {"path": str(corpus_dir / "rows.parquet")})
+    with pytest.raises(ValueError, match=r"rows.parquet: no column 'text' \(columns: content\)"):
+        documents(corpus_files(missing)[0])
+
+
+def test_a_glob_or_directory_without_corpus_files_names_the_entry(default_config, tmp_path):
+    config = config_with(default_config, tmp_path, "the-verdict.txt",
+                         {"path": str(tmp_path / "nothing" / "*.txt")})  # fmt: skip
+    with pytest.raises(ValueError, match=r"prepare\.corpus\.1: '.*nothing/\*\.txt' matches noth"):
+        corpus_files(config)
+    (tmp_path / "empty").mkdir()
+    config = config_with(default_config, tmp_path, {"path": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match=r"prepare\.corpus\.0: directory .*empty holds no corpus"):
+        corpus_files(config)
+
+
+def jsonl_file(default_config, tmp_path, lines):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return corpus_files(config_with(default_config, tmp_path, {"path": str(path)}))[0]
+
+
+@pytest.mark.parametrize(
+    ("line", "message", "reason"),
+    [
+        (b"{not json", r"bad.jsonl:2: not a JSON line", "not JSON"),
+        (b'{"txt": "typo"}', r"bad.jsonl:2: the record has no 'text' field", "no 'text'"),
+        (b'{"text": 5}', r"bad.jsonl:2: the record has a non-string 'text'", "no 'text'"),
+        (b'{"text": "caf\xe9"}', r"bad.jsonl:2: not UTF-8", "not UTF-8"),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_or_skipped(default_config, tmp_path, line, message, reason):
+    file = jsonl_file(default_config, tmp_path, [b'{"text": "good"}', line, b'{"text": "ok"}'])
+    with pytest.raises(ValueError, match=message + r".*on_bad_record: skip"):
+        documents(file)
+    docs, report = documents(file, skip=True)
+    assert docs == ["good", "ok"] and report.skipped == {reason: 1} and report.documents == 2
+
+
+def test_bad_text_files_are_named(default_config, tmp_path):
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"line one\n\xff\xfe bad")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    files = corpus_files(config_with(default_config, tmp_path, {"path": str(binary)},
+                                     {"path": str(empty)}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"bin.txt:2: not UTF-8"):
+        documents(files[0])
+    assert documents(files[0], skip=True)[1].skipped == {"not UTF-8": 1}
+    with pytest.raises(ValueError, match=r"empty.txt: empty \(no document in it\)"):
+        documents(files[1])
+
+
+def test_a_parquet_row_that_is_not_a_string_is_named(default_config, tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["fine", None, "also fine"]}), path)
+    file = corpus_files(config_with(default_config, tmp_path, {"path": str(path)}))[0]
+    with pytest.raises(ValueError, match=r"rows.parquet: row 2: 'text' is None, not a string"):
+        documents(file)
+    assert documents(file, skip=True)[0] == ["fine", "also fine"]
+
+
+def test_parts_are_contiguous_groups_of_about_equal_size(tmp_path):
+    from pipeline.data.corpus import CorpusFile
+
+    files = []
+    for i, size in enumerate([10, 10, 10, 50, 10, 10]):
+        (tmp_path / f"{i}.txt").write_text("x" * size)
+        files.append(CorpusFile(tmp_path / f"{i}.txt", "text"))
+    groups = split_into_parts(files, 3)
+    assert [f for group in groups for f in group] == files
+    assert [len(g) for g in groups] == [3, 1, 2]
+    assert split_into_parts(files[:1], 3) == [[], [files[0]], []]
