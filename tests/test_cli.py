@@ -53,7 +53,7 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(repo, capsys, mo
     from pipeline.stages import registry
 
     def stage_raising(error: Exception):
-        def main(config):
+        def main(config, **options):
             raise error
 
         module = type(sys)("fake_stage")

@@ -43,9 +43,14 @@ class Stage:
     inputs: Inputs | None = None
     """Its rule's named inputs, from the resolved config (training stages)."""
     resources: s.StageResources | None = None
-    """Its default `resources.<name>`, for a stage that runs as scheduled jobs."""
+    """Its default `resources.<name>`, for a stage that runs as scheduled jobs (every training
+    stage does: the plain defaults unless given)."""
     parts: bool = False
     """It runs as several jobs (`--part i-of-n`), then one that gathers (`--gather`)."""
+
+    def __post_init__(self) -> None:
+        if self.trains and self.resources is None:
+            object.__setattr__(self, "resources", s.StageResources())
 
     @property
     def rule(self) -> str:
@@ -130,7 +135,6 @@ for _stage in (
             "misclassified.tsv",
         ),  # fmt: skip
         inputs=fine_tuning_inputs("finetune-classifier"),
-        resources=s.StageResources(),
     ),
     Stage(
         "finetune-instruct",
@@ -139,7 +143,6 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("finetune-instruct"),
-        resources=s.StageResources(),
     ),
     Stage(
         "align-dpo",
@@ -148,7 +151,6 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("align-dpo"),
-        resources=s.StageResources(),
     ),
 ):
     register(_stage)
