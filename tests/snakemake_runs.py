@@ -58,7 +58,7 @@ def make_workdir(path: Path, repo: Path, config: dict) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, configfiles=("tiny.yaml",), check: bool = True):
-    cmd = [SNAKEMAKE, "--cores", "2", *args, "--configfile", *configfiles]
+    cmd = [SNAKEMAKE, "--cores", "2", "--configfile", *configfiles, *args]
     result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         logs = "".join(f"\n--- {p}\n{p.read_text()}" for p in (workdir / "logs").glob("*.log"))

@@ -129,8 +129,8 @@ def test_launch_keys_and_resources_are_checked_by_the_schema(repo):
         load_config([repo / "config.yaml"], ["align-dpo.train.nnodes=0"])
     with pytest.raises(ConfigError, match=r"resources\.pretrain\.gpus: unknown key"):
         load_config([repo / "config.yaml"], ["resources.pretrain.gpus=1"])
-    with pytest.raises(ConfigError, match=r"resources\.prepare: unknown key; expected one of: al"):
-        load_config([repo / "config.yaml"], ["resources.prepare.gpu=1"])
+    with pytest.raises(ConfigError, match=r"resources\.download: unknown key; expected one of: al"):
+        load_config([repo / "config.yaml"], ["resources.download.gpu=1"])
 
 
 def test_gpu_cluster_preset_merged_over_the_defaults_is_valid(repo):

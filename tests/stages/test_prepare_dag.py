@@ -42,10 +42,10 @@ def runs(tmp_path_factory, repo, mirror):
     config = tiny_config(mirror)
     config["prepare"] = {"corpus": corpus, "shard_tokens": 4096}
     one = make_workdir(root / "one", repo, config)
-    snakemake(one, "data/tokens")
+    snakemake(one, "--", "data/tokens")
     config["prepare"]["scatter"] = 3
     three = make_workdir(root / "three", repo, config)
-    run = snakemake(three, "-p", "results/pretrain/metrics.json")
+    run = snakemake(three, "-p", "--", "results/pretrain/metrics.json")
     listing = run.stdout + run.stderr
     return root, one, three, listing
 
@@ -75,7 +75,7 @@ def test_the_model_pretrains_on_it(runs):
 def test_a_new_file_reruns_prepare_and_what_follows_only(runs):
     root, _, three, _ = runs
     shutil.copy(root / "my-books" / "part040.txt", root / "my-books" / "new.txt")
-    dry = snakemake(three, "--dry-run", "results/pretrain/metrics.json")
+    dry = snakemake(three, "--dry-run", "--", "results/pretrain/metrics.json")
     plan = dry.stdout + dry.stderr
     assert "rule tokenize:" in plan and "rule prepare:" in plan and "rule pretrain:" in plan
     assert "rule download:" not in plan
