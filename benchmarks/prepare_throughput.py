@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--mirror", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--old-rev", default="3f19857", help="git revision of the old prepare")
     parser.add_argument("--scratch", type=Path, default=None, help="where to build the corpora")
+    parser.add_argument(
+        "--commands-only", action="store_true", help="skip the throughput table (memory only)"
+    )
     args = parser.parse_args()
     tokenizer = gpt2_tokenizer(args.mirror / "gpt2-bpe")
     flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx2",
@@ -151,7 +154,7 @@ def main() -> None:
         for size in args.sizes:
             files = corpora[size] = build_corpus(root / f"corpus-{size}", args.mirror, size)
             mb = sum(p.stat().st_size for p in files) / 1e6
-            for workers in args.workers:
+            for workers in [] if args.commands_only else args.workers:
                 best_ceiling = best_prepare = float("inf")
                 for r in range(args.rounds):
                     best_ceiling = min(best_ceiling, ceiling(files, tokenizer, workers))

@@ -94,14 +94,18 @@ def gather(config: Mapping[str, Any]) -> dict[str, Any]:
             },
             step=0,
         )
-        for record in meta["inputs"]:
-            tracker.log_dataset(
-                name=Path(record["file"]).name,
-                source=record["file"],
-                digest=record["sha256"],
-                profile={k: record[k] for k in ("bytes", "documents", "tokens", "skipped")},
-                context="training",
-            )
+        tracker.log_datasets(
+            (
+                {
+                    "name": Path(record["file"]).name,
+                    "source": record["file"],
+                    "digest": record["sha256"],
+                    "profile": {k: record[k] for k in ("bytes", "documents", "tokens", "skipped")},
+                }
+                for record in meta["inputs"]
+            ),
+            context="training",
+        )
         tracker.log_artifact(paths.tokens / "meta.json")
     log.info("%d train and %d val tokens (%s split) in %d + %d shards; %d records skipped",
              meta["train_tokens"], meta["val_tokens"], meta["split"],

@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -134,22 +134,28 @@ class StageRun:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
 
-    def log_dataset(
-        self, name: str, source: str, digest: str, profile: Mapping[str, Any], context: str
-    ) -> None:
-        """A file the stage read, as an MLflow dataset input: its sha256 as the digest, its
-        counts as the profile, `context` (training / validation / test) as its role."""
+    def log_datasets(self, files: Iterable[Mapping[str, Any]], context: str) -> None:
+        """Files the stage read, as MLflow dataset inputs, a thousand a request: each a mapping of
+        `name`, `source` (a path), `digest` (its sha256) and `profile` (its counts);
+        `context` (training / validation / test) is their role."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(
-            name=name,
-            digest=digest[:36],
-            source_type="local",
-            source=json.dumps({"uri": str(Path(source).resolve())}),
-            profile=json.dumps(dict(profile)),
-        )
         tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=f["name"],
+                    digest=f["digest"][:36],
+                    source_type="local",
+                    source=json.dumps({"uri": str(Path(f["source"]).resolve())}),
+                    profile=json.dumps(dict(f["profile"])),
+                ),
+                tags=[tag],
+            )
+            for f in files
+        ]
+        for start in range(0, len(inputs), 1000):  # a few requests, however many files
+            self.client.log_inputs(self.run_id, datasets=inputs[start : start + 1000])
 
 
 class _RankRun(StageRun):
@@ -173,7 +179,7 @@ class _RankRun(StageRun):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
-    def log_dataset(self, *args: Any, **kwargs: Any) -> None:
+    def log_datasets(self, files: Iterable[Mapping[str, Any]], context: str) -> None:
         pass
 
 
