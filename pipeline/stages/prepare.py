@@ -32,10 +32,13 @@ def part_names(scatter: int) -> list[str]:
     return [f"{i}-of-{scatter}" for i in range(1, scatter + 1)]
 
 
-def corpus_parts(config: Mapping[str, Any]) -> dict[str, list[CorpusFile]]:
-    """Each part's input files (contiguous groups of about equal size, in corpus order)."""
+def corpus_parts(
+    config: Mapping[str, Any], files: list[CorpusFile] | None = None
+) -> dict[str, list[CorpusFile]]:
+    """Each part's input files (contiguous groups of about equal size, in corpus order), of
+    `files` when the corpus is already listed."""
     scatter = config["prepare"]["scatter"]
-    groups = split_into_parts(corpus_files(config), scatter)
+    groups = split_into_parts(corpus_files(config) if files is None else files, scatter)
     return dict(zip(part_names(scatter), groups, strict=True))
 
 
@@ -50,7 +53,8 @@ def split_mode(config: Mapping[str, Any], files: list[CorpusFile]) -> str:
 def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[str, Any]:
     """One part's files -> data/token-parts/<part>."""
     section, paths = config["prepare"], Paths.from_config(config)
-    parts = corpus_parts(config)
+    corpus = corpus_files(config)  # globs expanded once
+    parts = corpus_parts(config, corpus)
     if part not in parts:
         raise InputError(f"--part {part}: expected one of {', '.join(parts)}")
     files = parts[part]
@@ -61,7 +65,7 @@ def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[
     workers = section["workers"] or threads or 1
     meta = tokenize_part(
         files, paths.token_part(part), gpt2_tokenizer(paths.bpe), workers=workers,
-        split=split_mode(config, corpus_files(config)), val_fraction=section["val_fraction"],
+        split=split_mode(config, corpus), val_fraction=section["val_fraction"],
         skip_bad=section["on_bad_record"] == "skip",
     )  # fmt: skip
     for record in meta["inputs"]:
