@@ -6,7 +6,8 @@ numbered so no two are the same) of each size asked for, then for 1 and 2 worker
   number of threads, nothing else;
 - `prepare`'s core: `tokenize_part` + `gather_parts` (reading, encoding, writing the shards);
 alternately, `--rounds` times, keeping each one's best. Then, in a fresh process each, the whole
-`python -m pipeline prepare` command's peak RSS, and the code before this change (`--old-rev`,
+`python -m pipeline prepare` command's peak RSS (also with the largest corpus as one file, one
+document read in pieces), and the code before this change (`--old-rev`,
 taken from git into a temporary directory) on the smallest corpus, for comparison.
 
     python benchmarks/prepare_throughput.py                 # 100 and 500 MB
@@ -171,6 +172,17 @@ def main() -> None:
             seconds, rss = cli_prepare(files[0].parent, work, args.mirror, max(args.workers))
             print(f"| python -m pipeline prepare ({max(args.workers)} workers) | {size} MB "
                   f"| {seconds:.1f} | {rss:.0f} |", flush=True)  # fmt: skip
+        largest = max(corpora)
+        single = root / "one-file"  # the largest corpus as one document: streamed in pieces
+        single.mkdir()
+        with open(single / "all.txt", "wb") as out:
+            for path in corpora[largest]:
+                out.write(path.read_bytes())
+        work = root / "cli-one-file"
+        work.mkdir()
+        seconds, rss = cli_prepare(single, work, args.mirror, max(args.workers))
+        print(f"| python -m pipeline prepare ({max(args.workers)} workers) | {largest} MB in one "
+              f"file | {seconds:.1f} | {rss:.0f} |", flush=True)  # fmt: skip
         smallest = min(corpora)
         work = root / "old-run"
         work.mkdir()

@@ -6,7 +6,11 @@ a file, a directory (every corpus file below it) or a glob (`**` recurses). By s
 - `.jsonl`: one document per line, the string under `field` (default `text`);
 - `.parquet`: one document per row, the string in `column` (default `text`);
 each optionally `.gz` or `.zst` compressed (not parquet, which compresses inside). Files are read
-as streams: a JSONL or parquet file is never held whole in memory.
+as streams: a JSONL or parquet file is never held whole in memory, and a text document of more
+than `PIECE_CHARS` characters comes in pieces cut before a whitespace character between two
+non-whitespace ones. GPT-2's pre-tokenizer never joins across such a character (a match may
+start with one space but never holds one inside, and none ends with one unless whitespace
+follows), so encoding the pieces one by one gives exactly the ids of the whole.
 
 A record that is not what is expected (not UTF-8, not JSON, no such field, an empty file...) is
 an `InputError` naming the file and line or row, or, with `on_bad_record: skip`, skipped and
@@ -15,10 +19,12 @@ counted per file.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,10 @@ from pipeline.paths import Paths
 TEXT_SUFFIXES = (".txt", ".md")
 FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".zst")
+PIECE_CHARS = 1 << 20
+"""A text document is read and encoded in pieces of about this many characters."""
+_READ_BYTES = 1 << 20
+_CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
 
 @dataclass(frozen=True)
@@ -125,13 +135,20 @@ def _open_text(path: Path) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115
 
 
-def read_documents(file: CorpusFile, report: FileReport, skip_bad: bool = False) -> Iterator[str]:
-    """The documents of one file, streamed; bad records raise or, with `skip_bad`, are counted
-    in `report` and skipped."""
-    reader = {"text": _text_documents, "jsonl": _jsonl_documents, "parquet": _parquet_documents}
-    for document in reader[file.format](file, report, skip_bad):
-        report.documents += 1
-        yield document
+def read_documents(
+    file: CorpusFile, report: FileReport, skip_bad: bool = False
+) -> Iterator[tuple[str, bool]]:
+    """The documents of one file, streamed, as (text, starts a document): a long text document
+    comes in pieces, the first True. Bad records raise or, with `skip_bad`, are counted in
+    `report` and skipped."""
+    if file.format == "text":
+        pieces = _text_pieces(file, report, skip_bad)
+    else:
+        reader = _jsonl_documents if file.format == "jsonl" else _parquet_documents
+        pieces = ((text, True) for text in reader(file, report, skip_bad))
+    for piece, starts in pieces:
+        report.documents += starts
+        yield piece, starts
     if report.documents == 0 and not report.skipped:
         raise InputError(f"{file.path}: empty (no document in it)")
 
@@ -142,18 +159,50 @@ def _bad(report: FileReport, skip_bad: bool, reason: str, message: str) -> None:
     report.skip(reason)
 
 
-def _text_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
-    with _open_text(file.path) as handle:
-        data = handle.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        _bad(report, skip_bad, "not UTF-8",
-             f"{file.path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})")  # fmt: skip
+def _text_pieces(
+    file: CorpusFile, report: FileReport, skip_bad: bool
+) -> Iterator[tuple[str, bool]]:
+    """A text file, one document, checked to be UTF-8 before any of it is used (so a bad file
+    is skipped whole), then decoded a block at a time and cut into pieces."""
+    if (problem := _utf8_problem(file.path)) is not None:
+        _bad(report, skip_bad, "not UTF-8", f"{file.path}:{problem}")
         return
-    if text:
-        yield text
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, starts = "", True
+    with _open_text(file.path) as handle:
+        while block := handle.read(_READ_BYTES):
+            pending += decoder.decode(block)
+            if len(pending) >= PIECE_CHARS and (cut := _last_cut(pending)):
+                yield pending[:cut], starts
+                pending, starts = pending[cut:], False
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending, starts
+
+
+def _last_cut(text: str) -> int:
+    """The last place in `text`'s second half where it can be cut (0: none)."""
+    cuts = [m.start() for m in _CUT.finditer(text, len(text) // 2)]
+    return cuts[-1] if cuts else 0
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """`<line>: not UTF-8 (...)` for a file that does not decode, else None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0  # offset: bytes before `block`
+    with _open_text(path) as handle:
+        while True:
+            block = handle.read(_READ_BYTES)
+            held = len(decoder.getstate()[0])  # an unfinished character's bytes, no newline
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                line += block[: max(0, exc.start - held)].count(b"\n")
+                return f"{line}: not UTF-8 ({exc.reason} at byte {offset - held + exc.start})"
+            if not block:
+                return None
+            line += block.count(b"\n")
+            offset += len(block)
 
 
 def _jsonl_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:

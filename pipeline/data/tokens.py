@@ -2,9 +2,10 @@
 
 `prepare` runs in two steps, so a cluster can spread the first over many jobs:
 1. `tokenize_part`: one group of input files -> a part directory: its documents encoded in
-   batches (tiktoken's multi-threaded batch encoding) and streamed to `train.bin` / `val.bin`
-   (ids only ever written, never collected), with `<|endoftext|>` between documents, and
-   `part.json` (each input file's size, sha256, documents, tokens and skipped records);
+   batches by `workers` threads (tiktoken releases the GIL; ids come back as numpy arrays, never
+   as Python lists) while this thread reads the next batch and writes the last one to
+   `train.bin` / `val.bin`, with `<|endoftext|>` between documents, and `part.json` (each input
+   file's size, sha256, documents, tokens and skipped records);
 2. `gather_parts`: the parts, in order -> the token directory: the train and val streams joined
    (again with `<|endoftext|>` between), split, cut into shards of at most `shard_tokens`
    (`train-00000.bin`, ..., `val-00000.bin`), and `meta.json` indexing them.
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,23 +65,50 @@ class _Stream:
         self.eot = eot
         self.tokens = 0
 
-    def write(self, documents: Sequence[Sequence[int]]) -> None:
-        for ids in documents:
-            if self.tokens:
-                self.handle.write(np.array([self.eot], dtype=TOKEN_DTYPE).tobytes())
-                self.tokens += 1
-            self.handle.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-            self.tokens += len(ids)
+    def write(self, ids: np.ndarray, starts_document: bool) -> None:
+        if starts_document and self.tokens:
+            self.handle.write(np.array([self.eot], dtype=TOKEN_DTYPE).tobytes())
+            self.tokens += 1
+        self.handle.write(ids.astype(TOKEN_DTYPE).tobytes())
+        self.tokens += len(ids)
 
     def close(self) -> None:
         self.handle.close()
 
 
-def _batches(documents: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
-    """(file index, document) pairs in batches of about BATCH_CHARS, across files."""
-    batch: list[tuple[int, str]] = []
+class _PartStreams:
+    """A part's train and val streams and its per-file token counts. With the `documents`
+    split a document goes where the hash of its first piece (the whole text, unless it is
+    longer than `PIECE_CHARS`) sends it, and its later pieces follow."""
+
+    def __init__(self, directory: Path, eot: int, split: str, val_fraction: float, files: int):
+        self.streams = {name: _Stream(directory / f"{name}.bin", eot) for name in SPLITS}
+        self.split, self.val_fraction = split, val_fraction
+        self.tokens = [0] * files
+        self.current = "train"
+
+    def write(self, batch: Sequence[Piece], encoded: Sequence[np.ndarray]) -> None:
+        for (index, text, starts), ids in zip(batch, encoded, strict=True):
+            self.tokens[index] += len(ids)
+            if starts:
+                val = self.split == "documents" and in_val(text, self.val_fraction)
+                self.current = "val" if val else "train"
+            self.streams[self.current].write(ids, starts)
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+
+Piece = tuple[int, str, bool]
+"""(file index, text, starts a document): a document or, for a long one, a piece of it."""
+
+
+def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    """Pieces in batches of about BATCH_CHARS, across files."""
+    batch: list[Piece] = []
     size = 0
-    for item in documents:
+    for item in pieces:
         batch.append(item)
         size += len(item[1])
         if size >= BATCH_CHARS:
@@ -88,12 +118,12 @@ def _batches(documents: Iterable[tuple[int, str]]) -> Iterator[list[tuple[int, s
         yield batch
 
 
-def _documents(
+def _pieces(
     files: Sequence[CorpusFile], reports: Sequence[FileReport], skip_bad: bool
-) -> Iterator[tuple[int, str]]:
+) -> Iterator[Piece]:
     for index, (file, report) in enumerate(zip(files, reports, strict=True)):
-        for document in read_documents(file, report, skip_bad):
-            yield index, document
+        for text, starts in read_documents(file, report, skip_bad):
+            yield index, text, starts
 
 
 def tokenize_part(
@@ -110,32 +140,40 @@ def tokenize_part(
     is `tail` (every document to train; the gather splits) or `documents`."""
     _check_vocab(tokenizer)
     reports = [FileReport() for _ in files]
-    tokens = [0] * len(files)
-    with atomic_directory(out_dir) as tmp:
-        streams = {name: _Stream(tmp / f"{name}.bin", tokenizer.eot_token) for name in SPLITS}
+    with atomic_directory(out_dir) as tmp, ThreadPoolExecutor(workers) as pool:
+        out = _PartStreams(tmp, tokenizer.eot_token, split, val_fraction, len(files))
+        in_flight: deque[tuple[list[Piece], list[Future]]] = deque()
         try:
-            for batch in _batches(_documents(files, reports, skip_bad)):
-                texts = [text for _, text in batch]
-                encoded = tokenizer.encode_ordinary_batch(texts, num_threads=workers)
-                for (index, _), ids in zip(batch, encoded, strict=True):
-                    tokens[index] += len(ids)
-                if split == "documents":
-                    val = [in_val(text, val_fraction) for text in texts]
-                    streams["val"].write([e for e, v in zip(encoded, val, strict=True) if v])
-                    streams["train"].write([e for e, v in zip(encoded, val, strict=True) if not v])
-                else:
-                    streams["train"].write(encoded)
+            for batch in _batches(_pieces(files, reports, skip_bad)):
+                # Encode this batch while the one before is written and the next is read: the
+                # reading, hashing and writing overlap the encoding, which is most of the time.
+                in_flight.append((batch, [pool.submit(_encode, tokenizer, p[1]) for p in batch]))
+                if len(in_flight) > 1:
+                    out.write(*_encoded(*in_flight.popleft()))
+            while in_flight:
+                out.write(*_encoded(*in_flight.popleft()))
         finally:
-            for stream in streams.values():
-                stream.close()
+            for _, futures in in_flight:
+                for future in futures:
+                    future.cancel()
+            out.close()
         meta = {
             "inputs": [
-                _input_record(f, r, n) for f, r, n in zip(files, reports, tokens, strict=True)
+                _input_record(f, r, n) for f, r, n in zip(files, reports, out.tokens, strict=True)
             ],
-            "tokens": {name: stream.tokens for name, stream in streams.items()},
+            "tokens": {name: stream.tokens for name, stream in out.streams.items()},
         }
         atomic_write_json(tmp / PART_META, meta)
     return meta
+
+
+def _encode(tokenizer: tiktoken.Encoding, text: str) -> np.ndarray:
+    """`encode_ordinary` (special tokens are plain text), straight to a numpy array."""
+    return tokenizer.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+
+def _encoded(batch: list[Piece], futures: list[Future]) -> tuple[list[Piece], list[np.ndarray]]:
+    return batch, [future.result() for future in futures]
 
 
 def _input_record(file: CorpusFile, report: FileReport, tokens: int) -> dict[str, Any]:
@@ -186,18 +224,17 @@ def _part_streams(parts: Sequence[Path], split: str, eot: int) -> Iterator[np.nd
     """The parts' `split` streams in order, joined by `<|endoftext|>`, in bounded chunks."""
     first = True
     for part in parts:
-        tokens = (
-            np.memmap(part / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
-            if ((part / f"{split}.bin").stat().st_size)
-            else np.zeros(0, dtype=TOKEN_DTYPE)
-        )
-        if not len(tokens):
+        path = part / f"{split}.bin"
+        if not path.stat().st_size:
             continue
         if not first:
             yield np.array([eot], dtype=TOKEN_DTYPE)
         first = False
-        for start in range(0, len(tokens), COPY_TOKENS):
-            yield tokens[start : start + COPY_TOKENS]
+        # Read, not memory-mapped: a map's pages stay resident, so the peak RSS would grow
+        # with the corpus.
+        with open(path, "rb") as handle:
+            while len(chunk := np.fromfile(handle, dtype=TOKEN_DTYPE, count=COPY_TOKENS)):
+                yield chunk
 
 
 def gather_parts(

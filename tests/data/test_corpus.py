@@ -11,7 +11,14 @@ import pytest
 import zstandard
 
 from pipeline.config import deep_merge, resolve
-from pipeline.data.corpus import FileReport, corpus_files, read_documents, split_into_parts
+from pipeline.data import corpus
+from pipeline.data.corpus import (
+    CorpusFile,
+    FileReport,
+    corpus_files,
+    read_documents,
+    split_into_parts,
+)
 
 
 def config_with(default_config, tmp_path, *corpus) -> dict:
@@ -22,8 +29,14 @@ def config_with(default_config, tmp_path, *corpus) -> dict:
 
 
 def documents(file, skip=False):
-    report = FileReport()
-    return list(read_documents(file, report, skip)), report
+    """The file's documents, a long one's pieces joined."""
+    report, texts = FileReport(), []
+    for piece, starts in read_documents(file, report, skip):
+        if starts:
+            texts.append(piece)
+        else:
+            texts[-1] += piece
+    return texts, report
 
 
 def write_jsonl(path, records, opener=open):
@@ -142,3 +155,38 @@ def test_parts_are_contiguous_groups_of_about_equal_size(tmp_path):
     assert [f for group in groups for f in group] == files
     assert [len(g) for g in groups] == [3, 1, 2]
     assert split_into_parts(files[:1], 3) == [[], [files[0]], []]
+
+
+@pytest.mark.parametrize("opener", [open, gzip.open, zstandard.open])
+def test_a_long_text_comes_in_pieces_that_encode_as_the_whole(
+    tmp_path, mirror, opener, monkeypatch
+):
+    from pipeline.data.tokenizer import gpt2_tokenizer
+
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 5_000)
+    monkeypatch.setattr(corpus, "_READ_BYTES", 3_001)  # blocks end inside UTF-8 characters
+    text = (mirror / "tinyshakespeare.txt").read_text()[:60_000] + " caf\u00e9 \u4e2d\u6587 " * 500
+    suffix = {open: "", gzip.open: ".gz", zstandard.open: ".zst"}[opener]
+    path = tmp_path / f"long.txt{suffix}"
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.write(text)
+    report = FileReport()
+    pieces = list(read_documents(CorpusFile(path, "text"), report))
+    assert len(pieces) > 10 and [s for _, s in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert "".join(p for p, _ in pieces) == text and report.documents == 1
+    tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
+    ids = [i for piece, _ in pieces for i in tokenizer.encode_ordinary(piece)]
+    assert ids == tokenizer.encode_ordinary(text)
+
+
+def test_a_long_file_that_is_not_utf8_is_skipped_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 100)
+    monkeypatch.setattr(corpus, "_READ_BYTES", 64)
+    path = tmp_path / "late.txt"
+    path.write_bytes(b"fine words here\n" * 40 + b"bad \xff byte\n")
+    with pytest.raises(
+        ValueError, match=r"late.txt:41: not UTF-8 \(invalid start byte at byte 644\)"
+    ):
+        documents(CorpusFile(path, "text"))
+    texts, report = documents(CorpusFile(path, "text"), skip=True)
+    assert texts == [] and report.skipped == {"not UTF-8": 1}

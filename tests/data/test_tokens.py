@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.data import corpus
 from pipeline.data import tokens as token_files
 from pipeline.data.corpus import CorpusFile, split_into_parts
 from pipeline.data.tokenizer import gpt2_tokenizer
@@ -112,15 +113,15 @@ def test_an_interrupted_part_leaves_nothing_to_read(tmp_path, tokenizer, monkeyp
     monkeypatch.setattr(token_files, "BATCH_CHARS", 10)  # one batch per document
     calls = []
 
-    def encode_then_die(batch, num_threads):
-        calls.append(len(batch))
+    def encode_then_die(text, **special):
+        calls.append(len(text))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return tokenizer.encode_ordinary_batch(batch, num_threads=num_threads)
+        return tokenizer.encode_to_numpy(text, **special)
 
     class Dying:
         name, n_vocab, eot_token = tokenizer.name, tokenizer.n_vocab, tokenizer.eot_token
-        encode_ordinary_batch = staticmethod(encode_then_die)
+        encode_to_numpy = staticmethod(encode_then_die)
 
     with pytest.raises(KeyboardInterrupt):
         tokenize_part(files, tmp_path / "part", Dying(), workers=1, split="tail", val_fraction=0.1)
@@ -133,3 +134,47 @@ def test_too_small_a_corpus_is_a_clear_error(tmp_path, tokenizer):
         prepare(texts(tmp_path, "hi"), tmp_path, tokenizer, val=0.1)
     with pytest.raises(FileNotFoundError, match="token index not found"):
         load_tokens(tmp_path / "nowhere", "train")
+
+
+def test_batches_in_flight_keep_the_order_and_special_text_stays_text(
+    tmp_path, tokenizer, monkeypatch
+):
+    docs = [f"Note {i}: <|endoftext|> is only text here. " * (1 + i % 4) for i in range(30)]
+    files = texts(tmp_path, *docs)
+    whole = prepare(files, tmp_path / "whole", tokenizer, split="documents", val=0.3)
+    monkeypatch.setattr(token_files, "BATCH_CHARS", 50)  # a batch per document or two
+    batched = prepare(files, tmp_path / "batched", tokenizer, workers=2, split="documents",
+                      val=0.3)  # fmt: skip
+    assert whole == batched
+    assert shard_bytes(tmp_path / "whole" / "tokens") == shard_bytes(
+        tmp_path / "batched" / "tokens"
+    )
+    assert [r["tokens"] for r in whole["inputs"]] == [
+        len(tokenizer.encode_ordinary(d)) for d in docs
+    ]
+
+
+def test_long_documents_in_pieces_give_the_same_tokens(tmp_path, tokenizer, monkeypatch):
+    docs = [
+        f"Chapter {i}. " + "Some words, and then some more.\n" * (40 + 30 * i) for i in range(8)
+    ]
+    files = texts(tmp_path, *docs)
+    whole = prepare(files, tmp_path / "whole", tokenizer, workers=2)
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
+    monkeypatch.setattr(corpus, "_READ_BYTES", 200)
+    monkeypatch.setattr(token_files, "BATCH_CHARS", 700)
+    pieces = prepare(files, tmp_path / "pieces", tokenizer, workers=2)
+    assert pieces == whole
+    assert shard_bytes(tmp_path / "whole" / "tokens") == shard_bytes(tmp_path / "pieces" / "tokens")
+    # by document: each document whole in the split its first piece's hash chose
+    meta = prepare(files, tmp_path / "docs", tokenizer, split="documents", val=0.5)
+    val = load_tokens(tmp_path / "docs" / "tokens", "val")
+    first_pieces = [next(corpus.read_documents(f, corpus.FileReport()))[0] for f in files]
+    assert all(len(p) < len(d) for p, d in zip(first_pieces, docs, strict=True))
+    chosen = [d for d, p in zip(docs, first_pieces, strict=True) if in_val(p, 0.5)]
+    assert 0 < len(chosen) < len(docs) and len(val) == meta["val_tokens"]
+    eot = [tokenizer.eot_token]
+    assert (
+        list(val[np.arange(len(val))])
+        == sum((eot + tokenizer.encode_ordinary(d) for d in chosen), [])[1:]
+    )
