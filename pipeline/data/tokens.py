@@ -14,9 +14,10 @@ it. Both steps write into a temporary directory swapped in whole: an interrupted
 leaves no partial file that a later run would read.
 
 The split: `tail` keeps the last `val_fraction` of all tokens (a corpus of one document, as
-Tiny Shakespeare); `documents` puts a document in val when a hash of its text falls below
-`val_fraction`, so no document is in both and adding documents moves none; `auto` is `tail`
-for one document and `documents` for more.
+Tiny Shakespeare); `documents` puts a document in val when a hash of its text (of its first
+piece, for one longer than `corpus.PIECE_CHARS`) falls below `val_fraction`, so no document is
+in both and adding documents moves none; `auto` is `tail` for one document and `documents` for
+more.
 """
 
 from __future__ import annotations
