@@ -9,9 +9,9 @@ from pipeline.cli import main
 
 def test_config_command_prints_the_resolved_config(repo, capsys, monkeypatch):
     monkeypatch.chdir(repo)
-    assert main(["config", "--set", "pretrain.train.max_steps=9"]) == 0
+    assert main(["config", "--set", "pretrain.train.max_steps=90"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["pretrain"]["train"]["max_steps"] == 9
+    assert printed["pretrain"]["train"]["max_steps"] == 90
 
 
 def test_bad_config_exits_1_with_the_key_and_no_traceback(repo):

@@ -27,7 +27,14 @@ SOURCES = (
     "gpt2-bpe/encoder.json",
     "gpt2-bpe/vocab.bpe",
 )
-TRAIN = {"max_steps": 4, "batch_size": 4, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1}
+TRAIN = {
+    "max_steps": 4,
+    "warmup_steps": 1,
+    "batch_size": 4,
+    "eval_batches": 1,
+    "checkpoint_every": 2,
+    "log_every": 1,
+}
 
 
 @pytest.fixture(scope="module")
