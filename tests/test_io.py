@@ -1,7 +1,9 @@
+import errno
 import os
 
 import pytest
 
+from pipeline.errors import NoSpaceError
 from pipeline.io import atomic_directory, atomic_open, atomic_write_text
 
 
@@ -36,3 +38,26 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         (tmp / "f").write_text("3")
     assert (target / "f").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(NoSpaceError) as raised:
+        atomic_write_text(target, "new")
+    message = str(raised.value)
+    assert message.startswith(f"no space left on device writing {target} (")
+    assert message.endswith(
+        "MB free there); free some space (or point paths.results / "
+        "paths.resume elsewhere) and run again"
+    )
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(OSError) as other:
+        atomic_write_text(target, "new")
+    assert not isinstance(other.value, NoSpaceError)  # only a full disk is reworded
