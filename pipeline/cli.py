@@ -141,9 +141,11 @@ def _load_for_inference(checkpoint: Path, args: argparse.Namespace):
     from pipeline.model.attention import resolve_attention
     from pipeline.train import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, key="--device")
+    resolve_attention(args.attention, device, key="--attention")  # fails before the loading
     model = load_checkpoint(checkpoint, device=device)
-    model.set_attention(resolve_attention(args.attention, device, model.config.attn_dropout))
+    attention = resolve_attention(args.attention, device, model.config.attn_dropout, "--attention")
+    model.set_attention(attention)
     return model.eval(), device
 
 

@@ -191,18 +191,30 @@ def _training_problems(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _section_problems(name: str, section: Mapping[str, Any]) -> list[str]:
+    """A stage section's split fractions and labels that contradict each other."""
+    problems = []
+    split = section.get("split")
+    if isinstance(split, Mapping) and split["train"] + split["val"] >= 1:
+        problems.append(
+            f"{name}.split: train ({split['train']}) + val ({split['val']}) must be < 1 "
+            "(the test split gets the rest)"
+        )
+    if "labels" in section and section.get("positive_label") not in section["labels"]:
+        problems.append(
+            f"{name}.positive_label: {section['positive_label']!r} is not one of "
+            f"{name}.labels ({', '.join(section['labels'])})"
+        )
+    return problems
+
+
 def _cross_field_problems(config: Mapping[str, Any]) -> list[str]:
     """`key: problem` lines for settings that are each valid but contradict one another."""
     from pipeline.stages.registry import STAGES
 
     problems = _training_problems(config)
     for name in STAGES:
-        split = config.get(name, {}).get("split")
-        if isinstance(split, Mapping) and split["train"] + split["val"] >= 1:
-            problems.append(
-                f"{name}.split: train ({split['train']}) + val ({split['val']}) must be < 1 "
-                "(the test split gets the rest)"
-            )
+        problems += _section_problems(name, config.get(name, {}))
     sizes = preset_sizes(config["model"])
     if sizes["n_embd"] % sizes["n_head"]:
         problems.append(
