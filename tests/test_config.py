@@ -234,6 +234,11 @@ def test_a_malformed_set_value_names_the_key_and_the_value():
         ),
         (["align-dpo.split.val=0.5"], r"align-dpo\.split: train \(0\.85\) \+ val \(0\.5\)"),
         (["model.n_head=5"], r"model: n_embd \(128\) must be divisible by n_head \(5\)"),
+        (
+            ["finetune-classifier.positive_label=spma"],
+            r"finetune-classifier\.positive_label: 'spma' is not one of finetune-classifier\.labels"
+            r" \(ham, spam\)",
+        ),
     ],
 )
 def test_settings_that_contradict_each_other_are_named(repo, overrides, message):
