@@ -360,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if args.command == "config":
-            import yaml
+            from pipeline.config import render_resolved
 
-            sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+            sys.stdout.write(render_resolved(config))
             return 0
         stage = STAGES[args.command]
         options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}

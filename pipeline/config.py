@@ -121,6 +121,21 @@ def render_defaults() -> str:
     return "\n".join(header + schema.render_yaml(root_settings(), defaults())) + "\n"
 
 
+def render_resolved(config: Mapping[str, Any]) -> str:
+    """The resolved config as YAML, each model size left null annotated with the preset's value
+    (what the run builds), so `python -m pipeline config` shows the model's real shape."""
+    sizes, preset = preset_sizes(config["model"]), config["model"]["preset"]
+    lines, in_model = [], False
+    for line in yaml.safe_dump(dict(config), sort_keys=False).splitlines():
+        if not line.startswith(" "):
+            in_model = line == "model:"
+        key, _, value = line.strip().partition(": ")
+        if in_model and key in PRESET_KEYS and value == "null":
+            line += f"  # preset {preset}: {yaml.safe_dump(sizes[key]).split()[0]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _key(path: Iterable[Any]) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 

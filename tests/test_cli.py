@@ -15,6 +15,21 @@ def test_config_command_prints_the_resolved_config(repo, capsys, monkeypatch):
     assert printed["pretrain"]["train"]["max_steps"] == 90
 
 
+def test_config_command_shows_the_presets_model_sizes(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["config", "--set", "model.preset=gpt2-355m", "--set", "model.n_layer=2"]) == 0
+    out = capsys.readouterr().out
+    model = out[out.index("\nmodel:\n") :].split("\n")[2:12]
+    assert [line for line in model if "#" in line] == [
+        "  context_length: null  # preset gpt2-355m: 1024",
+        "  n_head: null  # preset gpt2-355m: 16",
+        "  n_embd: null  # preset gpt2-355m: 1024",
+        "  qkv_bias: null  # preset gpt2-355m: true",
+    ]
+    assert "  n_layer: 2" in model  # an override is the value itself
+    assert yaml.safe_load(out)["model"]["n_head"] is None  # still the resolved config
+
+
 def test_bad_config_exits_1_with_the_key_and_no_traceback(repo):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "prepare", "--set", "prepare.val_fraction=2"],
