@@ -29,6 +29,8 @@ def _disk_full_named(path: Path) -> Iterator[None]:
     user), whichever library reported it."""
     try:
         yield
+    except NoSpaceError:
+        raise  # already names the file being written (a writer nested in atomic_directory)
     except Exception as exc:
         if is_no_space(exc):
             raise NoSpaceError(path) from exc

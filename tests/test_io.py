@@ -61,3 +61,14 @@ def test_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path
     with pytest.raises(OSError) as other:
         atomic_write_text(target, "new")
     assert not isinstance(other.value, NoSpaceError)  # only a full disk is reworded
+
+
+def test_a_full_disk_inside_an_atomic_directory_names_the_innermost_file(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NoSpaceError) as raised, atomic_directory(tmp_path / "tokens") as tmp:
+        monkeypatch.setattr(os, "fsync", disk_full)
+        atomic_write_text(tmp / "meta.json", "{}")
+    assert raised.value.filename == str(tmp / "meta.json")
+    assert not (tmp_path / "tokens").exists() and not list(tmp_path.iterdir())
