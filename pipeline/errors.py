@@ -24,13 +24,14 @@ class NoSpaceError(OSError):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        self.free = _free_bytes(Path(path))
 
     def __str__(self) -> str:
-        free = f" ({self.free / 1e6:,.0f} MB free there)" if self.free is not None else ""
+        """Read when shown, after the writer has removed its partial file."""
+        free_bytes = _free_bytes(Path(self.filename))
+        free = f" ({free_bytes / 1e6:,.1f} MB free there)" if free_bytes is not None else ""
         return (
-            f"no space left on device writing {self.filename}{free}; free some space (or point "
-            "paths.results / paths.resume elsewhere) and run again"
+            f"no space left on device writing {self.filename}{free}; free some space there, or "
+            "write to another disk (paths.* for the stages), and run again"
         )
 
 

@@ -53,11 +53,15 @@ def test_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path
     message = str(raised.value)
     assert message.startswith(f"no space left on device writing {target} (")
     assert message.endswith(
-        "MB free there); free some space (or point paths.results / "
-        "paths.resume elsewhere) and run again"
+        "MB free there); free some space there, or write to another disk (paths.* for the "
+        "stages), and run again"
     )
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+
+    def io_error(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", io_error)
     with pytest.raises(OSError) as other:
         atomic_write_text(target, "new")
     assert not isinstance(other.value, NoSpaceError)  # only a full disk is reworded
