@@ -157,8 +157,7 @@ def test_a_full_disk_names_the_path_being_written(checkpoints, tmp_path, capsys,
 
     def disk_full(*args, **kwargs):
         raise SafetensorError(
-            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
-            'space left on device" })'
+            "Error while serializing: I/O error: No space left on device (os error 28)"
         )
 
     monkeypatch.setattr(hf, "save_file", disk_full)

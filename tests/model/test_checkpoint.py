@@ -198,8 +198,7 @@ def test_extra_files_are_copied_into_the_checkpoint(model, tmp_path):
     [
         OSError(errno.ENOSPC, "No space left on device"),
         SafetensorError(
-            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
-            'space left on device" })'
+            "Error while serializing: I/O error: No space left on device (os error 28)"
         ),
     ],
 )
