@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,14 @@ def test_a_full_disk_names_the_path_being_written(checkpoints, tmp_path, capsys,
     assert line.startswith(f"error: no space left on device writing {out} (")
     assert "MB free there); free some space" in line
     assert not out.exists() and not list(tmp_path.glob(".exported.*"))
+
+
+def test_exported_files_follow_the_umask(checkpoints, tmp_path):
+    """safetensors writes 0600; a shared results folder needs the umask's mode."""
+    old = os.umask(0o027)
+    try:
+        assert main(["export-hf", str(checkpoints / "lm"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
