@@ -141,9 +141,11 @@ def _load_for_inference(checkpoint: Path, args: argparse.Namespace):
     from pipeline.model.attention import resolve_attention
     from pipeline.train import pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, key="--device")
+    resolve_attention(args.attention, device, key="--attention")  # fails before the loading
     model = load_checkpoint(checkpoint, device=device)
-    model.set_attention(resolve_attention(args.attention, device, model.config.attn_dropout))
+    attention = resolve_attention(args.attention, device, model.config.attn_dropout, "--attention")
+    model.set_attention(attention)
     return model.eval(), device
 
 
@@ -358,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if args.command == "config":
-            import yaml
+            from pipeline.config import render_resolved
 
-            sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+            sys.stdout.write(render_resolved(config))
             return 0
         stage = STAGES[args.command]
         options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}

@@ -9,6 +9,7 @@ fails the same way everywhere, naming the key.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,23 @@ SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 
 class ConfigError(InputError):
     """A configuration file or value that does not match the schema."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as config files are written: `1e-3` and `5E-4` are floats, not the strings YAML 1.1
+    (PyYAML) makes of an exponent without a dot or without a sign."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` read with ConfigLoader: every config file and `--set` value goes through here."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: no objects built
 
 
 def root_settings() -> Group:
@@ -103,6 +121,21 @@ def render_defaults() -> str:
     return "\n".join(header + schema.render_yaml(root_settings(), defaults())) + "\n"
 
 
+def render_resolved(config: Mapping[str, Any]) -> str:
+    """The resolved config as YAML, each model size left null annotated with the preset's value
+    (what the run builds), so `python -m pipeline config` shows the model's real shape."""
+    sizes, preset = preset_sizes(config["model"]), config["model"]["preset"]
+    lines, in_model = [], False
+    for line in yaml.safe_dump(dict(config), sort_keys=False).splitlines():
+        if not line.startswith(" "):
+            in_model = line == "model:"
+        key, _, value = line.strip().partition(": ")
+        if in_model and key in PRESET_KEYS and value == "null":
+            line += f"  # preset {preset}: {yaml.safe_dump(sizes[key]).split()[0]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _key(path: Iterable[Any]) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
@@ -143,11 +176,75 @@ def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return refs
 
 
+PRESET_KEYS = ("context_length", "n_layer", "n_head", "n_embd", "qkv_bias")
+"""The model settings whose null means "the preset's"."""
+
+
+def preset_sizes(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The model section's architecture: its preset's values where the section says null."""
+    from pipeline.model.config import PRESETS
+
+    preset = PRESETS[model["preset"]]
+    return {k: preset[k] if model.get(k) is None else model[k] for k in PRESET_KEYS}
+
+
+def _training_problems(config: Mapping[str, Any]) -> list[str]:
+    """Pairs of a training section's settings that contradict each other."""
+    from pipeline.stages.registry import training_stages
+
+    problems = []
+    for name in training_stages():
+        train = config[name]["train"]
+        if train["min_lr"] > train["lr"]:
+            lrs = f"min_lr ({train['min_lr']}) must be ≤ lr ({train['lr']})"
+            problems.append(f"{name}.train: {lrs}")
+        max_steps, warmup = train["max_steps"], train["warmup_steps"]
+        if max_steps is not None and warmup >= max_steps:
+            problems.append(
+                f"{name}.train: warmup_steps ({warmup}) must be < max_steps ({max_steps})"
+            )
+    return problems
+
+
+def _section_problems(name: str, section: Mapping[str, Any]) -> list[str]:
+    """A stage section's split fractions and labels that contradict each other."""
+    problems = []
+    split = section.get("split")
+    if isinstance(split, Mapping) and split["train"] + split["val"] >= 1:
+        problems.append(
+            f"{name}.split: train ({split['train']}) + val ({split['val']}) must be < 1 "
+            "(the test split gets the rest)"
+        )
+    if "labels" in section and section.get("positive_label") not in section["labels"]:
+        problems.append(
+            f"{name}.positive_label: {section['positive_label']!r} is not one of "
+            f"{name}.labels ({', '.join(section['labels'])})"
+        )
+    return problems
+
+
+def _cross_field_problems(config: Mapping[str, Any]) -> list[str]:
+    """`key: problem` lines for settings that are each valid but contradict one another."""
+    from pipeline.stages.registry import STAGES
+
+    problems = _training_problems(config)
+    for name in STAGES:
+        problems += _section_problems(name, config.get(name, {}))
+    sizes = preset_sizes(config["model"])
+    if sizes["n_embd"] % sizes["n_head"]:
+        problems.append(
+            f"model: n_embd ({sizes['n_embd']}) must be divisible by n_head ({sizes['n_head']})"
+            f" (preset {config['model']['preset']} with the model section's overrides)"
+        )
+    return problems
+
+
 def resolve(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
     """The config completed with every default, after checking it; ConfigError lists every key
     that does not match the schema, then what the schema alone cannot check."""
     from pipeline.launch import launch_problems
 
+    config = schema.coerce_numbers(root_settings(), config)
     errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     problems = [line for e in errors for line in _describe(e).splitlines()]
     resolved = schema.fill_defaults(root_settings(), config)
@@ -159,6 +256,7 @@ def resolve(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]
             if name not in names
         ]
         problems += launch_problems(resolved)
+        problems += _cross_field_problems(resolved)
     if problems:
         details = "\n".join("  " + line for line in problems)
         raise ConfigError(f"invalid configuration ({source}):\n{details}")
@@ -183,7 +281,7 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = parse_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
@@ -200,7 +298,14 @@ def apply_override(config: dict[str, Any], assignment: str) -> dict[str, Any]:
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {assignment!r}: expected KEY.PATH=VALUE")
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = parse_yaml(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(
+            f"--set {key}: value {raw!r} is not valid YAML ({problem}); write a list as "
+            "[a, b], a mapping as {k: v}, and quote a string holding [ ] { } : or #"
+        ) from None
     nested: Any = value
     for part in reversed(key.split(".")):
         nested = {part: nested}

@@ -12,18 +12,41 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.errors import NoSpaceError, is_no_space
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (`open` gives it; mkstemp and
+    safetensors' writer give 0600 instead)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    """A full disk while writing `path` surfaces as NoSpaceError naming `path` (one line for the
+    user), whichever library reported it."""
+    try:
+        yield
+    except NoSpaceError:
+        raise  # already names the file being written (a writer nested in atomic_directory)
+    except Exception as exc:
+        if is_no_space(exc):
+            raise NoSpaceError(path) from exc
+        raise
+
 
 @contextmanager
 def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs should be shareable
+    with _disk_full_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600; outputs should be shareable
     try:
-        with os.fdopen(fd, mode) as handle:
+        with _disk_full_named(path), os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -74,7 +97,8 @@ def old_sibling(target: Path) -> Path:
 
 @contextmanager
 def atomic_directory(target: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary sibling to fill; if the block succeeds it replaces `target`.
+    """Yield an empty temporary sibling to fill; if the block succeeds it replaces `target`,
+    its files given the umask's mode whatever wrote them.
 
     The swap is two renames (target -> `.NAME.old`, temp -> target), so at every moment a
     complete directory exists: `target`, or `.NAME.old` if killed between the renames.
@@ -84,12 +108,16 @@ def atomic_directory(target: Path | str) -> Iterator[Path]:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
     try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            fsync_path(path)
-        fsync_path(tmp)
+        with _disk_full_named(target):
+            tmp.mkdir()
+            yield tmp
+            mode = file_mode()
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    path.chmod(mode)  # libraries (safetensors) may write 0600
+                fsync_path(path)
+            fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,18 +33,36 @@ def tiny_config(mirror: Path, **train) -> dict:
         "finetune-classifier": {
             "epochs": 1,
             "trainable_blocks": 1,
-            "train": {"max_steps": 4, "batch_size": 4, "eval_batches": 2, "log_every": 1},
+            "train": {
+                "max_steps": 4,
+                "warmup_steps": 1,
+                "batch_size": 4,
+                "eval_batches": 2,
+                "log_every": 1,
+            },
         },
         "finetune-instruct": {
             "epochs": 1,
             "method": "lora",
             "lora": {"rank": 2, "alpha": 4},
             "generation": {"max_new_tokens": 3},
-            "train": {"max_steps": 3, "batch_size": 4, "eval_batches": 2, "log_every": 1},
+            "train": {
+                "max_steps": 3,
+                "warmup_steps": 1,
+                "batch_size": 4,
+                "eval_batches": 2,
+                "log_every": 1,
+            },
         },
         "align-dpo": {
             "generation": {"max_new_tokens": 2},
-            "train": {"max_steps": 2, "batch_size": 4, "eval_batches": 1, "log_every": 1},
+            "train": {
+                "max_steps": 2,
+                "warmup_steps": 1,
+                "batch_size": 4,
+                "eval_batches": 1,
+                "log_every": 1,
+            },
         },
     }
 

@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from pipeline.cli import main
@@ -9,9 +11,24 @@ from pipeline.cli import main
 
 def test_config_command_prints_the_resolved_config(repo, capsys, monkeypatch):
     monkeypatch.chdir(repo)
-    assert main(["config", "--set", "pretrain.train.max_steps=9"]) == 0
+    assert main(["config", "--set", "pretrain.train.max_steps=90"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["pretrain"]["train"]["max_steps"] == 9
+    assert printed["pretrain"]["train"]["max_steps"] == 90
+
+
+def test_config_command_shows_the_presets_model_sizes(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["config", "--set", "model.preset=gpt2-355m", "--set", "model.n_layer=2"]) == 0
+    out = capsys.readouterr().out
+    model = out[out.index("\nmodel:\n") :].split("\n")[2:12]
+    assert [line for line in model if "#" in line] == [
+        "  context_length: null  # preset gpt2-355m: 1024",
+        "  n_head: null  # preset gpt2-355m: 16",
+        "  n_embd: null  # preset gpt2-355m: 1024",
+        "  qkv_bias: null  # preset gpt2-355m: true",
+    ]
+    assert "  n_layer: 2" in model  # an override is the value itself
+    assert yaml.safe_load(out)["model"]["n_head"] is None  # still the resolved config
 
 
 def test_bad_config_exits_1_with_the_key_and_no_traceback(repo):
@@ -68,3 +85,97 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(repo, capsys, mo
     monkeypatch.setitem(registry.STAGES, "prepare", stage_raising(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         main(["prepare"])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, mirror):
+    """A tiny language model and a classifier made from it, with GPT-2's tokenizer files."""
+    import torch
+
+    from pipeline.model import GPT, GPTConfig, save_checkpoint
+    from pipeline.model.checkpoint import tokenizer_files
+    from pipeline.model.classifier import GPTClassifier
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16))
+    tokenizer = tokenizer_files(mirror / "gpt2-bpe")
+    save_checkpoint(model, root / "lm", {}, tokenizer)
+    classifier = GPTClassifier.from_language_model(model, ["ham", "spam"])
+    head = {"classifier": {"labels": ["ham", "spam"]}}
+    save_checkpoint(classifier, root / "classifier", head, tokenizer)
+    return root
+
+
+def one_error_line(capsys) -> str:
+    """The one `error: ...` line a user fault ends in (and nothing else on stderr)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_malformed_set_value_is_one_line_naming_the_key_and_the_value(repo, capsys, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["config", "--set", "pretrain.train.lr=[1e-3"]) == 1
+    assert one_error_line(capsys).startswith(
+        "error: --set pretrain.train.lr: value '[1e-3' is not valid YAML"
+    )
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_says_which_devices_there_are(checkpoints, capsys):
+    args = ["generate", "--checkpoint", str(checkpoints / "lm"), "--prompt", "hi"]
+    assert main([*args, "--device", "cuda"]) == 1
+    line = one_error_line(capsys)
+    assert line.startswith("error: --device 'cuda': CUDA is not available here")
+    assert line.endswith("available devices: cpu (or auto, which picks the best of them)")
+
+
+def test_an_empty_classify_input_names_the_file(checkpoints, tmp_path, capsys):
+    empty = tmp_path / "texts.txt"
+    empty.write_text("")
+    args = ["classify", "--checkpoint", str(checkpoints / "classifier"), "--input", str(empty)]
+    assert main(args) == 1
+    assert one_error_line(capsys).startswith(f"error: {empty}: no texts to classify")
+
+
+def test_an_unknown_attention_backend_names_the_option(checkpoints, capsys):
+    args = ["classify", "--checkpoint", str(checkpoints / "classifier"), "a text"]
+    assert main([*args, "--attention", "bogus"]) == 1
+    assert one_error_line(capsys) == (
+        "error: --attention: unknown backend 'bogus'; expected auto or one of "
+        "fused, sdpa, simple, causal, multihead"
+    )
+    assert main([*args, "--attention", "sdpa"]) == 0
+    assert capsys.readouterr().out.startswith("label\tprobability\ttext\n")
+
+
+def test_a_full_disk_names_the_path_being_written(checkpoints, tmp_path, capsys, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError, which is not an OSError."""
+    from safetensors import SafetensorError
+
+    import pipeline.model.hf as hf
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(hf, "save_file", disk_full)
+    out = tmp_path / "exported"
+    assert main(["export-hf", str(checkpoints / "lm"), str(out)]) == 1
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: no space left on device writing {out} (")
+    assert "MB free there); free some space" in line
+    assert not out.exists() and not list(tmp_path.glob(".exported.*"))
+
+
+def test_exported_files_follow_the_umask(checkpoints, tmp_path):
+    """safetensors writes 0600; a shared results folder needs the umask's mode."""
+    old = os.umask(0o027)
+    try:
+        assert main(["export-hf", str(checkpoints / "lm"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes

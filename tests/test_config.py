@@ -1,7 +1,9 @@
 import dataclasses
+import shutil
 
 import jsonschema
 import pytest
+import yaml
 
 from pipeline.config import (
     ConfigError,
@@ -12,6 +14,7 @@ from pipeline.config import (
     json_schema,
     load_config,
     render_defaults,
+    resolve,
     validate,
     write_config,
 )
@@ -109,9 +112,9 @@ def test_dotted_top_level_key_points_to_configfile(default_config):
 
 def test_later_files_and_overrides_win(tmp_path, repo):
     user = tmp_path / "user.yaml"
-    user.write_text("pretrain:\n  train:\n    max_steps: 7\nmodel:\n  n_layer: 2\n")
+    user.write_text("pretrain:\n  train:\n    max_steps: 70\nmodel:\n  n_layer: 2\n")
     config = load_config([repo / "config.yaml", user], ["pretrain.train.batch_size=3"])
-    assert config["pretrain"]["train"]["max_steps"] == 7
+    assert config["pretrain"]["train"]["max_steps"] == 70
     assert config["pretrain"]["train"]["batch_size"] == 3
     assert config["pretrain"]["train"]["lr"] == 1.0e-3  # untouched keys survive the merge
     assert config["model"]["n_layer"] == 2 and config["model"]["preset"] == "tiny"
@@ -174,3 +177,95 @@ def test_book_preset_merged_over_the_defaults_is_valid(repo, preset):
     assert config["model"]["preset"] == config["pretrain"]["init_from"] == size
     assert config["model"]["attention"] == "auto"  # sdpa on a GPU
     assert config["pretrain"]["continue_pretraining"] is False
+
+
+def test_an_exponent_without_a_dot_is_a_number_in_files_and_set(tmp_path, repo):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; users write learning rates that way."""
+    user = tmp_path / "user.yaml"
+    user.write_text("pretrain:\n  train:\n    lr: 1e-3\n    min_lr: 5E-5\n    max_steps: 1e3\n")
+    config = load_config([repo / "config.yaml", user], ["finetune-instruct.train.lr=5E-4"])
+    train = config["pretrain"]["train"]
+    assert (train["lr"], train["min_lr"], train["max_steps"]) == (1e-3, 5e-5, 1000)
+    assert type(train["max_steps"]) is int  # an integer setting gets an int
+    assert config["finetune-instruct"]["train"]["lr"] == 5e-4
+    assert apply_override({}, "a=1.0e3") == {"a": 1000.0}  # PyYAML wants 1.0e+3
+    assert apply_override({}, "a=1e") == {"a": "1e"}  # not a number: stays a string
+
+
+def test_a_numeric_string_from_snakemakes_yaml_is_a_number_only_if_it_is_a_literal():
+    """Snakemake loads `--configfile` with YAML 1.1 and hands `resolve` the string '1e-3'."""
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # what Snakemake's loader yields
+    config = resolve({"pretrain": {"train": {"lr": "1e-3", "warmup_steps": "5"}}})
+    assert (config["pretrain"]["train"]["lr"], config["pretrain"]["train"]["warmup_steps"]) == (
+        1e-3,
+        5,
+    )
+    for bad in ("fast", "1e-3x", "nan", "inf", "1_000"):
+        with pytest.raises(ConfigError, match=rf"pretrain\.train\.lr: '{bad}' is not of type"):
+            resolve({"pretrain": {"train": {"lr": bad}}})
+    with pytest.raises(ConfigError, match=r"pretrain\.sample_prompt: 1\.5 is not of type"):
+        resolve({"pretrain": {"sample_prompt": 1.5}})  # a string setting is not coerced either
+    assert resolve({"pretrain": {"sample_prompt": "1e3"}})["pretrain"]["sample_prompt"] == "1e3"
+
+
+def test_a_malformed_set_value_names_the_key_and_the_value():
+    with pytest.raises(ConfigError, match=r"--set pretrain\.train\.lr: value '\[1e-3' is not val"):
+        apply_override({}, "pretrain.train.lr=[1e-3")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["finetune-instruct.train.min_lr=0.01", "finetune-instruct.train.lr=1e-3"],
+            r"finetune-instruct\.train: min_lr \(0\.01\) must be ≤ lr \(0\.001\)",
+        ),
+        (
+            ["align-dpo.train.max_steps=10", "align-dpo.train.warmup_steps=10"],
+            r"align-dpo\.train: warmup_steps \(10\) must be < max_steps \(10\)",
+        ),
+        (
+            ["finetune-classifier.split={train: 0.8, val: 0.2}"],
+            r"finetune-classifier\.split: train \(0\.8\) \+ val \(0\.2\) must be < 1",
+        ),
+        (
+            ["finetune-instruct.split.train=0.9", "finetune-instruct.split.val=0.15"],
+            r"finetune-instruct\.split: train \(0\.9\) \+ val \(0\.15\) must be < 1",
+        ),
+        (["align-dpo.split.val=0.5"], r"align-dpo\.split: train \(0\.85\) \+ val \(0\.5\)"),
+        (["model.n_head=5"], r"model: n_embd \(128\) must be divisible by n_head \(5\)"),
+        (
+            ["finetune-classifier.positive_label=spma"],
+            r"finetune-classifier\.positive_label: 'spma' is not one of finetune-classifier\.labels"
+            r" \(ham, spam\)",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_are_named(repo, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([repo / "config.yaml"], overrides)
+
+
+def test_cross_field_checks_pass_what_is_consistent(repo):
+    fine = ["pretrain.train.min_lr=1e-3", "pretrain.train.warmup_steps=249", "model.n_head=8"]
+    train = load_config([repo / "config.yaml"], fine)["pretrain"]["train"]
+    assert train["min_lr"] == train["lr"] and train["warmup_steps"] == 249
+    unbounded = ["finetune-instruct.train.warmup_steps=1000"]  # max_steps null: epochs decide
+    config = load_config([repo / "config.yaml"], unbounded)
+    assert config["finetune-instruct"]["train"]["max_steps"] is None
+
+
+def test_snakemake_configfile_takes_an_exponent_without_a_dot(tmp_path, repo):
+    """Snakemake reads `--configfile` itself (YAML 1.1: '1e-3' is a string) and hands the dict
+    to `resolve`: the value is checked, compared and used as the number it is."""
+    from snakemake_runs import snakemake
+
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    (tmp_path / "lr.yaml").write_text("pretrain:\n  train:\n    lr: 1e-3\n    min_lr: 5E-5\n")
+    target = ("--", "results/pretrain/metrics.json")
+    assert snakemake(tmp_path, "-n", *target, configfiles=("lr.yaml",)).returncode == 0
+    (tmp_path / "bad.yaml").write_text("pretrain:\n  train:\n    lr: 1e-3\n    min_lr: 1e-2\n")
+    failed = snakemake(tmp_path, "-n", *target, configfiles=("bad.yaml",), check=False)
+    assert failed.returncode != 0
+    assert "pretrain.train: min_lr (0.01) must be ≤ lr (0.001)" in failed.stdout + failed.stderr

@@ -1,7 +1,9 @@
+import errno
 import os
 
 import pytest
 
+from pipeline.errors import NoSpaceError
 from pipeline.io import atomic_directory, atomic_open, atomic_write_text
 
 
@@ -36,3 +38,41 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
         (tmp / "f").write_text("3")
     assert (target / "f").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(NoSpaceError) as raised:
+        atomic_write_text(target, "new")
+    message = str(raised.value)
+    assert message.startswith(f"no space left on device writing {target} (")
+    assert message.endswith(
+        "MB free there); free some space there, or write to another disk (paths.* for the "
+        "stages), and run again"
+    )
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    def io_error(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(OSError) as other:
+        atomic_write_text(target, "new")
+    assert not isinstance(other.value, NoSpaceError)  # only a full disk is reworded
+
+
+def test_a_full_disk_inside_an_atomic_directory_names_the_innermost_file(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NoSpaceError) as raised, atomic_directory(tmp_path / "tokens") as tmp:
+        monkeypatch.setattr(os, "fsync", disk_full)
+        atomic_write_text(tmp / "meta.json", "{}")
+    assert raised.value.filename == str(tmp / "meta.json")
+    assert not (tmp_path / "tokens").exists() and not list(tmp_path.iterdir())

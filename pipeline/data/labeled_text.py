@@ -36,8 +36,12 @@ def read_lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
-def read_label_tab_text(path: Path) -> list[LabeledText]:
-    """`label<TAB>text` lines with no header (the SMS Spam Collection's format)."""
+def read_label_tab_text(
+    path: Path, labels: Sequence[str] | None = None, labels_key: str = "labels"
+) -> list[LabeledText]:
+    """`label<TAB>text` lines with no header (the SMS Spam Collection's format); with `labels`,
+    a line with any other label is an error naming the line, the label and the setting
+    `labels_key` that lists them."""
     records = []
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
@@ -45,9 +49,17 @@ def read_label_tab_text(path: Path) -> list[LabeledText]:
         label, sep, text = line.partition("\t")
         if not sep or not label.strip() or not text.strip():
             raise InputError(f"{path}:{number}: expected 'label<TAB>text', got {line[:80]!r}")
+        if labels is not None and label.strip() not in labels:
+            raise InputError(
+                f"{path}:{number}: label {label.strip()!r} is not one of the expected labels "
+                f"{', '.join(labels)} ({labels_key}); correct the line, or list the label there"
+            )
         records.append(LabeledText(label.strip(), text))
     if not records:
         raise InputError(f"{path}: no records")
+    missing = sorted(set(labels or ()) - {r.label for r in records})
+    if missing:
+        raise InputError(f"{path}: no records labelled {', '.join(missing)} ({labels_key})")
     return records
 
 
@@ -142,13 +154,19 @@ def stratified_split(
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts from a TSV with a `text` column, else one per line; a clear error names the line."""
+    """Texts from a TSV with a `text` column, else one per line; a clear error names the line,
+    or the file when it holds no text at all."""
     lines = read_lines(path)
     if lines and "\t" in lines[0] and "text" in lines[0].split("\t"):
-        return [r.text for r in read_tsv(path, require_label=False)]
-    if lines and lines[-1] == "":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise InputError(f"{path}:{number}: empty text")
-    return lines
+        texts = [r.text for r in read_tsv(path, require_label=False)]
+    else:
+        texts = lines[:-1] if lines and lines[-1] == "" else lines
+        for number, line in enumerate(texts, start=1):
+            if not line.strip():
+                raise InputError(f"{path}:{number}: empty text")
+    if not texts:
+        raise InputError(
+            f"{path}: no texts to classify; expected one text a line, or a TSV whose header has "
+            "a 'text' column and a text on each line after it"
+        )
+    return texts

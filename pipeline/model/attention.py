@@ -204,12 +204,15 @@ def build_attention(
     return _BUILDERS[name](context_length, attn_dropout)
 
 
-def resolve_attention(requested: str, device: torch.device, attn_dropout: float = 0.0) -> str:
+def resolve_attention(
+    requested: str, device: torch.device, attn_dropout: float = 0.0, key: str = "model.attention"
+) -> str:
     """The backend a run uses on `device`: the one place that decides what runs where.
 
     `auto` is the fused op where its kernel is verified for the device (FUSED_KERNEL_DEVICES)
     and the model has no attention dropout (the op has none), else sdpa. A backend named
-    explicitly is used as it is, except `fused` where its kernel is not verified.
+    explicitly is used as it is, except `fused` where its kernel is not verified. Errors name
+    `key`: the setting, or the command-line option, that asked.
     """
     device = torch.device(device)
     fused_runs_here = device.type in FUSED_KERNEL_DEVICES
@@ -217,14 +220,13 @@ def resolve_attention(requested: str, device: torch.device, attn_dropout: float 
         return "fused" if fused_runs_here and not attn_dropout else "sdpa"
     if requested not in _BUILDERS:
         raise InputError(
-            f"model.attention: unknown backend {requested!r}; expected auto or one of "
+            f"{key}: unknown backend {requested!r}; expected auto or one of "
             f"{', '.join(ATTENTION_BACKENDS)}"
         )
     if requested == "fused" and not fused_runs_here:
         raise InputError(
-            f"model.attention: 'fused' has a verified kernel for "
-            f"{', '.join(FUSED_KERNEL_DEVICES)} only, but the device is {device.type}; set "
-            "`model.attention: auto` (sdpa on this device) or `sdpa`"
+            f"{key}: 'fused' has a verified kernel for {', '.join(FUSED_KERNEL_DEVICES)} only, "
+            f"but the device is {device.type}; use auto (sdpa on this device) or sdpa"
         )
     return requested
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,8 @@ from pipeline.model.gpt import GPT, KVCache
 
 if TYPE_CHECKING:
     import tiktoken
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KVCache", "generate", "generate_tokens", "sample_next", "top_k_filter", "top_p_filter"]
 
@@ -96,6 +99,20 @@ def _validate(
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def _crop_to_context(prompt_ids: Sequence[int], context_length: int) -> list[int]:
+    """The prompt's last context_length tokens (all the model can see), warning if it had more."""
+    if len(prompt_ids) > context_length:
+        log.warning(
+            "the prompt has %d tokens, more than the model's context of %d: generating from its "
+            "last %d tokens only (the first %d are dropped)",
+            len(prompt_ids),
+            context_length,
+            context_length,
+            len(prompt_ids) - context_length,
+        )
+    return [int(i) for i in prompt_ids[-context_length:]]
+
+
 def generate_tokens(
     model: GPT,
     prompt_ids: Sequence[int],
@@ -111,14 +128,15 @@ def generate_tokens(
     """Stream up to `max_new_tokens` token ids continuing `prompt_ids`.
 
     Stops early, without yielding it, when `eos_id` is produced. The model only ever sees the
-    last context_length tokens; with the cache, it is rebuilt from that window once the sequence
-    outgrows the context, so cached and uncached generation produce the same tokens.
-    Arguments are checked here, before the first token is requested.
+    last context_length tokens: a longer prompt is cropped to them, with a warning; with the
+    cache, it is rebuilt from that window once the sequence outgrows the context, so cached and
+    uncached generation produce the same tokens. Arguments are checked here, before the first
+    token is requested.
     """
     _validate(prompt_ids, max_new_tokens, temperature, top_k, top_p)
     return _stream(
         model,
-        [int(i) for i in prompt_ids],
+        _crop_to_context(prompt_ids, model.config.context_length),
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,

@@ -267,8 +267,16 @@ class ClassifierSettings:
     data: str = setting(
         "SMSSpamCollection", minLength=1, help="a data.sources name of `label<TAB>text` lines"
     )
+    labels: list[str] = setting(
+        ["ham", "spam"],
+        minItems=2,
+        uniqueItems=True,
+        help="the labels of `data`: a line with another label is an error naming it",
+    )
     positive_label: str = setting(
-        "spam", minLength=1, help="the class precision, recall, F1 and ROC-AUC are about"
+        "spam",
+        minLength=1,
+        help="one of labels: what precision, recall, F1 and ROC-AUC are about",
     )
     balance: Literal["undersample", "class_weights"] = setting(
         "undersample", help="undersample the majority class (the book) | class_weights"

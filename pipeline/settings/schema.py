@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -163,6 +164,43 @@ def fill_defaults(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
                 fill_defaults(item, v) if isinstance(v, Mapping) else v for v in value
             ]
     return filled
+
+
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _number_type(kind: Any) -> type | None:
+    """int or float for a setting of that type (or that type or None), else None."""
+    options = [a for a in get_args(kind) if a is not type(None)] if get_args(kind) else [kind]
+    return options[0] if len(options) == 1 and options[0] in (int, float) else None
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def coerce_numbers(cls: Any, values: Any) -> Any:
+    """`values` with a plain numeric literal given as a string (`"1e-3"`, which YAML 1.1 loaders
+    such as Snakemake's make of `1e-3`) made a number where the setting is one, and a whole
+    float (`1e3`) made an int where the setting is an int. Anything else is left to validation."""
+    if not isinstance(values, Mapping):
+        return values
+    coerced = dict(values)
+    for spec in fields_of(cls):
+        if spec.name not in coerced:
+            continue
+        kind, value = spec.kind, coerced[spec.name]
+        if is_settings(kind):
+            coerced[spec.name] = coerce_numbers(kind, value)
+        elif _number_type(kind) is not None:
+            coerced[spec.name] = _coerce(_number_type(kind), value)
+        elif _record_type(kind) is not None and isinstance(value, list):
+            coerced[spec.name] = [coerce_numbers(_record_type(kind), v) for v in value]
+    return coerced
 
 
 def _record_type(kind: Any) -> Any:

@@ -132,13 +132,8 @@ class FinetuneClassifier(TrainingStage):
         """Read the labelled texts, balance them as configured, split them stratified (written
         as the stage's train/val/test.tsv) and weigh the classes if asked."""
         paths, section = Paths.from_config(config), self.section
-        records = read_label_tab_text(paths.source(section["data"]))
-        labels = sorted(label_counts(records))
-        if section["positive_label"] not in labels:
-            raise InputError(
-                f"{STAGE}.positive_label {section['positive_label']!r} is not a label of "
-                f"{paths.source(section['data'])} (labels: {labels})"
-            )
+        labels = sorted(section["labels"])
+        records = read_label_tab_text(paths.source(section["data"]), labels, f"{STAGE}.labels")
         self.labels, self.positive = labels, labels.index(section["positive_label"])
         log.info("read %d records: %s", len(records), label_counts(records))
         if section["balance"] == "undersample":

@@ -28,8 +28,17 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """Resolve a config device name, failing loudly instead of silently training on the CPU.
+def available_devices() -> list[str]:
+    """The device names usable on this machine, for error messages."""
+    cuda = (
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return ["cpu", *cuda, *(["mps"] if _mps_available() else [])]
+
+
+def pick_device(name: str = "auto", key: str = "device") -> torch.device:
+    """Resolve a device name (of the setting or option `key`), failing loudly instead of
+    silently training on the CPU.
 
     ``"auto"`` picks cuda > mps > cpu; ``"cuda"``, ``"cuda:N"``, ``"mps"`` and ``"cpu"`` are
     taken literally and must be usable here.
@@ -43,24 +52,23 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {name!r} requested but CUDA is not available "
-                "(CPU-only torch build or no GPU visible); use device 'auto' or 'cpu'"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) visible"
-            )
-    elif device.type == "mps":
-        if not _mps_available():
-            raise RuntimeError(
-                f"device {name!r} requested but MPS is not available; use 'auto' or 'cpu'"
-            )
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise InputError(
+            f"{key}: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"{key}: unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    problem = None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problem = "CUDA is not available here (a CPU-only torch build, or no GPU visible)"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        problem = f"only {torch.cuda.device_count()} GPU(s) are visible"
+    elif device.type == "mps" and not _mps_available():
+        problem = "MPS is not available here"
+    if problem:
+        raise InputError(
+            f"{key} {name!r}: {problem}; available devices: {', '.join(available_devices())} "
+            "(or auto, which picks the best of them)"
+        )
     return device
 
 

@@ -7,11 +7,13 @@ from pipeline.data.labeled_text import (
     class_weights,
     label_counts,
     read_label_tab_text,
+    read_texts,
     read_tsv,
     stratified_split,
     undersample,
     write_tsv,
 )
+from pipeline.errors import InputError
 
 
 def test_quotes_and_tabs_inside_texts_are_kept(tmp_path):
@@ -104,3 +106,40 @@ def test_tsv_errors_name_the_line(tmp_path):
     path.write_text("message\n")
     with pytest.raises(ValueError, match=r"in.tsv:1: header"):
         read_tsv(path, require_label=False)
+
+
+def test_a_mislabeled_row_is_named_with_the_expected_labels(tmp_path, mirror):
+    """One typo in 5,574 rows used to surface as "split gives an empty val split"."""
+    lines = (mirror / "SMSSpamCollection").read_bytes().split(b"\n")
+    lines[41] = b"spma\t" + lines[41].partition(b"\t")[2]
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(b"\n".join(lines))
+    expected = (
+        rf"{path}:42: label 'spma' is not one of the expected labels ham, spam "
+        r"\(finetune-classifier\.labels\)"
+    )
+    with pytest.raises(InputError, match=expected):
+        read_label_tab_text(path, ["ham", "spam"], "finetune-classifier.labels")
+    assert len(read_label_tab_text(path)) == 5574  # without labels every label is taken
+
+
+def test_an_expected_label_without_records_is_named(tmp_path):
+    path = tmp_path / "sms"
+    path.write_text("ham\tok\nham\tfine\n")
+    with pytest.raises(InputError, match=r"sms: no records labelled spam \(labels\)"):
+        read_label_tab_text(path, ["ham", "spam"])
+
+
+@pytest.mark.parametrize("content", ["", "label\ttext\n", "id\ttext\n\n"])
+def test_a_texts_file_without_texts_is_named(tmp_path, content):
+    path = tmp_path / "inputs.txt"
+    path.write_text(content)
+    with pytest.raises(InputError, match=rf"{path}: no texts to classify; expected one text a"):
+        read_texts(path)
+
+
+def test_texts_are_read_one_a_line_or_from_the_text_column(tmp_path):
+    lines, tsv = tmp_path / "a.txt", tmp_path / "b.tsv"
+    lines.write_text("one\ntwo\n")
+    tsv.write_text("id\ttext\n1\tthree\n")
+    assert (read_texts(lines), read_texts(tsv)) == (["one", "two"], ["three"])

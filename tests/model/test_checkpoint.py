@@ -1,10 +1,14 @@
+import errno
 import json
+import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import pipeline.model.checkpoint as checkpoint
+from pipeline.errors import NoSpaceError
 from pipeline.model import GPT, GPTConfig, load_checkpoint, load_checkpoint_config, save_checkpoint
 
 
@@ -187,3 +191,38 @@ def test_extra_files_are_copied_into_the_checkpoint(model, tmp_path):
         save_checkpoint(model, saved, extra_files={"missing.txt": tmp_path / "missing.txt"})
     assert (saved / "tokenizer" / "vocab.bpe").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "vocab.bpe"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        ),
+    ],
+)
+def test_a_full_disk_is_named_with_the_checkpoint_path(model, saved, monkeypatch, error):
+    before = (saved / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(NoSpaceError) as raised:
+        save_checkpoint(GPT(tiny()), saved)
+    assert str(raised.value).startswith(f"no space left on device writing {saved} (")
+    assert raised.value.errno == errno.ENOSPC and raised.value.__cause__ is error
+    assert (saved / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_files_follow_the_umask(model, tmp_path):
+    old = os.umask(0o027)
+    try:
+        saved = save_checkpoint(model, tmp_path / "ckpt", extra_files={"notes.txt": __file__})
+    finally:
+        os.umask(old)
+    assert saved.stat().st_mode & 0o777 == 0o750
+    for path in saved.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o640, path

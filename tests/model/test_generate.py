@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -68,9 +69,17 @@ def test_seeded_sampling_cache_matches_no_cache(model):
     assert other_seed != runs[0]
 
 
-def test_prompt_longer_than_context_is_cropped(model):
+def test_prompt_longer_than_context_is_cropped_with_a_warning(model, caplog):
     prompt = list(range(40))
-    assert generate(model, prompt, 3) == generate(model, prompt[-16:], 3)
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.generate"):
+        cropped = generate(model, prompt, 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the prompt has 40 tokens, more than the model's context of 16: generating from its "
+        "last 16 tokens only (the first 24 are dropped)"
+    ]
+    caplog.clear()
+    assert cropped == generate(model, prompt[-16:], 3)
+    assert not caplog.records  # a prompt that fits is not warned about
 
 
 def test_streams_one_token_at_a_time(model):

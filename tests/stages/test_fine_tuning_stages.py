@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import pipeline.train.loop as loop
 from pipeline.config import deep_merge, load_config
+from pipeline.errors import InputError
 from pipeline.model import GPT, GPTConfig, save_checkpoint
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.classifier import GPTClassifier
@@ -27,7 +28,14 @@ SOURCES = (
     "gpt2-bpe/encoder.json",
     "gpt2-bpe/vocab.bpe",
 )
-TRAIN = {"max_steps": 4, "batch_size": 4, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1}
+TRAIN = {
+    "max_steps": 4,
+    "warmup_steps": 1,
+    "batch_size": 4,
+    "eval_batches": 1,
+    "checkpoint_every": 2,
+    "log_every": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +131,17 @@ def test_a_classifier_checkpoint_is_not_a_start_for_fine_tuning(case, workdir):
         config[section]["template"] = "alpaca"
     with pytest.raises(ValueError, match="not a language-model checkpoint"):
         stage.main(config)
+
+
+def test_a_mislabeled_sms_row_is_named_not_an_empty_split(workdir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(workdir / "data", data)
+    sms = data / "raw" / "SMSSpamCollection"
+    lines = sms.read_text().split("\n")
+    lines[9] = "hma\t" + lines[9].partition("\t")[2]
+    sms.write_text("\n".join(lines))
+    config = config_for(workdir, "mislabeled", "finetune-classifier", {})
+    config["paths"]["data"] = str(data)
+    expected = rf"{sms}:10: label 'hma' is not one of the expected labels ham, spam"
+    with pytest.raises(InputError, match=expected + r" \(finetune-classifier\.labels\)"):
+        finetune_classifier.main(config)

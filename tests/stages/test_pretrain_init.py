@@ -176,7 +176,9 @@ def test_continue_pretraining_trains_the_imported_weights(
 
 def test_scratch_trains_a_fresh_model_as_before(base, tmp_path, monkeypatch):
     seen = spy_on_fit(monkeypatch)
-    config = stage_config(base, tmp_path, "pretrain.train.max_steps=1")
+    config = stage_config(
+        base, tmp_path, "pretrain.train.max_steps=1", "pretrain.train.warmup_steps=0"
+    )
     metrics = pretrain.main(config)
     assert (metrics["steps"], metrics["init_from"]) == (1, "scratch")
     assert "init_weights_sha256" not in metrics

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pipeline.errors import InputError
 from pipeline.train import measure_peak_flops, pick_device
 
 
@@ -13,9 +14,12 @@ def test_pick_device_cpu_and_auto():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_unavailable_cuda_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        pick_device("cuda")
+def test_unavailable_cuda_is_a_clear_error_naming_the_available_devices():
+    message = r"--device 'cuda': CUDA is not available here .*; available devices: cpu"
+    with pytest.raises(InputError, match=message):
+        pick_device("cuda", key="--device")
+    with pytest.raises(InputError, match=r"^device 'cuda:1': CUDA is not available"):
+        pick_device("cuda:1")
 
 
 def test_unknown_device_name():
