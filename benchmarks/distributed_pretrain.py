@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 "peak_flops": 1.0e11,
                 "sample_tokens": 1,
                 "train": {"max_steps": args.steps, "eval_every": args.steps, "log_every": 1,
-                          "checkpoint_every": 0},
+                          "checkpoint_every": 0, "warmup_steps": min(20, args.steps // 2)},
             },
             "tracking": {"uri": uri, "log_model": False},
         }  # fmt: skip
