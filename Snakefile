@@ -13,7 +13,7 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import resolve, write_config
+from pipeline.config import ConfigError, resolve, write_config
 from pipeline.launch import prepare_params, rule_resources, stage_command, stage_params
 from pipeline.paths import Paths
 from pipeline.stages.prepare import corpus_parts
@@ -28,8 +28,16 @@ envvars:
     "PATH",
 
 
-# Every default filled in: the resolved config the jobs read holds every effective value.
-_resolved = resolve(config, source="Snakemake config (config.yaml + --configfile/--config)")
+# Every default filled in: the resolved config the jobs read holds every effective value. A bad
+# value ends in one `error:` line per problem, not in Snakemake's traceback.
+try:
+    _resolved = resolve(config, source="config.yaml + --configfile/--config")
+except ConfigError as error:
+    hint = (
+        "\nhint: --config reads a value as a string (`key={a: 1}` as {a: '1'}) and cannot set a"
+        " dotted key: put your values in a YAML file and pass it with --configfile"
+    )
+    sys.exit(f"error: {error}" + (hint if workflow.config_settings.config else ""))
 config.clear()
 config.update(_resolved)
 
@@ -138,6 +146,8 @@ def stage_threads(stage: str) -> int:
     threads = config["resources"][stage]["threads"]
     if threads is not None:
         return threads
+    if workflow.executor_plugin is None:
+        return 1  # --dag, --report: no job runs (a rule's threads are evaluated as jobs are made)
     try:
         return workflow.cores
     except WorkflowError:
@@ -185,7 +195,7 @@ for stage in TRAINING.values():
             f"logs/{stage.name}.log",
         benchmark:
             f"logs/benchmarks/{stage.name}.tsv"
-        threads: stage_threads(stage.name)
+        threads: lambda wildcards, name=stage.name: stage_threads(name)
         resources:
             **rule_resources(config["resources"][stage.name], config[stage.name]["train"]),
         shell:
