@@ -8,13 +8,22 @@ launched as `pipeline/launch.py` says (one process, torchrun, or srun + torchrun
 `resources.<stage>`, neither of which is a rerun trigger. Building the DAG imports no torch.
 """
 
+import hashlib
+import json
 import os
 import sys
+from datetime import datetime, timezone
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import resolve, write_config
-from pipeline.launch import prepare_params, rule_resources, stage_command, stage_params
+from pipeline.config import ConfigError, resolve, write_config
+from pipeline.launch import (
+    prepare_params,
+    progress_filter,
+    rule_resources,
+    stage_command,
+    stage_params,
+)
 from pipeline.paths import Paths
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
@@ -28,33 +37,69 @@ envvars:
     "PATH",
 
 
-# Every default filled in: the resolved config the jobs read holds every effective value.
-_resolved = resolve(config, source="Snakemake config (config.yaml + --configfile/--config)")
+# Every default filled in: the resolved config the jobs read holds every effective value. A bad
+# value ends in one `error:` line per problem, not in Snakemake's traceback.
+try:
+    _resolved = resolve(config, source="config.yaml + --configfile/--config")
+except ConfigError as error:
+    hint = (
+        "\nhint: --config reads a value as a string (`key={a: 1}` as {a: '1'}) and cannot set a"
+        " dotted key: put your values in a YAML file and pass it with --configfile"
+    )
+    sys.exit(f"error: {error}" + (hint if workflow.config_settings.config else ""))
 config.clear()
 config.update(_resolved)
 
 PATHS = Paths.from_config(config)
-RESOLVED_CONFIG = str(PATHS.results / "config.resolved.yaml")
+# This invocation's config, named by its content: two invocations with different configs running
+# at once each hand their jobs their own file (a job reads the path from its rule's params). The
+# path is a params function of `input`, so not a rerun trigger: a config change reruns only the
+# stages whose own section (a plain param) changed. config.resolved.yaml is a copy of the latest.
+_DIGEST = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+RESOLVED_CONFIG = str(PATHS.results / "configs" / f"{_DIGEST}.yaml")
+LATEST_CONFIG = str(PATHS.results / "config.resolved.yaml")
 # Jobs run `python` from the environment that runs Snakemake, whether or not it is activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 TRACKING = config["tracking"]
 TRAINING = training_stages()
 STAGES_WITH_METRICS = {name: PATHS.stage(name) / "metrics.json" for name in TRAINING}
+STAGE_OF_RULE = {
+    "download": "download",
+    "tokenize": "prepare",
+    "prepare": "prepare",
+    **{stage.rule: name for name, stage in TRAINING.items()},
+}
+
+
+def stages_of(jobs) -> list[str]:
+    """The pipeline stages of Snakemake `jobs`, in DAG order, each once."""
+    rules = {job.rule.name for job in jobs}
+    return list(dict.fromkeys(s for rule, s in STAGE_OF_RULE.items() if rule in rules))
+
+
+def finished_metrics() -> dict:
+    """The metrics.json of each training stage that THIS invocation ran to the end (Snakemake's
+    DAG knows its finished jobs): another invocation's results are not this run's."""
+    ran = stages_of(workflow.dag.finished_jobs)
+    return {stage: path for stage, path in STAGES_WITH_METRICS.items() if stage in ran}
 
 
 onstart:
     write_config(config, RESOLVED_CONFIG)
-    os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING["uri"], TRACKING["experiment"])
+    write_config(config, LATEST_CONFIG)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    name = f"{'+'.join(stages_of(workflow.dag.needrun_jobs())) or 'nothing'} {started}"
+    os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING["uri"], TRACKING["experiment"], name)
 
 
 onsuccess:
     if PARENT_RUN_ENV in os.environ:
-        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], True, STAGES_WITH_METRICS)
+        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], True, finished_metrics())
 
 
 onerror:
     if PARENT_RUN_ENV in os.environ:
-        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], False, STAGES_WITH_METRICS)
+        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], False, finished_metrics())
 
 
 # On a cluster these run where Snakemake runs: `all` does nothing, and `download` needs the
@@ -138,6 +183,8 @@ def stage_threads(stage: str) -> int:
     threads = config["resources"][stage]["threads"]
     if threads is not None:
         return threads
+    if workflow.executor_plugin is None:
+        return 1  # --dag, --report: no job runs (a rule's threads are evaluated as jobs are made)
     try:
         return workflow.cores
     except WorkflowError:
@@ -181,12 +228,16 @@ for stage in TRAINING.values():
             seed=config["seed"],
             device=config["device"],
             command=launch_command(stage.name),
+            # A function (of `input`, so no rerun trigger): the shell directive is run at job
+            # time, when the loop's `stage` is the last one.
+            progress=lambda wildcards, input, name=stage.name: progress_filter(name),
         log:
             f"logs/{stage.name}.log",
         benchmark:
             f"logs/benchmarks/{stage.name}.tsv"
-        threads: stage_threads(stage.name)
+        threads: lambda wildcards, name=stage.name: stage_threads(name)
         resources:
             **rule_resources(config["resources"][stage.name], config[stage.name]["train"]),
         shell:
-            "{params.command} > {log} 2>&1"
+            # The whole output in the log; the training loop's step lines on the terminal too.
+            "{params.command} 2>&1 | tee {log} | {params.progress} >&2"

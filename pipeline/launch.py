@@ -102,6 +102,13 @@ def stage_command(
     )
 
 
+def progress_filter(stage: str) -> str:
+    """A `sed` that passes on only the training loop's step lines (`step 40/300 | loss .. |
+    .. tok/s | eta 5m02s`, from the `pipeline.train` logger), each prefixed by `stage`: a training
+    rule tees its job's whole output to its log file and shows these lines on the terminal."""
+    return f"sed -un 's/.* pipeline\\.train: \\(step .*\\)/{stage}: \\1/p'"
+
+
 def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any]) -> dict:
     """A training rule's Snakemake `resources` (the SLURM executor plugin's names; a
     `partition` becomes `slurm_partition`, else the profile's default applies).

@@ -1,11 +1,14 @@
 """How a training stage is launched and what its rule requests (pipeline/launch.py), and the
 config checks that keep batch size, processes, GPUs and threads consistent."""
 
+import subprocess
+
 import pytest
 
 from pipeline.config import ConfigError, load_config, validate
 from pipeline.launch import (
     LAUNCH_KEYS,
+    progress_filter,
     rule_resources,
     stage_command,
     stage_params,
@@ -141,3 +144,26 @@ def test_gpu_cluster_preset_merged_over_the_defaults_is_valid(repo):
         assert train["precision"] == "bf16"
         assert train["nproc_per_node"] == resources["gpu"] == 4
         assert resources["threads"] >= train["nproc_per_node"]
+
+
+def test_progress_filter_passes_on_only_the_training_step_lines_with_the_stage():
+    from pipeline.train.loop import _format_train_line
+
+    entry = {"step": 40, "loss": 3.25, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_second": 1234.0}
+    line = _format_train_line({**entry, "train_time_s": 20.0}, 300)  # 0.5 s a step, 260 left
+    log = (
+        f"2026-01-01 10:00:00,000 INFO pipeline.train: {line}\n"
+        "2026-01-01 10:00:01,000 INFO pipeline.train: step 40/300 | eval | val_loss 3.1\n"
+        "2026-01-01 10:00:02,000 INFO pipeline.train: sample at step 40:\n"
+        "step 1 of a story\n"
+        "2026-01-01 10:00:03,000 INFO pipeline.stages: wrote results/pretrain/metrics.json\n"
+    )
+    shown = subprocess.run(
+        progress_filter("pretrain"), shell=True, input=log, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == (
+        "pretrain: step 40/300 | loss 3.2500 | lr 1.0e-03 | grad_norm 0.500 | 1,234 tok/s"
+        " | eta 2m10s\n"
+        "pretrain: step 40/300 | eval | val_loss 3.1\n"
+    )

@@ -14,9 +14,17 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from pipeline.launch import progress_filter
+
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TRAINING_RULES = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
 SLURM_ENV = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu"}
+CONFIG_FILE = r"results/configs/[0-9a-f]{16}\.yaml"  # the invocation's config, by its content
+
+
+def logged(stage: str) -> str:
+    """How a training job's command ends: all output to its log, step lines to the terminal."""
+    return f" 2>&1 | tee logs/{stage}.log | {progress_filter(stage)} >&2"
 
 
 @pytest.fixture
@@ -65,7 +73,7 @@ def dry_run_jobs(output: str) -> dict[str, SimpleNamespace]:
             pairs = (item.split("=", 1) for item in items)
             job.resources = {k: int(v) if v.isdigit() else v for k, v in pairs}
         elif line.startswith("Shell command: "):
-            job.shell = line.removeprefix("Shell command: ")
+            job.shell = re.sub(CONFIG_FILE, "<config>", line.removeprefix("Shell command: "))
     return jobs
 
 
@@ -141,7 +149,7 @@ def test_slurm_profile_maps_the_gpu_preset_to_sbatch(workdir):
             "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
             f"-m pipeline {rule.replace('_', '-')} "
         )
-        assert job.shell.endswith(f"--threads 8 > logs/{rule.replace('_', '-')}.log 2>&1")
+        assert job.shell.endswith(f"--threads 8{logged(rule.replace('_', '-'))}")
     pretrain = jobs["pretrain"]
     assert requested(pretrain) == {"threads": 32, "mem_mb": 128000, "runtime": 240, "gpu": 4}
     options = sbatch_options(pretrain)
@@ -161,8 +169,7 @@ def test_default_config_requests_its_resources_and_runs_one_process(workdir):
     for rule in TRAINING_RULES:
         stage = rule.replace("_", "-")
         assert jobs[rule].shell == (
-            f"python -m pipeline {stage} --config results/config.resolved.yaml --threads 2 "
-            f"> logs/{stage}.log 2>&1"
+            f"python -m pipeline {stage} --config <config> --threads 2{logged(stage)}"
         )
 
 
@@ -179,7 +186,7 @@ def test_processes_gpus_and_nodes_reach_the_rules(workdir):
     assert requested(jobs["pretrain"]) == {"threads": 6, "mem_mb": 8000, "runtime": 90, "gpu": 2}
     assert jobs["pretrain"].shell.startswith(
         "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2 "
-        "-m pipeline pretrain --config results/config.resolved.yaml --threads 3 "
+        "-m pipeline pretrain --config <config> --threads 3 "
     )
     instruct = jobs["finetune_instruct"]
     assert requested(instruct) == {
@@ -191,7 +198,7 @@ def test_processes_gpus_and_nodes_reach_the_rules(workdir):
     assert not any(o.startswith(("--gpus", "--ntasks-per-gpu")) for o in options)
     assert instruct.shell.startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node 1 ")
     assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in instruct.shell
-    assert "--threads 2 > logs/finetune-instruct.log" in instruct.shell
+    assert "--threads 2 2>&1 | tee logs/finetune-instruct.log |" in instruct.shell
     for rule in ("finetune_classifier", "align_dpo"):  # untouched: one process, all 8 cores
         assert jobs[rule].shell.startswith(f"python -m pipeline {rule.replace('_', '-')} ")
         assert "--threads 8 " in jobs[rule].shell and jobs[rule].threads == 8

@@ -76,24 +76,28 @@ def git_tags(cwd: Path | str = ".") -> dict[str, str]:
 
 
 def start_parent_run(uri: str, experiment: str, name: str = "pipeline") -> str:
+    """A run for one Snakemake invocation; `name` says what it runs (the Snakefile gives its
+    stages and the UTC start time)."""
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
     run = client.create_run(
         experiment_id, run_name=name, tags={**git_tags(), "pipeline.role": "parent"}
     )
-    log.info("MLflow parent run %s in experiment %r (%s)", run.info.run_id, experiment, uri)
+    log.info(
+        "MLflow parent run %s (%s) in experiment %r (%s)", run.info.run_id, name, experiment, uri
+    )
     return run.info.run_id
 
 
 def end_parent_run(
     uri: str, run_id: str, success: bool, metrics_files: Mapping[str, Path] = {}
 ) -> None:
-    """Close the parent run, copying as `<stage>.<metric>` each metrics.json that a stage wrote
-    during this invocation (older ones belong to earlier runs)."""
+    """Close the parent run, copying as `<stage>.<metric>` the numbers of each stage's
+    metrics.json given: the caller passes only the stages its invocation ran, since a concurrent
+    invocation may write other stages' files meanwhile."""
     client = _client(uri)
-    started_ms = client.get_run(run_id).info.start_time
     for stage, path in metrics_files.items():
-        if Path(path).is_file() and Path(path).stat().st_mtime * 1000 >= started_ms:
+        if Path(path).is_file():
             values = json.loads(Path(path).read_text())
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

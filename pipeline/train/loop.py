@@ -394,7 +394,18 @@ def _format_train_line(entry: dict, max_steps: int) -> str:
     ]
     if "mfu" in entry:
         parts.append(f"mfu {100 * entry['mfu']:.1f}%")
+    seconds_per_step = entry["train_time_s"] / entry["step"]
+    parts.append(f"eta {_duration((max_steps - entry['step']) * seconds_per_step)}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """`42s`, `5m02s` or `1h07m`: the training time left, at the mean step time so far."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _format_eval_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:

@@ -4,6 +4,7 @@ changed stage reruns, a corrupted mirror or a bad key fails clearly, kill -9 res
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,8 @@ def done(tmp_path_factory, repo, mirror) -> Path:
     config = tiny_config(mirror)
     config["align-dpo"]["train"]["nproc_per_node"] = 2
     workdir = make_workdir(tmp_path_factory.mktemp("dag"), repo, config)
-    snakemake(workdir)
+    result = snakemake(workdir)
+    (workdir / "terminal.txt").write_text(result.stdout + result.stderr)
     return workdir
 
 
@@ -86,6 +88,10 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    stages = "download+prepare+pretrain+finetune-classifier+finetune-instruct+align-dpo"
+    assert re.fullmatch(
+        rf"{re.escape(stages)} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ", parents[0].info.run_name
+    )
     children = {
         r.data.tags["pipeline.stage"]: r
         for r in runs
@@ -121,6 +127,20 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert {"val_reward_accuracy", "val_reward_margin", "val_chosen_reward"} <= set(
         dpo.data.metrics
     )
+
+
+def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(done):
+    terminal = (done / "terminal.txt").read_text()
+    for stage, steps in [("pretrain", 6), ("finetune-classifier", 4), ("align-dpo", 2)]:
+        last = re.search(
+            rf"^{stage}: step {steps}/{steps} \| loss \S+ \|.* tok/s \|.*eta 0s$", terminal, re.M
+        )
+        assert last, f"no progress line of {stage} in:\n{terminal}"
+        assert re.search(rf"^{stage}: step 1/{steps} \| loss .*\| eta \d+", terminal, re.M)
+    assert re.search(r"^pretrain: step 3/6 \| eval \| .*val_loss ", terminal, re.M)
+    assert "sample at step" not in terminal  # the rest stays in the log
+    log = (done / "logs" / "pretrain.log").read_text()
+    assert "INFO pipeline.train: step 6/6 | loss " in log and "sample at step 3" in log
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -319,3 +339,67 @@ def test_kill_during_pretraining_then_rerun_resumes(tmp_path, repo, mirror):
     assert resumed["steps"] == uninterrupted["steps"] == 300
     assert resumed["val_loss"] == uninterrupted["val_loss"]
     assert resumed["train_loss"] == uninterrupted["train_loss"]
+
+
+def test_concurrent_invocations_each_train_and_track_their_own_config(tmp_path, repo, mirror):
+    """Two invocations at once, disjoint targets, different configs (the shared upstream built
+    first): each stage trains its own invocation's steps, and each parent run holds its own."""
+    workdir = make_workdir(tmp_path / "work", repo, tiny_config(mirror))
+    snakemake(workdir, "--until", "pretrain")
+    steps = {
+        "a": {"finetune-classifier": 3, "finetune-instruct": 5},
+        "b": {"finetune-classifier": 5, "finetune-instruct": 2},
+    }
+    for name, counts in steps.items():
+        overrides = {stage: {"train": {"max_steps": n}} for stage, n in counts.items()}
+        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(overrides))
+    targets = {"a": "finetune-classifier", "b": "finetune-instruct"}
+    jobs = {
+        name: subprocess.Popen(
+            [
+                SNAKEMAKE,
+                "--cores",
+                "1",
+                "--configfile",
+                "tiny.yaml",
+                f"{name}.yaml",
+                "--",
+                f"results/{stage}/metrics.json",
+            ],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for name, stage in targets.items()
+    }
+    outputs = {name: job.communicate(timeout=600)[0] for name, job in jobs.items()}
+    for name, job in jobs.items():
+        assert job.returncode == 0, outputs[name]
+    for name, stage in targets.items():
+        metrics = json.loads((workdir / "results" / stage / "metrics.json").read_text())
+        assert metrics["steps"] == steps[name][stage], name
+        assert f"{stage}: step {steps[name][stage]}/{steps[name][stage]} | loss" in outputs[name]
+        dry = snakemake(
+            workdir,
+            "--dry-run",
+            f"results/{stage}/metrics.json",
+            configfiles=("tiny.yaml", f"{name}.yaml"),
+        )
+        assert "Nothing to be done" in dry.stdout + dry.stderr, name  # its params recorded
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-pipeline")
+    parents = {
+        r.info.run_name.split()[0]: r
+        for r in client.search_runs([experiment.experiment_id])
+        if r.data.tags.get("pipeline.role") == "parent"
+    }
+    assert set(parents) == {"download+prepare+pretrain", *targets.values()}
+    for name, stage in targets.items():
+        parent = parents[stage]
+        assert parent.info.status == "FINISHED"
+        assert {key.split(".")[0] for key in parent.data.metrics} == {stage}
+        assert parent.data.metrics[f"{stage}.steps"] == steps[name][stage]
+    configs = sorted((workdir / "results" / "configs").glob("*.yaml"))
+    assert len(configs) == 3  # the upstream run's, a's and b's

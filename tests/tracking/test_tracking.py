@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -24,10 +23,7 @@ def tracked_config(tmp_path, default_config, monkeypatch):
 
 def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_path, monkeypatch):
     uri = tracked_config["tracking"]["uri"]
-    stale = tmp_path / "old-metrics.json"
-    stale.write_text(json.dumps({"val_loss": 9.0}))
-    os.utime(stale, (0, 0))  # written by an earlier invocation
-    parent = start_parent_run(uri, "test")
+    parent = start_parent_run(uri, "test", "pretrain 2026-01-01 10:00:00Z")
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
     with stage_run(tracked_config, "pretrain") as run:
         run.log_metrics({"loss": 2.5, "lr": 1e-3}, step=10)
@@ -35,7 +31,8 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
         run.log_text("hello", "samples/step_000010.txt")
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"val_loss": 1.5, "note": "text is skipped"}))
-    end_parent_run(uri, parent, True, {"pretrain": metrics, "older": stale})
+    missing = tmp_path / "not-written.json"  # a stage that failed before its metrics
+    end_parent_run(uri, parent, True, {"pretrain": metrics, "finetune-classifier": missing})
 
     client = MlflowClient(uri)
     child = client.get_run(run.run_id)
@@ -53,6 +50,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.metrics == {"pretrain.val_loss": 1.5}
+    assert parent_run.info.run_name == "pretrain 2026-01-01 10:00:00Z"
     assert (tmp_path / "mlartifacts").is_dir()
 
 

@@ -1,5 +1,6 @@
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -211,6 +212,7 @@ def test_eval_sample_and_logger_calls_happen_at_the_right_steps(toy, caplog):
     assert "val_loss" in by_step[3] and "loss" not in by_step[3]
     assert "val_loss" in by_step[6] and "loss" in by_step[6]
     assert "step 4/7 | loss " in caplog.text and " tok/s | mfu " in caplog.text
+    assert re.search(r"step 4/7 \| .* \| eta \d+s\n", caplog.text)  # time left
     assert "step 6/7 | eval | train_loss " in caplog.text
 
 
@@ -324,3 +326,12 @@ def test_statistics_returned_beside_the_loss_are_logged_per_step(toy):
     assert len(logged) == 3
     for m in logged:
         assert m["twice_the_loss"] == pytest.approx(2 * m["loss"])
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(0.4, "0s"), (42, "42s"), (302.4, "5m02s"), (4020, "1h07m")]
+)
+def test_time_left_is_shown_in_seconds_minutes_or_hours(seconds, shown):
+    from pipeline.train.loop import _duration
+
+    assert _duration(seconds) == shown

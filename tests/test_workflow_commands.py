@@ -1,0 +1,76 @@
+"""The README's Snakemake commands as a user types them: `make dag` (and that it fails loudly),
+`snakemake --dag` and `--report` without `--cores`, and a bad `--config` value ending in an
+`error:` line instead of Snakemake's traceback. Nothing is trained."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+VENV = Path(sys.executable).parent.parent
+
+
+@pytest.fixture
+def workdir(tmp_path, repo) -> Path:
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(repo / name, tmp_path / name)
+    return tmp_path
+
+
+def run(workdir: Path, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+def make_dag(workdir: Path, repo: Path) -> subprocess.CompletedProcess:
+    # -o setup: the venv running the tests is already set up.
+    return run(workdir, "make", "-f", str(repo / "Makefile"), "-o", "setup", "dag", f"VENV={VENV}")
+
+
+def test_dag_and_report_need_no_cores(workdir):
+    dag = run(workdir, SNAKEMAKE, "--dag")
+    assert dag.returncode == 0, dag.stderr
+    assert dag.stdout.startswith("digraph snakemake_dag {")
+    for rule in ("download", "tokenize", "prepare", "pretrain", "finetune_classifier", "align_dpo"):
+        assert f'[label = "{rule}' in dag.stdout
+    report = run(workdir, SNAKEMAKE, "--report", "report.html")
+    assert report.returncode == 0, report.stderr
+    assert (workdir / "report.html").read_text().lstrip().lower().startswith("<!doctype html>")
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_make_dag_writes_the_svg(workdir, repo):
+    result = make_dag(workdir, repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    svg = (workdir / "dag.svg").read_text()
+    assert "<svg" in svg and "finetune_instruct" in svg
+
+
+def test_make_dag_fails_loudly_and_writes_no_svg(workdir, repo):
+    (workdir / "config.yaml").write_text(yaml.safe_dump({"seed": "one"}))
+    result = make_dag(workdir, repo)
+    assert result.returncode != 0
+    if shutil.which("dot") is not None:
+        assert "error: invalid configuration" in result.stderr and "seed: 'one'" in result.stderr
+    assert not (workdir / "dag.svg").exists()
+
+
+def test_a_bad_config_value_ends_in_error_lines_not_a_traceback(workdir):
+    result = run(workdir, SNAKEMAKE, "--dry-run", "--config", "pretrain={train: {max_steps: ten}}")
+    assert result.returncode == 1
+    err = result.stderr
+    assert "error: invalid configuration (config.yaml + --configfile/--config):" in err
+    assert "  pretrain.train.max_steps: 'ten' is not of type 'integer'" in err
+    assert "hint: --config reads a value as a string" in err and "--configfile" in err
+    assert "Traceback" not in err and 'File "' not in err
+
+
+def test_a_bad_configfile_value_gets_no_hint_about_config(workdir):
+    (workdir / "bad.yaml").write_text(yaml.safe_dump({"pretrain": {"train": {"max_steps": -1}}}))
+    result = run(workdir, SNAKEMAKE, "--dry-run", "--configfile", "bad.yaml")
+    assert result.returncode == 1
+    assert "  pretrain.train.max_steps: -1 is less than the minimum of 1" in result.stderr
+    assert "hint:" not in result.stderr and "Traceback" not in result.stderr
