@@ -251,7 +251,8 @@ def classify_command(args: argparse.Namespace) -> None:
     ids, truncated = encode_texts(texts, tokenizer, max_length)
     if truncated:
         log.info("%d text(s) truncated to %d tokens, as in training", truncated, max_length)
-    probs = predict_probabilities(model, ids, args.batch_size)
+    # calibrated as the stage fitted it; checkpoints older than calibration hold no temperature
+    probs = predict_probabilities(model, ids, args.batch_size, head.get("temperature", 1.0))
     rows = ["label\tprobability\ttext"]
     for text, p in zip(texts, probs, strict=True):
         best = int(p.argmax())

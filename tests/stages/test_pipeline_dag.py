@@ -74,6 +74,8 @@ def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
     assert all(lines[0] == "label\ttext" for lines in splits.values())
     assert [len(lines) - 1 for lines in splits.values()] == [1046, 150, 298]
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["temperature"] > 0 and {"test_ece", "test_ece_uncalibrated"} <= metrics.keys()
     assert (out / "misclassified.tsv").read_text().startswith("label\tpredicted\tprobability")
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["classifier"]["labels"] == ["ham", "spam"]
@@ -110,7 +112,9 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         classifier.data.metrics
     )
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
-    assert {"confusion_matrix.png", "misclassified.tsv", "test.tsv", "model"} <= artifacts
+    assert {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv", "model"} <= (
+        artifacts
+    )
     instruct = children["finetune-instruct"]
     assert {"val_loss", "final_test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
