@@ -35,6 +35,7 @@ from pipeline.stages.common import (
     instruction_splits,
     load_language_model,
     make_trainable,
+    report_answer_diversity,
     seeded,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
@@ -247,6 +248,9 @@ class AlignDpo(TrainingStage):
             "test_rouge_l_chosen_after": mean_rouge("response_after"),
             "test_changed_responses": sum(
                 r["response_before"] != r["response_after"] for r in rows
+            ),
+            **report_answer_diversity(
+                STAGE, self.before, [r["response_after"] for r in rows], plan.tokenizer, tracker
             ),
             "steps": result.step,
             "epochs": result.step / self.steps_per_epoch,

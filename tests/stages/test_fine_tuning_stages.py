@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import pipeline.train.loop as loop
 from pipeline.config import deep_merge, load_config
+from pipeline.evaluate.diversity import STATS
 from pipeline.model import GPT, GPTConfig, save_checkpoint
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.classifier import GPTClassifier
@@ -113,6 +114,10 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert json.loads((workdir / f"{case}-interrupted" / out / "metrics.json").read_text())
+    if case != "classifier":  # the test answers' diversity, before and after the stage
+        assert {
+            f"test_{k}_{when}" for k in STATS for when in ("before", "after")
+        } <= reference.keys()
 
 
 @pytest.mark.parametrize("case", CASES)

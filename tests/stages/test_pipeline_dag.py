@@ -17,6 +17,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
+from pipeline.evaluate.diversity import STATS, collapse_reasons
+from pipeline.stages.common import WARNING_TAG
+
 pytestmark = pytest.mark.slow
 
 
@@ -125,6 +128,11 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert {"val_reward_accuracy", "val_reward_margin", "val_chosen_reward"} <= set(
         dpo.data.metrics
     )
+    for stage in ("finetune-instruct", "align-dpo"):  # collapsed answers are tagged, others not
+        metrics = json.loads((done / "results" / stage / "metrics.json").read_text())
+        stats = [{k: metrics[f"test_{k}_{w}"] for k in STATS} for w in ("before", "after")]
+        tag = children[stage].data.tags.get(WARNING_TAG)
+        assert (tag is not None) == bool(collapse_reasons(*stats)), (stage, tag)
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -152,6 +160,7 @@ def test_dag_instruction_tunes_with_lora_and_answers_the_test_set(done):
     responses = json.loads((out / "test_responses.json").read_text())
     assert len(responses) == 110
     assert set(responses[0]) >= {"instruction", "input", "output", "model_response"}
+    assert set(responses[0]) >= {"base_model_response"}
     assert [r["instruction"] for r in responses] == [r["instruction"] for r in splits["test"]]
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["instruct"] == {"template": "alpaca", "method": "lora"}
