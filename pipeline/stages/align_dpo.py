@@ -67,6 +67,17 @@ def pair_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
     return logps[:half], logps[half:]
 
 
+def loss_label(loss_type: str, label_smoothing: float) -> str:
+    """What `preference_loss` computes, for the loss plot's axis: Δ is the log-ratio margin,
+    (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)."""
+    if loss_type == "ipo":
+        return "IPO loss (Δ − 1/(2β))²"
+    if label_smoothing:
+        keep = 1 - label_smoothing
+        return f"cDPO loss −{keep:g}·log σ(βΔ) − {label_smoothing:g}·log σ(−βΔ)"
+    return "DPO loss −log σ(βΔ)"
+
+
 @torch.no_grad()
 def reference_logprobs(
     model: GPT,
@@ -153,7 +164,8 @@ class AlignDpo(TrainingStage):
             ),
             tokenizer,
             checkpoint_tokenizer_files(start),
-            title=f"{STAGE} ({section['loss']})",
+            title=f"{STAGE} (β {section['beta']:g}; Δ: chosen − rejected log-ratio margin)",
+            loss_label=loss_label(section["loss"], section["label_smoothing"]),
             tags={"init_from": str(start), "device": device.type, "method": section["method"]},
             start_metrics={
                 "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,

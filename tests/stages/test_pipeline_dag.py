@@ -111,7 +111,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert "pretrain.val_loss" in parents[0].data.metrics
     assert "finetune-classifier.test_accuracy" in parents[0].data.metrics
     classifier = children["finetune-classifier"]
-    assert {"val_accuracy", "val_f1", "train_accuracy", "final_test_roc_auc"} <= set(
+    assert {"val_accuracy", "val_f1", "train_accuracy", "test_roc_auc"} <= set(
         classifier.data.metrics
     )
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
@@ -119,7 +119,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         artifacts
     )
     instruct = children["finetune-instruct"]
-    assert {"val_loss", "final_test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
+    assert {"val_loss", "test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
     assert {"test_responses.json", "test_samples.json", "model", "loss.png"} <= artifacts
     dpo = children["align-dpo"]
