@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,13 +224,33 @@ def chat_command(args: argparse.Namespace) -> None:
         return
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chat with {args.checkpoint} ({template} template); an empty line or Ctrl-D ends")
-    try:
-        while line := input("> " if interactive else "").strip():
+        with contextlib.suppress(ImportError):  # not on every platform
+            import readline  # noqa: F401  (line editing and history for input())
+        print(
+            f"chat with {args.checkpoint} ({template} template); Ctrl-C stops an answer, "
+            "an empty line, Ctrl-D or Ctrl-C at the prompt ends"
+        )
+    chat_loop(answer, "> " if interactive else "")
+
+
+def chat_loop(answer: Callable[[str], None], prompt: str, read: Callable[[str], str] = input
+              ) -> None:  # fmt: skip
+    """Answer line after line until an empty line, end of input or Ctrl-C at the prompt (a clean
+    end); Ctrl-C while answering stops only that answer and asks again."""
+    while True:
+        try:
+            line = read(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            if prompt:
+                print()
+            return
+        if not line:
+            return
+        try:
             answer(line)
-    except (EOFError, KeyboardInterrupt):
-        if interactive:
-            print()
+        except KeyboardInterrupt:
+            print(flush=True)  # end the cut answer's line
+            print("(answer stopped)", file=sys.stderr, flush=True)
 
 
 def classify_command(args: argparse.Namespace) -> None:
@@ -253,7 +273,8 @@ def classify_command(args: argparse.Namespace) -> None:
     ids, truncated = encode_texts(texts, tokenizer, max_length)
     if truncated:
         log.info("%d text(s) truncated to %d tokens, as in training", truncated, max_length)
-    probs = predict_probabilities(model, ids, args.batch_size)
+    # calibrated as the stage fitted it; checkpoints older than calibration hold no temperature
+    probs = predict_probabilities(model, ids, args.batch_size, head.get("temperature", 1.0))
     rows = ["label\tprobability\ttext"]
     for text, p in zip(texts, probs, strict=True):
         best = int(p.argmax())

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.io import atomic_open
 
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Training loss per logged step, and every evaluated `*_loss` (train/val) at its step."""
+def plot_training_curves(
+    history: Sequence[dict[str, Any]],
+    path: Path,
+    title: str = "",
+    ylabel: str = "cross-entropy loss",
+) -> Path:
+    """Training loss per logged step, and every evaluated `*_loss` (train/val) at its step;
+    `ylabel` says which loss it is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +37,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path, title: s
         points = [(h["step"], h[key]) for h in history if key in h]
         ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=key.replace("_", " "))
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -64,6 +70,37 @@ def plot_confusion_matrix(counts: Any, labels: Sequence[str], path: Path, title:
         for j in ticks:
             color = "white" if counts[i, j] > threshold else "black"
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reliability(curves: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """Reliability diagrams side by side, one per `ReliabilityBins` in `curves` (e.g. before and
+    after calibration): accuracy per confidence bin (bars) beside the bin's mean confidence (a
+    red tick: the gap is the miscalibration), the diagonal of perfect calibration, the ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 4.2), dpi=120, squeeze=False)
+    for ax, (name, bins) in zip(axes[0], curves.items(), strict=True):
+        edges = np.linspace(0, 1, len(bins.counts) + 1)
+        used = bins.counts > 0
+        width = edges[1] - edges[0]
+        ax.bar(edges[:-1][used], bins.accuracy[used], width=width, align="edge",
+               edgecolor="black", color="tab:blue", label="accuracy")  # fmt: skip
+        ax.plot((edges[:-1] + width / 2)[used], bins.confidence[used], "_", color="tab:red",
+                ms=14, mew=2, label="mean confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "--", color="0.5", label="perfectly calibrated")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
+               ylabel="accuracy", title=f"{name}: ECE {bins.ece:.4f}")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png")

@@ -1,1 +1,2 @@
-"""Evaluation metrics: classification (accuracy ... ROC-AUC), generated text (ROUGE-L, EM)."""
+"""Evaluation metrics: classification (accuracy ... ROC-AUC), calibration (temperature scaling,
+ECE), generated text (ROUGE-L, EM) and its diversity (length, distinct-n, collapse)."""

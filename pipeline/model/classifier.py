@@ -128,14 +128,21 @@ def collate_texts(
 
 
 @torch.no_grad()
-def predict_probabilities(
+def predict_logits(
     model: GPTClassifier, ids: Sequence[Sequence[int]], batch_size: int
 ) -> torch.Tensor:
-    """Softmax class probabilities (N, num_labels) on the CPU, in input order."""
+    """Class logits (N, num_labels) in float32 on the CPU, in input order."""
     device = model.tok_emb.weight.device
     out = []
     for start in range(0, len(ids), batch_size):
         tokens, lengths = collate_texts(ids[start : start + batch_size])
-        logits = model(tokens.to(device), lengths.to(device))
-        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+        out.append(model(tokens.to(device), lengths.to(device)).float().cpu())
     return torch.cat(out)
+
+
+def predict_probabilities(
+    model: GPTClassifier, ids: Sequence[Sequence[int]], batch_size: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """Softmax class probabilities (N, num_labels) of the logits divided by `temperature` (the
+    calibration the classifier stage fits; 1: the raw softmax), on the CPU, in input order."""
+    return torch.softmax(predict_logits(model, ids, batch_size) / temperature, dim=-1)

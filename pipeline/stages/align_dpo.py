@@ -35,6 +35,7 @@ from pipeline.stages.common import (
     instruction_splits,
     load_language_model,
     make_trainable,
+    report_answer_diversity,
     seeded,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
@@ -64,6 +65,17 @@ def pair_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
     logps = model_response_logprobs(model, inputs, targets)
     half = inputs.shape[0] // 2
     return logps[:half], logps[half:]
+
+
+def loss_label(loss_type: str, label_smoothing: float) -> str:
+    """What `preference_loss` computes, for the loss plot's axis: Δ is the log-ratio margin,
+    (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected)."""
+    if loss_type == "ipo":
+        return "IPO loss (Δ − 1/(2β))²"
+    if label_smoothing:
+        keep = 1 - label_smoothing
+        return f"cDPO loss −{keep:g}·log σ(βΔ) − {label_smoothing:g}·log σ(−βΔ)"
+    return "DPO loss −log σ(βΔ)"
 
 
 @torch.no_grad()
@@ -152,7 +164,8 @@ class AlignDpo(TrainingStage):
             ),
             tokenizer,
             checkpoint_tokenizer_files(start),
-            title=f"{STAGE} ({section['loss']})",
+            title=f"{STAGE} (β {section['beta']:g}; Δ: chosen − rejected log-ratio margin)",
+            loss_label=loss_label(section["loss"], section["label_smoothing"]),
             tags={"init_from": str(start), "device": device.type, "method": section["method"]},
             start_metrics={
                 "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
@@ -247,6 +260,9 @@ class AlignDpo(TrainingStage):
             "test_rouge_l_chosen_after": mean_rouge("response_after"),
             "test_changed_responses": sum(
                 r["response_before"] != r["response_after"] for r in rows
+            ),
+            **report_answer_diversity(
+                STAGE, self.before, [r["response_after"] for r in rows], plan.tokenizer, tracker
             ),
             "steps": result.step,
             "epochs": result.step / self.steps_per_epoch,

@@ -7,11 +7,12 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.errors import InputError
+from pipeline.evaluate.diversity import compare_answers
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.attention import resolve_attention
@@ -23,7 +24,14 @@ from pipeline.stages.registry import init_checkpoint_path
 from pipeline.train import pick_device
 from pipeline.train.distributed import current_world
 
+if TYPE_CHECKING:
+    import tiktoken
+
+    from pipeline.tracking import StageRun
+
 log = logging.getLogger("pipeline.stages")
+WARNING_TAG = "pipeline.warning"
+"""The MLflow tag a stage sets when an output looks wrong (collapsed answers)."""
 
 
 def stage_device(config: Mapping[str, Any]) -> torch.device:
@@ -182,3 +190,26 @@ def fine_tuning_fingerprint(
         "section": {k: v for k, v in section.items() if k not in skipped},
         "model": model.config.to_dict(),
     }
+
+
+def report_answer_diversity(
+    stage: str,
+    before: Sequence[str],
+    after: Sequence[str],
+    tokenizer: tiktoken.Encoding,
+    tracker: StageRun,
+) -> dict[str, float]:
+    """Length, distinct-n and most-common-answer share of the test answers before and after the
+    stage (`compare_answers`); collapsed answers are a warning in the log and an MLflow tag."""
+    metrics, reasons = compare_answers(before, after, lambda a: len(tokenizer.encode_ordinary(a)))
+    keys = ("answer_words", "distinct_2", "most_common_answer_share")
+    log.info(
+        "%s test answers before -> after: %.1f -> %.1f words, distinct-2 %.3f -> %.3f, "
+        "most common answer's share %.2f -> %.2f",
+        stage, *(metrics[f"test_{k}_{when}"] for k in keys for when in ("before", "after")),
+    )  # fmt: skip
+    if reasons:
+        message = f"{stage}: the test answers collapsed: {'; '.join(reasons)}"
+        log.warning(message)
+        tracker.set_tags({WARNING_TAG: message})
+    return metrics

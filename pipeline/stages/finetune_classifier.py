@@ -2,7 +2,9 @@
 
 Reads the labelled texts (`label<TAB>text`) and a starting checkpoint; writes
 results/finetune-classifier/{train,val,test}.tsv, model/, metrics.json, loss.png,
-confusion_matrix.png, misclassified.tsv. Resume state lives in .resume/finetune-classifier.
+confusion_matrix.png, reliability_diagram.png, misclassified.tsv. The probabilities are
+calibrated by temperature scaling fitted on the validation split; the temperature is saved in the
+model's config.json. Resume state lives in .resume/finetune-classifier.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipeline.data.labeled_text import (
 )
 from pipeline.data.loader import ExampleBatches
 from pipeline.errors import InputError
+from pipeline.evaluate.calibration import fit_temperature, reliability_bins
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
 from pipeline.io import atomic_write_text
 from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
@@ -33,10 +36,10 @@ from pipeline.model.classifier import (
     GPTClassifier,
     collate_texts,
     encode_texts,
-    predict_probabilities,
+    predict_logits,
 )
 from pipeline.paths import Paths
-from pipeline.plots import plot_confusion_matrix
+from pipeline.plots import plot_confusion_matrix, plot_reliability
 from pipeline.stages.common import (
     check_splits,
     epoch_train_settings,
@@ -53,16 +56,16 @@ STAGE = "finetune-classifier"
 
 
 def _split_metrics(
-    model: GPTClassifier,
-    ids: Sequence[Sequence[int]],
+    logits: torch.Tensor,
     labels: Sequence[int],
     positive: int,
-    batch_size: int,
     weight: torch.Tensor | None,
+    temperature: float = 1.0,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    probs = predict_probabilities(model, ids, batch_size)
-    y = torch.as_tensor(labels)
-    loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, weight=weight)
+    """Loss and binary metrics of softmax(logits / temperature), and those probabilities."""
+    scaled, y = logits / temperature, torch.as_tensor(labels)
+    probs = torch.softmax(scaled, dim=-1)
+    loss = F.cross_entropy(scaled, y, weight=weight)
     metrics = binary_metrics(
         y.tolist(), probs.argmax(-1).tolist(), probs[:, positive].tolist(), positive
     )
@@ -173,25 +176,28 @@ class FinetuneClassifier(TrainingStage):
         labels = batch[2]
         return float(len(labels) if self.weight is None else self.weight[labels].sum())
 
-    def split_metrics(self, model: GPTClassifier, split: str, size: int | None = None):
-        ids, y = self.encoded[split][:size], self.targets[split][:size]
-        return _split_metrics(model, ids, y, self.positive, self.batch_size, self.weight)
+    def logits(self, model: GPTClassifier, split: str, size: int | None = None) -> torch.Tensor:
+        return predict_logits(model, self.encoded[split][:size], self.batch_size)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         metrics = {}
         for name, size in (("train", self.eval_train), ("val", None)):
-            values, _ = self.split_metrics(model, name, size)
+            logits = self.logits(model, name, size)
+            values, _ = _split_metrics(
+                logits, self.targets[name][:size], self.positive, self.weight
+            )
             metrics.update({f"{name}_{k}": v for k, v in values.items()})
         return metrics
 
     def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
                tracker: StageRun) -> dict[str, Any]:  # fmt: skip
-        test_values, test_probs = self.split_metrics(plan.model, "test")
+        test_values, test_probs, calibration = self.calibrate(plan, out_dir)
         predictions = test_probs.argmax(-1).tolist()
         counts = confusion_matrix(self.targets["test"], predictions, len(self.labels))
         metrics = {
             **{k: v for k, v in result.metrics.items() if not k.endswith("perplexity")},
             **{f"test_{k}": v for k, v in test_values.items()},
+            **calibration,
             "test_confusion_matrix": counts.tolist(),
             "labels": self.labels,
             "positive_label": self.labels[self.positive],
@@ -211,6 +217,31 @@ class FinetuneClassifier(TrainingStage):
         )  # fmt: skip
         plot_confusion_matrix(counts, self.labels, out_dir / "confusion_matrix.png", title=STAGE)
         return metrics
+
+    def calibrate(self, plan: StagePlan, out_dir: Path
+                  ) -> tuple[dict[str, float], torch.Tensor, dict[str, float]]:  # fmt: skip
+        """Fit the temperature on val, save it with the model, and return the test metrics and
+        probabilities at that temperature, the ECE before and after, and draw both."""
+        temperature = fit_temperature(self.logits(plan.model, "val"), self.targets["val"])
+        plan.checkpoint_metadata["classifier"]["temperature"] = temperature
+        test_logits, y = self.logits(plan.model, "test"), self.targets["test"]
+        raw, raw_probs = _split_metrics(test_logits, y, self.positive, self.weight)
+        values, probs = _split_metrics(test_logits, y, self.positive, self.weight, temperature)
+        bins = {"uncalibrated": reliability_bins(raw_probs, y),
+                f"temperature {temperature:.3g}": reliability_bins(probs, y)}  # fmt: skip
+        before, after = (b.ece for b in bins.values())
+        log.info(
+            "calibration: temperature %.4g fitted on val; test ECE %.4f -> %.4f, loss %.4f -> %.4f",
+            temperature, before, after, raw["loss"], values["loss"],
+        )  # fmt: skip
+        plot_reliability(bins, out_dir / "reliability_diagram.png", title=f"{STAGE} (test)")
+        calibration = {
+            "temperature": temperature,
+            "test_ece_uncalibrated": before,
+            "test_ece": after,
+            "test_loss_uncalibrated": raw["loss"],
+        }
+        return values, probs, calibration
 
     def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in metrics.items() if k.startswith("test_")}

@@ -2,7 +2,8 @@
 
 Reads the instruction records and a starting checkpoint; writes
 results/finetune-instruct/{train,val,test}.json, model/ (LoRA merged), metrics.json, loss.png,
-test_responses.json. Resume state lives in .resume/finetune-instruct.
+test_responses.json (each test answer of the start model and of the tuned one). Resume state
+lives in .resume/finetune-instruct.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from pipeline.stages.common import (
     instruction_splits,
     load_language_model,
     make_trainable,
+    report_answer_diversity,
     seeded,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
-from pipeline.train import TrainResult, TrainTask
+from pipeline.train import TrainResult, TrainTask, is_main_process
 from pipeline.train.losses import learned_targets, lm_loss
 
 log = logging.getLogger("pipeline.finetune_instruct")
@@ -74,6 +76,13 @@ class FinetuneInstruct(TrainingStage):
                     "%s: %d of %d examples truncated to %d tokens",
                     name, n, len(examples[name]), context,
                 )  # fmt: skip
+        generation = section["generation"]
+        before = seeded(config, device)  # the start model's test answers: what the stage changes
+        self.before = (
+            [respond(model, tokenizer, r, template, generation, before) for r in self.test]
+            if is_main_process()
+            else []
+        )
         trainable, total = make_trainable(model, config, STAGE)
         batch_size = section["train"]["batch_size"]
 
@@ -99,7 +108,7 @@ class FinetuneInstruct(TrainingStage):
             ][: train.eval_batches]
             for split in ("train", "val")
         }
-        first_val, generation = val[0], section["generation"]
+        first_val = val[0]
 
         def sample_fn(m: GPT) -> str:
             answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
@@ -134,7 +143,7 @@ class FinetuneInstruct(TrainingStage):
         section, template = self.section, self.section["template"]
         t0 = time.perf_counter()
         rows = []
-        for record in self.test:
+        for record, base_answer in zip(self.test, self.before, strict=True):
             answer = respond(
                 plan.model, plan.tokenizer, record, template, section["generation"], self.generator
             )
@@ -146,10 +155,14 @@ class FinetuneInstruct(TrainingStage):
                     "model_response": answer,
                     "rouge_l": rouge_l_f1(answer, record["output"]),
                     "exact_match": exact_match(answer, record["output"]),
+                    "base_model_response": base_answer,
                 }
             )
         response_time = time.perf_counter() - t0
-        scores = corpus_scores([r["model_response"] for r in rows], [r["output"] for r in rows])
+        answers = [r["model_response"] for r in rows]
+        scores = corpus_scores(answers, [r["output"] for r in rows])
+        base_scores = corpus_scores(self.before, [r["output"] for r in rows])
+        diversity = report_answer_diversity(STAGE, self.before, answers, plan.tokenizer, tracker)
         log.info(
             "test: ROUGE-L %.4f, exact match %.4f over %d responses (%.0f s)",
             scores["rouge_l_f1"], scores["exact_match"], len(rows), response_time,
@@ -160,6 +173,8 @@ class FinetuneInstruct(TrainingStage):
             **result.metrics,
             "test_rouge_l": scores["rouge_l_f1"],
             "test_exact_match": scores["exact_match"],
+            "test_rouge_l_before": base_scores["rouge_l_f1"],
+            **diversity,
             "test_responses": len(rows),
             "response_time_s": response_time,
             "steps": result.step,

@@ -132,6 +132,7 @@ for _stage in (
             "test.tsv",
             "loss.png",
             "confusion_matrix.png",
+            "reliability_diagram.png",
             "misclassified.tsv",
         ),  # fmt: skip
         inputs=fine_tuning_inputs("finetune-classifier"),

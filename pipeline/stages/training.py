@@ -58,6 +58,8 @@ class StagePlan:
     """Files saved beside the weights so the checkpoint carries its tokenizer."""
     title: str
     """The loss plot's title."""
+    loss_label: str = "cross-entropy loss"
+    """The loss plot's y axis: which loss the stage minimises."""
     tags: dict[str, Any] = field(default_factory=dict)
     start_metrics: dict[str, float] = field(default_factory=dict)
     """Logged at step 0 (trainable parameters, truncated examples, ...)."""
@@ -125,7 +127,9 @@ def run_training_stage(
             merge_lora(plan.model)
         plan.model.eval()
         metrics = stage.report(plan, result, out_dir, tracker)
-        plot_training_curves(result.history, out_dir / "loss.png", title=plan.title)
+        plot_training_curves(
+            result.history, out_dir / "loss.png", title=plan.title, ylabel=plan.loss_label
+        )
         save_checkpoint(
             plan.model,
             out_dir / "model",
@@ -142,6 +146,13 @@ def run_training_stage(
     return metrics
 
 
+def _same(logged: float | None, value: float) -> bool:
+    """Whether a metric's last logged value is `value` already (NaN counts as equal to NaN)."""
+    if logged is None:
+        return False
+    return logged == value or (math.isnan(logged) and math.isnan(value))
+
+
 def finish_stage(
     tracker: StageRun,
     config: Mapping[str, Any],
@@ -151,14 +162,20 @@ def finish_stage(
     artifacts: Iterable[str],
 ) -> None:
     """Write metrics.json last (it is the stage's completion marker), log it, the artifacts and
-    the model directory to the stage's MLflow run."""
+    the model directory to the stage's MLflow run.
+
+    Its numbers go on the run under their own names, so the runs table shows them: a series that
+    already ends at its value (val_loss) is left alone, any other value is logged at the last
+    step, as the end of its series (tokens_per_second: the run's mean) or its one point (test_*).
+    No `final_` copies: they doubled every chart."""
     numeric = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     # JSON has no NaN: an undefined metric (ROC-AUC of a one-class subset) is written as null
     undefined = {k: None for k, v in numeric.items() if not math.isfinite(v)}
     atomic_write_json(out_dir / "metrics.json", {**metrics, **undefined})
-    tracker.log_metrics({f"final_{k}": v for k, v in numeric.items()}, step=step)
+    latest = tracker.latest_metrics()
+    tracker.log_metrics({k: v for k, v in numeric.items() if not _same(latest.get(k), v)}, step)
     for name in ("metrics.json", *artifacts):
         tracker.log_artifact(out_dir / name)
     if config["tracking"]["log_model"]:

@@ -120,6 +120,10 @@ class StageRun:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def latest_metrics(self) -> dict[str, float]:
+        """Each metric's value at its last step, as the runs table shows it."""
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -170,6 +174,9 @@ class _RankRun(StageRun):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
+
+    def latest_metrics(self) -> dict[str, float]:
+        return {}
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass

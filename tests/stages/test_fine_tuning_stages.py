@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import pipeline.train.loop as loop
 from pipeline.config import deep_merge, load_config
 from pipeline.errors import InputError
+from pipeline.evaluate.diversity import STATS
 from pipeline.model import GPT, GPTConfig, save_checkpoint
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.classifier import GPTClassifier
@@ -121,6 +122,10 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert json.loads((workdir / f"{case}-interrupted" / out / "metrics.json").read_text())
+    if case != "classifier":  # the test answers' diversity, before and after the stage
+        assert {
+            f"test_{k}_{when}" for k in STATS for when in ("before", "after")
+        } <= reference.keys()
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -145,3 +150,44 @@ def test_a_mislabeled_sms_row_is_named_not_an_empty_split(workdir, tmp_path):
     expected = rf"{sms}:10: label 'hma' is not one of the expected labels ham, spam"
     with pytest.raises(InputError, match=expected + r" \(finetune-classifier\.labels\)"):
         finetune_classifier.main(config)
+
+
+def classify(checkpoint: Path, texts: list[str], capsys) -> list[float]:
+    """`python -m pipeline classify` in-process: the printed probability of each text."""
+    from pipeline.cli import main
+
+    assert main(["classify", "--checkpoint", str(checkpoint), "--attention", "sdpa", *texts]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "label\tprobability\ttext"
+    return [float(row.split("\t")[1]) for row in rows[1:]]
+
+
+def test_classifier_is_calibrated_and_classify_prints_calibrated_probabilities(workdir, capsys):
+    from pipeline.model import load_checkpoint
+    from pipeline.model.checkpoint import checkpoint_tokenizer
+    from pipeline.model.classifier import encode_texts, predict_logits
+
+    config = config_for(workdir, "calibrated", "finetune-classifier", {})
+    finetune_classifier.main(config)
+    out = workdir / "calibrated" / "finetune-classifier"
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibration = ("temperature", "test_ece", "test_ece_uncalibrated", "test_loss_uncalibrated")
+    assert set(calibration) <= metrics.keys()
+    assert metrics["temperature"] > 0 and 0 <= metrics["test_ece"] <= 1
+    assert (out / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
+    model_config = json.loads((out / "model" / "config.json").read_text())
+    assert model_config["classifier"]["temperature"] == metrics["temperature"]
+
+    texts = ["ok", "WINNER!! Claim your free prize now, text WIN to 80086"]
+    model = load_checkpoint(out / "model").eval()
+    ids, _ = encode_texts(texts, checkpoint_tokenizer(out / "model"), 32)
+    logits = predict_logits(model, ids, 2)
+    older = workdir / "calibrated" / "older"  # as saved before calibration: no temperature
+    shutil.copytree(out / "model", older)
+    for temperature in (metrics["temperature"], 0.01, None):
+        model_config["classifier"].pop("temperature", None)
+        if temperature is not None:
+            model_config["classifier"]["temperature"] = temperature
+        (older / "config.json").write_text(json.dumps(model_config))
+        expected = torch.softmax(logits / (temperature or 1.0), -1).max(-1).values
+        assert classify(older, texts, capsys) == pytest.approx(expected.tolist(), abs=6e-5)

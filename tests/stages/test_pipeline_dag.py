@@ -18,6 +18,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
+from pipeline.evaluate.diversity import STATS, collapse_reasons
+from pipeline.stages.common import WARNING_TAG
+
 pytestmark = pytest.mark.slow
 
 
@@ -76,6 +79,8 @@ def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
     assert all(lines[0] == "label\ttext" for lines in splits.values())
     assert [len(lines) - 1 for lines in splits.values()] == [1046, 150, 298]
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "reliability_diagram.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["temperature"] > 0 and {"test_ece", "test_ece_uncalibrated"} <= metrics.keys()
     assert (out / "misclassified.tsv").read_text().startswith("label\tpredicted\tprobability")
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["classifier"]["labels"] == ["ham", "spam"]
@@ -112,13 +117,15 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert "pretrain.val_loss" in parents[0].data.metrics
     assert "finetune-classifier.test_accuracy" in parents[0].data.metrics
     classifier = children["finetune-classifier"]
-    assert {"val_accuracy", "val_f1", "train_accuracy", "final_test_roc_auc"} <= set(
+    assert {"val_accuracy", "val_f1", "train_accuracy", "test_roc_auc"} <= set(
         classifier.data.metrics
     )
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
-    assert {"confusion_matrix.png", "misclassified.tsv", "test.tsv", "model"} <= artifacts
+    assert {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv", "model"} <= (
+        artifacts
+    )
     instruct = children["finetune-instruct"]
-    assert {"val_loss", "final_test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
+    assert {"val_loss", "test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
     assert {"test_responses.json", "test_samples.json", "model", "loss.png"} <= artifacts
     dpo = children["align-dpo"]
@@ -127,6 +134,11 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert {"val_reward_accuracy", "val_reward_margin", "val_chosen_reward"} <= set(
         dpo.data.metrics
     )
+    for stage in ("finetune-instruct", "align-dpo"):  # collapsed answers are tagged, others not
+        metrics = json.loads((done / "results" / stage / "metrics.json").read_text())
+        stats = [{k: metrics[f"test_{k}_{w}"] for k in STATS} for w in ("before", "after")]
+        tag = children[stage].data.tags.get(WARNING_TAG)
+        assert (tag is not None) == bool(collapse_reasons(*stats)), (stage, tag)
 
 
 def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(done):
@@ -168,6 +180,7 @@ def test_dag_instruction_tunes_with_lora_and_answers_the_test_set(done):
     responses = json.loads((out / "test_responses.json").read_text())
     assert len(responses) == 110
     assert set(responses[0]) >= {"instruction", "input", "output", "model_response"}
+    assert set(responses[0]) >= {"base_model_response"}
     assert [r["instruction"] for r in responses] == [r["instruction"] for r in splits["test"]]
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["instruct"] == {"template": "alpaca", "method": "lora"}
