@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,6 +24,8 @@ log = logging.getLogger("pipeline.tracking")
 
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 _PARENT_TAG = "mlflow.parentRunId"
+_HOST_TAG, _PID_TAG = "pipeline.host", "pipeline.pid"
+"""Where a stage run's process runs, so a later start can tell that it died."""
 
 
 def _client(uri: str):
@@ -108,15 +111,22 @@ def end_parent_run(
 class StageRun:
     """A stage's MLflow run; also the training loop's logger."""
 
-    def __init__(self, client, run_id: str) -> None:
+    def __init__(self, client, run_id: str, logged: Mapping[str, int] = {}) -> None:
         self.client = client
         self.run_id = run_id
+        self.logged = dict(logged)
+        """Each metric's last step logged by an earlier process of this run (a resumed
+        training): the steps it repeats after its checkpoint are not logged twice."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and step > self.logged.get(k, -1)
+        ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -194,13 +204,79 @@ class _RankRun(StageRun):
         pass
 
 
-@contextmanager
-def stage_run(config: Mapping[str, Any], stage: str) -> Iterator[StageRun]:
-    """A child run of the invocation's parent (or a top-level run) holding the resolved config
-    as params and as `config.yaml`; it ends FAILED if the stage raises. Under torchrun only
-    rank 0 creates and logs to it."""
-    import yaml
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
+
+def _end_dead_runs(client, experiment_id: str, stage: str, keep: str, abandoned: str) -> None:
+    """Mark KILLED the stage's runs that a dead process left RUNNING: those whose process on
+    this host is gone, and `abandoned` (a killed training that will not be resumed), but not
+    `keep` (the one about to be resumed)."""
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id], f"tags.`pipeline.stage` = '{stage}' and attributes.status = 'RUNNING'"
+    )
+    for run in running:
+        run_id, tags = run.info.run_id, run.data.tags
+        pid = tags.get(_PID_TAG, "")
+        dead = tags.get(_HOST_TAG) == host and pid.isdigit() and not _alive(int(pid))
+        if run_id != keep and (dead or run_id == abandoned):
+            client.set_terminated(run_id, "KILLED")
+            log.warning("MLflow run %s (%s) was left RUNNING by a killed job: marked KILLED",
+                        run_id, stage)  # fmt: skip
+
+
+def _reopen(client, run_id: str, experiment_id: str, tags: Mapping[str, str]):
+    """`run_id` set RUNNING again with the new process's tags, or None when it cannot be
+    continued (deleted, or in another store or experiment)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return run
+
+
+def _log_config(client, run, config: Mapping[str, Any]) -> None:
+    """The resolved config as params and `config.yaml`. A continued run keeps the params it
+    has (MLflow forbids changing one): a changed value is logged as a warning."""
+    import yaml
+    from mlflow.entities import Param
+
+    known = run.data.params
+    params = [Param(k, str(v)) for k, v in flatten(config).items() if k not in known]
+    changed = [k for k, v in flatten(config).items() if known.get(k, str(v)) != str(v)]
+    if changed:
+        log.warning("resumed run %s keeps its first values of %s (config.yaml has the new ones)",
+                    run.info.run_id, ", ".join(changed))  # fmt: skip
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    client.log_text(run.info.run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+
+
+@contextmanager
+def stage_run(
+    config: Mapping[str, Any], stage: str, resume: str = "", abandoned: str = ""
+) -> Iterator[StageRun]:
+    """A child run of the invocation's parent (or a top-level run) holding the resolved config
+    as params and as `config.yaml`; it ends FAILED if the stage raises (KILLED if interrupted).
+
+    `resume`: the run of an interrupted training this job continues (RUNNING again; metrics go
+    on from the steps it reached); `abandoned`: one the training will not continue. Runs of the
+    stage left RUNNING by a dead process are first marked KILLED. Under torchrun only rank 0
+    creates and logs to the run."""
     from pipeline.train.distributed import is_main_process
 
     if not is_main_process():
@@ -210,24 +286,31 @@ def stage_run(config: Mapping[str, Any], stage: str) -> Iterator[StageRun]:
     uri, experiment = config["tracking"]["uri"], config["tracking"]["experiment"]
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
-    tags = {**git_tags(), "pipeline.stage": stage}
+    _end_dead_runs(client, experiment_id, stage, resume, abandoned)
+    tags = {**git_tags(), "pipeline.stage": stage, _HOST_TAG: socket.gethostname(),
+            _PID_TAG: str(os.getpid())}  # fmt: skip
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[_PARENT_TAG] = parent
-    run = client.create_run(experiment_id, run_name=stage, tags=tags)
-    stage_run_ = StageRun(client, run.info.run_id)
+    run = _reopen(client, resume, experiment_id, tags) if resume else None
+    logged = {}
+    if run is None:
+        run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    else:
+        logged = {
+            key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+            for key in run.data.metrics
+        }
+    run_id = run.info.run_id
     log.info(
-        "MLflow run %s (%s)%s", run.info.run_id, stage, f" under parent {parent}" if parent else ""
-    )
+        "MLflow run %s (%s)%s%s", run_id, stage, " continued" if logged else "",
+        f" under parent {parent}" if parent else "",
+    )  # fmt: skip
     try:
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run.info.run_id, params=params[i : i + 100])
-        stage_run_.log_text(yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
-        yield stage_run_
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        _log_config(client, run, config)
+        yield StageRun(client, run_id, logged)
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")

@@ -12,9 +12,10 @@ from pipeline.train.loop import (
     evaluate_losses,
     fit,
     perplexity,
+    resume_fingerprint,
 )
 from pipeline.train.schedule import lr_at
-from pipeline.train.state import clear_resume_state, read_resume_meta
+from pipeline.train.state import clear_resume_state, read_resume_meta, recorded_run
 
 __all__ = [
     "Batches",
@@ -32,4 +33,6 @@ __all__ = [
     "perplexity",
     "pick_device",
     "read_resume_meta",
+    "recorded_run",
+    "resume_fingerprint",
 ]

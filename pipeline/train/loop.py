@@ -460,6 +460,13 @@ def _restore(model: nn.Module, task: TrainTask, resume_dir: Path | None, fingerp
     return state, optimizer_state
 
 
+def resume_fingerprint(cfg: TrainSettings, seed: int, fingerprint: Any) -> Any:
+    """What a checkpoint must match to be resumed: the stage's `fingerprint`, the seed and the
+    settings that change the numbers (not `log_every`, `checkpoint_every`, launch fields)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _BOOKKEEPING_FIELDS}
+    return canonical_json({"train": {**settings, "seed": seed}, "fingerprint": fingerprint})
+
+
 def fit(
     model: nn.Module,
     task: TrainTask,
@@ -486,10 +493,11 @@ def fit(
         task.batches.shard(world.rank, world.size)
     torch.manual_seed(seed)
     model.train()
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _BOOKKEEPING_FIELDS}
-    run_id = canonical_json({"train": {**settings, "seed": seed}, "fingerprint": fingerprint})
+    run_id = resume_fingerprint(cfg, seed, fingerprint)
     resume_dir = None if resume_dir is None else Path(resume_dir)
     state, optimizer_state = _restore(model, task, resume_dir, run_id, device)
+    if logger is not None and world.is_main:  # the MLflow run, which a resumed job continues
+        state.tracking_run = getattr(logger, "run_id", "")
     resumed_from = state.step if optimizer_state is not None else None
     if resumed_from is not None:
         log.info("resumed from step %d/%d (%s)", state.step, cfg.max_steps, resume_dir)

@@ -25,7 +25,9 @@ from pipeline.io import atomic_directory, old_sibling
 
 log = logging.getLogger("pipeline.train")
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Version 2 states lack `tracking_run`; they resume, and the run logs to a new MLflow run."""
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
@@ -45,6 +47,8 @@ class FitState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     data_state: dict = field(default_factory=dict)
     """The batch stream's state (`Batches.state_dict`) at `step`."""
+    tracking_run: str = ""
+    """The MLflow run this training logs to (empty: none), so a resumed job continues it."""
 
 
 def canonical_json(obj: Any) -> Any:
@@ -139,6 +143,32 @@ def read_resume_meta(resume_dir: Path) -> dict | None:
     return json.loads((found / STATE_FILE).read_text())
 
 
+def _mismatch(meta: dict, fingerprint: Any) -> str | None:
+    """Why a checkpoint's `state.json` cannot continue the run `fingerprint` names (None:
+    it can)."""
+    if meta.get("version") not in READABLE_VERSIONS:
+        return f"format version {meta.get('version')}"
+    expected = canonical_json(fingerprint)
+    stored = meta.get("fingerprint")
+    if stored == expected:
+        return None
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        keys = sorted(
+            k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k)
+        )
+        return f"fingerprint differs in {', '.join(keys)}"
+    return "fingerprint differs"
+
+
+def recorded_run(resume_dir: Path, fingerprint: Any) -> tuple[str, bool]:
+    """(the MLflow run the checkpoint in ``resume_dir`` logged to, or "", and whether
+    `load_resume_state` will resume it): a stage continues that run, or ends it."""
+    meta = read_resume_meta(resume_dir)
+    if meta is None:
+        return "", False
+    return meta.get("tracking_run", ""), _mismatch(meta, fingerprint) is None
+
+
 def load_resume_state(
     resume_dir: Path,
     *,
@@ -156,25 +186,12 @@ def load_resume_state(
     if found is None:
         return None
     meta = json.loads((found / STATE_FILE).read_text())
-    if meta.get("version") != STATE_VERSION:
-        log.warning("ignoring resume state in %s: format version %s", found, meta.get("version"))
-        return None
-    expected = canonical_json(fingerprint)
-    if meta.get("fingerprint") != expected:
-        stored = meta.get("fingerprint")
-        if isinstance(stored, dict) and isinstance(expected, dict):
-            keys = sorted(
-                k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k)
-            )
-            what = f"differs in {', '.join(keys)}"
-        else:
-            what = "differs"
+    mismatch = _mismatch(meta, fingerprint)
+    if mismatch is not None:
         log.warning(
-            "discarding resume state in %s (step %s): fingerprint %s; starting fresh",
-            found,
-            meta.get("step"),
-            what,
-        )
+            "discarding resume state in %s (step %s): %s; starting fresh",
+            found, meta.get("step"), mismatch,
+        )  # fmt: skip
         return None
     safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=True, device=str(device))
     optimizer_state = torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)

@@ -1,4 +1,8 @@
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -74,3 +78,61 @@ def test_git_tags_outside_a_repository(tmp_path):
 def test_git_tags_in_the_project(repo):
     tags = git_tags(repo)
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+
+
+def test_a_resumed_training_continues_its_run(tracked_config):
+    """Same run, RUNNING again then FINISHED; the steps the killed process already logged (after
+    its checkpoint) are not logged twice, so each curve goes on without a restart."""
+    uri = tracked_config["tracking"]["uri"]
+    client = MlflowClient(uri)
+    killed = client.create_run(ensure_experiment(uri, "test"), tags={"pipeline.stage": "pretrain"})
+    run_id = killed.info.run_id
+    for step in range(1, 6):
+        client.log_metric(run_id, "loss", 10.0 - step, step=step)
+    client.set_terminated(run_id, "FAILED")  # its job failed, or was found killed
+    with stage_run(tracked_config, "pretrain", resume=run_id) as run:
+        assert run.run_id == run_id
+        assert client.get_run(run_id).info.status == "RUNNING"
+        for step in range(4, 9):  # the checkpoint was at step 3
+            run.log_metrics({"loss": 10.0 - step, "val_loss": 1.0}, step=step)
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 10.0 - s) for s in range(1, 9)]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [4, 5, 6, 7, 8]
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["pipeline.pid"] == str(os.getpid())
+    experiment = client.get_experiment_by_name("test").experiment_id
+    assert len(client.search_runs([experiment])) == 1
+
+
+def test_a_run_that_cannot_be_continued_gives_a_new_one(tracked_config):
+    with stage_run(tracked_config, "pretrain", resume="0123456789abcdef") as run:
+        assert run.run_id != "0123456789abcdef"
+    assert MlflowClient(tracked_config["tracking"]["uri"]).get_run(run.run_id).info.status == (
+        "FINISHED"
+    )
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(tracked_config):
+    """On this host a dead pid is proof; elsewhere only the resume state's word (`abandoned`)."""
+    uri = tracked_config["tracking"]["uri"]
+    client = MlflowClient(uri)
+    experiment = ensure_experiment(uri, "test")
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    here = socket.gethostname()
+
+    def running(host: str, pid: int, stage: str = "pretrain") -> str:
+        tags = {"pipeline.stage": stage, "pipeline.host": host, "pipeline.pid": str(pid)}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    dead = running(here, int(exited.stdout))
+    alive = running(here, os.getpid())
+    elsewhere = running("another-host", int(exited.stdout))
+    abandoned = running("another-host", 1)
+    other_stage = running(here, int(exited.stdout), "finetune-classifier")
+    with stage_run(tracked_config, "pretrain", abandoned=abandoned):
+        pass
+    status = {run: client.get_run(run).info.status for run in (dead, alive, elsewhere, abandoned)}
+    assert status == {dead: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", abandoned: "KILLED"}
+    assert client.get_run(other_stage).info.status == "RUNNING"

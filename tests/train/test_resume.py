@@ -1,10 +1,18 @@
+import json
 import logging
 
 import pytest
 import torch
 
 from pipeline.settings import TrainSettings
-from pipeline.train import TrainTask, clear_resume_state, fit, read_resume_meta
+from pipeline.train import (
+    TrainTask,
+    clear_resume_state,
+    fit,
+    read_resume_meta,
+    recorded_run,
+    resume_fingerprint,
+)
 
 CPU = torch.device("cpu")
 TIMING_KEYS = {"tokens_per_second", "train_time_s", "mfu"}
@@ -172,3 +180,24 @@ def test_clear_resume_state(toy, tmp_path):
     with pytest.raises(FileExistsError):
         run(toy, cfg(max_steps=3), resume_dir=foreign)
     assert (foreign / "metrics.json").exists()
+
+
+def test_checkpoints_record_the_run_and_older_states_still_resume(toy, tmp_path):
+    resume, data = tmp_path / "resume", {"data": "abc", "stage": "pretrain"}
+    logger = toy.RecordingLogger(kill_at=5)
+    logger.run_id = "mlflow-run-1"
+    with pytest.raises(toy.SimulatedKill):
+        run(toy, cfg(), resume_dir=resume, logger=logger)
+    assert recorded_run(resume, resume_fingerprint(cfg(), 1234, data)) == ("mlflow-run-1", True)
+    other = resume_fingerprint(cfg(lr=2e-2), 1234, data)
+    assert recorded_run(resume, other) == ("mlflow-run-1", False)
+    assert recorded_run(tmp_path / "none", other) == ("", False)
+
+    state = resume / "state.json"  # as written before checkpoints recorded their run
+    meta = json.loads(state.read_text())
+    del meta["tracking_run"]
+    state.write_text(json.dumps({**meta, "version": 2}))
+    assert recorded_run(resume, resume_fingerprint(cfg(), 1234, data)) == ("", True)
+    assert run(toy, cfg(), resume_dir=resume).resumed_from == 3
+    state.write_text(json.dumps({**meta, "version": 1}))
+    assert run(toy, cfg(), resume_dir=resume).resumed_from is None
