@@ -102,9 +102,11 @@ def reference_logprobs(
 class AlignDpo(TrainingStage):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
         section = self.section = config[STAGE]
-        train_records, val, self.test, skipped = instruction_splits(config, STAGE, PREFERENCE_KEYS)
+        train_records, val, self.test, skipped = instruction_splits(
+            config, STAGE, PREFERENCE_KEYS, out_dir
+        )
         model, start = load_language_model(config, STAGE, device)
         self.template = section["template"] or load_checkpoint_config(start).get(
             "instruct", {}

@@ -112,10 +112,10 @@ def weights_sha256(directory: Path) -> str:
 
 
 def instruction_splits(
-    config: Mapping[str, Any], stage: str, required: Sequence[str]
+    config: Mapping[str, Any], stage: str, required: Sequence[str], out_dir: Path
 ) -> tuple[list[dict], list[dict], list[dict], int]:
     """(train, val, test, skipped) of a stage's instruction records: validated (invalid ones
-    skipped and logged if the section says so), split with the seed, written as stage outputs."""
+    skipped and logged if the section says so), split with the seed, written to `out_dir`."""
     from pipeline.data.instruct import load_records, split_records
 
     paths = Paths.from_config(config)
@@ -130,7 +130,6 @@ def instruction_splits(
         records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
     )
     check_splits(stage, train=train, val=val, test=test)
-    out_dir = paths.stage(stage)
     for name, split in (("train", train), ("val", val), ("test", test)):
         atomic_write_json(out_dir / f"{name}.json", split)
     log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))

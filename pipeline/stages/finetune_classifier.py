@@ -75,9 +75,9 @@ def _split_metrics(
 class FinetuneClassifier(TrainingStage):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
         section = self.section = config[STAGE]
-        self.split_records(config)
+        self.split_records(config, out_dir)
         base, start = load_language_model(config, STAGE, device)
         torch.manual_seed(config["seed"])  # the new head's initialisation
         model = GPTClassifier.from_language_model(base, self.labels, section["pooling"])
@@ -131,9 +131,9 @@ class FinetuneClassifier(TrainingStage):
             },
         )  # fmt: skip
 
-    def split_records(self, config: Mapping[str, Any]) -> None:
+    def split_records(self, config: Mapping[str, Any], out_dir: Path) -> None:
         """Read the labelled texts, balance them as configured, split them stratified (written
-        as the stage's train/val/test.tsv) and weigh the classes if asked."""
+        to `out_dir` as train/val/test.tsv) and weigh the classes if asked."""
         paths, section = Paths.from_config(config), self.section
         labels = sorted(section["labels"])
         records = read_label_tab_text(paths.source(section["data"]), labels, f"{STAGE}.labels")
@@ -148,7 +148,7 @@ class FinetuneClassifier(TrainingStage):
         self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
         check_splits(STAGE, **self.splits)
         for name, split in self.splits.items():
-            write_tsv(paths.stage(STAGE) / f"{name}.tsv", split)
+            write_tsv(out_dir / f"{name}.tsv", split)
             log.info("%s split: %d records %s", name, len(split), label_counts(split))
         self.weight = None
         if section["balance"] == "class_weights":

@@ -58,10 +58,12 @@ def _sample_table(rows: Sequence[Mapping[str, Any]], limit: int) -> dict[str, li
 class FinetuneInstruct(TrainingStage):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
         section = self.section = config[STAGE]
         template = section["template"]
-        train_records, val, self.test, skipped = instruction_splits(config, STAGE, RECORD_KEYS)
+        train_records, val, self.test, skipped = instruction_splits(
+            config, STAGE, RECORD_KEYS, out_dir
+        )
         model, start = load_language_model(config, STAGE, device)
         tokenizer = checkpoint_tokenizer(start)
         context = model.config.context_length

@@ -143,7 +143,7 @@ class Pretrain(TrainingStage):
 
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
         paths, section = Paths.from_config(config), config[STAGE]
         init_from = section["init_from"]
         init_dir = resolve_init_from(config)  # before any work: a missing download fails at once

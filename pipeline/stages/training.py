@@ -1,18 +1,22 @@
 """The one skeleton every training stage runs; a stage supplies only what differs.
 
 `run_training_stage` owns the shared sequence: device -> the stage's `setup` (its data, start
-model, trainable parts, task and fingerprint) -> MLflow run -> `fit` (or, for weights that are
-only evaluated, an evaluation) -> rank-0 gate -> LoRA merge -> the stage's `report` (its test
-evaluation and files) -> loss plot -> checkpoint -> metrics.json and artifacts -> clearing the
-resume state. A stage is a `TrainingStage` subclass whose `setup` and `report` read top to
-bottom, as a torchtune recipe does.
+model, trainable parts, task and fingerprint) -> MLflow run (the interrupted one, when resuming)
+-> `fit` (or, for weights that are only evaluated, an evaluation) -> rank-0 gate -> LoRA merge ->
+the stage's `report` (its test evaluation and files) -> loss plot -> checkpoint -> metrics.json
+and artifacts -> the new folder swapped in whole -> clearing the resume state. A stage is a
+`TrainingStage` subclass whose `setup` and `report` read top to bottom, as a torchtune recipe
+does. Everything it writes goes to a temporary folder, so results/<stage>/ always holds one
+complete run; resume checkpoints live apart, in `paths.resume`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from typing import Any
 import tiktoken
 import torch
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.model import GPT
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.lora import merge_lora
@@ -37,6 +41,8 @@ from pipeline.train import (
     evaluate_losses,
     fit,
     is_main_process,
+    recorded_run,
+    resume_fingerprint,
 )
 
 log = logging.getLogger("pipeline.stages")
@@ -76,7 +82,8 @@ class TrainingStage:
 
     name: str
 
-    def setup(self, config: Mapping[str, Any], device: torch.device) -> StagePlan:
+    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
+        """The stage's plan; files it writes up front (its splits) go in `out_dir`."""
         raise NotImplementedError
 
     def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
@@ -99,6 +106,19 @@ def _evaluate_only(plan: StagePlan, device: torch.device, tracker: StageRun) -> 
     return TrainResult(0, measured, [{"step": 0, **measured}])
 
 
+@contextmanager
+def _stage_folder(out_dir: Path) -> Iterator[Path]:
+    """Where a stage writes its outputs: on rank 0 a temporary sibling of `out_dir` that replaces
+    it whole once the stage succeeds (a failed stage leaves the previous complete folder), on
+    other ranks a scratch folder that is discarded."""
+    if is_main_process():
+        with atomic_directory(out_dir) as work:
+            yield work
+    else:
+        with tempfile.TemporaryDirectory(prefix="stage-") as scratch:
+            yield Path(scratch)
+
+
 def run_training_stage(
     stage: TrainingStage, config: Mapping[str, Any], threads: int | None = None
 ) -> dict[str, Any]:
@@ -109,40 +129,53 @@ def run_training_stage(
     paths = Paths.from_config(config)
     out_dir, resume_dir = paths.stage(stage.name), paths.stage_resume(stage.name)
     device = stage_device(config)
-    plan = stage.setup(config, device)
-    with stage_run(config, stage.name) as tracker:
-        tracker.set_tags(plan.tags)
-        if plan.start_metrics:
-            tracker.log_metrics(plan.start_metrics, step=0)
-        if plan.trains:
-            result = fit(
-                plan.model, plan.task, plan.train, device=device, seed=config["seed"],
-                resume_dir=resume_dir, fingerprint=plan.fingerprint, logger=tracker,
-            )  # fmt: skip
-        else:
-            result = _evaluate_only(plan, device, tracker)
-        if not is_main_process():
-            return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
-        if plan.lora:
-            merge_lora(plan.model)
-        plan.model.eval()
-        metrics = stage.report(plan, result, out_dir, tracker)
-        plot_training_curves(
-            result.history, out_dir / "loss.png", title=plan.title, ylabel=plan.loss_label
+    with _stage_folder(out_dir) as work:
+        plan = stage.setup(config, device, work)
+        earlier, resumes = recorded_run(
+            resume_dir, resume_fingerprint(plan.train, config["seed"], plan.fingerprint)
         )
-        save_checkpoint(
-            plan.model,
-            out_dir / "model",
-            metadata={
-                "stage": stage.name,
-                **plan.checkpoint_metadata,
-                "tokenizer": {"name": "gpt2", "eot_token": plan.tokenizer.eot_token},
-                "metrics": stage.saved_metrics(metrics),
-            },
-            extra_files=plan.tokenizer_files,
-        )
-        finish_stage(tracker, config, out_dir, metrics, result.step, STAGES[stage.name].outputs)
+        resumes = resumes and plan.trains  # a stage that only evaluates leaves its earlier run
+        resume, abandoned = (earlier, "") if resumes else ("", earlier)
+        with stage_run(config, stage.name, resume, abandoned) as tracker:
+            tracker.set_tags(plan.tags)
+            if plan.start_metrics:
+                tracker.log_metrics(plan.start_metrics, step=0)
+            if plan.trains:
+                result = fit(
+                    plan.model, plan.task, plan.train, device=device, seed=config["seed"],
+                    resume_dir=resume_dir, fingerprint=plan.fingerprint, logger=tracker,
+                )  # fmt: skip
+            else:
+                result = _evaluate_only(plan, device, tracker)
+            if not is_main_process():
+                return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
+            metrics = _report(stage, plan, result, work, tracker)
+            finish_stage(tracker, config, work, metrics, result.step, STAGES[stage.name].outputs)
     clear_resume_state(resume_dir)
+    return metrics
+
+
+def _report(stage: TrainingStage, plan: StagePlan, result: TrainResult, out_dir: Path,
+            tracker: StageRun) -> dict[str, Any]:  # fmt: skip
+    """The stage's report, loss plot and model checkpoint in `out_dir`; returns its metrics."""
+    if plan.lora:
+        merge_lora(plan.model)
+    plan.model.eval()
+    metrics = stage.report(plan, result, out_dir, tracker)
+    plot_training_curves(
+        result.history, out_dir / "loss.png", title=plan.title, ylabel=plan.loss_label
+    )
+    save_checkpoint(
+        plan.model,
+        out_dir / "model",
+        metadata={
+            "stage": stage.name,
+            **plan.checkpoint_metadata,
+            "tokenizer": {"name": "gpt2", "eot_token": plan.tokenizer.eot_token},
+            "metrics": stage.saved_metrics(metrics),
+        },
+        extra_files=plan.tokenizer_files,
+    )
     return metrics
 
 

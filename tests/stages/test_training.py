@@ -1,12 +1,151 @@
-"""What the shared stage skeleton leaves on the stage's MLflow run (real sqlite store)."""
+"""The training skeleton as a user meets it: what it leaves on the stage's MLflow run (a real
+sqlite store); `python -m pipeline pretrain` killed with SIGKILL and rerun is one MLflow run with
+continuous curves; a killed run that is not resumed ends KILLED; and results/<stage>/ always holds
+one complete run, even after a stage that failed."""
 
+import errno
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
+from snakemake_runs import make_workdir, tiny_config
 
+from pipeline.config import load_config
+from pipeline.stages import pretrain, training
 from pipeline.stages.training import finish_stage
 from pipeline.tracking import PARENT_RUN_ENV, stage_run
+from pipeline.train import read_resume_meta
+
+MAX_STEPS = 120
+CONFIGS = ("--config", "config.yaml", "--config", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, repo, mirror) -> Path:
+    """A work directory with the tiny config, downloaded and prepared once."""
+    config = tiny_config(mirror, max_steps=MAX_STEPS, checkpoint_every=10, eval_every=60)
+    workdir = make_workdir(tmp_path_factory.mktemp("training"), repo, config)
+    for stage in ("download", "prepare"):
+        command = [sys.executable, "-m", "pipeline", stage, *CONFIGS]
+        done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    return workdir
+
+
+@pytest.fixture
+def workdir(prepared, tmp_path) -> Path:
+    """The prepared directory without its MLflow store: each test starts with no runs."""
+    ignore = shutil.ignore_patterns("mlflow.db", "mlartifacts")
+    return Path(shutil.copytree(prepared, tmp_path / "work", ignore=ignore))
+
+
+def pretrain_job(workdir: Path, log: str, *sets: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline", "pretrain", *CONFIGS]
+    command += [f"--set={s}" for s in sets]
+    with open(workdir / log, "w") as out:
+        return subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+
+
+def kill_after_a_checkpoint(workdir: Path) -> int:
+    """Start pretraining, SIGKILL it once a resume checkpoint exists and it trained on past it;
+    returns the checkpoint's step."""
+    job = pretrain_job(workdir, "killed.log")
+    resume, log = workdir / ".resume" / "pretrain", workdir / "killed.log"
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline:
+        meta = read_resume_meta(resume)
+        if meta is not None and f"step {meta['step'] + 2}/" in log.read_text():
+            break
+        time.sleep(0.02)
+    assert job.poll() is None, f"pretraining ended before it was killed:\n{log.read_text()}"
+    os.kill(job.pid, signal.SIGKILL)
+    assert job.wait(timeout=60) == -signal.SIGKILL
+    step = read_resume_meta(resume)["step"]
+    assert 0 < step < MAX_STEPS
+    return step
+
+
+def pretrain_runs(workdir: Path) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-pipeline").experiment_id
+    return client.search_runs(
+        [experiment], "tags.`pipeline.stage` = 'pretrain'", order_by=["attributes.start_time"]
+    )
+
+
+def rerun(workdir: Path, *sets: str) -> str:
+    """Pretraining run again to its end; returns its log."""
+    returncode = pretrain_job(workdir, "rerun.log", *sets).wait(timeout=600)
+    log = (workdir / "rerun.log").read_text()
+    assert returncode == 0, log
+    return log
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_in_its_own_mlflow_run(workdir):
+    killed_at = kill_after_a_checkpoint(workdir)
+    [killed] = pretrain_runs(workdir)
+    assert killed.info.status == "RUNNING"  # what kill -9 leaves
+    assert read_resume_meta(workdir / ".resume" / "pretrain")["tracking_run"] == (
+        killed.info.run_id
+    )
+
+    log = rerun(workdir)
+    assert f"resumed from step {killed_at}/{MAX_STEPS}" in log
+    [run] = pretrain_runs(workdir)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "loss")
+    steps = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+    assert steps == list(range(1, MAX_STEPS + 1))  # no gap, no restart, nothing twice
+    metrics = json.loads((workdir / "results" / "pretrain" / "metrics.json").read_text())
+    assert metrics["steps"] == MAX_STEPS and run.data.metrics["val_loss"] == metrics["val_loss"]
+
+
+@pytest.mark.slow
+def test_a_killed_training_that_is_not_resumed_ends_killed(workdir):
+    kill_after_a_checkpoint(workdir)
+    log = rerun(workdir, "pretrain.train.lr=0.002")  # another run: the checkpoint does not fit
+    assert "discarding resume state" in log and "marked KILLED" in log
+    killed, fresh = pretrain_runs(workdir)
+    assert killed.info.status == "KILLED" and fresh.info.status == "FINISHED"
+    assert fresh.data.params["pretrain.train.lr"] == "0.002"
+
+
+def folder(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["plot_training_curves", "atomic_write_json"])
+def test_a_failed_stage_leaves_the_previous_complete_folder(workdir, monkeypatch, failing):
+    """A full disk while writing the loss plot (after the new samples.txt) or metrics.json
+    (after the new model): the folder is still the first run's, byte for byte."""
+    monkeypatch.chdir(workdir)
+    config = load_config([workdir / "config.yaml", workdir / "tiny.yaml"])
+    config["pretrain"]["train"]["max_steps"] = 4
+    pretrain.main(config)
+    results = workdir / "results"
+    complete = folder(results / "pretrain")
+    assert {"metrics.json", "loss.png", "samples.txt", "model/model.safetensors"} <= set(complete)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training, failing, disk_full)
+    config["seed"] = 7  # another model, other samples
+    with pytest.raises(OSError, match="(?i)no space left"):
+        pretrain.main(config)
+    assert folder(results / "pretrain") == complete
+    assert sorted(p.name for p in results.iterdir()) == ["pretrain"]  # no temp folder left
 
 
 def test_final_metrics_end_their_series_and_are_not_copied_as_final(
