@@ -89,6 +89,7 @@ def test_a_resumed_training_continues_its_run(tracked_config):
     run_id = killed.info.run_id
     for step in range(1, 6):
         client.log_metric(run_id, "loss", 10.0 - step, step=step)
+    client.log_param(run_id, "pretrain.train.log_every", "99")  # it may change on resume
     client.set_terminated(run_id, "FAILED")  # its job failed, or was found killed
     with stage_run(tracked_config, "pretrain", resume=run_id) as run:
         assert run.run_id == run_id
@@ -101,6 +102,8 @@ def test_a_resumed_training_continues_its_run(tracked_config):
     finished = client.get_run(run_id)
     assert finished.info.status == "FINISHED"
     assert finished.data.tags["pipeline.pid"] == str(os.getpid())
+    assert finished.data.params["pretrain.train.log_every"] == "99"  # MLflow keeps a param's
+    assert finished.data.params["pretrain.train.max_steps"]  # first value; the rest are added
     experiment = client.get_experiment_by_name("test").experiment_id
     assert len(client.search_runs([experiment])) == 1
 
