@@ -14,7 +14,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.ext-built
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup pipeline pipeline-slurm test lint bench dag clean-results mlflow-ui mlflow-server
+.PHONY: setup pipeline pipeline-slurm test lint bench dag report clean-results mlflow-ui mlflow-server
 
 setup: $(EXT_STAMP)
 
@@ -63,6 +63,15 @@ dag: setup
 	@set -e; tmp=$$(mktemp); trap 'rm -f "$$tmp" "$$tmp.svg"' EXIT; \
 	$(VENV)/bin/snakemake --dag > "$$tmp"; dot -Tsvg "$$tmp" > "$$tmp.svg"; mv "$$tmp.svg" dag.svg
 	@echo "wrote dag.svg"
+
+# Snakemake's report of the last run (every stage's figures and tables, Snakefile: REPORTED), one
+# self-contained file; written in a temporary folder here, so a failure leaves no report.html.
+# Pass the run's own --configfile in SNAKEMAKE_ARGS.
+report: setup
+	@set -e; tmp=$$(mktemp -d .report.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(VENV)/bin/snakemake --report "$$tmp/report.html" $(SNAKEMAKE_ARGS); \
+	mv "$$tmp/report.html" report.html
+	@echo "wrote report.html"
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -33,6 +33,9 @@ from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 envvars:
     "PATH",
 
@@ -69,6 +72,30 @@ STAGE_OF_RULE = {
     "prepare": "prepare",
     **{stage.rule: name for name, stage in TRAINING.items()},
 }
+
+
+# The files `snakemake --report report.html` shows, by name in a stage's results/<stage>/: each has
+# its caption in report/<name without suffix>.rst and a subcategory; the category is the stage.
+REPORTED = {
+    "metrics.json": "Metrics",
+    "loss.png": "Training",
+    "confusion_matrix.png": "Evaluation",
+    "reliability_diagram.png": "Evaluation",
+    "misclassified.tsv": "Evaluation",
+    "samples.txt": "Generations",
+    "test_responses.json": "Generations",
+}
+
+
+def stage_output(stage: str, name: str):
+    """results/<stage>/<name>, marked for the report when it is one of REPORTED and exists:
+    `--report` fails on a marked file that is missing, and a report before (or part-way
+    through) a run shows what there is. The flag is no rerun trigger."""
+    path = str(PATHS.stage(stage) / name)
+    if name not in REPORTED or not os.path.exists(path):
+        return path
+    caption = f"report/{name.rsplit('.', 1)[0]}.rst"
+    return report(path, caption=caption, category=stage, subcategory=REPORTED[name])
 
 
 def stages_of(jobs) -> list[str]:
@@ -220,8 +247,8 @@ for stage in TRAINING.values():
             **stage.inputs(config),
         output:
             model=directory(str(out_dir / "model")),
-            metrics=str(out_dir / "metrics.json"),
-            reports=[str(out_dir / name) for name in stage.outputs],
+            metrics=stage_output(stage.name, "metrics.json"),
+            reports=[stage_output(stage.name, name) for name in stage.outputs],
         params:
             section=stage_params(config[stage.name]),
             model=config["model"],

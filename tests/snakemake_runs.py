@@ -67,10 +67,17 @@ def tiny_config(mirror: Path, **train) -> dict:
     }
 
 
-def make_workdir(path: Path, repo: Path, config: dict) -> Path:
+def copy_workflow(repo: Path, path: Path) -> Path:
+    """The Snakefile, its config.yaml and its report captions (report/) into `path`."""
     path.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(repo / name, path / name)
+    shutil.copytree(repo / "report", path / "report", dirs_exist_ok=True)
+    return path
+
+
+def make_workdir(path: Path, repo: Path, config: dict) -> Path:
+    copy_workflow(repo, path)
     (path / "tiny.yaml").write_text(yaml.safe_dump(config))
     return path
 

@@ -1,6 +1,6 @@
-"""The README's Snakemake commands as a user types them: `make dag` (and that it fails loudly),
-`snakemake --dag` and `--report` without `--cores`, and a bad `--config` value ending in an
-`error:` line instead of Snakemake's traceback. Nothing is trained."""
+"""The README's Snakemake commands as a user types them: `make dag` and `make report` (and that
+they fail loudly), `snakemake --dag` and `--report` without `--cores`, and a bad `--config` value
+ending in an `error:` line instead of Snakemake's traceback. Nothing is trained."""
 
 import shutil
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake_runs import copy_workflow
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 VENV = Path(sys.executable).parent.parent
@@ -16,18 +17,22 @@ VENV = Path(sys.executable).parent.parent
 
 @pytest.fixture
 def workdir(tmp_path, repo) -> Path:
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(repo / name, tmp_path / name)
-    return tmp_path
+    return copy_workflow(repo, tmp_path)
 
 
 def run(workdir: Path, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
 
 
-def make_dag(workdir: Path, repo: Path) -> subprocess.CompletedProcess:
+def make(workdir: Path, repo: Path, target: str, *args: str) -> subprocess.CompletedProcess:
     # -o setup: the venv running the tests is already set up.
-    return run(workdir, "make", "-f", str(repo / "Makefile"), "-o", "setup", "dag", f"VENV={VENV}")
+    return run(
+        workdir, "make", "-f", str(repo / "Makefile"), "-o", "setup", target, f"VENV={VENV}", *args
+    )
+
+
+def make_dag(workdir: Path, repo: Path) -> subprocess.CompletedProcess:
+    return make(workdir, repo, "dag")
 
 
 def test_dag_and_report_need_no_cores(workdir):
@@ -56,6 +61,15 @@ def test_make_dag_fails_loudly_and_writes_no_svg(workdir, repo):
     if shutil.which("dot") is not None:
         assert "error: invalid configuration" in result.stderr and "seed: 'one'" in result.stderr
     assert not (workdir / "dag.svg").exists()
+
+
+def test_make_report_fails_loudly_and_writes_no_report(workdir, repo):
+    (workdir / "config.yaml").write_text(yaml.safe_dump({"seed": "one"}))
+    result = make(workdir, repo, "report")
+    assert result.returncode != 0
+    assert "error: invalid configuration" in result.stderr and "seed: 'one'" in result.stderr
+    assert not (workdir / "report.html").exists()
+    assert not list(workdir.glob(".report.*"))
 
 
 def test_a_bad_config_value_ends_in_error_lines_not_a_traceback(workdir):
