@@ -1,7 +1,9 @@
 """The real DAG, end to end: Snakemake runs the stage entry points on a tiny config, MLflow
 records them in a real sqlite store, and the user-facing promises hold (no-op rerun, only the
-changed stage reruns, a corrupted mirror or a bad key fails clearly, kill -9 resumes)."""
+changed stage reruns, a corrupted mirror or a bad key fails clearly, kill -9 resumes, `make report`
+shows every stage's figures, also in a headless browser)."""
 
+import base64
 import json
 import os
 import re
@@ -66,6 +68,104 @@ def test_dag_produces_every_stage_output(done):
     assert not (done / "data" / "token-parts" / "1-of-1").exists()  # a temp() output, removed
     assert "val_loss" in (done / "logs" / "pretrain.log").read_text()
     assert not (done / ".resume" / "pretrain").exists()  # resume state is cleared after success
+
+
+# What `make report` shows of each stage (its category): {subcategory: file names}.
+REPORTED = {
+    "pretrain": {
+        "Metrics": {"metrics.json"},
+        "Training": {"loss.png"},
+        "Generations": {"samples.txt"},
+    },
+    "finetune-classifier": {
+        "Metrics": {"metrics.json"},
+        "Training": {"loss.png"},
+        "Evaluation": {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv"},
+    },
+    "finetune-instruct": {
+        "Metrics": {"metrics.json"},
+        "Training": {"loss.png"},
+        "Generations": {"test_responses.json"},
+    },
+    "align-dpo": {
+        "Metrics": {"metrics.json"},
+        "Training": {"loss.png"},
+        "Generations": {"test_responses.json"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def report_html(done, repo) -> Path:
+    """`make report` after the tiny run, as a user types it (the run's config passed on)."""
+    venv = f"VENV={Path(sys.executable).parent.parent}"
+    cmd = ["make", "-f", str(repo / "Makefile"), "-o", "setup", "report", venv,
+           "SNAKEMAKE_ARGS=--configfile tiny.yaml"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=done, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrote report.html" in result.stdout
+    return done / "report.html"
+
+
+def report_data(html: str, name: str):
+    """The JSON a Snakemake report's page script holds as `var <name> = ...;`."""
+    return json.loads(re.search(rf'<script id="{name}">\s*var {name} = (.*);\n', html).group(1))
+
+
+def test_make_report_holds_every_stages_figures_and_tables(report_html, done):
+    html = report_html.read_text()
+    categories = report_data(html, "categories")
+    assert {
+        stage: {sub: {Path(f).name for f in files} for sub, files in subs.items()}
+        for stage, subs in categories.items()
+    } == REPORTED
+    results = report_data(html, "results")
+    for stage, subs in categories.items():
+        for path in (f for files in subs.values() for f in files):
+            assert Path(path).parent == Path("results") / stage
+            assert results[path]["caption"].strip(), path  # report/<name>.rst, rendered
+    loss = results["results/finetune-classifier/loss.png"]
+    assert loss["mime_type"] == "image/png"  # the file itself is in the page:
+    assert loss["data_uri"].startswith("data:image/png;")
+    data = base64.b64decode(loss["data_uri"].split(";base64,", 1)[1])
+    assert data == (done / "results" / "finetune-classifier" / "loss.png").read_bytes()
+    assert "A GPT-2-style model trained from scratch" in html  # report/workflow.rst
+
+
+def browser() -> str | None:
+    """A headless Chromium that starts (Ubuntu's `chromium-browser` may be a stub for a snap)."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if (
+            path
+            and subprocess.run([path, "--version"], capture_output=True, timeout=60).returncode == 0
+        ):
+            return path
+    return None
+
+
+@pytest.mark.skipif(
+    browser() is None, reason="no chromium that starts (.ci/run installs it where apt can)"
+)
+def test_the_report_renders_each_stage_in_a_headless_browser(report_html, tmp_path):
+    # The report is a JavaScript app: virtual time lets its scripts build the page first.
+    common = [browser(), "--headless", "--no-sandbox", "--disable-gpu",
+              "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run(
+        [*common, "--dump-dom", report_html.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    (tmp_path / "dom.html").write_text(dom)
+    text = " ".join(
+        re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", dom, flags=re.S).split()
+    )
+    assert "Snakemake Report" in text and "A GPT-2-style model trained from scratch" in text
+    # The menu the page's scripts build: one entry per category (stage), sorted.
+    assert "General Workflow Statistics About Results " + " ".join(sorted(REPORTED)) in text
+    shot = tmp_path / "report.png"
+    screenshot = [*common, "--window-size=1280,900", f"--screenshot={shot}", report_html.as_uri()]
+    subprocess.run(screenshot, capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
