@@ -402,6 +402,6 @@ class TrackingSettings:
     system_metrics_interval: float | None = setting(
         10.0,
         minimum=0,
-        help="seconds between samples of CPU, memory, disk, network and GPU use logged as the "
-        "training stages' system/* metrics; 0 or null: none",
+        help="seconds between samples of CPU, memory, disk and network use (GPU with "
+        "nvidia-ml-py) logged as the training stages' system/* metrics; 0 or null: none",
     )
