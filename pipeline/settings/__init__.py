@@ -399,3 +399,9 @@ class TrackingSettings:
     log_model: bool = setting(
         True, help="log each stage's checkpoint (safetensors + config.json) as run artifacts"
     )
+    system_metrics_interval: float | None = setting(
+        10.0,
+        minimum=0,
+        help="seconds between samples of CPU, memory, disk and network use (GPU with "
+        "nvidia-ml-py) logged as the training stages' system/* metrics; 0 or null: none",
+    )

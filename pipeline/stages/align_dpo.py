@@ -32,6 +32,7 @@ from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer
 from pipeline.stages.common import (
     epoch_train_settings,
     fine_tuning_fingerprint,
+    instruction_datasets,
     instruction_splits,
     load_language_model,
     make_trainable,
@@ -172,6 +173,7 @@ class AlignDpo(TrainingStage):
             start_metrics={
                 "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
             },
+            datasets=instruction_datasets(config, STAGE, out_dir, train_records, val, self.test),
             checkpoint_metadata={
                 "instruct": {
                     "template": self.template, "method": section["method"], "aligned": "dpo",

@@ -136,6 +136,43 @@ def instruction_splits(
     return train, val, test, len(skipped)
 
 
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+"""Each split's MLflow dataset context."""
+
+
+def split_datasets(
+    source: Path, splits: Mapping[str, tuple[Path, Sized]]
+) -> dict[str, list[dict[str, Any]]]:
+    """A source file's splits (name -> the split file written and its records) as the run's
+    dataset inputs, one per context, each named after the source. The digest is the split file's
+    sha256, the source's is in the profile with the rows: MLflow keeps one dataset (one profile,
+    one context per run) per name and digest, so the source's own sha256 would merge the three
+    splits, and the counts of the first run's split settings would stand for every run's."""
+    source_sha256 = sha256_file(source)
+    return {
+        SPLIT_CONTEXTS[name]: [
+            {
+                "name": source.name,
+                "source": source,
+                "digest": sha256_file(path),
+                "profile": {"rows": len(records), "source_sha256": source_sha256},
+            }
+        ]
+        for name, (path, records) in splits.items()
+    }
+
+
+def instruction_datasets(
+    config: Mapping[str, Any], stage: str, out_dir: Path, *splits: Sized
+) -> dict[str, list[dict[str, Any]]]:
+    """`instruction_splits`' train, val and test (written to `out_dir`) as dataset inputs."""
+    source = Paths.from_config(config).source(config[stage]["data"])
+    files = {name: out_dir / f"{name}.json" for name in SPLIT_CONTEXTS}
+    return split_datasets(
+        source, {name: (files[name], records) for name, records in zip(files, splits, strict=True)}
+    )
+
+
 def load_language_model(
     config: Mapping[str, Any], stage: str, device: torch.device
 ) -> tuple[GPT, Path]:

@@ -45,6 +45,7 @@ from pipeline.stages.common import (
     epoch_train_settings,
     fine_tuning_fingerprint,
     load_language_model,
+    split_datasets,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
@@ -121,6 +122,10 @@ class FinetuneClassifier(TrainingStage):
             tags={"init_from": str(start), "device": device.type,
                   "trainable_parameters": self.trainable},
             start_metrics={f"truncated_{name}": float(n) for name, n in self.truncated.items()},
+            datasets=split_datasets(
+                Paths.from_config(config).source(section["data"]),
+                {name: (out_dir / f"{name}.tsv", split) for name, split in self.splits.items()},
+            ),
             checkpoint_metadata={
                 "classifier": {
                     "labels": self.labels,

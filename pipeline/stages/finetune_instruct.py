@@ -33,6 +33,7 @@ from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer
 from pipeline.stages.common import (
     epoch_train_settings,
     fine_tuning_fingerprint,
+    instruction_datasets,
     instruction_splits,
     load_language_model,
     make_trainable,
@@ -136,6 +137,7 @@ class FinetuneInstruct(TrainingStage):
             title=f"{STAGE} ({section['method']})",
             tags={"init_from": str(start), "device": device.type, "method": section["method"]},
             start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
+            datasets=instruction_datasets(config, STAGE, out_dir, train_records, val, self.test),
             checkpoint_metadata={"instruct": {"template": template, "method": section["method"]}},
             lora=section["method"] == "lora",
         )  # fmt: skip

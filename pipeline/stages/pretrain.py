@@ -25,14 +25,19 @@ from pipeline.data.loader import TokenWindows, evaluation_batches
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.errors import InputError
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, sha256_bytes
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
 from pipeline.model.hf import gpt2_config, load_gpt2
 from pipeline.model.weights import resolve_init_from
 from pipeline.paths import Paths
-from pipeline.stages.common import train_settings, use_attention, weights_sha256
+from pipeline.stages.common import (
+    SPLIT_CONTEXTS,
+    train_settings,
+    use_attention,
+    weights_sha256,
+)
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
 from pipeline.train import TrainResult, TrainTask, measure_peak_flops
@@ -119,6 +124,31 @@ def load_init_model(
     model = GPT(cfg)
     model.load_state_dict(source.state_dict())
     return model
+
+
+def token_datasets(token_dir: Path, meta: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The token files' train and val splits as the run's dataset inputs (`tokens/train`,
+    `tokens/val`). The digest is a sha256 of what made them, from meta.json: the split, its
+    settings and each input file's name and sha256 (stable, and read without hashing the
+    shards); the profile has the split's tokens, shards and input files (the prepare run lists
+    each with its sha256)."""
+    made_of = [[r["file"], r["sha256"]] for r in meta["inputs"]]
+    recipe = [meta["tokenizer"], meta["split"], meta["val_fraction"], made_of]
+    return {
+        SPLIT_CONTEXTS[split]: [
+            {
+                "name": f"{token_dir.name}/{split}",
+                "source": token_dir / "meta.json",
+                "digest": sha256_bytes(json.dumps([split, *recipe]).encode()),
+                "profile": {
+                    "tokens": meta[f"{split}_tokens"],
+                    "shards": len(meta["shards"][split]),
+                    "input_files": len(made_of),
+                },
+            }
+        ]
+        for split in ("train", "val")
+    }
 
 
 def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -214,6 +244,7 @@ class Pretrain(TrainingStage):
             model, task, train, fingerprint, self.tokenizer, tokenizer_files(paths.bpe),
             title=f"pretrain ({config['model']['preset']}, init_from {init_from})",
             tags={**tags, **self.init_info}, trains=trains,
+            datasets=token_datasets(paths.tokens, meta),
         )  # fmt: skip
 
     def sample(self, model: GPT) -> str:

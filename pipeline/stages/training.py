@@ -1,13 +1,14 @@
 """The one skeleton every training stage runs; a stage supplies only what differs.
 
 `run_training_stage` owns the shared sequence: device -> the stage's `setup` (its data, start
-model, trainable parts, task and fingerprint) -> MLflow run (the interrupted one, when resuming)
--> `fit` (or, for weights that are only evaluated, an evaluation) -> rank-0 gate -> LoRA merge ->
-the stage's `report` (its test evaluation and files) -> loss plot -> checkpoint -> metrics.json
-and artifacts -> the new folder swapped in whole -> clearing the resume state. A stage is a
-`TrainingStage` subclass whose `setup` and `report` read top to bottom, as a torchtune recipe
-does. Everything it writes goes to a temporary folder, so results/<stage>/ always holds one
-complete run; resume checkpoints live apart, in `paths.resume`.
+model, trainable parts, task and fingerprint) -> MLflow run (the interrupted one, when resuming),
+its dataset inputs and system metrics -> `fit` (or, for weights that are only evaluated, an
+evaluation) -> rank-0 gate -> LoRA merge -> the stage's `report` (its test evaluation and files)
+-> loss plot -> checkpoint -> metrics.json and artifacts -> the new folder swapped in whole ->
+clearing the resume state. A stage is a `TrainingStage` subclass whose `setup` and `report`
+read top to bottom, as a torchtune recipe does. Everything it writes goes to a temporary folder,
+so results/<stage>/ always holds one complete run; resume checkpoints live apart, in
+`paths.resume`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pipeline.plots import plot_training_curves
 from pipeline.settings import TrainSettings
 from pipeline.stages.common import stage_device
 from pipeline.stages.registry import STAGES
-from pipeline.tracking import StageRun, stage_run
+from pipeline.tracking import StageRun, stage_run, system_metrics
 from pipeline.train import (
     TrainResult,
     TrainTask,
@@ -75,6 +76,9 @@ class StagePlan:
     """Merge LoRA adapters into the weights before reporting and saving."""
     trains: bool = True
     """False: evaluate the start weights only (pretrain.continue_pretraining false)."""
+    datasets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """The data read, by MLflow context (training / validation / test): the run's dataset
+    inputs, as `StageRun.log_datasets` takes them."""
 
 
 class TrainingStage:
@@ -136,8 +140,14 @@ def run_training_stage(
         )
         resumes = resumes and plan.trains  # a stage that only evaluates leaves its earlier run
         resume, abandoned = (earlier, "") if resumes else ("", earlier)
-        with stage_run(config, stage.name, resume, abandoned) as tracker:
+        tracking = config["tracking"]
+        with (
+            stage_run(config, stage.name, resume, abandoned) as tracker,
+            system_metrics(tracker, tracking["uri"], tracking["system_metrics_interval"]),
+        ):
             tracker.set_tags(plan.tags)
+            for context, files in plan.datasets.items():
+                tracker.log_datasets(files, context)
             if plan.start_metrics:
                 tracker.log_metrics(plan.start_metrics, step=0)
             if plan.trains:

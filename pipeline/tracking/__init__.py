@@ -176,6 +176,28 @@ class StageRun:
             self.client.log_inputs(self.run_id, datasets=inputs[start : start + 1000])
 
 
+@contextmanager
+def system_metrics(tracker: StageRun, uri: str, interval: float | None) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where present) use as the run's `system/*` metrics,
+    sampled every `interval` seconds by MLflow's monitor on a background thread; none when
+    `interval` is 0 or null, or on ranks other than 0. A continued run goes on from its last
+    sample's step."""
+    if not interval or not tracker.run_id:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        tracker.run_id, sampling_interval=interval, resume_logging=bool(tracker.logged),
+        tracking_uri=uri,
+    )  # fmt: skip
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 class _RankRun(StageRun):
     """What a multi-process stage's processes other than rank 0 log to: nothing (rank 0 logs)."""
 

@@ -2,6 +2,7 @@
 the same weights and metrics as an uninterrupted one (LoRA, length buckets and class weights
 included), and a stage refuses a start checkpoint of the wrong kind."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import pipeline.train.loop as loop
@@ -126,6 +128,35 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
         assert {
             f"test_{k}_{when}" for k in STATS for when in ("before", "after")
         } <= reference.keys()
+    assert_split_datasets(workdir, section, workdir / f"{case}-interrupted")
+
+
+def assert_split_datasets(workdir: Path, section: str, results: Path) -> None:
+    """The resumed run (one run for both processes) lists its source's train, val and test
+    splits once each: named after the source, the split file's sha256 as digest, its rows and
+    the source's verified sha256 (the one `data.sources` gives) as profile."""
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-pipeline").experiment_id
+    [run] = client.search_runs(
+        [experiment],
+        f"tags.`pipeline.stage` = '{section}' and params.`paths.results` = '{results}'",
+    )
+    config = load_config([REPO / "config.yaml"])
+    source = config[section]["data"]
+    [expected_sha256] = [s["sha256"] for s in config["data"]["sources"] if s["name"] == source]
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert len(run.inputs.dataset_inputs) == 3
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        dataset = inputs[context]
+        [split_file] = (results / section).glob(f"{split}.*")
+        text = split_file.read_text()
+        rows = len(json.loads(text)) if split_file.suffix == ".json" else text.count("\n") - 1
+        assert dataset.name == source
+        assert dataset.digest == hashlib.sha256(split_file.read_bytes()).hexdigest()[:36]
+        assert json.loads(dataset.profile) == {"rows": rows, "source_sha256": expected_sha256}
+        assert json.loads(dataset.source)["uri"] == str(
+            (workdir / "data" / "raw" / source).resolve()
+        )
 
 
 @pytest.mark.parametrize("case", CASES)

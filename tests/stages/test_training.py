@@ -4,6 +4,7 @@ continuous curves; a killed run that is not resumed ends KILLED; and results/<st
 one complete run, even after a stage that failed."""
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -54,10 +55,10 @@ def pretrain_job(workdir: Path, log: str, *sets: str) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
 
 
-def kill_after_a_checkpoint(workdir: Path) -> int:
+def kill_after_a_checkpoint(workdir: Path, *sets: str) -> int:
     """Start pretraining, SIGKILL it once a resume checkpoint exists and it trained on past it;
     returns the checkpoint's step."""
-    job = pretrain_job(workdir, "killed.log")
+    job = pretrain_job(workdir, "killed.log", *sets)
     resume, log = workdir / ".resume" / "pretrain", workdir / "killed.log"
     deadline = time.monotonic() + 300
     while job.poll() is None and time.monotonic() < deadline:
@@ -91,14 +92,16 @@ def rerun(workdir: Path, *sets: str) -> str:
 
 @pytest.mark.slow
 def test_a_killed_training_resumes_in_its_own_mlflow_run(workdir):
-    killed_at = kill_after_a_checkpoint(workdir)
+    """One run, its curves and system metrics going on, its dataset inputs listed once."""
+    sampling = "tracking.system_metrics_interval=0.2"
+    killed_at = kill_after_a_checkpoint(workdir, sampling)
     [killed] = pretrain_runs(workdir)
     assert killed.info.status == "RUNNING"  # what kill -9 leaves
     assert read_resume_meta(workdir / ".resume" / "pretrain")["tracking_run"] == (
         killed.info.run_id
     )
 
-    log = rerun(workdir)
+    log = rerun(workdir, sampling)
     assert f"resumed from step {killed_at}/{MAX_STEPS}" in log
     [run] = pretrain_runs(workdir)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
@@ -108,6 +111,29 @@ def test_a_killed_training_resumes_in_its_own_mlflow_run(workdir):
     assert steps == list(range(1, MAX_STEPS + 1))  # no gap, no restart, nothing twice
     metrics = json.loads((workdir / "results" / "pretrain" / "metrics.json").read_text())
     assert metrics["steps"] == MAX_STEPS and run.data.metrics["val_loss"] == metrics["val_loss"]
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    steps = [m.step for m in sorted(cpu, key=lambda m: m.timestamp)]
+    assert steps and steps == sorted(set(steps))  # the rerun's samples go on after the killed's
+    assert_token_datasets(run, workdir / "data" / "tokens")
+
+
+def assert_token_datasets(run, token_dir: Path) -> None:
+    """The run's inputs: the token files' train and val splits, each once, with their counts and
+    a digest of what made them (the inputs' sha256s and the split)."""
+    meta = json.loads((token_dir / "meta.json").read_text())
+    inputs = {i.dataset.name: (i.tags[0].value, i.dataset) for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["tokens/train", "tokens/val"]
+    made_of = [[r["file"], r["sha256"]] for r in meta["inputs"]]
+    for split, context in (("train", "training"), ("val", "validation")):
+        logged_context, dataset = inputs[f"tokens/{split}"]
+        assert logged_context == context
+        assert json.loads(dataset.source) == {"uri": str((token_dir / "meta.json").resolve())}
+        assert json.loads(dataset.profile) == {
+            "tokens": meta[f"{split}_tokens"], "shards": len(meta["shards"][split]),
+            "input_files": 1,
+        }  # fmt: skip
+        recipe = [split, meta["tokenizer"], meta["split"], meta["val_fraction"], made_of]
+        assert dataset.digest == hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:36]
 
 
 @pytest.mark.slow

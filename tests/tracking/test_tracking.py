@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,6 +15,7 @@ from pipeline.tracking import (
     git_tags,
     stage_run,
     start_parent_run,
+    system_metrics,
 )
 
 
@@ -139,3 +141,22 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(tracked_config):
     status = {run: client.get_run(run).info.status for run in (dead, alive, elsewhere, abandoned)}
     assert status == {dead: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", abandoned: "KILLED"}
     assert client.get_run(other_stage).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("interval", [0.2, 0, None])
+def test_system_metrics_are_sampled_at_the_interval_or_not_at_all(tracked_config, interval):
+    """MLflow's monitor on a real store: samples every `interval` s while the block runs (a
+    training step's work here is a sleep); 0 or null logs none."""
+    uri = tracked_config["tracking"]["uri"]
+    with stage_run(tracked_config, "pretrain") as run, system_metrics(run, uri, interval):
+        time.sleep(1.5)
+    client = MlflowClient(uri)
+    logged = [k for k in client.get_run(run.run_id).data.metrics if k.startswith("system/")]
+    if not interval:
+        assert logged == []
+        return
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        logged
+    )
+    history = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
+    assert 2 <= len(history) <= 1.5 / interval + 1  # one sample per interval, none after
