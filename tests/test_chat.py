@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,20 @@ def test_an_empty_line_ends_the_chat():
     assert answered == ["one"]
 
 
+def wait_until_reading_stdin(pid: int, timeout: float = 120) -> None:
+    """Until the process's main thread is in read(0, ...) (Linux: /proc/<pid>/syscall), so a
+    signal sent next finds it at its prompt however loaded the machine is."""
+    syscall = Path(f"/proc/{pid}/syscall")
+    if not syscall.exists():
+        pytest.skip("needs /proc/<pid>/syscall (Linux) to know the chat waits at its prompt")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if syscall.read_text().split()[:2] == ["0", "0x0"]:  # read(), file descriptor 0
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the chat did not come back to its prompt within {timeout} s")
+
+
 def test_sigint_at_the_prompt_exits_0_without_a_traceback(tmp_path, mirror, repo):
     from pipeline.model import GPT, GPTConfig, save_checkpoint
     from pipeline.model.checkpoint import tokenizer_files
@@ -70,7 +85,7 @@ def test_sigint_at_the_prompt_exits_0_without_a_traceback(tmp_path, mirror, repo
     chat.stdin.write("Name a color.\n")
     chat.stdin.flush()
     chat.stdout.readline()  # the answer's first line
-    time.sleep(1)  # the rest of a 3-token answer is long written: the chat waits at its prompt
+    wait_until_reading_stdin(chat.pid)  # the answer is done: the chat waits at its prompt
     chat.send_signal(signal.SIGINT)
     try:
         assert chat.wait(timeout=60) == 0
