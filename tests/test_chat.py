@@ -81,6 +81,9 @@ def test_sigint_at_the_prompt_exits_0_without_a_traceback(tmp_path, mirror, repo
          "--max-new-tokens", "3", "--attention", "sdpa"],
         cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(repo)},
+        # as a terminal starts it: a run in the background (nohup ... &) ignores SIGINT, and an
+        # ignored SIGINT is inherited and kept by Python
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     chat.stdin.write("Name a color.\n")
     chat.stdin.flush()
