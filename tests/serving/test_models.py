@@ -128,3 +128,31 @@ def test_max_new_tokens_defaults_to_the_context_when_shorter_and_may_not_exceed_
     assert len(model.predict(["Hello"])) == 1
     with pytest.raises(MlflowException, match=f"max_new_tokens .* context length {context}"):
         model.predict(["Hello"], params={"max_new_tokens": context + 1})
+
+
+def test_finish_stage_logs_the_checkpoint_as_the_runs_model_and_returns_its_uri(
+    tmp_path, checkpoints, default_config, monkeypatch
+):
+    import shutil
+
+    from pipeline.stages.training import finish_stage
+    from pipeline.tracking import PARENT_RUN_ENV, stage_run
+
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copytree(checkpoints["finetune-classifier"], tmp_path / "out" / "model")
+    for log_model in (False, True):
+        config = {**default_config, "tracking": {"uri": uri, "experiment": "t",
+                                                 "log_model": log_model}}  # fmt: skip
+        with stage_run(config, "finetune-classifier") as tracker:
+            model_uri = finish_stage(tracker, config, tmp_path / "out", {"test_f1": 0.5}, 3, [],
+                                     "finetune-classifier")  # fmt: skip
+        outputs = MlflowClient(uri).get_run(tracker.run_id).outputs.model_outputs
+        if not log_model:
+            assert model_uri is None and not outputs
+            continue
+        assert [(f"models:/{o.model_id}", o.step) for o in outputs] == [(model_uri, 3)]
+        assert not MlflowClient(uri).list_artifacts(tracker.run_id, "model")  # no plain copy
+        directory = model_directory(MlflowClient(uri), model_uri)  # in this test's store
+        predicted = mlflow.pyfunc.load_model(str(directory)).predict(["hello there"])
+        assert list(predicted.columns) == ["label", "probability"]
