@@ -17,7 +17,7 @@ from pipeline.serving.inference import Generation, Sampling
 from pipeline.serving.schema import bad_request, sampling
 
 
-class ChatModel(PythonModel):
+class InstructionChat(PythonModel):
     def load_context(self, context) -> None:
         self.generation = Generation(context.artifacts["checkpoint"], key="")
         self.template = self.generation.template()
@@ -28,8 +28,9 @@ class ChatModel(PythonModel):
         """One completion per conversation (the object itself for a single one, as OpenAI's
         API answers)."""
         options = sampling(params, self.generation.model.config.context_length)
-        rows = model_input["messages"] if hasattr(model_input, "columns") else [model_input]
-        answers = [self._complete(self._instruction(messages), options) for messages in rows]
+        # a DataFrame (MLflow checked the signature): one conversation a row
+        conversations = model_input["messages"]
+        answers = [self._complete(self._instruction(m), options) for m in conversations]
         return answers[0] if len(answers) == 1 else answers
 
     def _instruction(self, messages: Any) -> str:
@@ -69,4 +70,4 @@ class ChatModel(PythonModel):
         }  # fmt: skip
 
 
-mlflow.models.set_model(ChatModel())
+mlflow.models.set_model(InstructionChat())
