@@ -135,54 +135,11 @@ def _add_attention_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_for_inference(checkpoint: Path, args: argparse.Namespace):
-    """A checkpoint's model on the asked device, running the asked attention backend."""
-    from pipeline.model import load_checkpoint
-    from pipeline.model.attention import resolve_attention
-    from pipeline.train import pick_device
+def _sampling(args: argparse.Namespace) -> Any:
+    from pipeline.serving.inference import Sampling
 
-    device = pick_device(args.device, key="--device")
-    resolve_attention(args.attention, device, key="--attention")  # fails before the loading
-    model = load_checkpoint(checkpoint, device=device)
-    attention = resolve_attention(args.attention, device, model.config.attn_dropout, "--attention")
-    model.set_attention(attention)
-    return model.eval(), device
-
-
-class _Generation:
-    """A checkpoint loaded for sampling with the command line's options."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        import torch
-
-        from pipeline.model import GPT
-        from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-
-        self.model, device = _load_for_inference(args.checkpoint, args)
-        if type(self.model) is not GPT:
-            raise InputError(f"{args.checkpoint} is not a language-model checkpoint")
-        self.config = load_checkpoint_config(args.checkpoint)
-        self.tokenizer = checkpoint_tokenizer(args.checkpoint)
-        self.args = args
-        self.generator = None
-        if args.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    def stream(self, prompt: str, stop_at_eot: bool = True) -> Iterator[str]:
-        from pipeline.model.generate import generate_tokens, stream_text
-
-        ids = generate_tokens(
-            self.model,
-            self.tokenizer.encode_ordinary(prompt),
-            self.args.max_new_tokens,
-            temperature=self.args.temperature,
-            top_k=self.args.top_k,
-            top_p=self.args.top_p,
-            eos_id=self.tokenizer.eot_token if stop_at_eot else None,
-            use_cache=not self.args.no_cache,
-            generator=self.generator,
-        )
-        return stream_text(ids, self.tokenizer)
+    return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                    use_cache=not args.no_cache)  # fmt: skip
 
 
 def _write_stream(pieces: Iterator[str]) -> None:
@@ -194,28 +151,25 @@ def _write_stream(pieces: Iterator[str]) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    generation = _Generation(args)
+    from pipeline.serving.inference import Generation
+
+    generation, sampling = Generation(args.checkpoint, args.device, args.attention), _sampling(args)
     sys.stdout.write(args.prompt)
-    _write_stream(generation.stream(args.prompt, stop_at_eot=not args.no_stop))
+    pieces = generation.stream(args.prompt, sampling, generation.generator(sampling),
+                               stop_at_eot=not args.no_stop)  # fmt: skip
+    _write_stream(pieces)
 
 
 def chat_command(args: argparse.Namespace) -> None:
     """Wrap each instruction in the checkpoint's prompt template and stream the answer."""
-    from pipeline.data.instruct import format_prompt, get_template
-    from pipeline.model.generate import stream_until
+    from pipeline.serving.inference import Generation
 
-    generation = _Generation(args)
-    template = args.template or generation.config.get("instruct", {}).get("template")
-    if template is None:
-        template = "alpaca"
-        log.warning("%s records no prompt template; using alpaca", args.checkpoint)
-    stops = get_template(template).stops
+    generation, sampling = Generation(args.checkpoint, args.device, args.attention), _sampling(args)
+    template = generation.template(args.template)
+    random = generation.generator(sampling)  # one stream of draws for the whole conversation
 
     def answer(instruction: str, input_text: str = "") -> None:
-        prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
-        pieces = stream_until(generation.stream(prompt), stops)
-        first = next(pieces, "").lstrip()
-        _write_stream(iter([first, *pieces]) if first else pieces)
+        _write_stream(generation.answer(template, instruction, input_text, sampling, random))
 
     if args.instruction is not None:
         if not args.instruction.strip():
@@ -255,31 +209,19 @@ def chat_loop(answer: Callable[[str], None], prompt: str, read: Callable[[str], 
 
 def classify_command(args: argparse.Namespace) -> None:
     from pipeline.data.labeled_text import read_texts
-    from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-    from pipeline.model.classifier import GPTClassifier, encode_texts, predict_probabilities
+    from pipeline.serving.inference import Classification, check_texts
 
     if bool(args.texts) == bool(args.input):
         raise InputError("give texts as arguments or --input FILE (one of the two)")
     texts = read_texts(args.input) if args.input else list(args.texts)
-    for i, text in enumerate(texts, start=1):
-        if not text.strip():
-            raise InputError(f"text {i} is empty")
-    model, _ = _load_for_inference(args.checkpoint, args)
-    if not isinstance(model, GPTClassifier):
-        raise InputError(f"{args.checkpoint} is a language model, not a classifier checkpoint")
-    tokenizer = checkpoint_tokenizer(args.checkpoint)
-    head = load_checkpoint_config(args.checkpoint)["classifier"]
-    max_length = head.get("max_length") or model.config.context_length
-    ids, truncated = encode_texts(texts, tokenizer, max_length)
-    if truncated:
-        log.info("%d text(s) truncated to %d tokens, as in training", truncated, max_length)
-    # calibrated as the stage fitted it; checkpoints older than calibration hold no temperature
-    probs = predict_probabilities(model, ids, args.batch_size, head.get("temperature", 1.0))
+    check_texts(texts)  # before the loading
+    predicted = Classification(args.checkpoint, args.device, args.attention).predict(
+        texts, args.batch_size
+    )
     rows = ["label\tprobability\ttext"]
-    for text, p in zip(texts, probs, strict=True):
-        best = int(p.argmax())
+    for text, (label, probability) in zip(texts, predicted, strict=True):
         one_line = " ".join(text.splitlines())  # the text column is last: tabs may stay
-        rows.append(f"{model.labels[best]}\t{float(p[best]):.4f}\t{one_line}")
+        rows.append(f"{label}\t{probability:.4f}\t{one_line}")
     table = "\n".join(rows) + "\n"
     if args.output:
         from pipeline.io import atomic_write_text

@@ -397,7 +397,9 @@ class TrackingSettings:
     uri: str = setting("sqlite:///mlflow.db", minLength=1)
     experiment: str = setting("gpt-pipeline", minLength=1)
     log_model: bool = setting(
-        True, help="log each stage's checkpoint (safetensors + config.json) as run artifacts"
+        True,
+        help="log each training stage's checkpoint as the run's MLflow pyfunc model (safetensors, "
+        "config.json and tokenizer files; nothing pickled), which `mlflow models serve` serves",
     )
     system_metrics_interval: float | None = setting(
         10.0,

@@ -160,7 +160,10 @@ def run_training_stage(
             if not is_main_process():
                 return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
             metrics = _report(stage, plan, result, work, tracker)
-            finish_stage(tracker, config, work, metrics, result.step, STAGES[stage.name].outputs)
+            outputs = STAGES[stage.name].outputs
+            model = finish_stage(tracker, config, work, metrics, result.step, outputs, stage.name)
+            if model:
+                log.info("logged the model as %s (mlflow models serve -m %s)", model, model)
     clear_resume_state(resume_dir)
     return metrics
 
@@ -203,9 +206,11 @@ def finish_stage(
     metrics: Mapping[str, Any],
     step: int,
     artifacts: Iterable[str],
-) -> None:
-    """Write metrics.json last (it is the stage's completion marker), log it, the artifacts and
-    the model directory to the stage's MLflow run.
+    stage: str,
+) -> str | None:
+    """Write metrics.json last (it is the stage's completion marker), log it and the artifacts
+    to the stage's MLflow run, and (`tracking.log_model`) the checkpoint in `out_dir`/model as
+    the run's MLflow pyfunc model; returns that model's URI (`models:/<id>`), else None.
 
     Its numbers go on the run under their own names, so the runs table shows them: a series that
     already ends at its value (val_loss) is left alone, any other value is logged at the last
@@ -221,5 +226,8 @@ def finish_stage(
     tracker.log_metrics({k: v for k, v in numeric.items() if not _same(latest.get(k), v)}, step)
     for name in ("metrics.json", *artifacts):
         tracker.log_artifact(out_dir / name)
-    if config["tracking"]["log_model"]:
-        tracker.log_artifact(out_dir / "model", "model")
+    if not config["tracking"]["log_model"]:
+        return None
+    from pipeline.serving.models import log_stage_model
+
+    return log_stage_model(tracker, stage, out_dir / "model", step)

@@ -213,7 +213,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     assert steps == sorted(steps) and len(steps) >= 5
     assert "val_loss" in pretrain.data.metrics
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
-    assert {"metrics.json", "loss.png", "samples.txt", "config.yaml", "model"} <= artifacts
+    assert {"metrics.json", "loss.png", "samples.txt", "config.yaml"} <= artifacts
     assert "pretrain.val_loss" in parents[0].data.metrics
     assert "finetune-classifier.test_accuracy" in parents[0].data.metrics
     classifier = children["finetune-classifier"]
@@ -221,13 +221,11 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         classifier.data.metrics
     )
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
-    assert {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv", "model"} <= (
-        artifacts
-    )
+    assert {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv"} <= artifacts
     instruct = children["finetune-instruct"]
     assert {"val_loss", "test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
-    assert {"test_responses.json", "test_samples.json", "model", "loss.png"} <= artifacts
+    assert {"test_responses.json", "test_samples.json", "loss.png"} <= artifacts
     dpo = children["align-dpo"]
     steps = [m.step for m in client.get_metric_history(dpo.info.run_id, "reward_margin")]
     assert steps == [1, 2]  # DPO statistics per training step, beside the loss
@@ -239,6 +237,11 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         stats = [{k: metrics[f"test_{k}_{w}"] for k in STATS} for w in ("before", "after")]
         tag = children[stage].data.tags.get(WARNING_TAG)
         assert (tag is not None) == bool(collapse_reasons(*stats)), (stage, tag)
+    for stage in ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"):
+        run = client.get_run(children[stage].info.run_id)
+        (logged,) = run.outputs.model_outputs  # its checkpoint as a pyfunc model
+        model = client.get_logged_model(logged.model_id)
+        assert model.name == stage and model.source_run_id == run.info.run_id
 
 
 def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(done):

@@ -190,7 +190,7 @@ def test_final_metrics_end_their_series_and_are_not_copied_as_final(
     with stage_run(config, "finetune-instruct") as tracker:
         tracker.log_metrics({"val_loss": 0.7, "tokens_per_second": 80.0}, step=1)
         tracker.log_metrics({"val_loss": 0.5, "tokens_per_second": 90.0}, step=2)
-        finish_stage(tracker, config, tmp_path, metrics, 2, [])
+        finish_stage(tracker, config, tmp_path, metrics, 2, [], "finetune-instruct")
 
     client = MlflowClient(uri)
     run = client.get_run(tracker.run_id)
