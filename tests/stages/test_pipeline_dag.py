@@ -23,6 +23,7 @@ from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
 from pipeline.evaluate.diversity import STATS, collapse_reasons
 from pipeline.stages.common import WARNING_TAG
+from pipeline.stages.registry import training_stages
 
 pytestmark = pytest.mark.slow
 
@@ -216,6 +217,13 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         stats = [{k: metrics[f"test_{k}_{w}"] for k in STATS} for w in ("before", "after")]
         tag = children[stage].data.tags.get(WARNING_TAG)
         assert (tag is not None) == bool(collapse_reasons(*stats)), (stage, tag)
+
+
+def test_each_training_stage_reports_its_headline_metric(done):
+    """The metric a registered model's @champion follows is one the stage's metrics.json has."""
+    for name, stage in training_stages().items():
+        metrics = json.loads((done / "results" / name / "metrics.json").read_text())
+        assert stage.headline.metric in metrics, (name, sorted(metrics))
 
 
 def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(done):
