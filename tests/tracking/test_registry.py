@@ -3,6 +3,7 @@
 never), the config can turn it off, and the MLflow UI (a real server, a real headless Chromium)
 shows the versions, the aliases and the way from a version to its run and its datasets."""
 
+import json
 import logging
 import math
 import re
@@ -74,15 +75,20 @@ class Store:
         return str(latest), None if champion is None else str(champion)
 
 
-@pytest.fixture
-def store(sqlite_uri, tmp_path, monkeypatch) -> Store:
-    """The sqlite store, also the process's tracking URI (log_model and load_model use it)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+def make_store(uri: str, tmp_path: Path, monkeypatch) -> Store:
+    """`uri`, also the process's tracking URI (log_model and load_model use it), with an
+    experiment and the model's code."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     code = tmp_path / "reply_model.py"
     code.write_text(textwrap.dedent(MODEL_CODE))
-    experiment_id = ensure_experiment(sqlite_uri, "registry")
-    return Store(sqlite_uri, MlflowClient(sqlite_uri), experiment_id, code)
+    experiment_id = ensure_experiment(uri, f"registry-{tmp_path.name}")
+    return Store(uri, MlflowClient(uri), experiment_id, code)
+
+
+@pytest.fixture
+def store(sqlite_uri, tmp_path, monkeypatch) -> Store:
+    return make_store(sqlite_uri, tmp_path, monkeypatch)
 
 
 def register_series(store, headline, values, parent=None, name="m") -> list[tuple]:
@@ -134,6 +140,24 @@ def test_version_links_to_its_run_and_logged_model_and_loads_by_alias(store):
     model_input = pd.DataFrame({"text": ["a", "b"]})
     assert mlflow.pyfunc.load_model("models:/m@champion").predict(model_input) == ["first"] * 2
     assert mlflow.pyfunc.load_model("models:/m@latest").predict(model_input) == ["second"] * 2
+
+
+@pytest.mark.slow
+def test_a_team_tracking_server_registers_the_same_way(mlflow_server, tmp_path, monkeypatch):
+    """Through `mlflow server` (PostgreSQL, proxied artifacts), which checks each version's
+    source against its logged model."""
+    store = make_store(mlflow_server.uri, tmp_path, monkeypatch)
+    name = f"served-{tmp_path.name}"
+    run_id, model_uri = store.log_model()
+    for value, aliases in ((0.5, ("1", "1")), (0.4, ("2", "1")), (0.6, ("3", "3"))):
+        register_stage_model(store.uri, model_uri, name, run_id, "p", F1, value)
+        assert store.aliases(name) == aliases
+    assert store.client.get_model_version(name, "3").source.startswith("mlflow-artifacts:/")
+    linked = store.client.get_logged_model(model_uri.removeprefix("models:/")).tags
+    versions = [str(v["version"]) for v in json.loads(linked["mlflow.modelVersions"])]
+    assert versions == ["1", "2", "3"]  # each once, though the server records them too
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert model.predict(pd.DataFrame({"text": ["a"]})) == ["hi"]
 
 
 def config_for(default_config, store, register=True, **sections) -> dict:
