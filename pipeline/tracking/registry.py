@@ -90,6 +90,14 @@ def _create_version(client, name: str, model_uri: str, run_id: str, tags: Mappin
     return version
 
 
+def _outcome(metric: str, value: float, champion: str | None, best: float, moved: bool) -> str:
+    """What became of `@champion`, for the log."""
+    if champion is None:
+        return "@champion set to it" if moved else f"no @champion yet ({metric} is {value})"
+    verb = "moved to it from" if moved else "kept at"
+    return f"@champion {verb} version {champion} ({metric} {best:.6g} there, {value:.6g} here)"
+
+
 def register_stage_model(
     uri: str, model_uri: str, name: str, run_id: str, parent_run_id: str | None,
     headline: Headline, value: float,
@@ -107,16 +115,8 @@ def register_stage_model(
     moved = headline.beats(value, best)
     if moved:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    metric = headline.metric
-    if champion is None and not moved:
-        outcome = f"no @champion yet ({metric} is {value})"
-    elif champion is None:
-        outcome = "@champion set to it"
-    else:
-        verb = "moved from" if moved else "kept at"
-        outcome = f"@champion {verb} version {champion} ({metric} {best} there, {value} here)"
-    log.info("registered %s version %s (%s %s): %s", name, version.version, metric, value,
-             outcome)  # fmt: skip
+    log.info("registered %s version %s (%s %.6g): %s", name, version.version, headline.metric,
+             value, _outcome(headline.metric, value, champion, best, moved))  # fmt: skip
     return version
 
 

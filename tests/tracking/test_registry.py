@@ -104,16 +104,20 @@ def register_series(store, headline, values, parent=None, name="m") -> list[tupl
 def test_lower_is_better_champion_moves_only_on_improvement(store, caplog):
     caplog.set_level(logging.INFO, logger="pipeline.tracking")
     seen = register_series(store, VAL_LOSS, [2.0, 2.5, 1.5, NAN, 1.5, 1.0], parent="p-1")
+    log = caplog.text
     assert seen == [("1", "1"), ("2", "1"), ("3", "3"), ("4", "3"), ("5", "3"), ("6", "6")]
-    assert "registered m version 2 (val_loss 2.5): @champion kept at version 1" in caplog.text
-    assert "@champion moved from version 1 (val_loss 2.0 there, 1.5 here)" in caplog.text
+    assert "m version 1 (val_loss 2): @champion set to it" in log
+    assert "m version 2 (val_loss 2.5): @champion kept at version 1 (val_loss 2 there, 2.5 " in log
+    assert "m version 3 (val_loss 1.5): @champion moved to it from version 1 (val_loss 2 " in log
     fourth = store.client.get_model_version("m", "4")
     assert fourth.tags == {METRIC_TAG: "val_loss", VALUE_TAG: "nan", PARENT_TAG: "p-1"}
     assert store.client.get_model_version("m", "6").tags[VALUE_TAG] == "1.0"
 
 
-def test_higher_is_better_and_nan_never_becomes_champion(store):
+def test_higher_is_better_and_nan_never_becomes_champion(store, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
     seen = register_series(store, F1, [NAN, NAN, 0.5, 0.4, 0.9, 0.9])
+    assert "m version 1 (test_f1 nan): no @champion yet (test_f1 is nan)" in caplog.text
     assert seen == [("1", None), ("2", None), ("3", "3"), ("4", "3"), ("5", "5"), ("6", "5")]
     assert PARENT_TAG not in store.client.get_model_version("m", "1").tags  # no pipeline run
 
