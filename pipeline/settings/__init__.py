@@ -205,6 +205,16 @@ class PretrainTrain(TrainSettings):
     eval_batches: int = setting(4, minimum=1, help="batches per split at each evaluation")
 
 
+def registered_name_setting() -> str | None:
+    """A training stage's `registered_model_name` setting (tracking.register)."""
+    return setting(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+        help="the MLflow registered model each training adds a version to (letters, digits, "
+        "space . _ -); null: gpt-pipeline-<stage>",
+    )
+
+
 @dataclass
 class PretrainSettings:
     init_from: str = setting(
@@ -231,6 +241,7 @@ class PretrainSettings:
         exclusiveMinimum=0,
         help="MFU denominator; null: a known GPU's bf16 peak, else a quick matmul measurement",
     )
+    registered_model_name: str | None = registered_name_setting()
     train: PretrainTrain = setting(PretrainTrain())
 
 
@@ -297,6 +308,7 @@ class ClassifierSettings:
     )
     epochs: int = setting(5, minimum=1)
     misclassified_examples: int = setting(25, minimum=0)
+    registered_model_name: str | None = registered_name_setting()
     train: TrainSettings = setting(TrainSettings())
 
 
@@ -324,6 +336,7 @@ class InstructSettings:
     sample_table_rows: int = setting(
         20, minimum=0, help="test responses shown in MLflow's table artifact"
     )
+    registered_model_name: str | None = registered_name_setting()
     train: TrainSettings = setting(TrainSettings())
 
 
@@ -369,6 +382,7 @@ class DpoSettings:
     epochs: int = setting(1, minimum=1)
     generation: Generation = setting(Generation(), help="test responses")
     sample_table_rows: int = setting(20, minimum=0)
+    registered_model_name: str | None = registered_name_setting()
     train: DpoTrain = setting(DpoTrain())
 
 
@@ -400,6 +414,11 @@ class TrackingSettings:
         True,
         help="log each training stage's checkpoint as the run's MLflow pyfunc model (safetensors, "
         "config.json and tokenizer files; nothing pickled), which `mlflow models serve` serves",
+    )
+    register: bool = setting(
+        True,
+        help="add each training's logged model as a new version of the stage's registered model "
+        "(<stage>.registered_model_name), @champion moving only when its headline metric improves",
     )
     system_metrics_interval: float | None = setting(
         10.0,

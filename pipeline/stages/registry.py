@@ -11,6 +11,7 @@ Nothing here imports torch: building the DAG must stay fast.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,30 @@ EXTRA_STAGES_ENV = "PIPELINE_EXTRA_STAGES"
 """Comma-separated modules imported after the built-in stages; each may `register` stages."""
 
 Inputs = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The metric that ranks a training stage's models (its metrics.json key): the model
+    registry's `@champion` moves only to a version that beats it."""
+
+    metric: str
+    higher_is_better: bool = False
+
+    def value(self, metrics: Mapping[str, Any]) -> float:
+        """The metric in `metrics`; NaN when it is missing or not a number."""
+        value = metrics.get(self.metric)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if numeric else math.nan
+
+    def beats(self, value: float, other: float) -> bool:
+        """Whether `value` is strictly better than `other`: NaN never is; anything finite
+        beats NaN."""
+        if math.isnan(value):
+            return False
+        if math.isnan(other):
+            return True
+        return value > other if self.higher_is_better else value < other
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,8 @@ class Stage:
     stage does: the plain defaults unless given)."""
     parts: bool = False
     """It runs as several jobs (`--part i-of-n`), then one that gathers (`--gather`)."""
+    headline: Headline = Headline("val_loss")
+    """A training stage's metric that decides its registered model's `@champion`."""
 
     def __post_init__(self) -> None:
         if self.trains and self.resources is None:
@@ -120,6 +147,7 @@ for _stage in (
         outputs=("loss.png", "samples.txt"),
         inputs=pretrain_inputs,
         resources=s.StageResources(runtime=60),
+        headline=Headline("val_loss"),
     ),
     Stage(
         "finetune-classifier",
@@ -136,6 +164,7 @@ for _stage in (
             "misclassified.tsv",
         ),  # fmt: skip
         inputs=fine_tuning_inputs("finetune-classifier"),
+        headline=Headline("test_f1", higher_is_better=True),
     ),
     Stage(
         "finetune-instruct",
@@ -144,6 +173,7 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("finetune-instruct"),
+        headline=Headline("val_loss"),
     ),
     Stage(
         "align-dpo",
@@ -152,6 +182,7 @@ for _stage in (
         trains=True,
         outputs=(*SPLITS_JSON, "loss.png", "test_responses.json"),
         inputs=fine_tuning_inputs("align-dpo"),
+        headline=Headline("val_reward_accuracy", higher_is_better=True),
     ),
 ):
     register(_stage)

@@ -35,6 +35,7 @@ from pipeline.settings import TrainSettings
 from pipeline.stages.common import stage_device
 from pipeline.stages.registry import STAGES
 from pipeline.tracking import StageRun, stage_run, system_metrics
+from pipeline.tracking.registry import register_stage
 from pipeline.train import (
     TrainResult,
     TrainTask,
@@ -164,6 +165,7 @@ def run_training_stage(
             model = finish_stage(tracker, config, work, metrics, result.step, outputs, stage.name)
             if model:
                 log.info("logged the model as %s (mlflow models serve -m %s)", model, model)
+            register_stage(config, stage.name, model, tracker.run_id, metrics)
     clear_resume_state(resume_dir)
     return metrics
 

@@ -45,7 +45,29 @@ def ready(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def servers(logged_models, store, repo, tmp_path_factory) -> Iterator[dict[str, str]]:
+def champions(logged_models, store) -> dict[str, str]:
+    """Each served stage's logged model registered as the stages register theirs: the
+    `models:/gpt-pipeline-<stage>@champion` URI a user serves."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+
+    from pipeline.stages.registry import STAGES
+    from pipeline.tracking.registry import register_stage_model
+
+    client = MlflowClient(store)
+    uris = {}
+    for stage in SERVED:
+        logged = client.get_logged_model(_parse_model_id_if_present(logged_models[stage]))
+        name, headline = f"gpt-pipeline-{stage}", STAGES[stage].headline
+        register_stage_model(
+            store, logged_models[stage], name, logged.source_run_id, None, headline, 0.5
+        )
+        uris[stage] = f"models:/{name}@champion"
+    return uris
+
+
+@pytest.fixture(scope="module")
+def servers(champions, store, repo, tmp_path_factory) -> Iterator[dict[str, str]]:
     """One server per served stage, started together (their start-up overlaps), each in its own
     process group, which is killed whatever happens; their URLs by stage."""
     logs = tmp_path_factory.mktemp("servers")
@@ -56,7 +78,7 @@ def servers(logged_models, store, repo, tmp_path_factory) -> Iterator[dict[str, 
             with (logs / f"{stage}.log").open("wb") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                     logged_models[stage], "--env-manager", "local", "--host", "127.0.0.1",
+                     champions[stage], "--env-manager", "local", "--host", "127.0.0.1",
                      "-p", str(port)],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     env=environment(repo, store),

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from headless_browser import SKIP_REASON, browser, dump_dom, screenshot, visible_text
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
 from pipeline.evaluate.diversity import STATS, collapse_reasons
 from pipeline.stages.common import WARNING_TAG
+from pipeline.stages.registry import training_stages
 
 pytestmark = pytest.mark.slow
 
@@ -132,40 +134,16 @@ def test_make_report_holds_every_stages_figures_and_tables(report_html, done):
     assert "A GPT-2-style model trained from scratch" in html  # report/workflow.rst
 
 
-def browser() -> str | None:
-    """A headless Chromium that starts (Ubuntu's `chromium-browser` may be a stub for a snap)."""
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if (
-            path
-            and subprocess.run([path, "--version"], capture_output=True, timeout=60).returncode == 0
-        ):
-            return path
-    return None
-
-
-@pytest.mark.skipif(
-    browser() is None, reason="no chromium that starts (.ci/run installs it where apt can)"
-)
+@pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
 def test_the_report_renders_each_stage_in_a_headless_browser(report_html, tmp_path):
-    # The report is a JavaScript app: virtual time lets its scripts build the page first.
-    common = [browser(), "--headless", "--no-sandbox", "--disable-gpu",
-              "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    dom = subprocess.run(
-        [*common, "--dump-dom", report_html.as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
+    profile = tmp_path / "profile"
+    dom = dump_dom(report_html.as_uri(), profile)
     (tmp_path / "dom.html").write_text(dom)
-    text = " ".join(
-        re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", dom, flags=re.S).split()
-    )
+    text = visible_text(dom)
     assert "Snakemake Report" in text and "A GPT-2-style model trained from scratch" in text
     # The menu the page's scripts build: one entry per category (stage), sorted.
     assert "General Workflow Statistics About Results " + " ".join(sorted(REPORTED)) in text
-    shot = tmp_path / "report.png"
-    screenshot = [*common, "--window-size=1280,900", f"--screenshot={shot}", report_html.as_uri()]
-    subprocess.run(screenshot, capture_output=True, timeout=120, check=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot(report_html.as_uri(), tmp_path / "report.png", profile)
 
 
 def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
@@ -242,6 +220,17 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         (logged,) = run.outputs.model_outputs  # its checkpoint as a pyfunc model
         model = client.get_logged_model(logged.model_id)
         assert model.name == stage and model.source_run_id == run.info.run_id
+        (version,) = client.search_model_versions(f"name = 'gpt-pipeline-{stage}'")
+        assert version.run_id == run.info.run_id and version.aliases == ["champion"]
+        assert version.model_id == logged.model_id
+        assert version.tags["pipeline.parent_run_id"] == parents[0].info.run_id
+
+
+def test_each_training_stage_reports_its_headline_metric(done):
+    """The metric a registered model's @champion follows is one the stage's metrics.json has."""
+    for name, stage in training_stages().items():
+        metrics = json.loads((done / "results" / name / "metrics.json").read_text())
+        assert stage.headline.metric in metrics, (name, sorted(metrics))
 
 
 def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(done):

@@ -1,6 +1,7 @@
 """The stage registry is the one list of stages: a new stage is one entry plus its module, and
 the CLI, the config, the launcher and the DAG all take it from there."""
 
+import math
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import yaml
 from snakemake_runs import SNAKEMAKE, make_workdir, tiny_config
 
-from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, training_stages
+from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, Headline, training_stages
 
 EXTRA_STAGE = '''
 """A hypothetical stage: distil the instruction-tuned model (registry entry + module only)."""
@@ -57,6 +58,23 @@ def test_one_name_per_stage_and_every_training_stage_has_settings():
     for name, stage in STAGES.items():
         assert stage.rule == name.replace("-", "_")
         assert not stage.trains or stage.settings is not None, name
+
+
+def test_each_training_stage_ranks_its_models_by_one_headline_metric():
+    assert {name: stage.headline for name, stage in training_stages().items()} == {
+        "pretrain": Headline("val_loss", higher_is_better=False),
+        "finetune-classifier": Headline("test_f1", higher_is_better=True),
+        "finetune-instruct": Headline("val_loss", higher_is_better=False),
+        "align-dpo": Headline("val_reward_accuracy", higher_is_better=True),
+    }
+    loss, f1 = Headline("val_loss"), Headline("test_f1", higher_is_better=True)
+    assert loss.beats(1.0, 2.0) and not loss.beats(2.0, 1.0) and not loss.beats(1.0, 1.0)
+    assert f1.beats(0.9, 0.8) and not f1.beats(0.8, 0.9) and not f1.beats(0.8, 0.8)
+    assert loss.beats(5.0, math.nan) and not loss.beats(math.nan, 5.0)
+    assert not f1.beats(math.nan, math.nan)
+    assert f1.value({"test_f1": 0.5}) == 0.5
+    for absent in ({}, {"test_f1": None}, {"test_f1": "0.5"}, {"test_f1": True}):
+        assert math.isnan(f1.value(absent)), absent
 
 
 def test_a_registered_stage_joins_the_config_the_cli_and_the_dag(tmp_path, repo, mirror):

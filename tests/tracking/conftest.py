@@ -117,7 +117,7 @@ class MlflowServer:
     server: Server
     uri: str
     artifacts: Path
-    postgres: Postgres
+    postgres: Postgres | None = None
 
 
 @pytest.fixture(scope="session")
@@ -181,18 +181,14 @@ def _accepts_connections(postgres: Postgres) -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
-    """The tracking server with the PostgreSQL backend store, proxying artifacts to a local
-    directory, as README's "Tracking for a team" runs it."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def start_mlflow(root: Path, backend: str, *options: str) -> tuple[Server, str]:
+    """`mlflow server` on `backend`, on a free 127.0.0.1 port, run in `root` with its log there;
+    returns once it answers /health (stopped if it never does)."""
     port = free_port()
     server = start(
         "mlflow server",
-        [str(Path(sys.executable).with_name("mlflow")), "server",
-         "--backend-store-uri", postgres.url,
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", backend,
+         "--host", "127.0.0.1", "--port", str(port), *options],
         root / "mlflow-server.log",
         cwd=root,
         # its GenAI job runner is unused here, and leaves a directory in /dev/shm per start
@@ -201,7 +197,39 @@ def mlflow_server(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until(server, lambda: _healthy(uri), "healthy")
+    except BaseException:
+        server.stop()
+        raise
+    return server, uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
+    """The tracking server with the PostgreSQL backend store, proxying artifacts to a local
+    directory, as README's "Tracking for a team" runs it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    options = ("--artifacts-destination", str(root / "artifacts"), "--workers", "2")
+    server, uri = start_mlflow(root, postgres.url, *options)
+    try:
         yield MlflowServer(server, uri, root / "artifacts", postgres)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path) -> str:
+    """A test's own sqlite tracking store (created on first use)."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_ui(sqlite_uri, tmp_path) -> Iterator[MlflowServer]:
+    """`mlflow server`, the UI a user opens, over the test's sqlite store."""
+    root = tmp_path / "mlflow-ui"
+    root.mkdir()
+    server, uri = start_mlflow(root, sqlite_uri, "--workers", "1")
+    try:
+        yield MlflowServer(server, uri, root / "mlartifacts")
     finally:
         server.stop()
 
