@@ -277,9 +277,11 @@ class Pretrain(TrainingStage):
         atomic_write_text(out_dir / "samples.txt", samples + "\n")
         how = "" if plan.trains else ", not trained"
         log.info(
-            "pretrain done (init_from %s%s): train_loss %.4f, val_loss %.4f, %.0f tokens/s",
+            "pretrain done (init_from %s%s): train_loss %.4f, val_loss %.4f, val_bpb %.4f, "
+            "%.0f tokens/s",
             self.init_info["init_from"], how, metrics.get("train_loss", float("nan")),
-            metrics.get("val_loss", float("nan")), metrics.get("tokens_per_second", 0.0),
+            metrics.get("val_loss", float("nan")), metrics.get("val_bpb", float("nan")),
+            metrics.get("tokens_per_second", 0.0),
         )  # fmt: skip
         return metrics
 
