@@ -54,3 +54,13 @@ def gpt2_tokenizer(bpe_dir: Path | str | None = None) -> tiktoken.Encoding:
     if bpe_dir is None:
         return tiktoken.get_encoding("gpt2")
     return _from_files(Path(bpe_dir).resolve())
+
+
+def token_byte_lengths(tokenizer: tiktoken.Encoding) -> list[int]:
+    """The UTF-8 bytes of each token id, for bits per byte; special tokens (<|endoftext|>)
+    count 0, as they stand for no text."""
+    special = {tokenizer.encode_single_token(t) for t in tokenizer.special_tokens_set}
+    return [
+        0 if i in special else len(tokenizer.decode_single_token_bytes(i))
+        for i in range(tokenizer.n_vocab)
+    ]

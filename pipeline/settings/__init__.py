@@ -18,7 +18,7 @@ from pipeline.settings.schema import setting
 ATTENTION_CHOICES = ("auto", "fused", "sdpa", "multihead", "causal", "simple")
 """`model.attention`: auto, or a backend of pipeline/model/attention.py (a test ties the two)."""
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass
@@ -177,11 +177,25 @@ class TrainSettings:
     beta1: float = setting(0.9, minimum=0, exclusiveMaximum=1)
     beta2: float = setting(0.95, minimum=0, exclusiveMaximum=1)
     grad_clip: float = setting(1.0, minimum=0, help="0: no clipping")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw",
+        help="adamw | muon: Muon (torch.optim.Muon) for the 2-D weight matrices inside the "
+        "blocks (LoRA: the adapters), AdamW for embeddings, head, norms and biases",
+    )
+    muon_lr: float = setting(
+        0.02, exclusiveMinimum=0, help="Muon's peak rate; the schedule scales it as it does lr"
+    )
+    muon_momentum: float = setting(0.95, minimum=0, exclusiveMaximum=1, help="Muon's (Nesterov)")
     eval_every: int | None = setting(None, minimum=1, help="null: at each epoch's end")
     eval_batches: int = setting(10, minimum=1, help="batches per split at each evaluation")
     checkpoint_every: int = setting(50, minimum=0, help="resume checkpoints; 0: none")
     log_every: int = setting(10, minimum=1)
-    precision: Precision = setting("fp32", help="fp32 | bf16 (autocast)")
+    precision: Precision = setting(
+        "auto",
+        help="bf16 runs the matmuls under bf16 autocast (weights and optimizer state stay "
+        "fp32); auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, an "
+        "AVX512_BF16 CPU), fp32 elsewhere (on AVX2 a bf16 step is several times slower)",
+    )
     compile: bool = setting(False, help="torch.compile the model")
     nproc_per_node: int = setting(
         1, minimum=1, help="processes per node, one per GPU; above 1: torchrun"

@@ -25,6 +25,7 @@ from pipeline.data.instruct import (
     format_prompt,
 )
 from pipeline.data.loader import ExampleBatches
+from pipeline.data.tokenizer import token_byte_lengths
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
 from pipeline.io import atomic_write_json
@@ -120,6 +121,7 @@ class FinetuneInstruct(TrainingStage):
         task = TrainTask(
             lm_loss, batches, sample_fn=sample_fn, loss_units=learned_targets,
             eval_sets={split: (lambda b=b: b) for split, b in eval_batches.items()},
+            token_bytes=torch.tensor(token_byte_lengths(tokenizer)),
         )  # fmt: skip
         fingerprint = fine_tuning_fingerprint(
             config, STAGE, start, model, reporting_keys=("generation", "sample_table_rows")

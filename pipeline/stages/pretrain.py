@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.data.loader import TokenWindows, evaluation_batches
-from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.data.tokenizer import gpt2_tokenizer, token_byte_lengths
 from pipeline.data.tokens import load_tokens
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text, sha256_bytes
@@ -41,6 +41,7 @@ from pipeline.stages.common import (
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
 from pipeline.train import TrainResult, TrainTask, measure_peak_flops
+from pipeline.train.device import resolve_precision
 from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.pretrain")
@@ -215,7 +216,8 @@ class Pretrain(TrainingStage):
         }
         peak_flops = section["peak_flops"]
         if peak_flops is None and trains:
-            dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+            bf16 = resolve_precision(train.precision, device) == "bf16"
+            dtype = torch.bfloat16 if bf16 else torch.float32
             peak_flops = measure_peak_flops(device, dtype)
         task = TrainTask(
             lm_loss,
@@ -224,6 +226,7 @@ class Pretrain(TrainingStage):
             sample_fn=self.sample,
             flops_per_token=model.flops_per_token(),
             peak_flops=peak_flops,
+            token_bytes=torch.tensor(token_byte_lengths(self.tokenizer)),
         )
         fingerprint = {
             "model": cfg.to_dict(),
@@ -274,9 +277,11 @@ class Pretrain(TrainingStage):
         atomic_write_text(out_dir / "samples.txt", samples + "\n")
         how = "" if plan.trains else ", not trained"
         log.info(
-            "pretrain done (init_from %s%s): train_loss %.4f, val_loss %.4f, %.0f tokens/s",
+            "pretrain done (init_from %s%s): train_loss %.4f, val_loss %.4f, val_bpb %.4f, "
+            "%.0f tokens/s",
             self.init_info["init_from"], how, metrics.get("train_loss", float("nan")),
-            metrics.get("val_loss", float("nan")), metrics.get("tokens_per_second", 0.0),
+            metrics.get("val_loss", float("nan")), metrics.get("val_bpb", float("nan")),
+            metrics.get("tokens_per_second", 0.0),
         )  # fmt: skip
         return metrics
 

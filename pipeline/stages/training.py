@@ -105,7 +105,7 @@ def _evaluate_only(plan: StagePlan, device: torch.device, tracker: StageRun) -> 
     plan.model.to(device).eval()
     measured = evaluate_losses(
         plan.model, plan.task.loss_fn, plan.task.eval_sets, plan.train.eval_batches, device,
-        plan.train.precision,
+        plan.train.precision, plan.task.token_bytes,
     )  # fmt: skip
     tracker.log_metrics(measured, step=0)
     return TrainResult(0, measured, [{"step": 0, **measured}])

@@ -8,12 +8,12 @@ from pipeline.train.loop import (
     TrainLogger,
     TrainResult,
     TrainTask,
-    configure_optimizer,
     evaluate_losses,
     fit,
     perplexity,
     resume_fingerprint,
 )
+from pipeline.train.optim import configure_optimizer
 from pipeline.train.schedule import lr_at
 from pipeline.train.state import clear_resume_state, read_resume_meta, recorded_run
 

@@ -72,6 +72,26 @@ def pick_device(name: str = "auto", key: str = "device") -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively, so bf16 autocast can pay: a CUDA GPU with bf16
+    support, or a CPU with AVX512_BF16 dot products (AMX CPUs have them too). On AVX2 bf16 is
+    converted in software and a step is slower than in fp32 (`benchmarks/precision.py`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        from pipeline.kernels import cpu_capability
+
+        return cpu_capability() == "avx512_bf16"
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` as run on `device`: auto is bf16 where `native_bf16`, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -33,7 +33,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.errors import InputError
 from pipeline.settings import LAUNCH_KEYS, TrainSettings
+from pipeline.train.device import resolve_precision
 from pipeline.train.distributed import World, all_reduce_sum, current_world
+from pipeline.train.losses import IGNORE_INDEX
+from pipeline.train.optim import configure_optimizer
 from pipeline.train.parallel import ParallelModel
 from pipeline.train.schedule import lr_at
 from pipeline.train.state import (
@@ -109,6 +112,10 @@ class TrainTask:
     loss_units: Callable[[tuple[Tensor, ...]], float] | None = None
     flops_per_token: float | None = None
     peak_flops: float | None = None
+    token_bytes: Tensor | None = None
+    """UTF-8 bytes of each token id (`token_byte_lengths`), for an LM task whose loss is the mean
+    over ``batch[1]``'s targets that are not IGNORE_INDEX: evaluation then reports bits per
+    byte too."""
 
 
 @dataclass
@@ -125,35 +132,6 @@ def _loss_and_stats(out: Tensor | tuple[Tensor, dict[str, Tensor]]) -> tuple[Ten
     return out if isinstance(out, tuple) else (out, {})
 
 
-def configure_optimizer(
-    model: nn.Module, cfg: TrainSettings, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW over trainable parameters: decay matrices/embeddings, not biases or norm gains.
-
-    Group 0 decays (dim >= 2), group 1 does not; frozen parameters are left out entirely so
-    fine-tuning stages can freeze parts of the model.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise InputError("model has no trainable parameters (all have requires_grad=False)")
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info(
-        "trainable parameters: %s of %s (%s decayed, %s not decayed)",
-        f"{sum(p.numel() for p in trainable):,}",
-        f"{n_total:,}",
-        f"{sum(p.numel() for p in decay):,}",
-        f"{sum(p.numel() for p in no_decay):,}",
-    )
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
-
-
 def _to_device(batch: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
     return tuple(t.to(device, non_blocking=True) if isinstance(t, Tensor) else t for t in batch)
 
@@ -163,10 +141,11 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PERPLEXITY_LOSS_CAP))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"
-    )
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `precision` (fp32 | bf16 | auto) runs as bf16 on `device`; the
+    parameters and the optimizer state stay fp32 either way."""
+    bf16 = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def evaluate_losses(
@@ -176,8 +155,11 @@ def evaluate_losses(
     n_batches: int,
     device: torch.device,
     precision: str = "fp32",
+    token_bytes: Tensor | None = None,
 ) -> dict[str, float]:
-    """``<set>_loss`` and ``<set>_perplexity``: the mean loss over each set's first ``n_batches``.
+    """``<set>_loss`` and ``<set>_perplexity``: the mean loss over each set's first ``n_batches``;
+    with ``token_bytes`` (see `TrainTask`) also ``<set>_bpb``, bits per UTF-8 byte of the
+    learned targets: their total nats / ln 2 / their bytes, comparable across tokenizers.
 
     The evaluation ``fit`` runs, public so that a stage can score a model without training it.
     Runs without gradients in whatever mode the model is in: call ``model.eval()`` first.
@@ -185,18 +167,25 @@ def evaluate_losses(
     device = torch.device(device)
     metrics: dict[str, float] = {}
     for name, make_batches in eval_sets.items():
-        total = torch.zeros((), device=device)
-        count = 0
+        total, nats = torch.zeros((), device=device), torch.zeros((), device=device)
+        count, n_bytes = 0, 0
         for batch in islice(make_batches(), n_batches):
-            with torch.no_grad(), _autocast(device, precision):
+            with torch.no_grad(), autocast(device, precision):
                 loss, _ = _loss_and_stats(loss_fn(model, _to_device(batch, device)))
             total += loss.detach().float()
             count += 1
+            if token_bytes is not None:
+                learned = batch[1][batch[1] != IGNORE_INDEX]
+                if learned.numel():  # an all-ignored batch's mean loss is NaN, and no text
+                    nats += loss.detach().float() * learned.numel()
+                    n_bytes += int(token_bytes[learned.cpu()].sum())
         if count == 0:
             raise InputError(f"eval set {name!r} yielded no batches")
         mean = (total / count).item()
         metrics[f"{name}_loss"] = mean
         metrics[f"{name}_perplexity"] = perplexity(mean)
+        if n_bytes:
+            metrics[f"{name}_bpb"] = nats.item() / math.log(2) / n_bytes
     return metrics
 
 
@@ -229,7 +218,7 @@ class _Training:
         self.entry: dict | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return _autocast(self.device, self.cfg.precision)
+        return autocast(self.device, self.cfg.precision)
 
     def _share(self, batch: tuple[Tensor, ...]) -> float:
         """This process's weight in the global batch's mean loss (1 in one process)."""
@@ -245,7 +234,7 @@ class _Training:
         cfg, parallel, accum = self.cfg, self.parallel, self.cfg.grad_accum_steps
         lr = lr_at(step, cfg)
         for group in parallel.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's group runs at its own peak rate
         parallel.optimizer.zero_grad(set_to_none=True)
         losses, stats, tokens = [], [], 0
         for micro in range(accum):
@@ -339,7 +328,7 @@ class _Training:
             with torch.no_grad():
                 metrics = evaluate_losses(
                     parallel.eval_module, task.loss_fn, task.eval_sets, cfg.eval_batches,
-                    self.device, cfg.precision,
+                    self.device, cfg.precision, task.token_bytes,
                 )  # fmt: skip
                 if task.eval_fn is not None:
                     with self.autocast():
@@ -489,6 +478,11 @@ def fit(
     device, world = torch.device(device), current_world()
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError(f"precision bf16 requested but {device} does not support bfloat16")
+    if cfg.optimizer == "muon" and world.distributed and cfg.parallelism == "fsdp":
+        raise InputError(
+            "train.optimizer muon needs whole matrices (Newton-Schulz) and FSDP shards them: "
+            "use parallelism ddp or optimizer adamw"
+        )
     if world.distributed:
         task.batches.shard(world.rank, world.size)
     torch.manual_seed(seed)

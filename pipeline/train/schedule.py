@@ -12,7 +12,8 @@ def lr_at(step: int, cfg: TrainSettings) -> float:
 
     Linear warmup from 0 to ``cfg.lr`` over ``cfg.warmup_steps``, then cosine decay to
     ``cfg.min_lr`` at ``cfg.max_steps``; constant ``min_lr`` beyond. Warmup avoids the large,
-    badly-directed first Adam updates; the cosine tail lets the loss settle.
+    badly-directed first Adam updates; the cosine tail lets the loss settle. `fit` gives each
+    parameter group this rate times its ``lr_scale`` (1, or ``muon_lr / lr`` for Muon's group).
     """
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps

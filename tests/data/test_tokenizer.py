@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-from pipeline.data.tokenizer import END_OF_TEXT_ID, GPT2_BPE_FILES, gpt2_tokenizer
+from pipeline.data.tokenizer import (
+    END_OF_TEXT_ID,
+    GPT2_BPE_FILES,
+    gpt2_tokenizer,
+    token_byte_lengths,
+)
 
 URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -58,3 +63,13 @@ def test_wrong_bpe_files_fail_with_the_directory(tmp_path, mirror):
     with pytest.raises(FileNotFoundError, match="vocab.bpe"):
         gpt2_tokenizer(bpe)
     assert set(GPT2_BPE_FILES) == {"encoder.json", "vocab.bpe"}
+
+
+def test_token_byte_lengths_add_up_to_the_texts_utf8_bytes(mirror):
+    tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
+    lengths = token_byte_lengths(tokenizer)
+    assert len(lengths) == tokenizer.n_vocab and lengths[END_OF_TEXT_ID] == 0
+    for text in (SAMPLE, "naïve café — 東京 🙂", " ROMEO:\nBut soft!"):
+        ids = tokenizer.encode_ordinary(text)
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
+    assert min(lengths[:END_OF_TEXT_ID]) >= 1

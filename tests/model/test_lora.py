@@ -111,6 +111,26 @@ def test_applying_twice_is_an_error():
         apply_lora(model, rank=2, alpha=2.0)
 
 
+def test_muon_trains_the_adapters_and_nothing_else():
+    """With LoRA only the adapters train: all 2-D matrices inside the blocks, so all Muon's."""
+    model, _ = lora_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainSettings(max_steps=2, batch_size=2, lr=1e-2, optimizer="muon")
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    adamw, muon = optimizer.optimizers
+    adapters = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == adapters
+    assert not any(g["params"] for g in adamw.param_groups)
+    model.train()
+    for _ in range(2):  # B = 0 at first: A moves from the second step on
+        idx = torch.randint(0, 97, (2, 16))
+        optimizer.zero_grad()
+        F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == ("lora_" not in name), name
+
+
 def test_one_step_only_changes_adapters():
     model, _ = lora_model(dropout=0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -3,8 +3,10 @@ on), the architecture check, weights found by name under paths.weights, and the 
 export-hf commands, all checked against transformers on a tiny random GPT-2."""
 
 import json
+import math
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.loader import evaluation_batches
-from pipeline.data.tokenizer import GPT2_BPE_FILES
+from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.io import sha256_file
 from pipeline.model import GPTConfig, load_checkpoint, load_checkpoint_config
@@ -128,6 +130,14 @@ def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_d
         F.cross_entropy(logits(hf_model, x).flatten(0, 1), y.flatten()).item() for x, y in batches
     ) / len(batches)
     assert saved["val_loss"] == pytest.approx(expected, abs=1e-5)
+    # val_bpb: the same windows' total nats / ln 2 / the UTF-8 bytes their targets decode to
+    tokenizer = gpt2_tokenizer(Path(config["paths"]["data"]) / "raw" / "gpt2-bpe")
+    nats = sum(
+        F.cross_entropy(logits(hf_model, x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        for x, y in batches
+    )
+    n_bytes = sum(len(tokenizer.decode_bytes(y.flatten().tolist())) for _, y in batches)
+    assert saved["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
     meta = load_checkpoint_config(out / "model")
     assert meta["model"]["dropout"] == 0.0  # the model section's, not HF's resid_pdrop 0.1

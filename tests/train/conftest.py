@@ -14,20 +14,23 @@ SEQ = 8
 
 
 class TinyLM(nn.Module):
-    """Embedding -> dropout -> LayerNorm -> linear head; optionally tied like GPT-2."""
+    """Embedding -> dropout -> LayerNorm -> linear head; optionally tied like GPT-2, and with
+    `blocks` (one hidden Linear after the norm, where GPT keeps the matrices Muon trains)."""
 
-    def __init__(self, seed: int = 0, dropout: float = 0.0, tied: bool = False, dim: int = 16):
+    def __init__(self, seed: int = 0, dropout: float = 0.0, tied: bool = False, dim: int = 16,
+                 blocks: bool = False):  # fmt: skip
         super().__init__()
         torch.manual_seed(seed)
         self.emb = nn.Embedding(VOCAB, dim)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(nn.Linear(dim, dim)) if blocks else nn.Identity()
         self.head = nn.Linear(dim, VOCAB, bias=not tied)
         if tied:
             self.head.weight = self.emb.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.drop(self.emb(x))))
+        return self.head(self.blocks(self.norm(self.drop(self.emb(x)))))
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
+from pipeline.kernels import cpu_capability
 from pipeline.train import measure_peak_flops, pick_device
+from pipeline.train.device import native_bf16, resolve_precision
 
 
 def test_pick_device_cpu_and_auto():
@@ -34,3 +36,14 @@ def test_measure_peak_flops_cpu_leaves_global_rng_alone():
     flops = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
     assert flops > 1e8
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native():
+    cpu = torch.device("cpu")
+    native = cpu_capability() == "avx512_bf16"  # AVX2 (no bf16 dot products): fp32
+    assert native_bf16(cpu) == native
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        assert resolve_precision("auto", torch.device("cuda")) == expected

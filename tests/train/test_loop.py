@@ -4,11 +4,21 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline.settings import TrainSettings
-from pipeline.train import NonFiniteLossError, TrainTask, configure_optimizer, fit, lr_at
+from pipeline.train import (
+    NonFiniteLossError,
+    TrainTask,
+    configure_optimizer,
+    evaluate_losses,
+    fit,
+    lr_at,
+)
+from pipeline.train.loop import autocast
+from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.state import read_resume_meta
 
 CPU = torch.device("cpu")
@@ -279,6 +289,23 @@ def test_bf16_autocast_trains(toy):
     assert math.isfinite(result.metrics["val_loss"])
 
 
+def test_bf16_autocast_keeps_fp32_master_weights_and_optimizer_state(toy):
+    model = toy.TinyLM(blocks=True)
+    for optimizer in ("adamw", "muon"):
+        opt = configure_optimizer(model, cfg(optimizer=optimizer), CPU)
+        with autocast(CPU, "bf16"):
+            logits = model(toy.successor_batch(0, 0, 4)[0])
+        assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16
+        F.cross_entropy(
+            logits.flatten(0, 1).float(), toy.successor_batch(0, 0, 4)[1].flatten()
+        ).backward()
+        opt.step()
+        opt.zero_grad()
+        states = [v for o in getattr(opt, "optimizers", [opt]) for s in o.state.values()
+                  for v in s.values() if v.dim() > 0]  # fmt: skip
+        assert states and {t.dtype for t in [*model.parameters(), *states]} == {torch.float32}
+
+
 def test_eval_fn_metrics_are_logged_with_the_losses_in_eval_mode(toy, caplog):
     logger = toy.RecordingLogger()
 
@@ -335,3 +362,82 @@ def test_time_left_is_shown_in_seconds_minutes_or_hours(seconds, shown):
     from pipeline.train.loop import _duration
 
     assert _duration(seconds) == shown
+
+
+class FixedLogits(nn.Module):
+    """Logits that depend only on the input token (a V x V table): a model to score by hand."""
+
+    def __init__(self, vocab: int, uniform: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(vocab, vocab)
+        if uniform:
+            nn.init.zeros_(self.table.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table(x)
+
+
+def mean_over_learned(model, batch):
+    """The LM-loss contract bits per byte relies on: the mean over targets not IGNORE_INDEX."""
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def masked_batches(toy):
+    """Two batches whose learned-target counts differ (a mean of batch means would be wrong)."""
+    x, y = toy.successor_batch(0, 0, 4)
+    x2, y2 = toy.successor_batch(0, 1, 4)
+    y2 = y2.clone()
+    y2[:, :5] = IGNORE_INDEX
+    return [(x, y), (x2, y2)]
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_bits_per_byte_is_total_nats_over_the_learned_targets_bytes(toy, uniform):
+    model = FixedLogits(toy.VOCAB, uniform).eval()
+    token_bytes = torch.tensor([1 + i % 4 for i in range(toy.VOCAB)])
+    batches = masked_batches(toy)
+    metrics = evaluate_losses(
+        model, mean_over_learned, {"val": lambda: batches}, 5, CPU, token_bytes=token_bytes
+    )
+    learned = torch.cat([y[y != IGNORE_INDEX] for _, y in batches])
+    n_bytes = sum(1 + int(t) % 4 for t in learned)
+    if uniform:  # every token costs ln V nats
+        expected = math.log(toy.VOCAB) / math.log(2) * len(learned) / n_bytes
+    else:
+        nats = sum(
+            -torch.log_softmax(model(x).double(), -1)[y != IGNORE_INDEX]
+            .gather(-1, y[y != IGNORE_INDEX].unsqueeze(-1))
+            .sum()
+            .item()
+            for x, y in batches
+        )
+        expected = nats / math.log(2) / n_bytes
+    assert metrics["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert "val_bpb" not in evaluate_losses(
+        model, mean_over_learned, {"val": lambda: batches}, 5, CPU
+    )
+
+
+def test_bits_per_byte_skips_all_ignored_batches_and_zero_byte_sets(toy):
+    model = FixedLogits(toy.VOCAB, uniform=True).eval()
+    x, y = toy.successor_batch(0, 0, 4)
+    ignored = torch.full_like(y, IGNORE_INDEX)
+    token_bytes = torch.ones(toy.VOCAB, dtype=torch.long)
+    sets = {"val": lambda: [(x, y), (x, ignored)], "special": lambda: [(x, y)]}
+    metrics = evaluate_losses(model, mean_over_learned, sets, 5, CPU, token_bytes=token_bytes)
+    assert metrics["val_bpb"] == pytest.approx(math.log2(toy.VOCAB))  # one byte per token
+    token_bytes[y.unique()] = 0  # the set's targets are all special tokens: no text, no bpb
+    metrics = evaluate_losses(model, mean_over_learned, sets, 5, CPU, token_bytes=token_bytes)
+    assert "special_bpb" not in metrics and "val_bpb" not in metrics
+
+
+def test_fit_reports_bits_per_byte_in_its_evaluations(toy):
+    token_bytes = torch.full((toy.VOCAB,), 2)
+    task = TrainTask(toy.lm_loss, toy.SuccessorBatches(), token_bytes=token_bytes,
+                     eval_sets={"train": toy.eval_set(4), "val": toy.eval_set(5)})  # fmt: skip
+    result = fit(toy.TinyLM(), task, cfg(max_steps=4, eval_every=2), device=CPU, seed=0)
+    for entry in (result.metrics, result.history[-1]):
+        for split in ("train", "val"):
+            assert entry[f"{split}_bpb"] == pytest.approx(entry[f"{split}_loss"] / math.log(2) / 2)

@@ -58,7 +58,7 @@ def run(toy, c, resume_dir=None, logger=None, fingerprint=None, batches=None):
 
 
 def run_keep_model(toy, c, **kw):
-    model = toy.TinyLM(seed=1, dropout=0.2, tied=True)
+    model = toy.TinyLM(seed=1, dropout=0.2, tied=True, blocks=c.optimizer == "muon")
     kw.setdefault("fingerprint", {"data": "abc", "stage": "pretrain"})
     result = fit(
         model,
@@ -91,17 +91,19 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_resume_after_kill_is_bitwise_identical(toy, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_kill_is_bitwise_identical(toy, tmp_path, optimizer):
+    c = cfg(optimizer=optimizer)
     ref_logger = toy.RecordingLogger()
-    ref_model, ref = run_keep_model(toy, cfg(), logger=ref_logger)
+    ref_model, ref = run_keep_model(toy, c, logger=ref_logger)
 
     resume = tmp_path / "resume"
     with pytest.raises(toy.SimulatedKill):
-        run_keep_model(toy, cfg(), resume_dir=resume, logger=toy.RecordingLogger(kill_at=8))
+        run_keep_model(toy, c, resume_dir=resume, logger=toy.RecordingLogger(kill_at=8))
     assert read_resume_meta(resume)["step"] == 6
 
     logger = toy.RecordingLogger()
-    model, result = run_keep_model(toy, cfg(), resume_dir=resume, logger=logger)
+    model, result = run_keep_model(toy, c, resume_dir=resume, logger=logger)
 
     assert result.resumed_from == 6 and result.step == 10
     assert numeric(result.metrics) == numeric(ref.metrics)
