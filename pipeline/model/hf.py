@@ -331,7 +331,11 @@ def state_dict_from_hf(
         expected[prefix + hf] = (ours, shape, _conv1d_to_linear if conv else _same)
     if HF_LM_HEAD in renamed or require_lm_head:
         expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], _same)
-    state = _map_tensors(renamed, expected, config, source)
+    return _untie(_map_tensors(renamed, expected, config, source), source, prefix)
+
+
+def _untie(state: dict[str, Tensor], source: str | Path, prefix: str) -> dict[str, Tensor]:
+    """`state` without its `lm_head.weight`, which must equal the token embedding (tied)."""
     lm_head = state.pop(HF_LM_HEAD, None)
     if lm_head is not None and not torch.equal(lm_head, state["tok_emb.weight"]):
         raise InputError(
@@ -339,6 +343,35 @@ def state_dict_from_hf(
             f"to the token embedding and cannot hold an untied one"
         )
     return state
+
+
+NANOGPT_COMPILED_PREFIX = "_orig_mod."
+"""What `torch.compile` puts before every name in the state dict nanoGPT's train.py saves."""
+
+
+def state_dict_from_nanogpt(
+    tensors: Mapping[str, Tensor], config: GPTConfig, source: str | Path = "nanoGPT checkpoint"
+) -> dict[str, Tensor]:
+    """Our state dict (without the tied lm_head) from karpathy/nanoGPT's `model` state dict.
+
+    nanoGPT keeps Hugging Face's names ("transformer.h.0.attn.c_attn.weight", ...) but stores
+    nn.Linear weights, (out, in), as we do: renaming only, no transpose. A compiled model's
+    "_orig_mod." prefixes are stripped, and the causal-mask buffers of its non-flash attention
+    skipped. It must have biases (nanoGPT's `bias=True`): our GPT has them everywhere.
+    """
+    names = {key: key.removeprefix(NANOGPT_COMPILED_PREFIX) for key in tensors}
+    plain = {
+        name: tensors[key]
+        for key, name in names.items()
+        if not _HF_IGNORED.fullmatch(name.removeprefix(HF_PREFIX))
+    }
+    shapes = _our_shapes(config)
+    expected = {
+        HF_PREFIX + hf: (ours, shapes[ours], _same)
+        for ours, hf, _, _ in _name_table(config.n_layer)
+    }
+    expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], _same)
+    return _untie(_map_tensors(plain, expected, config, source), source, HF_PREFIX)
 
 
 def state_dict_from_tf(
