@@ -35,6 +35,13 @@
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,"          \
                         "prefer-vector-width=512")))
 
+// The kernels never read floating-point exception flags. Under GCC's default
+// -ftrapping-math the selects in softmax_exp stay branches (a comparison might trap), which
+// keeps every exp loop scalar; without it they become blends and the loops are vectorised
+// (same results: no value changes, only which operations may be speculated).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
 namespace pipeline::attention {
 
 constexpr int64_t kTile = 64;     // query rows and keys per tile
@@ -653,9 +660,14 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
       acc_t* __restrict p = s.st + n * kTile;
       const int64_t first = diagonal ? std::min(n, q_cols) : 0;
       fill(p, first, acc_t(0));
+      // Two loops: with score_t and acc_t mixed in one, GCC leaves the exp scalar.
 #pragma omp simd
       for (int64_t m = first; m < q_cols; ++m) {
-        const acc_t e = softmax_exp(static_cast<acc_t>(st[m] - m_new[m]));
+        p[m] = static_cast<acc_t>(st[m] - m_new[m]);
+      }
+#pragma omp simd
+      for (int64_t m = first; m < q_cols; ++m) {
+        const acc_t e = softmax_exp(p[m]);
         p[m] = e;
         sum[m] += e;
       }
@@ -848,7 +860,11 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     const score_t row_lse = lse[r];
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
-      p[c] = softmax_exp(static_cast<acc_t>(sp[c] - row_lse));
+      p[c] = static_cast<acc_t>(sp[c] - row_lse);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
+      p[c] = softmax_exp(p[c]);
     }
     fill(p + valid, n_cols - valid, acc_t(0));
   }
@@ -1018,3 +1034,5 @@ PIPELINE_TARGET_AVX512 void backward_item_avx512(
 }
 
 }  // namespace pipeline::attention
+
+#pragma GCC pop_options

@@ -246,7 +246,9 @@ def test_large_scores_accuracy(
     """
     use_capability(capability, monkeypatch)
     for head_dim in (16, 32, 64, 80, 96, 128):
-        for seq_len in (1, 63, 64, 65, 1000):
+        # T1000 (16 tiles, online softmax over many key tiles) for a few head dims only: the
+        # float64 references make it the slow case.
+        for seq_len in (1, 63, 64, 65) + ((1000,) if head_dim in (16, 80, 128) else ()):
             shape = (1, 1 if seq_len > 300 else 2, seq_len, head_dim)
             gen = torch.Generator().manual_seed(head_dim * seq_len)
             q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
