@@ -401,6 +401,20 @@ PIPELINE_ALWAYS_INLINE acc_t to_acc(const scalar_t* __restrict src, int64_t i) {
   }
 }
 
+// The other way, when storing results: bfloat16 rounded to nearest even on the raw bits, as
+// c10::BFloat16(float) does (NaN -> 0x7FC0), but inlined (c10's constructor, compiled outside
+// the optimize pragma above, is not); the rest through the ordinary conversion.
+template <typename scalar_t, typename acc_t>
+PIPELINE_ALWAYS_INLINE scalar_t from_acc(acc_t x) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16;
+    return __builtin_bit_cast(c10::BFloat16, static_cast<uint16_t>(x != x ? 0x7FC0 : rounded));
+  } else {
+    return static_cast<scalar_t>(x);
+  }
+}
+
 // ----------------------------------------------------------------------------------------
 // Tile loads: rows [0, rows) of a (rows, D) block whose rows start `ld` elements apart into
 // zero-padded tiles.
@@ -652,7 +666,9 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
       const score_t* __restrict st = s.sst + n * kTile;
 #pragma omp simd
       for (int64_t m = diagonal ? n : 0; m < q_cols; ++m) {
-        m_new[m] = std::max(m_new[m], st[m]);
+        // std::max's semantics, written out: std::max, defined outside the optimize pragma
+        // above, would not be inlined here (nor vectorised).
+        m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
       }
     }
     for (int64_t n = 0; n < cols; ++n) {
@@ -698,7 +714,7 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     const acc_t inv_sum = acc_t(1) / s.row_sum[r];
     const acc_t* __restrict o = s.o + r * Dp;
     for (int64_t d = 0; d < D; ++d) {
-      out[r * ld_out + d] = static_cast<scalar_t>(o[d] * inv_sum);
+      out[r * ld_out + d] = from_acc<scalar_t>(o[d] * inv_sum);
     }
     lse[r] = s.row_max[r] + std::log(static_cast<score_t>(s.row_sum[r]));
   }
@@ -909,7 +925,7 @@ PIPELINE_ALWAYS_INLINE void store_tile(
     int64_t ld, acc_t scale = acc_t(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t d = 0; d < D; ++d) {
-      dst[r * ld + d] = static_cast<scalar_t>(src[r * Dp + d] * scale);
+      dst[r * ld + d] = from_acc<scalar_t>(src[r * Dp + d] * scale);
     }
   }
 }
