@@ -1,14 +1,18 @@
 """Benchmark the fused causal attention op against PyTorch's SDPA on CPU.
 
     python benchmarks/attention.py [--quick] [--dtype float32|float64|bfloat16|float16]
+        [--case "B2 H12 T1024 D64" ...] [--repeats N]
 
 For each case it times the forward and forward+backward of `pipeline.kernels.causal_attention`
-and of `F.scaled_dot_product_attention(..., is_causal=True)` in the same process (warmup, then
-the median of several repeats; torch's default thread count), and prints milliseconds, the
-speed-up (SDPA time / ours; > 1 means ours is faster) and GFLOP/s. With a 16-bit --dtype ours
-runs in that dtype and SDPA runs twice, in float32 and in the 16-bit dtype, and both ratios
-are printed (on CPUs without native bf16 matmuls SDPA is usually slower in bf16 than in
-float32, so the float32 ratio is the one that says whether bf16 is worth it).
+and of `F.scaled_dot_product_attention(..., is_causal=True)` in the same process, in turns
+(warmup, then rounds of one call of each contender, torch's default thread count), and prints
+each one's median milliseconds, the speed-up (the median over rounds of SDPA time / ours; > 1
+means ours is faster: alternating keeps the ratio honest on a loaded machine, where the times
+themselves drift) and GFLOP/s. The first line names the kernel's instruction set and the CPU's
+vector flags. With a 16-bit --dtype ours runs in that dtype and SDPA runs twice, in float32 and
+in the 16-bit dtype, and both ratios are printed (on CPUs without native bf16 matmuls SDPA is
+usually slower in bf16 than in float32, so the float32 ratio is the one that says whether bf16
+is worth it).
 
 FLOPs count only the causal half: the forward does 2 matmuls over the T(T+1)/2 visible
 (query, key) pairs, 4 * B * H * D * T(T+1)/2 FLOPs; forward+backward counts 3.5x that (the
@@ -81,17 +85,28 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def median_ms(fn: Callable[[], object], warmup: int, repeats: int, budget_s: float) -> float:
-    """Median of up to `repeats` timed calls; stops early (after at least 3) once the timed
-    calls have taken `budget_s`, so that the long cases do not dominate the run."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def alternate_ms(
+    fns: list[Callable[[], object]], warmup: int, repeats: int, budget_s: float
+) -> tuple[list[float], list[float]]:
+    """Times the contenders in turns (one call each per round, the order rotating), so that a
+    change of load hits them alike: each one's median milliseconds, and the median over the
+    rounds of each one's time / the first one's (the ratio a loaded machine keeps). Stops
+    early (after at least 3 rounds) once the rounds have taken `budget_s`."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or sum(map(sum, times)) < budget_s):
+        for j in range(len(fns)):
+            i = (j + rounds) % len(fns)
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+        rounds += 1
+    medians = [1e3 * statistics.median(t) for t in times]
+    ratios = [statistics.median(a / b for a, b in zip(t, times[0], strict=True)) for t in times]
+    return medians, ratios
 
 
 def attention_passes(
@@ -112,24 +127,26 @@ def attention_passes(
     return forward, forward_backward
 
 
-def time_case(
-    attention: AttentionFn,
-    case: Case,
-    dtype: torch.dtype,
-    warmup: int,
-    repeats: int,
-    budget_s: float,
-) -> tuple[float, float | None]:
-    """Median milliseconds of (forward, forward + backward or None)."""
+def case_passes(
+    attention: AttentionFn, case: Case, dtype: torch.dtype
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The forward and forward + backward passes of `attention` on the case's inputs."""
     gen = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     # Same values whatever the dtype (drawn in float32, then rounded).
     q, k, v, grad = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
-    forward, forward_backward = attention_passes(attention, q, k, v, grad)
-    fwd = median_ms(forward, warmup, repeats, budget_s)
-    if not case.backward:
-        return fwd, None
-    return fwd, median_ms(forward_backward, warmup, repeats, budget_s)
+    return attention_passes(attention, q, k, v, grad)
+
+
+def time_case(
+    case: Case, dtype: torch.dtype, baselines: list[torch.dtype], timing: tuple[int, int, float]
+) -> list[tuple[list[float], list[float]]]:
+    """Per pass (forward, then forward + backward if the case has it): the medians and the
+    ratios to ours (alternate_ms) of ours in `dtype` and SDPA in each of `baselines`."""
+    contenders = [case_passes(causal_attention, case, dtype)]
+    contenders += [case_passes(sdpa, case, d) for d in baselines]
+    passes = (0, 1) if case.backward else (0,)
+    return [alternate_ms([c[i] for c in contenders], *timing) for i in passes]
 
 
 PACKED_CASES = [
@@ -147,10 +164,8 @@ def unpacked(attention: AttentionFn) -> LayerFn:
     return lambda qkv, n_head: merge_heads(attention(*split_heads(qkv, n_head)))
 
 
-def time_layer(
-    layer: LayerFn, case: Case, dtype: torch.dtype, warmup: int, repeats: int, budget_s: float
-) -> float:
-    """Median milliseconds of forward + backward from the packed qkv to (B, T, C)."""
+def layer_pass(layer: LayerFn, case: Case, dtype: torch.dtype) -> Callable[[], None]:
+    """Forward + backward from the packed qkv to (B, T, C)."""
     gen = torch.Generator().manual_seed(0)
     c = case.heads * case.head_dim
     qkv = torch.randn(case.batch, case.seq_len, 3 * c, generator=gen).to(dtype)
@@ -160,23 +175,54 @@ def time_layer(
     def forward_backward() -> None:
         torch.autograd.grad(layer(qkv, case.heads), qkv, grad)
 
-    return median_ms(forward_backward, warmup, repeats, budget_s)
+    return forward_backward
 
 
-def print_packed_table(dtype: torch.dtype, warmup: int, repeats: int, budget_s: float) -> None:
+def print_packed_table(
+    cases: list[Case], dtype: torch.dtype, timing: tuple[int, int, float]
+) -> None:
     print("-- layer path, packed qkv (B, T, 3C) -> (B, T, C), fwd+bwd " + "-" * 30)
     print(
         f"{'case':<22} {'packed ms':>10} {'unpacked ms':>12} {'/packed':>8} "
         f"{'SDPA unpacked ms':>17} {'/packed':>8}"
     )
-    for case in PACKED_CASES:
-        ours = time_layer(causal_attention_qkv, case, dtype, warmup, repeats, budget_s)
-        split = time_layer(unpacked(causal_attention), case, dtype, warmup, repeats, budget_s)
-        theirs = time_layer(unpacked(sdpa), case, dtype, warmup, repeats, budget_s)
-        print(
-            f"{case!s:<22} {ours:10.2f} {split:12.2f} {split / ours:8.2f} "
-            f"{theirs:17.2f} {theirs / ours:8.2f}"
+    for case in cases:
+        layers = (causal_attention_qkv, unpacked(causal_attention), unpacked(sdpa))
+        (ours, split, theirs), ratios = alternate_ms(
+            [layer_pass(layer, case, dtype) for layer in layers], *timing
         )
+        print(
+            f"{case!s:<22} {ours:10.2f} {split:12.2f} {ratios[1]:8.2f} "
+            f"{theirs:17.2f} {ratios[2]:8.2f}"
+        )
+
+
+def cpu_flags() -> str:
+    """The vector extensions /proc/cpuinfo lists (avx2, fma, avx512*), for the record."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = [f for f in flags if f in ("avx2", "fma") or f.startswith("avx512")]
+    return " ".join(sorted(wanted)) or "none of avx2/fma/avx512"
+
+
+def print_case(
+    case: Case, dtype: torch.dtype, baselines: list[torch.dtype], timing: tuple[int, int, float]
+) -> None:
+    """One line per pass: ours and each SDPA baseline, milliseconds, ratio and GFLOP/s."""
+    for (medians, ratios), (name, factor) in zip(
+        time_case(case, dtype, baselines, timing), (("fwd", 1.0), ("fwd+bwd", 3.5)), strict=False
+    ):
+        gflop = factor * case.forward_flops() / 1e9
+        line = f"{case!s:<22} {name:<8} {medians[0]:9.2f}"
+        for ms, ratio in zip(medians[1:], ratios[1:], strict=True):
+            line += f" {ms:13.2f} {ratio:6.2f}"
+        widths = [10] + [15] * len(baselines)
+        line += "".join(
+            f" {gflop / (ms / 1e3):{w}.1f}" for ms, w in zip(medians, widths, strict=True)
+        )
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,18 +231,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32"
     )
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="CASE",
+        help='only this case, e.g. "B2 H12 T1024 D64" (repeatable; default: all)',
+    )
+    parser.add_argument("--repeats", type=int, help="rounds per case (default 10, --quick 5)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     half = dtype in (torch.bfloat16, torch.float16)
     warmup, repeats, budget_s = (1, 5, 0.3) if args.quick else (3, 10, 2.0)
+    if args.repeats:
+        repeats, budget_s = args.repeats, float("inf")
+    timing = (warmup, repeats, budget_s)
+    chosen = set(args.case or [])
+    unknown = chosen - {str(c) for cases in GROUPS.values() for c in cases}
+    if unknown:
+        parser.error(f"unknown --case {sorted(unknown)}; cases are those the full run prints")
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours in {args.dtype}, "
-        f"kernel ISA: {cpu_capability()}, median of up to {repeats}"
+        f"kernel ISA: {cpu_capability()} (CPU flags: {cpu_flags()}), "
+        f"contenders alternated, median of up to {repeats} rounds"
     )
     load = os.getloadavg()[0]
+    print(f"load average {load:.1f} on {os.cpu_count()} CPUs before starting")
     if load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} before starting; timings may be noisy")
+        print("warning: the load exceeds the CPU count; trust the ratios, not the times")
     # SDPA baselines: the same dtype, and float32 too when ours runs in 16 bits.
     short = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
     baselines = [torch.float32, dtype] if half else [dtype]
@@ -207,23 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     header += f" {'ours GF/s':>10}" + "".join(f" {'SDPA-' + n + ' GF/s':>15}" for n in names)
     print(header)
     for group, cases in GROUPS.items():
-        print(f"-- {group} " + "-" * (len(header) - len(group) - 4))
+        cases = [c for c in cases if not chosen or str(c) in chosen]
+        if cases:
+            print(f"-- {group} " + "-" * (len(header) - len(group) - 4))
         for case in cases:
-            ours = time_case(causal_attention, case, dtype, warmup, repeats, budget_s)
-            theirs = [time_case(sdpa, case, d, warmup, repeats, budget_s) for d in baselines]
-            for i, (name, factor) in enumerate((("fwd", 1.0), ("fwd+bwd", 3.5))):
-                ours_ms = ours[i]
-                if ours_ms is None:
-                    continue
-                gflop = factor * case.forward_flops() / 1e9
-                line = f"{case!s:<22} {name:<8} {ours_ms:9.2f}"
-                sdpa_ms = [ms for t in theirs if (ms := t[i]) is not None]
-                for ms in sdpa_ms:
-                    line += f" {ms:13.2f} {ms / ours_ms:6.2f}"
-                line += f" {gflop / (ours_ms / 1e3):10.1f}"
-                line += "".join(f" {gflop / (ms / 1e3):15.1f}" for ms in sdpa_ms)
-                print(line)
-    print_packed_table(dtype, warmup, repeats, budget_s)
+            print_case(case, dtype, baselines, timing)
+    packed = [c for c in PACKED_CASES if not chosen or str(c) in chosen]
+    if packed:
+        print_packed_table(packed, dtype, timing)
 
 
 if __name__ == "__main__":

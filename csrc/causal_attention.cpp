@@ -140,24 +140,25 @@ struct AlignedFree {
   void operator()(void* ptr) const { std::free(ptr); }
 };
 
-template <typename T>
 class ScratchArena {
  public:
-  // Elements that take(n) uses, padding included.
+  // Bytes that take<T>(n) uses, padding included.
+  template <typename T>
   static int64_t footprint(int64_t n) {
-    return round_up(n, kAlign / static_cast<int64_t>(sizeof(T)));
+    return round_up(n * static_cast<int64_t>(sizeof(T)), kAlign);
   }
 
-  explicit ScratchArena(int64_t capacity)
-      : capacity_(footprint(std::max<int64_t>(capacity, 1))),
-        data_(static_cast<T*>(std::aligned_alloc(kAlign, capacity_ * sizeof(T)))) {
+  explicit ScratchArena(int64_t capacity_bytes)
+      : capacity_(round_up(std::max<int64_t>(capacity_bytes, 1), kAlign)),
+        data_(static_cast<char*>(std::aligned_alloc(kAlign, capacity_))) {
     TORCH_CHECK(data_ != nullptr, "causal_attention: out of memory for scratch buffers");
   }
 
-  // The next n elements, 64-byte aligned.
+  // The next n elements of type T, 64-byte aligned.
+  template <typename T>
   T* take(int64_t n) {
-    T* ptr = data_.get() + used_;
-    used_ += footprint(n);
+    T* ptr = reinterpret_cast<T*>(data_.get() + used_);
+    used_ += footprint<T>(n);
     TORCH_INTERNAL_ASSERT(used_ <= capacity_, "causal_attention: scratch arena too small");
     return ptr;
   }
@@ -165,7 +166,7 @@ class ScratchArena {
  private:
   static constexpr int64_t kAlign = 64;
   int64_t capacity_;  // a multiple of kAlign bytes, as aligned_alloc requires
-  std::unique_ptr<T, AlignedFree> data_;
+  std::unique_ptr<char, AlignedFree> data_;
   int64_t used_ = 0;
 };
 
@@ -177,8 +178,9 @@ bool is_supported_dtype(at::ScalarType dtype) {
          dtype == at::kHalf;
 }
 
+// score_type (causal_attention_kernel.h): double for float32 and float64 inputs.
 at::ScalarType lse_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return dtype == at::kDouble || dtype == at::kFloat ? at::kDouble : at::kFloat;
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -195,7 +197,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 
 template <typename scalar_t>
 using ForwardFn = void (*)(const ForwardArgs<scalar_t>&, int64_t, int64_t,
-                           const ForwardScratch<acc_type<scalar_t>>&);
+                           const ForwardScratch<scalar_t>&);
 
 template <typename scalar_t>
 ForwardFn<scalar_t> forward_kernel(Capability cap) {
@@ -217,28 +219,32 @@ ForwardFn<scalar_t> forward_kernel(Capability cap) {
 template <typename scalar_t>
 void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
   using acc_t = acc_type<scalar_t>;
+  using score_t = score_type<scalar_t>;
   const ForwardFn<scalar_t> kernel = forward_kernel<scalar_t>(active_capability());
   const int64_t num_tiles = (args.T + kTile - 1) / kTile;
   const int64_t Dp = round_up(args.D, kColBlock);
-  using Arena = ScratchArena<acc_t>;
-  const int64_t scratch_size = 4 * Arena::footprint(kTile * Dp) +
-                               Arena::footprint(kTile * kTile) + 2 * Arena::footprint(kTile);
+  using Arena = ScratchArena;
+  const int64_t scratch_size =
+      2 * Arena::footprint<score_t>(kTile * Dp) + 2 * Arena::footprint<acc_t>(kTile * Dp) +
+      Arena::footprint<score_t>(kTile * kTile) + Arena::footprint<acc_t>(kTile * kTile) +
+      Arena::footprint<score_t>(kTile) + Arena::footprint<acc_t>(kTile) +
+      2 * Arena::footprint<uint32_t>(kTile * Dp / 2);
 
   // Per item: on average (num_tiles + 1) / 2 key tiles, two matmuls each.
   const int64_t work = (num_tiles + 1) * kTile * kTile * Dp;
   at::parallel_for(0, BH * num_tiles, grain_size(work), [&](int64_t begin, int64_t end) {
     Arena arena(scratch_size);
-    ForwardScratch<acc_t> scratch{};
-    scratch.qt = arena.take(kTile * Dp);
-    scratch.k = arena.take(kTile * Dp);
-    scratch.v = arena.take(kTile * Dp);
-    scratch.o = arena.take(kTile * Dp);
-    scratch.st = arena.take(kTile * kTile);
-    scratch.row_max = arena.take(kTile);
-    scratch.row_sum = arena.take(kTile);
-    ScratchArena<uint32_t> words(2 * ScratchArena<uint32_t>::footprint(kTile * Dp / 2));
-    scratch.qw = words.take(kTile * Dp / 2);
-    scratch.kw = words.take(kTile * Dp / 2);
+    ForwardScratch<scalar_t> scratch{};
+    scratch.qt = arena.take<score_t>(kTile * Dp);
+    scratch.k = arena.take<score_t>(kTile * Dp);
+    scratch.v = arena.take<acc_t>(kTile * Dp);
+    scratch.o = arena.take<acc_t>(kTile * Dp);
+    scratch.sst = arena.take<score_t>(kTile * kTile);
+    scratch.st = arena.take<acc_t>(kTile * kTile);
+    scratch.row_max = arena.take<score_t>(kTile);
+    scratch.row_sum = arena.take<acc_t>(kTile);
+    scratch.qw = arena.take<uint32_t>(kTile * Dp / 2);
+    scratch.kw = arena.take<uint32_t>(kTile * Dp / 2);
     for (const auto item : c10::irange(begin, end)) {
       // Query tile i costs i + 1 key tiles.
       const int64_t bh = item / num_tiles;
@@ -289,7 +295,7 @@ void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         args.k = input_view<scalar_t>(k);
         args.v = input_view<scalar_t>(v);
         args.out = output_view<scalar_t>(out);
-        args.lse = lse.mutable_data_ptr<acc_t>();
+        args.lse = lse.mutable_data_ptr<score_type<scalar_t>>();
         args.T = q.size(2);
         args.D = q.size(3);
         args.scale = softmax_scale<acc_t>(args.D);
@@ -336,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cpu(const at::Tensor
 
 template <typename scalar_t>
 using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, BackwardItem, int64_t, int64_t,
-                            const BackwardScratch<acc_type<scalar_t>>&);
+                            const BackwardScratch<scalar_t>&);
 
 template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
@@ -357,25 +363,34 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   const BackwardFn<scalar_t> kernel = backward_kernel<scalar_t>(active_capability());
   const int64_t num_tiles = (args.T + kTile - 1) / kTile;
   const int64_t Dp = round_up(args.D, kColBlock);
-  using Arena = ScratchArena<acc_t>;
-  const int64_t scratch_size = 4 * Arena::footprint(kTile * Dp) +
-                               Arena::footprint(key_operands_size(Dp)) +
-                               Arena::footprint(2 * Dp * kTile) +
-                               2 * Arena::footprint(kTile * kTile) +
-                               Arena::footprint(num_tiles * kTile * Dp);
+  using score_t = score_type<scalar_t>;
+  using Arena = ScratchArena;
+  const int64_t scratch_size = 4 * Arena::footprint<acc_t>(kTile * Dp) +
+                               Arena::footprint<score_t>(kTile * Dp) +
+                               Arena::footprint<acc_t>(key_operands_size<scalar_t>(Dp)) +
+                               Arena::footprint<acc_t>(2 * Dp * kTile) +
+                               Arena::footprint<score_t>(kTile * kTile) +
+                               2 * Arena::footprint<acc_t>(kTile * kTile) +
+                               Arena::footprint<acc_t>(num_tiles * kTile * Dp);
   auto for_items = [&](BackwardItem kind, int64_t num_items, int64_t work_per_item) {
     at::parallel_for(0, num_items, grain_size(work_per_item), [&](int64_t begin, int64_t end) {
       Arena arena(scratch_size);
-      BackwardScratch<acc_t> scratch{};
-      scratch.q = arena.take(kTile * Dp);
-      scratch.dout = arena.take(kTile * Dp);
-      scratch.keys = arena.take(key_operands_size(Dp));
-      scratch.dt = arena.take(2 * Dp * kTile);
-      scratch.dk = arena.take(kTile * Dp);
-      scratch.dv = arena.take(kTile * Dp);
-      scratch.p = arena.take(kTile * kTile);
-      scratch.ds = arena.take(kTile * kTile);
-      scratch.dq = arena.take(num_tiles * kTile * Dp);
+      BackwardScratch<scalar_t> scratch{};
+      scratch.q = arena.take<acc_t>(kTile * Dp);
+      if constexpr (std::is_same_v<acc_t, score_t>) {
+        scratch.qs = scratch.q;
+      } else {
+        scratch.qs = arena.take<score_t>(kTile * Dp);
+      }
+      scratch.dout = arena.take<acc_t>(kTile * Dp);
+      scratch.keys = arena.take<acc_t>(key_operands_size<scalar_t>(Dp));
+      scratch.dt = arena.take<acc_t>(2 * Dp * kTile);
+      scratch.dk = arena.take<acc_t>(kTile * Dp);
+      scratch.dv = arena.take<acc_t>(kTile * Dp);
+      scratch.sp = arena.take<score_t>(kTile * kTile);
+      scratch.p = arena.take<acc_t>(kTile * kTile);
+      scratch.ds = arena.take<acc_t>(kTile * kTile);
+      scratch.dq = arena.take<acc_t>(num_tiles * kTile * Dp);
       for (const auto i : c10::irange(begin, end)) {
         if (kind == BackwardItem::kHead) {
           kernel(args, kind, i, 0, scratch);
@@ -398,7 +413,7 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   }
   // Fewer heads than threads: split each head by tiles (same results, 7/5 of the work).
   const at::Tensor key_operands =
-      at::empty({BH * num_tiles * key_operands_size(Dp)},
+      at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)},
                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.key_operands = key_operands.mutable_data_ptr<acc_t>();
   for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
@@ -415,7 +430,9 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   if (dq.numel() == 0) {
     return;
   }
-  const at::Tensor delta = at::empty_like(lse);
+  // delta is acc_t: float32 for every input dtype but float64.
+  const at::Tensor delta = at::empty(
+      lse.sizes(), lse.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_bwd", [&] {
         using acc_t = acc_type<scalar_t>;
@@ -425,7 +442,7 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         args.k = input_view<scalar_t>(k);
         args.v = input_view<scalar_t>(v);
         args.out = input_view<scalar_t>(out);
-        args.lse = lse.const_data_ptr<acc_t>();
+        args.lse = lse.const_data_ptr<score_type<scalar_t>>();
         args.delta = delta.mutable_data_ptr<acc_t>();
         args.dq = output_view<scalar_t>(dq);
         args.dk = output_view<scalar_t>(dk);

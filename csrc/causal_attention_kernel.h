@@ -35,6 +35,13 @@
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,"          \
                         "prefer-vector-width=512")))
 
+// The kernels never read floating-point exception flags. Under GCC's default
+// -ftrapping-math the selects in softmax_exp stay branches (a comparison might trap), which
+// keeps every exp loop scalar; without it they become blends and the loops are vectorised
+// (same results: no value changes, only which operations may be speculated).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
 namespace pipeline::attention {
 
 constexpr int64_t kTile = 64;     // query rows and keys per tile
@@ -57,6 +64,35 @@ struct AccType<c10::Half> {
 };
 template <typename scalar_t>
 using acc_type = typename AccType<scalar_t>::type;
+
+// Type in which the scores Q K^T are summed, and of the log-sum-exp `lse`: double for
+// float32 (and float64) inputs, float for the 16-bit types.
+//
+// Why double for float32: where the scores are large (|s| in the hundreds or thousands, a
+// nearly one-hot softmax) the output and gradient errors are set by the absolute error of
+// the scores, and a float32 sum of D products is off by about sqrt(D / 2) ulp(|s|), a random
+// amount that is as large as SDPA's own error (which sums the same way), so ours would land
+// anywhere from 0.1x to 30x of SDPA's. The products of two float32 are exact in double, so
+// the scores are summed, scaled and kept in double, and the softmax arguments s - max (and
+// s - lse in the backward) are formed in double and rounded to float once: P then has the
+// accuracy of exp, whatever |s|. Rounding s itself to float (ulp(|s|) / 2, 5e-4 at
+// |s| ~ 1e4) or the lse (the backward recomputes every probability as exp(s - lse)) would
+// give that back, so the lse is kept in double too.
+// 16-bit inputs carry errors of 2^-8 to 2^-11, far above either effect.
+template <typename scalar_t>
+struct ScoreType {
+  using type = float;
+};
+template <>
+struct ScoreType<float> {
+  using type = double;
+};
+template <>
+struct ScoreType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using score_type = typename ScoreType<scalar_t>::type;
 
 inline int64_t round_up(int64_t x, int64_t multiple) {
   return (x + multiple - 1) / multiple * multiple;
@@ -84,15 +120,18 @@ struct IsaAvx512Bf16 : IsaAvx512 {
   static constexpr bool kBf16Dot = true;
 };
 
-// Rows of a register tile (kRows x kColBlock accumulators): about half of the vector
-// registers hold accumulators, the rest are free for loads and broadcasts. Always a power
-// of two that divides kColBlock (so tile heights rounded up to kColBlock are multiples).
-template <typename acc_t, typename Isa>
-constexpr int register_rows() {
-  constexpr int regs_per_row =
-      std::max<int>(1, static_cast<int>(kColBlock * sizeof(acc_t)) / Isa::kVectorBytes);
-  return std::max(1, (Isa::kRegisters / 2) / regs_per_row);
-}
+// Shape of a register tile of C (kRows x kCols accumulators of type T), sized so that the
+// accumulators fill 12 of the 16 vector registers (SSE2, AVX2: the other 4 hold the two
+// vectors of B's row and a broadcast of A) or 16 of the 32 (AVX-512). Two vectors per row:
+// each k step then costs 2 loads and kRows broadcasts for 2 kRows multiply-adds. kCols
+// divides kColBlock or is a multiple of it.
+template <typename T, typename Isa>
+struct TileShape {
+  static constexpr int kLanes = Isa::kVectorBytes / static_cast<int>(sizeof(T));
+  static constexpr int kCols = 2 * kLanes;
+  static constexpr int kRows = Isa::kRegisters >= 32 ? 8 : 6;
+  static_assert(kCols % kColBlock == 0 || kColBlock % kCols == 0);
+};
 
 // ----------------------------------------------------------------------------------------
 // exp for the softmax. std::exp does not vectorise without -ffast-math, so float uses a
@@ -127,8 +166,8 @@ PIPELINE_ALWAYS_INLINE double softmax_exp(double x) {
 
 // ----------------------------------------------------------------------------------------
 // Small matrix products on tiles: C (+)= A * B with A (M x K), B (K x N) row-major and
-// M a multiple of kRows, N a multiple of kColBlock. kTransA reads A from its transpose
-// (At is K x M, element (m, k) at a[k * lda + m]).
+// N a multiple of kColBlock (any M). kTransA reads A from its transpose (At is K x M,
+// element (m, k) at a[k * lda + m]).
 //
 // Which parts the causal structure lets us skip, on diagonal tiles (row m = query m,
 // column/key n of the same tile):
@@ -153,11 +192,12 @@ PIPELINE_ALWAYS_INLINE std::pair<int64_t, int64_t> causal_columns(int64_t m0, in
 // One kRows x kCols register tile of C; the fixed-size accumulator array lives in vector
 // registers once the loops are unrolled. With kAccumulate the product is summed from zero
 // and then added to C (like BLAS beta = 1): blocked summation, which keeps the rounding
-// error of long accumulations (dK, dV over many query tiles) small.
-template <int kRows, int kCols, bool kTransA, bool kAccumulate, typename T>
+// error of long accumulations (dK, dV over many query tiles) small. Otherwise C is
+// written as (acc * scale), rounded once to C's type (the scores: T = double, C = float).
+template <int kRows, int kCols, bool kTransA, bool kAccumulate, typename T, typename C>
 PIPELINE_ALWAYS_INLINE void register_tile(
     int64_t k_begin, int64_t k_end, const T* __restrict a, int64_t lda,
-    const T* __restrict b, int64_t ldb, T* __restrict c, int64_t ldc) {
+    const T* __restrict b, int64_t ldb, C* __restrict c, int64_t ldc, T scale) {
   T acc[kRows][kCols];
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
@@ -179,10 +219,90 @@ PIPELINE_ALWAYS_INLINE void register_tile(
   }
 #pragma GCC unroll 16
   for (int i = 0; i < kRows; ++i) {
+    C* __restrict ci = c + i * ldc;
+    if constexpr (kAccumulate) {
+      static_assert(std::is_same_v<T, C>);
 #pragma omp simd
-    for (int j = 0; j < kCols; ++j) {
-      c[i * ldc + j] = kAccumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
+      for (int j = 0; j < kCols; ++j) {
+        ci[j] += acc[i][j];
+      }
+    } else {
+#pragma omp simd
+      for (int j = 0; j < kCols; ++j) {
+        ci[j] = static_cast<C>(acc[i][j] * scale);
+      }
     }
+  }
+}
+
+// The register tiles of rows [m0, m0 + kRows) of C. Tiles are kCols wide, and kColBlock
+// wide for the last columns when kCols is wider.
+template <int kRows, int kCols, Causal kCausal, bool kTransA, bool kAccumulate, typename T,
+          typename C>
+PIPELINE_ALWAYS_INLINE void row_block(
+    int64_t m0, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, C* c,
+    int64_t ldc, T scale) {
+  const T* a_rows = kTransA ? a + m0 : a + m0 * lda;
+  int64_t k_begin = 0;
+  int64_t k_end = K;
+  if constexpr (kCausal == Causal::kLowerA) {
+    k_end = std::min(K, m0 + kRows);
+  }
+  if constexpr (kCausal == Causal::kLowerAT) {
+    k_begin = std::min(K, m0);
+  }
+  auto [n0, n_end] = causal_columns<kCausal>(m0, kRows, N);
+  C* c_rows = c + m0 * ldc;
+  for (; n0 + kCols <= n_end; n0 += kCols) {
+    register_tile<kRows, kCols, kTransA, kAccumulate>(k_begin, k_end, a_rows, lda, b + n0, ldb,
+                                                      c_rows + n0, ldc, scale);
+  }
+  if constexpr (kCols > kColBlock) {
+    for (; n0 < n_end; n0 += kColBlock) {
+      register_tile<kRows, kColBlock, kTransA, kAccumulate>(k_begin, k_end, a_rows, lda,
+                                                            b + n0, ldb, c_rows + n0, ldc, scale);
+    }
+  }
+}
+
+// C (+)= A B in register tiles of the ISA's shape for T (TileShape): full-height row blocks,
+// then the last M % kRows rows in blocks of 4, 2 and 1. Every element of C is one
+// multiply-add chain over k in increasing order (terms the causal variants skip are exact
+// zeros), so results do not depend on the register tile shape.
+template <typename Isa, Causal kCausal, bool kTransA, bool kAccumulate, typename T, typename C>
+PIPELINE_ALWAYS_INLINE void matmul(
+    int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, C* c,
+    int64_t ldc, T scale = T(1)) {
+  using Shape = TileShape<T, Isa>;
+  constexpr int kRows = Shape::kRows;
+  constexpr int kCols = Shape::kCols;
+  int64_t m0 = 0;
+  for (; m0 + kRows <= M; m0 += kRows) {
+    row_block<kRows, kCols, kCausal, kTransA, kAccumulate>(m0, N, K, a, lda, b, ldb, c, ldc,
+                                                           scale);
+  }
+  if (M - m0 >= 4) {
+    row_block<4, kCols, kCausal, kTransA, kAccumulate>(m0, N, K, a, lda, b, ldb, c, ldc, scale);
+    m0 += 4;
+  }
+  if (M - m0 >= 2) {
+    row_block<2, kCols, kCausal, kTransA, kAccumulate>(m0, N, K, a, lda, b, ldb, c, ldc, scale);
+    m0 += 2;
+  }
+  if (M - m0 >= 1) {
+    row_block<1, kCols, kCausal, kTransA, kAccumulate>(m0, N, K, a, lda, b, ldb, c, ldc, scale);
+  }
+}
+
+// Same product, choosing the causal variant at run time (diagonal tile or not).
+template <typename Isa, Causal kCausal, bool kTransA, bool kAccumulate, typename T, typename C>
+PIPELINE_ALWAYS_INLINE void tile_matmul(
+    bool diagonal, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
+    int64_t ldb, C* c, int64_t ldc, T scale = T(1)) {
+  if (diagonal) {
+    matmul<Isa, kCausal, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc, scale);
+  } else {
+    matmul<Isa, Causal::kNone, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc, scale);
   }
 }
 
@@ -234,53 +354,6 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX512_BF16 void register_tile_bf16(
   }
 }
 
-// With 32 vector registers (kRows >= 8: AVX-512) the register tiles are half as tall and
-// twice as wide, kRows / 2 x 2 kColBlock: 2 vector loads and kRows / 2 broadcasts per
-// 2 (kRows / 2) FMAs instead of 1 and kRows per kRows. Every element of C is still one
-// multiply-add chain over k in the same order (terms the causal variants skip are exact
-// zeros), so results do not depend on the register tile shape.
-template <int kRows, Causal kCausal, bool kTransA, bool kAccumulate, typename T>
-PIPELINE_ALWAYS_INLINE void matmul(
-    int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
-    T* c, int64_t ldc) {
-  constexpr bool kWide = kRows >= 8;
-  constexpr int kTileRows = kWide ? kRows / 2 : kRows;
-  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
-    const T* a_rows = kTransA ? a + m0 : a + m0 * lda;
-    int64_t k_begin = 0;
-    int64_t k_end = K;
-    if constexpr (kCausal == Causal::kLowerA) {
-      k_end = std::min(K, m0 + kTileRows);
-    }
-    if constexpr (kCausal == Causal::kLowerAT) {
-      k_begin = std::min(K, m0);
-    }
-    auto [n0, n_end] = causal_columns<kCausal>(m0, kTileRows, N);
-    if constexpr (kWide) {
-      for (; n0 + 2 * kColBlock <= n_end; n0 += 2 * kColBlock) {
-        register_tile<kTileRows, 2 * kColBlock, kTransA, kAccumulate>(
-            k_begin, k_end, a_rows, lda, b + n0, ldb, c + m0 * ldc + n0, ldc);
-      }
-    }
-    for (; n0 < n_end; n0 += kColBlock) {
-      register_tile<kTileRows, kColBlock, kTransA, kAccumulate>(
-          k_begin, k_end, a_rows, lda, b + n0, ldb, c + m0 * ldc + n0, ldc);
-    }
-  }
-}
-
-// Same product, choosing the causal variant at run time (diagonal tile or not).
-template <int kRows, Causal kCausal, bool kTransA, bool kAccumulate, typename T>
-PIPELINE_ALWAYS_INLINE void tile_matmul(
-    bool diagonal, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
-    int64_t ldb, T* c, int64_t ldc) {
-  if (diagonal) {
-    matmul<kRows, kCausal, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc);
-  } else {
-    matmul<kRows, Causal::kNone, kTransA, kAccumulate>(M, N, K, a, lda, b, ldb, c, ldc);
-  }
-}
-
 // C = A B on bf16 word tiles (K counts words), float C, 8 x 32 register tiles; kCausal as
 // for matmul (kNone, kLowerC, kUpperC). Not inlined: the intrinsics need this function's
 // target, which the ISA-generic callers do not have; one call covers a whole tile product.
@@ -325,6 +398,20 @@ PIPELINE_ALWAYS_INLINE acc_t to_acc(const scalar_t* __restrict src, int64_t i) {
     return __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16);
   } else {
     return static_cast<acc_t>(src[i]);
+  }
+}
+
+// The other way, when storing results: bfloat16 rounded to nearest even on the raw bits, as
+// c10::BFloat16(float) does (NaN -> 0x7FC0), but inlined (c10's constructor, compiled outside
+// the optimize pragma above, is not); the rest through the ordinary conversion.
+template <typename scalar_t, typename acc_t>
+PIPELINE_ALWAYS_INLINE scalar_t from_acc(acc_t x) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+    const uint32_t rounded = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16;
+    return __builtin_bit_cast(c10::BFloat16, static_cast<uint16_t>(x != x ? 0x7FC0 : rounded));
+  } else {
+    return static_cast<scalar_t>(x);
   }
 }
 
@@ -438,7 +525,7 @@ struct ForwardArgs {
   HeadView<const scalar_t> k;
   HeadView<const scalar_t> v;
   HeadView<scalar_t> out;
-  acc_t* lse;
+  score_type<scalar_t>* lse;
   int64_t T;
   int64_t D;
   acc_t scale;
@@ -452,9 +539,9 @@ struct BackwardArgs {
   HeadView<const scalar_t> k;
   HeadView<const scalar_t> v;
   HeadView<const scalar_t> out;
-  const acc_t* lse;
+  const score_type<scalar_t>* lse;
   acc_t* delta;  // (BH, T) rowsum(dO * O), filled by the backward itself
-  // Split backward only (else null): per key tile, its operands K, K^T and V^T, prepared
+  // Split backward only (else null): per key tile, its operands (KeyOperands), prepared
   // once by the kPrepare items instead of by every item that reads them.
   acc_t* key_operands;
   HeadView<scalar_t> dq;
@@ -466,14 +553,17 @@ struct BackwardArgs {
 };
 
 // Per-thread scratch: pointers into one aligned allocation owned by the caller.
-template <typename acc_t>
+template <typename scalar_t>
 struct ForwardScratch {
-  acc_t* qt;       // (Dp, kTile) transposed queries times the softmax scale
-  acc_t* k;        // (kTile, Dp)
+  using acc_t = acc_type<scalar_t>;
+  using score_t = score_type<scalar_t>;
+  score_t* qt;     // (Dp, kTile) transposed queries
+  score_t* k;      // (kTile, Dp)
   acc_t* v;        // (kTile, Dp)
-  acc_t* st;       // (kTile, kTile) transposed scores (key, query), overwritten by P^T
+  score_t* sst;    // (kTile, kTile) transposed scores (key, query)
+  acc_t* st;       // (kTile, kTile) P^T
   acc_t* o;        // (kTile, Dp) unnormalised output
-  acc_t* row_max;  // (kTile) running max of each query's scores
+  score_t* row_max;  // (kTile) running max of each query's scores
   acc_t* row_sum;  // (kTile)
   // bf16 dot products only (uses_bf16_dot): Q and K as word tiles, (Dp / 2, kTile) and
   // (kTile, Dp / 2), in place of qt and k.
@@ -488,14 +578,18 @@ constexpr bool uses_bf16_dot() {
   return Isa::kBf16Dot && std::is_same_v<scalar_t, c10::BFloat16>;
 }
 
-template <typename acc_t>
+template <typename scalar_t>
 struct BackwardScratch {
-  acc_t* q;       // (kTile, Dp) queries times the softmax scale
+  using acc_t = acc_type<scalar_t>;
+  using score_t = score_type<scalar_t>;
+  acc_t* q;       // (kTile, Dp) queries (for dK)
+  score_t* qs;    // (kTile, Dp) queries for the scores; q itself when score_t is acc_t
   acc_t* dout;    // (kTile, Dp)
   acc_t* keys;    // key_operands_size(Dp): K, K^T, V^T (backward_load_keys)
   acc_t* dt;      // 2 (Dp, kTile): transposed dO and O, for delta
   acc_t* dk;      // (kTile, Dp)
   acc_t* dv;      // (kTile, Dp)
+  score_t* sp;    // (kTile, kTile) scores
   acc_t* p;       // (kTile, kTile)
   acc_t* ds;      // (kTile, kTile) dP, overwritten by dS
   acc_t* dq;      // (round_up(T, kTile), Dp) for a whole head, (kTile, Dp) for kQueries
@@ -504,17 +598,18 @@ struct BackwardScratch {
 // ----------------------------------------------------------------------------------------
 // Forward of one (batch*head, query tile): online softmax over key tiles 0..tile.
 //
-// Scores are computed transposed, S^T = K (scale Q)^T with keys as rows: Q^T is transposed
+// Scores are computed transposed, S^T = scale (K Q^T) with keys as rows: Q^T is transposed
 // once per query tile (not K once per tile pair), and the softmax statistics of a query are
 // then column reductions, which run over contiguous rows of S^T vectorised across queries.
-// O += P V reads P from P^T (kTransA).
+// The products are summed in score_t and scaled before the one rounding to acc_t (see
+// ScoreType). O += P V reads P from P^T (kTransA).
 
 template <typename scalar_t, typename Isa>
 PIPELINE_ALWAYS_INLINE void forward_tile(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<acc_type<scalar_t>>& s) {
+    const ForwardScratch<scalar_t>& s) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kRows = register_rows<acc_t, Isa>();
+  using score_t = score_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
@@ -522,19 +617,15 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   const int64_t row0 = tile * kTile;
   const int64_t rows = std::min(kTile, T - row0);
   const int64_t q_cols = round_up(rows, kColBlock);  // query columns of S^T computed
-  const int64_t m_rows = round_up(rows, kRows);      // output rows computed (<= q_cols)
 
   constexpr bool kBf16Dot = uses_bf16_dot<scalar_t, Isa>();
-  // Scaling Q (not S) makes the largest score of a row give exactly exp(0) = 1. The bf16
-  // dot products take Q as it is and scale S.
   if constexpr (kBf16Dot) {
     load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qw);
   } else {
-    load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt,
-                         args.scale);
+    load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt);
   }
   fill(s.o, kTile * Dp, acc_t(0));
-  fill(s.row_max, kTile, -std::numeric_limits<acc_t>::infinity());
+  fill(s.row_max, kTile, -std::numeric_limits<score_t>::infinity());
   fill(s.row_sum, kTile, acc_t(0));
 
   for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
@@ -543,14 +634,14 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     const int64_t cols = std::min(kTile, T - col0);  // keys
     load_tile(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp, s.v);
 
-    // S^T = K (scale Q)^T. On the diagonal tile, register tiles whose keys all come after
+    // S^T = scale (K Q^T). On the diagonal tile, register tiles whose keys all come after
     // their queries are skipped; the loops below never read them (query m >= key n).
     if constexpr (kBf16Dot) {
       load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.kw);
-      tile_matmul_bf16<Causal::kUpperC>(diagonal, round_up(cols, kRows), q_cols, Dp / 2, s.kw,
-                                        Dp / 2, s.qw, kTile, s.st, kTile);
+      tile_matmul_bf16<Causal::kUpperC>(diagonal, round_up(cols, 8), q_cols, Dp / 2, s.kw,
+                                        Dp / 2, s.qw, kTile, s.sst, kTile);
       for (int64_t n = 0; n < cols; ++n) {
-        acc_t* __restrict st = s.st + n * kTile;
+        score_t* __restrict st = s.sst + n * kTile;
 #pragma omp simd
         for (int64_t m = diagonal ? n / kColBlock * kColBlock : 0; m < q_cols; ++m) {
           st[m] *= args.scale;
@@ -558,36 +649,48 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
       }
     } else {
       load_tile(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.k);
-      tile_matmul<kRows, Causal::kUpperC, false, false>(
-          diagonal, round_up(cols, kRows), q_cols, Dp, s.k, Dp, s.qt, kTile, s.st, kTile);
+      tile_matmul<Isa, Causal::kUpperC, false, false>(diagonal, cols, q_cols, Dp, s.k, Dp, s.qt,
+                                                      kTile, s.sst, kTile,
+                                                      static_cast<score_t>(args.scale));
     }
 
     // Online softmax, one query per column: new running max, P^T = exp(S^T - max), sums.
     // Key n is visible to the queries m >= n of a diagonal tile, to all queries otherwise.
-    acc_t m_new[kTile];
+    // The differences s - max are formed in score_t and rounded once to acc_t: P keeps the
+    // accuracy of the scores however large they are (see ScoreType).
+    score_t m_new[kTile];
     acc_t sum[kTile];
     std::copy(s.row_max, s.row_max + q_cols, m_new);
     fill(sum, q_cols, acc_t(0));
     for (int64_t n = 0; n < cols; ++n) {
-      const acc_t* __restrict st = s.st + n * kTile;
+      const score_t* __restrict st = s.sst + n * kTile;
 #pragma omp simd
       for (int64_t m = diagonal ? n : 0; m < q_cols; ++m) {
-        m_new[m] = std::max(m_new[m], st[m]);
+        // std::max's semantics, written out: std::max, defined outside the optimize pragma
+        // above, would not be inlined here (nor vectorised).
+        m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
       }
     }
     for (int64_t n = 0; n < cols; ++n) {
+      const score_t* __restrict st = s.sst + n * kTile;
       acc_t* __restrict p = s.st + n * kTile;
       const int64_t first = diagonal ? std::min(n, q_cols) : 0;
       fill(p, first, acc_t(0));
+      // Two loops: with score_t and acc_t mixed in one, GCC leaves the exp scalar.
 #pragma omp simd
       for (int64_t m = first; m < q_cols; ++m) {
-        const acc_t e = softmax_exp(p[m] - m_new[m]);
+        p[m] = static_cast<acc_t>(st[m] - m_new[m]);
+      }
+#pragma omp simd
+      for (int64_t m = first; m < q_cols; ++m) {
+        const acc_t e = softmax_exp(p[m]);
         p[m] = e;
         sum[m] += e;
       }
     }
-    for (int64_t m = 0; m < m_rows; ++m) {
-      const acc_t alpha = softmax_exp(s.row_max[m] - m_new[m]);  // 0 on the first tile
+    for (int64_t m = 0; m < rows; ++m) {
+      // 0 on the first tile (-inf - max)
+      const acc_t alpha = softmax_exp(static_cast<acc_t>(s.row_max[m] - m_new[m]));
       s.row_max[m] = m_new[m];
       s.row_sum[m] = s.row_sum[m] * alpha + sum[m];
       if (alpha != acc_t(1)) {
@@ -600,20 +703,20 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
     }
 
     // O += P V
-    tile_matmul<kRows, Causal::kLowerA, true, true>(
-        diagonal, m_rows, Dp, cols, s.st, kTile, s.v, Dp, s.o, Dp);
+    tile_matmul<Isa, Causal::kLowerA, true, true>(diagonal, rows, Dp, cols, s.st, kTile, s.v,
+                                                  Dp, s.o, Dp);
   }
 
   scalar_t* __restrict out = args.out.row(bh, row0);
   const int64_t ld_out = args.out.row_stride;
-  acc_t* __restrict lse = args.lse + bh * T + row0;
+  score_t* __restrict lse = args.lse + bh * T + row0;
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t inv_sum = acc_t(1) / s.row_sum[r];
     const acc_t* __restrict o = s.o + r * Dp;
     for (int64_t d = 0; d < D; ++d) {
-      out[r * ld_out + d] = static_cast<scalar_t>(o[d] * inv_sum);
+      out[r * ld_out + d] = from_acc<scalar_t>(o[d] * inv_sum);
     }
-    lse[r] = s.row_max[r] + std::log(s.row_sum[r]);
+    lse[r] = s.row_max[r] + std::log(static_cast<score_t>(s.row_sum[r]));
   }
 }
 
@@ -633,9 +736,32 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
 // identical whichever is used, and do not depend on the number of threads.
 enum class BackwardItem { kHead, kPrepare, kKeys, kQueries };
 
-// Elements of the operands of one key tile: K (kTile, Dp), K^T and V^T (Dp, kTile).
+// The operands of one key tile, one after the other in a block of acc_t elements: K
+// (kTile, Dp) for dQ, K^T (Dp, kTile) in score_t for the scores and V^T (Dp, kTile) for dP.
+template <typename scalar_t>
+constexpr int64_t kScoreElements = sizeof(score_type<scalar_t>) / sizeof(acc_type<scalar_t>);
+
+// Elements (acc_t) of the operands of one key tile.
+template <typename scalar_t>
 inline int64_t key_operands_size(int64_t Dp) {
-  return 3 * kTile * Dp;
+  return (2 + kScoreElements<scalar_t>) * kTile * Dp;
+}
+
+template <typename scalar_t>
+struct KeyOperands {
+  const acc_type<scalar_t>* k;
+  const score_type<scalar_t>* kt;
+  const acc_type<scalar_t>* vt;
+};
+
+// Where the operands of the block at `base` lie (the block is 64-byte aligned, and so are
+// its parts: kTile * Dp * sizeof(acc_t) is a multiple of 64).
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t> key_operands(const acc_type<scalar_t>* base,
+                                                          int64_t Dp) {
+  const int64_t n = kTile * Dp;
+  return {base, reinterpret_cast<const score_type<scalar_t>*>(base + n),
+          base + (1 + kScoreElements<scalar_t>) * n};
 }
 
 // delta_i = rowsum(dO_i * O_i) for one query tile, computed like the matmul dP = dO V^T
@@ -646,7 +772,7 @@ inline int64_t key_operands_size(int64_t Dp) {
 template <typename scalar_t>
 PIPELINE_ALWAYS_INLINE void backward_delta(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -668,8 +794,7 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
   std::copy(delta, delta + rows, args.delta + bh * T + row0);
 }
 
-// Key tile operands: K (for dQ), K^T (for S) and V^T (for dP), at dst, dst + kTile * Dp
-// and dst + 2 * kTile * Dp.
+// Key tile operands (KeyOperands) into the block at dst.
 template <typename scalar_t>
 PIPELINE_ALWAYS_INLINE void backward_load_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
@@ -679,91 +804,101 @@ PIPELINE_ALWAYS_INLINE void backward_load_keys(
   const int64_t col0 = kv_tile * kTile;
   const int64_t cols = std::min(kTile, args.T - col0);
   const scalar_t* k = args.k.row(bh, col0);
+  const int64_t n = kTile * Dp;
   load_tile(k, args.k.row_stride, cols, D, Dp, dst);
-  load_tile_transposed(k, args.k.row_stride, cols, D, Dp, dst + kTile * Dp);
+  load_tile_transposed(k, args.k.row_stride, cols, D, Dp,
+                       reinterpret_cast<score_type<scalar_t>*>(dst + n));
   load_tile_transposed(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp,
-                       dst + 2 * kTile * Dp);
+                       dst + (1 + kScoreElements<scalar_t>) * n);
 }
 
 // The key operands of a tile: the prepared ones (split backward) or loaded into scratch.
 template <typename scalar_t>
 PIPELINE_ALWAYS_INLINE const acc_type<scalar_t>* backward_key_operands(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   if (args.key_operands != nullptr) {
     const int64_t num_tiles = (args.T + kTile - 1) / kTile;
-    const int64_t size = key_operands_size(round_up(args.D, kColBlock));
+    const int64_t size = key_operands_size<scalar_t>(round_up(args.D, kColBlock));
     return args.key_operands + (bh * num_tiles + kv_tile) * size;
   }
   backward_load_keys(args, bh, kv_tile, s.keys);
   return s.keys;
 }
 
-// Query tile operands: scale Q and dO.
+// Query tile operands: Q (as acc_t for dK, as score_t for the scores) and dO.
 template <typename scalar_t>
 PIPELINE_ALWAYS_INLINE void backward_load_queries(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
   const int64_t row0 = q_tile * kTile;
   const int64_t rows = std::min(kTile, args.T - row0);
-  load_tile(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q, args.scale);
+  const scalar_t* q = args.q.row(bh, row0);
+  load_tile(q, args.q.row_stride, rows, D, Dp, s.q);
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, score_type<scalar_t>>) {
+    load_tile(q, args.q.row_stride, rows, D, Dp, s.qs);
+  }
   load_tile(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp, s.dout);
 }
 
-// One (query tile, key tile) pair, query operands in s.q, s.dout and key operands at
-// `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T (scale Q) into s.dv, s.dk;
-// kQueries: dQ += dS K into dq (times scale later).
+// One (query tile, key tile) pair, query operands in s.q, s.qs, s.dout and key operands at
+// `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv, s.dk (dK
+// times scale later); kQueries: dQ += dS K into dq (times scale later).
 template <bool kKeys, bool kQueries, typename scalar_t, typename Isa>
 PIPELINE_ALWAYS_INLINE void backward_pair(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
-    const acc_type<scalar_t>* keys, const BackwardScratch<acc_type<scalar_t>>& s,
+    const acc_type<scalar_t>* keys, const BackwardScratch<scalar_t>& s,
     acc_type<scalar_t>* dq) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kRows = register_rows<acc_t, Isa>();
+  using score_t = score_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t Dp = round_up(args.D, kColBlock);
   const bool diagonal = q_tile == kv_tile;
   const int64_t row0 = q_tile * kTile;
   const int64_t rows = std::min(kTile, T - row0);
-  const int64_t m_rows = round_up(rows, kRows);
   const int64_t cols = std::min(kTile, T - kv_tile * kTile);
   const int64_t n_cols = round_up(cols, kColBlock);
-  const acc_t* __restrict lse = args.lse + bh * T + row0;
+  const score_t* __restrict lse = args.lse + bh * T + row0;
   const acc_t* __restrict delta = args.delta + bh * T + row0;
-  const acc_t* k = keys;
-  const acc_t* kt = keys + kTile * Dp;
-  const acc_t* vt = keys + 2 * kTile * Dp;
+  const KeyOperands<scalar_t> key = key_operands<scalar_t>(keys, Dp);
 
-  // P = exp((scale Q) K^T - lse)
-  tile_matmul<kRows, Causal::kLowerC, false, false>(
-      diagonal, m_rows, n_cols, Dp, s.q, Dp, kt, kTile, s.p, kTile);
-  for (int64_t r = 0; r < m_rows; ++r) {
+  // P = exp(scale (Q K^T) - lse), the scores summed as in the forward and s - lse formed in
+  // score_t before the one rounding to acc_t (see ScoreType).
+  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, s.qs, Dp,
+                                                  key.kt, kTile, s.sp, kTile,
+                                                  static_cast<score_t>(args.scale));
+  for (int64_t r = 0; r < rows; ++r) {
+    const score_t* __restrict sp = s.sp + r * kTile;
     acc_t* __restrict p = s.p + r * kTile;
-    const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
-    const acc_t row_lse = r >= rows ? acc_t(0) : lse[r];
+    const int64_t valid = diagonal ? r + 1 : cols;
+    const score_t row_lse = lse[r];
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
-      p[c] = softmax_exp(p[c] - row_lse);
+      p[c] = static_cast<acc_t>(sp[c] - row_lse);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
+      p[c] = softmax_exp(p[c]);
     }
     fill(p + valid, n_cols - valid, acc_t(0));
   }
 
   // dV += P^T dO
   if constexpr (kKeys) {
-    tile_matmul<kRows, Causal::kLowerAT, true, true>(
-        diagonal, n_cols, Dp, rows, s.p, kTile, s.dout, Dp, s.dv, Dp);
+    tile_matmul<Isa, Causal::kLowerAT, true, true>(diagonal, n_cols, Dp, rows, s.p, kTile,
+                                                   s.dout, Dp, s.dv, Dp);
   }
 
   // dP = dO V^T;  dS = P * (dP - delta)
-  tile_matmul<kRows, Causal::kLowerC, false, false>(
-      diagonal, m_rows, n_cols, Dp, s.dout, Dp, vt, kTile, s.ds, kTile);
-  for (int64_t r = 0; r < m_rows; ++r) {
+  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, s.dout, Dp,
+                                                  key.vt, kTile, s.ds, kTile);
+  for (int64_t r = 0; r < rows; ++r) {
     acc_t* __restrict ds = s.ds + r * kTile;
     const acc_t* __restrict p = s.p + r * kTile;
-    const int64_t valid = r >= rows ? 0 : (diagonal ? r + 1 : cols);
-    const acc_t row_delta = r >= rows ? acc_t(0) : delta[r];
+    const int64_t valid = diagonal ? r + 1 : cols;
+    const acc_t row_delta = delta[r];
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
       ds[c] = p[c] * (ds[c] - row_delta);
@@ -771,14 +906,14 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     fill(ds + valid, n_cols - valid, acc_t(0));
   }
 
-  // dK += dS^T (scale Q);  dQ += dS K
+  // dK += dS^T Q;  dQ += dS K
   if constexpr (kKeys) {
-    tile_matmul<kRows, Causal::kLowerAT, true, true>(
-        diagonal, n_cols, Dp, rows, s.ds, kTile, s.q, Dp, s.dk, Dp);
+    tile_matmul<Isa, Causal::kLowerAT, true, true>(diagonal, n_cols, Dp, rows, s.ds, kTile,
+                                                   s.q, Dp, s.dk, Dp);
   }
   if constexpr (kQueries) {
-    tile_matmul<kRows, Causal::kLowerA, false, true>(
-        diagonal, m_rows, Dp, cols, s.ds, kTile, k, Dp, dq, Dp);
+    tile_matmul<Isa, Causal::kLowerA, false, true>(diagonal, rows, Dp, cols, s.ds, kTile,
+                                                   key.k, Dp, dq, Dp);
   }
 }
 
@@ -790,7 +925,7 @@ PIPELINE_ALWAYS_INLINE void store_tile(
     int64_t ld, acc_t scale = acc_t(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t d = 0; d < D; ++d) {
-      dst[r * ld + d] = static_cast<scalar_t>(src[r * Dp + d] * scale);
+      dst[r * ld + d] = from_acc<scalar_t>(src[r * Dp + d] * scale);
     }
   }
 }
@@ -800,7 +935,7 @@ PIPELINE_ALWAYS_INLINE void store_tile(
 template <bool kWithDq, typename scalar_t, typename Isa>
 PIPELINE_ALWAYS_INLINE void backward_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -816,14 +951,14 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
   }
   const int64_t col0 = kv_tile * kTile;
   const int64_t cols = std::min(kTile, T - col0);
-  store_tile(s.dk, cols, D, Dp, args.dk.row(bh, col0), args.dk.row_stride);
+  store_tile(s.dk, cols, D, Dp, args.dk.row(bh, col0), args.dk.row_stride, args.scale);
   store_tile(s.dv, cols, D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
 }
 
 template <typename scalar_t, typename Isa>
 PIPELINE_ALWAYS_INLINE void backward_item(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -843,7 +978,7 @@ PIPELINE_ALWAYS_INLINE void backward_item(
     }
     case BackwardItem::kPrepare: {
       backward_delta(args, bh, tile, s);
-      const int64_t size = key_operands_size(Dp);
+      const int64_t size = key_operands_size<scalar_t>(Dp);
       backward_load_keys(args, bh, tile, args.key_operands + (bh * num_tiles + tile) * size);
       break;
     }
@@ -872,46 +1007,48 @@ PIPELINE_ALWAYS_INLINE void backward_item(
 template <typename scalar_t>
 void forward_tile_default(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<acc_type<scalar_t>>& s) {
+    const ForwardScratch<scalar_t>& s) {
   forward_tile<scalar_t, IsaDefault>(args, bh, tile, s);
 }
 template <typename scalar_t>
 PIPELINE_TARGET_AVX2 void forward_tile_avx2(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<acc_type<scalar_t>>& s) {
+    const ForwardScratch<scalar_t>& s) {
   forward_tile<scalar_t, IsaAvx2>(args, bh, tile, s);
 }
 template <typename scalar_t>
 PIPELINE_TARGET_AVX512 void forward_tile_avx512(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<acc_type<scalar_t>>& s) {
+    const ForwardScratch<scalar_t>& s) {
   forward_tile<scalar_t, IsaAvx512>(args, bh, tile, s);
 }
 
 // bfloat16 only: the other dtypes have no bf16 products and use forward_tile_avx512.
 inline PIPELINE_TARGET_AVX512_BF16 void forward_tile_avx512_bf16(
     const ForwardArgs<c10::BFloat16>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<float>& s) {
+    const ForwardScratch<c10::BFloat16>& s) {
   forward_tile<c10::BFloat16, IsaAvx512Bf16>(args, bh, tile, s);
 }
 
 template <typename scalar_t>
 void backward_item_default(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   backward_item<scalar_t, IsaDefault>(args, item, bh, tile, s);
 }
 template <typename scalar_t>
 PIPELINE_TARGET_AVX2 void backward_item_avx2(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   backward_item<scalar_t, IsaAvx2>(args, item, bh, tile, s);
 }
 template <typename scalar_t>
 PIPELINE_TARGET_AVX512 void backward_item_avx512(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<acc_type<scalar_t>>& s) {
+    const BackwardScratch<scalar_t>& s) {
   backward_item<scalar_t, IsaAvx512>(args, item, bh, tile, s);
 }
 
 }  // namespace pipeline::attention
+
+#pragma GCC pop_options

@@ -145,8 +145,9 @@ def test_lse_and_dtypes(dtype: torch.dtype) -> None:
     q, k, v = make_qkv((2, 2, 70, 16), dtype=dtype)
     out, lse = fwd_op(q, k, v)
     assert out.dtype == dtype and out.shape == q.shape
-    # 16-bit inputs keep a float32 log-sum-exp (as SDPA's flash kernels do).
-    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # 16-bit inputs keep a float32 log-sum-exp (as SDPA's flash kernels do); float32 inputs
+    # a float64 one (their scores are summed in float64, see test_large_scores_accuracy).
+    lse_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
     assert lse.dtype == lse_dtype and lse.shape == (2, 2, 70)
     scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(16)
     mask = torch.ones(70, 70, dtype=torch.bool).triu(1)
@@ -208,6 +209,65 @@ def test_large_scores_stay_finite() -> None:
         ours(q64, k64, v64, grad_out), reference(q64, k64, v64, grad_out), strict=True
     ):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def best_and_capped_capabilities() -> list[str]:
+    """The uncapped path a user gets ("best") and every capability cap."""
+    return ["best", *CAPABILITIES]
+
+
+def use_capability(capability: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run with `capability` ("best": uncapped); skip what this CPU lacks, and caps that are
+    the best path itself (already run as "best")."""
+    monkeypatch.delenv("PIPELINE_CPU_CAPABILITY", raising=False)
+    best = kernels.cpu_capability()
+    if capability == "best":
+        return
+    if CAPABILITIES.index(capability) >= CAPABILITIES.index(best):
+        pytest.skip(f"{capability} is not narrower than this CPU's best path ({best})")
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", capability)
+    assert kernels.cpu_capability() == capability
+
+
+@pytest.mark.parametrize("scale", [30.0, 100.0])
+@pytest.mark.parametrize("capability", best_and_capped_capabilities())
+def test_large_scores_accuracy(
+    capability: str, scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q and k scaled (scores of hundreds to thousands, nearly one-hot softmax rows), float32:
+    error vs a float64 reference within 2x of SDPA's own, for every head dim and tile edge.
+
+    out and dV are held to SDPA's math backend. dQ and dK are held to SDPA's CPU flash
+    kernel (what F.scaled_dot_product_attention runs by default for float32): where a row
+    is one-hot to about float32 precision, the exact dS = P (dP - delta) is tiny and a
+    flash-style backward, which takes delta = rowsum(dO * O) from the output rounded to
+    float32, computes it with an error of a few ulp of dP, while the math backend forms
+    delta from P itself and keeps it. Ours stays well inside the flash kernel's error there.
+    """
+    use_capability(capability, monkeypatch)
+    for head_dim in (16, 32, 64, 80, 96, 128):
+        # T1000 (16 tiles, online softmax over many key tiles) for a few head dims only: the
+        # float64 references make it the slow case.
+        for seq_len in (1, 63, 64, 65) + ((1000,) if head_dim in (16, 80, 128) else ()):
+            shape = (1, 1 if seq_len > 300 else 2, seq_len, head_dim)
+            gen = torch.Generator().manual_seed(head_dim * seq_len)
+            q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+            q, k = q * scale, k * scale
+            grad_out = torch.randn(shape, generator=gen)
+            exact = reference(q.double(), k.double(), v.double(), grad_out.double())
+            math_ = reference(q, k, v, grad_out)
+            flash = reference(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)
+            got_all = ours(q, k, v, grad_out)
+            bases = (math_[0], flash[1], flash[2], math_[3])
+            for name, got, sdpa, ref in zip(
+                ("out", "dq", "dk", "dv"), got_all, bases, exact, strict=True
+            ):
+                assert torch.isfinite(got).all(), name
+                err, sdpa_err = max_err(got, ref), max_err(sdpa, ref)
+                assert err <= 2 * sdpa_err + 1e-6, (
+                    f"D{head_dim} T{seq_len} x{scale:g} {name}: error {err:.3g} vs SDPA's "
+                    f"{sdpa_err:.3g}"
+                )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -293,8 +353,8 @@ def test_mixed_dtypes_and_bad_backward_args() -> None:
     out, lse = fwd_op(q, k, v)
     with pytest.raises(RuntimeError, match="lse must have shape"):
         bwd_op(out, q, k, v, out, lse[:, :1])
-    with pytest.raises(RuntimeError, match="lse must have dtype Float, got Double"):
-        bwd_op(out, q, k, v, out, lse.double())
+    with pytest.raises(RuntimeError, match="lse must have dtype Double, got Float"):
+        bwd_op(out, q, k, v, out, lse.float())
     with pytest.raises(RuntimeError, match="grad_out must have the shape of q"):
         bwd_op(out[..., :4], q, k, v, out, lse)
 
