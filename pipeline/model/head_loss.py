@@ -45,15 +45,22 @@ def _buffer(n: int, chunk: int, w: Tensor, acc: torch.dtype) -> Tensor:
     return torch.empty((min(n, chunk), w.shape[0]), dtype=acc, device=w.device)
 
 
-def _accumulate_grads(d: Tensor, h: Tensor, w: Tensor, grad_h: Tensor, grad_w: Tensor) -> None:
+def _accumulate_grads(
+    d: Tensor, h: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None
+) -> None:
     """grad_h = d @ w and grad_w += d.T @ h for one chunk's logit gradient `d`, in place
-    (BLAS accumulates into grad_w: no vocab × n_embd temporary per chunk)."""
-    if grad_h.dtype == d.dtype and grad_w.dtype == d.dtype:
-        torch.mm(d, w, out=grad_h)
-        grad_w.addmm_(d.t(), h)
-    else:  # low-precision matmuls, fp32 accumulators
-        grad_h.copy_(torch.mm(d, w))
-        grad_w.add_(torch.mm(d.t(), h))
+    (BLAS accumulates into grad_w: no vocab × n_embd temporary per chunk); None: not wanted
+    (LoRA freezes the head's weight)."""
+    if grad_h is not None:
+        if grad_h.dtype == d.dtype:
+            torch.mm(d, w, out=grad_h)
+        else:  # low-precision matmul, fp32 result
+            grad_h.copy_(torch.mm(d, w))
+    if grad_w is not None:
+        if grad_w.dtype == d.dtype:
+            grad_w.addmm_(d.t(), h)
+        else:
+            grad_w.add_(torch.mm(d.t(), h))
 
 
 class _MeanNLL(torch.autograd.Function):
@@ -63,24 +70,24 @@ class _MeanNLL(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
         dtype, acc = _compute_dtype(hidden, weight)
         ctx.dtypes = hidden.dtype, weight.dtype
-        grads = any(ctx.needs_input_grad[:2])
+        need_h, need_w = ctx.needs_input_grad[:2]
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             n = h.shape[0]
             total = torch.zeros((), dtype=acc, device=h.device)
-            grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if grads else None
-            grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if grads else None
+            grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+            grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
             buf = _buffer(n, chunk, w, acc)
             for start in range(0, n, chunk):
                 hc, tc = h[start : start + chunk], targets[start : start + chunk]
                 logp = _chunk_log_softmax(hc, w, buf[: len(tc)])
                 rows = torch.arange(len(tc), device=tc.device)
                 total += logp[rows, tc].sum()
-                if grads:
+                if need_h or need_w:
                     p = logp.exp_()  # d(−log p_t)/d logits = softmax − onehot(t)
                     p[rows, tc] -= 1
-                    p = p.to(dtype)
-                    _accumulate_grads(p, hc, w, grad_h[start : start + chunk], grad_w)
+                    gh = None if grad_h is None else grad_h[start : start + chunk]
+                    _accumulate_grads(p.to(dtype), hc, w, gh, grad_w)
             ctx.n = n
             ctx.save_for_backward(grad_h, grad_w)
         return -total / n  # 0 rows: NaN, as F.cross_entropy with every target ignored
@@ -90,7 +97,9 @@ class _MeanNLL(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh, dw = ctx.dtypes
         scale = grad_output / ctx.n if ctx.n else torch.zeros_like(grad_output)  # no target
-        return (grad_h * scale).to(dh), (grad_w * scale).to(dw), None, None
+        gh = None if grad_h is None else (grad_h * scale).to(dh)
+        gw = None if grad_w is None else (grad_w * scale).to(dw)
+        return gh, gw, None, None
 
 
 class _TargetLogprobs(torch.autograd.Function):
@@ -118,8 +127,9 @@ class _TargetLogprobs(torch.autograd.Function):
         dtype, acc, chunk = ctx.meta
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            grad_h = torch.empty(h.shape, dtype=acc, device=h.device)
-            grad_w = torch.zeros(w.shape, dtype=acc, device=w.device)
+            need_h, need_w = ctx.needs_input_grad[:2]
+            grad_h = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+            grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
             buf = _buffer(h.shape[0], chunk, w, acc)
             for start in range(0, h.shape[0], chunk):
                 hc, tc = h[start : start + chunk], targets[start : start + chunk]
@@ -127,9 +137,10 @@ class _TargetLogprobs(torch.autograd.Function):
                 rows = torch.arange(len(tc), device=tc.device)
                 d = _chunk_log_softmax(hc, w, buf[: len(tc)]).exp_().mul_(-g.unsqueeze(1))
                 d[rows, tc] += g  # d log p_t / d logits = onehot(t) − softmax
-                d = d.to(dtype)
-                _accumulate_grads(d, hc, w, grad_h[start : start + chunk], grad_w)
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None
+                gh = None if grad_h is None else grad_h[start : start + chunk]
+                _accumulate_grads(d.to(dtype), hc, w, gh, grad_w)
+        gh = None if grad_h is None else grad_h.to(hidden.dtype)
+        return gh, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
 def _learned(hidden: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:

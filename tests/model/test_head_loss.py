@@ -39,6 +39,17 @@ def test_mean_loss_and_grads_equal_cross_entropy_in_fp32(chunk):
         torch.testing.assert_close(got, want)
 
 
+def test_frozen_head_weight_gets_no_gradient_and_the_hidden_one_is_exact():
+    hidden, weight, targets = inputs()
+    weight.requires_grad_(False)  # LoRA freezes the tied head
+    (got,) = grads(linear_cross_entropy(hidden, weight, targets), hidden)
+    torch.testing.assert_close(got, grads(reference(hidden, weight, targets), hidden)[0])
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets.clamp_min(0)[:, None])
+    want = (logp.squeeze(-1) * (targets != IGNORE_INDEX)).sum()
+    (got,) = grads(target_logprobs(hidden, weight, targets).sum(), hidden)
+    torch.testing.assert_close(got, grads(want, hidden)[0])
+
+
 def test_float64_gradcheck_of_both_reductions():
     hidden, weight, targets = inputs(n=9, c=4, v=11, dtype=torch.float64)
     assert torch.autograd.gradcheck(
