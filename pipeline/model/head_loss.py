@@ -67,10 +67,13 @@ class _MeanNLL(torch.autograd.Function):
     """Mean of −log p(target) over N rows; the gradients are computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, grad: bool
+    ) -> Tensor:  # type: ignore[override]
         dtype, acc = _compute_dtype(hidden, weight)
         ctx.dtypes = hidden.dtype, weight.dtype
-        need_h, need_w = ctx.needs_input_grad[:2]
+        # needs_input_grad stays True under no_grad: `grad` is torch.is_grad_enabled() outside.
+        need_h, need_w = (grad and need for need in ctx.needs_input_grad[:2])
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             n = h.shape[0]
@@ -99,7 +102,7 @@ class _MeanNLL(torch.autograd.Function):
         scale = grad_output / ctx.n if ctx.n else torch.zeros_like(grad_output)  # no target
         gh = None if grad_h is None else (grad_h * scale).to(dh)
         gw = None if grad_w is None else (grad_w * scale).to(dw)
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 class _TargetLogprobs(torch.autograd.Function):
@@ -164,7 +167,7 @@ def linear_cross_entropy(
     """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=...)` (the mean over learned
     targets; NaN if there are none) without the logits. `hidden` (..., C), `targets` (...)."""
     _, h, t = _learned(hidden, targets, ignore_index)
-    return _MeanNLL.apply(h, weight, t, chunk)
+    return _MeanNLL.apply(h, weight, t, chunk, torch.is_grad_enabled())
 
 
 def target_logprobs(
