@@ -1,22 +1,33 @@
-"""Pretraining-step throughput of the `tiny` GPT with the `fused` vs the `sdpa` attention.
+"""Pretraining-step throughput of a GPT: two attention backends, or two LM-loss paths.
 
-    python benchmarks/pretrain_throughput.py [--steps N] [--warmup N] [--bf16] [--compile]
+    python benchmarks/pretrain_throughput.py [--compare attention|loss] [--preset P]
+        [--batch B] [--context T] [--steps N] [--warmup N] [--bf16] [--compile] [--profile]
 
 One step is what pretraining does per batch: forward, next-token cross-entropy, backward,
-AdamW update, on random token ids (batch 16, context 128 by default). Both backends start from
-the same weights and see the same batches, and are timed in the same process, alternating
-between them step by step so that load from other processes hits both alike. Prints the
-median tokens/s of each and their ratio (fused / sdpa; > 1 means fused is faster). With
---bf16 the forward runs under bf16 autocast (the `fused` op then gets bfloat16 q, k, v).
+AdamW update, on random token ids (batch 16, context 128 by default). `--compare attention`:
+the `fused` vs the `sdpa` attention (both with the fused loss). `--compare loss`: `logits`,
+today's path before the fused head (F.cross_entropy of the materialised (tokens × vocab)
+logits), vs `fused` (`GPT.head_loss`, pipeline/model/head_loss.py), both with the fused
+attention. Both contenders start from the same weights, see the same batches and are timed in
+the same process, alternating step by step so that load from other processes hits both alike.
+Prints the median tokens/s of each and their ratio (> 1: the second is slower).
+
+With --compare loss it also prints each loss path's peak memory: the growth of the process's
+peak resident set (VmHWM, reset through /proc/self/clear_refs) over one forward + backward of
+the loss alone on the same hidden states, so it counts the logits, their softmax and gradients
+(every large tensor is its own mmap, given back on free). --profile prints the share of a
+step's CPU time by category (torch.profiler, self time of each op) for each contender.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,42 +38,121 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.kernels import cpu_capability  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
 
-BACKENDS = ("fused", "sdpa")
+CONTENDERS = {"attention": ("fused", "sdpa"), "loss": ("logits", "fused")}
 
 
 class Trainer:
     """One model and its optimizer; `step` runs one pretraining step and returns seconds."""
 
-    def __init__(self, attention: str, preset: str, bf16: bool, compile_model: bool) -> None:
-        torch.manual_seed(0)  # same initial weights for every backend
-        self.model = GPT(GPTConfig.from_preset(preset), attention=attention).train()
-        self.forward = torch.compile(self.model) if compile_model else self.model
+    def __init__(self, attention: str, loss: str, args: argparse.Namespace) -> None:
+        torch.manual_seed(0)  # same initial weights for every contender
+        self.model = GPT(GPTConfig.from_preset(args.preset), attention=attention).train()
+        self.forward = torch.compile(self.model) if args.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1)
-        self.bf16 = bf16
+        self.bf16 = args.bf16
+        self.loss = loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
     def step(self, idx: torch.Tensor) -> float:
         start = time.perf_counter()
+        inputs, targets = idx[:, :-1], idx[:, 1:]
         with self.autocast():
-            logits = self.forward(idx[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
+            if self.loss == "logits":
+                logits = self.forward(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            else:
+                loss = self.forward(inputs, targets=targets)
         loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
+
+    def loss_peak_bytes(self, idx: torch.Tensor) -> int:
+        """Peak RSS growth over the loss alone (forward + backward) on fixed hidden states."""
+        with torch.no_grad(), self.autocast():
+            hidden = self.model.hidden_states(idx[:, :-1])
+        hidden.requires_grad_()
+        targets = idx[:, 1:]
+        before = _rss("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        with self.autocast():
+            if self.loss == "logits":
+                logits = self.model.lm_head(hidden)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            else:
+                loss = self.model.head_loss(hidden, targets)
+        loss.backward()
+        peak = _rss("VmHWM") - before
+        self.model.zero_grad(set_to_none=True)
+        return peak
+
+
+def _rss(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def category(event, vocab: int) -> str:
+    """The step-profile bucket of one profiler event (by its name, shapes and parents)."""
+    name, parent = event.name, event.cpu_parent
+    while parent is not None:
+        if parent.name == "optimizer":
+            return "optimizer"
+        parent = parent.cpu_parent
+    if "attention" in name or "attend" in name or name.startswith("pipeline::"):
+        return "attention"
+    if any(s in name for s in ("mm", "linear", "matmul")):
+        shapes = [d for s in (event.input_shapes or []) for d in s]
+        return "head matmuls" if vocab in shapes else "other matmuls"
+    if any(s in name for s in ("softmax", "nll", "cross_entropy", "exp", "index", "gather")):
+        return "softmax/CE"
+    return "other"
+
+
+def profile(trainer: Trainer, idx: torch.Tensor, vocab: int) -> dict[str, float]:
+    """Share of one step's self CPU time per category."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        trainer.step(idx)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        totals[category(event, vocab)] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def report_rates(times: dict[str, list[float]], tokens: int) -> None:
+    """Median ms/step and tokens/s of each contender, and the second's over the first's."""
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    first, second = names = tuple(times)
+    for name in names:
+        ms = 1e3 * statistics.median(times[name])
+        print(f"{name:<6} {ms:8.1f} ms/step {rate[name]:10.0f} tokens/s")
+    ratios = [a / b for a, b in zip(times[first], times[second], strict=True)]
+    print(
+        f"{second} / {first} tokens/s: {rate[second] / rate[first]:.3f} "
+        f"(median of per-step ratios {statistics.median(ratios):.3f})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=tuple(CONTENDERS), default="loss")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per backend")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per backend")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed steps per contender (0: memory only)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as precision: bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--profile", action="store_true", help="print a step profile of each")
     args = parser.parse_args(argv)
 
     config = GPTConfig.from_preset(args.preset)
@@ -71,29 +161,42 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, config.vocab_size, (args.batch, args.context + 1), generator=gen)
-        for _ in range(args.warmup + args.steps)
+        for _ in range(max(1, args.warmup + args.steps))
     ]
+    load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernel ISA: "
-        f"{cpu_capability()}, preset {args.preset} (n_layer {config.n_layer}, n_head "
-        f"{config.n_head}, head_dim {config.head_dim}), batch {args.batch}, context "
-        f"{args.context}, {'bf16 autocast' if args.bf16 else 'float32'}"
+        f"{cpu_capability()}, load average {load:.1f}, preset {args.preset} (n_layer "
+        f"{config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}), batch {args.batch}, "
+        f"context {args.context}, {'bf16 autocast' if args.bf16 else 'float32'}"
         f"{', compiled' if args.compile else ''}, median of {args.steps} steps"
     )
-    trainers = {name: Trainer(name, args.preset, args.bf16, args.compile) for name in BACKENDS}
-    times: dict[str, list[float]] = {name: [] for name in BACKENDS}
+    if load > os.cpu_count():
+        print(f"warning: load average {load:.1f} > {os.cpu_count()} cores; ratios only")
+    names = CONTENDERS[args.compare]
+    trainers = {
+        n: Trainer(n, "fused", args) if args.compare == "attention" else Trainer("fused", n, args)
+        for n in names
+    }
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i, idx in enumerate(batches):
         for name, trainer in trainers.items():
             seconds = trainer.step(idx)
             if i >= args.warmup:
                 times[name].append(seconds)
 
-    tokens = args.batch * args.context
-    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-    for name in BACKENDS:
-        ms = 1e3 * statistics.median(times[name])
-        print(f"{name:<6} {ms:8.1f} ms/step {rate[name]:10.0f} tokens/s")
-    print(f"fused / sdpa tokens/s: {rate['fused'] / rate['sdpa']:.3f}")
+    if args.steps:
+        report_rates(times, args.batch * args.context)
+    if args.compare == "loss":
+        first, second = names
+        peaks = {n: t.loss_peak_bytes(batches[0]) for n, t in trainers.items()}
+        for name in names:
+            print(f"{name:<6} loss peak memory {peaks[name] / 2**20:8.1f} MiB")
+        print(f"{second} / {first} loss peak memory: {peaks[second] / peaks[first]:.3f}")
+    if args.profile:
+        for name, trainer in trainers.items():
+            shares = profile(trainer, batches[0], config.vocab_size)
+            print(f"{name} step profile: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
 
 
 if __name__ == "__main__":

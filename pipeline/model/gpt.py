@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from pipeline.errors import InputError
 from pipeline.model.attention import attend_to_cache, build_attention, merge_heads, split_heads
 from pipeline.model.config import GPTConfig
+from pipeline.model.head_loss import linear_cross_entropy, target_logprobs
 
 
 class KVCache:
@@ -149,15 +150,33 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: Tensor, kv_cache: KVCache | None = None, *, select: Tensor | None = None
+        self,
+        idx: Tensor,
+        kv_cache: KVCache | None = None,
+        *,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
     ) -> Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); with a cache, T new tokens only.
 
-        With a boolean (B, T) `select`, only the selected positions' logits (N, vocab_size):
-        the vocabulary-wide head is most of the cost where few positions are learned (DPO).
+        With `targets` (B, T), the LM head's loss instead, fused with the head's matmul so the
+        logits are never materialised (`head_loss`); it is computed here, in `forward`, so that
+        DDP, FSDP and torch.compile, which wrap only `forward`, see it.
         """
         hidden = self.hidden_states(idx, kv_cache)
-        return self.lm_head(hidden if select is None else hidden[select])
+        if targets is not None:
+            return self.head_loss(hidden, targets, reduction)
+        return self.lm_head(hidden)
+
+    def head_loss(self, hidden: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """The tied LM head's cross-entropy on final hidden states (B, T, n_embd), targets
+        IGNORE_INDEX where not learned. ``"mean"``: mean −log p(target) over learned targets
+        (NaN if none); ``"none"``: log p(target) per position (B, T), 0 where ignored."""
+        if reduction == "mean":
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        if reduction == "none":
+            return target_logprobs(hidden, self.lm_head.weight, targets)
+        raise InputError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
     def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """The final-LayerNorm outputs (B, T, n_embd) that the LM head (or a task head) reads."""

@@ -26,17 +26,10 @@ def response_logprobs(logits: Tensor, targets: Tensor, ignore_index: int = -100)
     return (picked * mask).sum(-1)
 
 
-def model_response_logprobs(
-    model: nn.Module, inputs: Tensor, targets: Tensor, ignore_index: int = -100
-) -> Tensor:
-    """`response_logprobs` of a GPT's output, with the LM head applied only where a target is
-    learned: prompts are most of each sequence, and the vocabulary-wide head is most of the cost."""
-    mask = targets != ignore_index
-    logits = model(inputs, select=mask)
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[mask].unsqueeze(-1))
-    rows = torch.arange(inputs.shape[0], device=inputs.device).unsqueeze(1).expand_as(mask)[mask]
-    sums = torch.zeros(inputs.shape[0], device=picked.device, dtype=picked.dtype)
-    return sums.index_add(0, rows, picked.squeeze(-1))
+def model_response_logprobs(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """`response_logprobs` of a GPT's output by its fused head (`GPT.head_loss`): only the
+    learned positions reach the vocabulary-wide head, and no logits are materialised."""
+    return model(inputs, targets=targets, reduction="none").sum(-1)
 
 
 def preference_loss(

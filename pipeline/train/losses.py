@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-"""Targets with this value (prompt tokens, padding) are not learned."""
+from pipeline.model.head_loss import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "learned_targets", "lm_loss"]
 
 
 def learned_targets(batch: tuple[torch.Tensor, ...]) -> int:
@@ -16,9 +16,7 @@ def learned_targets(batch: tuple[torch.Tensor, ...]) -> int:
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over the targets that are not IGNORE_INDEX."""
+    """Next-token cross-entropy, averaged over the targets that are not IGNORE_INDEX (NaN if
+    none is), by the GPT's fused head (`GPT.head_loss`: no logits are materialised)."""
     inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    return model(inputs, targets=targets)

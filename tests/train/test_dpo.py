@@ -66,14 +66,18 @@ def test_response_logprobs_sum_only_unmasked_targets():
     assert out[1].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_head_on_learned_positions_only_gives_the_full_logits_result():
+def test_fused_head_gives_the_full_logits_result_and_gradients():
     chosen, rejected = toy_pairs()
-    model = toy_model(3).eval()
+    model, ref_model = toy_model(3).eval(), toy_model(3).eval()
     inputs, targets = collate_pairs(chosen, rejected, context_length=16)
-    with torch.no_grad():
-        full = response_logprobs(model(inputs), targets)
-        selected = model_response_logprobs(model, inputs, targets)
-    torch.testing.assert_close(selected, full)
+    full = response_logprobs(ref_model(inputs), targets)
+    fused = model_response_logprobs(model, inputs, targets)
+    torch.testing.assert_close(fused, full)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # rows scaled differently, as DPO's are
+    (fused * weights).sum().backward()
+    (full * weights).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def toy_pairs():
