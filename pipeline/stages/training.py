@@ -35,7 +35,7 @@ from pipeline.settings import TrainSettings
 from pipeline.stages.common import stage_device
 from pipeline.stages.registry import STAGES
 from pipeline.tracking import StageRun, stage_run, system_metrics
-from pipeline.tracking.registry import register_stage
+from pipeline.tracking.model_registry import register_stage
 from pipeline.train import (
     TrainResult,
     TrainTask,

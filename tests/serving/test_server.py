@@ -52,7 +52,7 @@ def champions(logged_models, store) -> dict[str, str]:
     from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
     from pipeline.stages.registry import STAGES
-    from pipeline.tracking.registry import register_stage_model
+    from pipeline.tracking.model_registry import register_stage_model
 
     client = MlflowClient(store)
     uris = {}

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.stages.registry import Headline
 from pipeline.tracking import PARENT_RUN_ENV, StageRun, ensure_experiment
-from pipeline.tracking.registry import (
+from pipeline.tracking.model_registry import (
     CHAMPION,
     METRIC_TAG,
     PARENT_TAG,
