@@ -220,9 +220,10 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         (logged,) = run.outputs.model_outputs  # its checkpoint as a pyfunc model
         model = client.get_logged_model(logged.model_id)
         assert model.name == stage and model.source_run_id == run.info.run_id
-        (version,) = client.search_model_versions(f"name = 'gpt-pipeline-{stage}'")
+        (found,) = client.search_model_versions(f"name = 'gpt-pipeline-{stage}'")
+        version = client.get_model_version(found.name, found.version)  # search omits aliases
         assert version.run_id == run.info.run_id and version.aliases == ["champion"]
-        assert version.model_id == logged.model_id
+        assert version.source == model.artifact_location  # the version is that logged model
         assert version.tags["pipeline.parent_run_id"] == parents[0].info.run_id
 
 
