@@ -23,10 +23,14 @@ CODE_FILES = {
 
 @pytest.fixture(scope="module")
 def tracking(store):
-    previous = mlflow.get_tracking_uri()
+    """The process-wide tracking URI set to the test store, then put back exactly as it was
+    (unset included, so later tests' MLFLOW_TRACKING_URI still counts)."""
+    from mlflow.tracking._tracking_service import utils
+
+    previous = utils._tracking_uri
     mlflow.set_tracking_uri(store)
     yield MlflowClient(store)
-    mlflow.set_tracking_uri(previous)
+    utils._tracking_uri = previous
 
 
 def model_directory(client: MlflowClient, uri: str) -> Path:

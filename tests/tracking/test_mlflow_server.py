@@ -97,9 +97,13 @@ def test_pipeline_logs_parent_child_runs_metrics_and_artifacts_through_the_serve
 
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
         listed = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"metrics.json", "loss.png", "config.yaml", "model"} <= listed
-        model = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
-        assert {"model.safetensors", "config.json"} <= model
+        assert {"metrics.json", "loss.png", "config.yaml"} <= listed
+        (output,) = client.get_run(run.info.run_id).outputs.model_outputs  # its pyfunc model
+        model = client.get_logged_model(output.model_id)
+        assert model.source_run_id == run.info.run_id
+        assert model.artifact_location.startswith("mlflow-artifacts:/")
+        (version,) = client.search_model_versions(f"name = 'gpt-pipeline-{stage}'")
+        assert version.run_id == run.info.run_id
         fetched = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
         assert fetched.read_bytes() == (out / "metrics.json").read_bytes()
         stored = list(mlflow_server.artifacts.rglob(f"{run.info.run_id}/artifacts/loss.png"))

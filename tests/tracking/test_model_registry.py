@@ -79,6 +79,8 @@ def make_store(uri: str, tmp_path: Path, monkeypatch) -> Store:
     """`uri`, also the process's tracking URI (log_model and load_model use it), with an
     experiment and the model's code."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # an earlier test may have set the process-wide URI, which outranks the environment
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     code = tmp_path / "reply_model.py"
     code.write_text(textwrap.dedent(MODEL_CODE))
