@@ -1,5 +1,6 @@
 # Two commands on a fresh clone: `make pipeline` (the whole DAG) and `make test` (the suite).
-# Both create .venv, install torch and the project, and build the C++/CUDA extension.
+# Both create .venv, install torch and the project, and build the C++/CUDA extension; `make
+# test` adds the test tools (the `dev` extra).
 PYTHON ?= python3
 VENV ?= .venv
 # CUDA users: make pipeline TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
@@ -10,13 +11,22 @@ SNAKEMAKE_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_STAMP := $(VENV)/.torch-installed
-DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_TOOLS_STAMP := $(VENV)/.build-tools-installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
 EXT_STAMP := $(VENV)/.ext-built
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup pipeline pipeline-slurm test lint bench dag report clean-results mlflow-ui mlflow-server
+.PHONY: setup setup-dev pipeline pipeline-slurm test lint bench dag report clean-results mlflow-ui mlflow-server
 
-setup: $(EXT_STAMP)
+# The runtime set-up (what `make pipeline` needs): the project's dependencies and the extension,
+# side by side (two make jobs: pip mostly waits on files, the compiler on the CPU).
+setup:
+	@$(MAKE) --no-print-directory -j2 $(RUNTIME_STAMP) $(EXT_STAMP)
+
+# The test tools on top (pytest, ruff, transformers, PostgreSQL's driver, the SLURM plugin).
+setup-dev: setup
+	@$(MAKE) --no-print-directory $(DEV_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +36,22 @@ $(TORCH_STAMP): $(PY)
 	$(PIP) install --quiet $(TORCH_SPEC)
 	touch $@
 
-# --no-build-isolation: an isolated build would fetch another torch.
-$(DEPS_STAMP): $(TORCH_STAMP) pyproject.toml constraints.txt
+$(BUILD_TOOLS_STAMP): $(TORCH_STAMP) constraints.txt
 	$(PIP) install --quiet setuptools wheel ninja -c constraints.txt
-	$(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[dev]"
 	touch $@
 
-$(EXT_STAMP): $(DEPS_STAMP) setup.py $(KERNEL_SOURCES)
+# --no-build-isolation: an isolated build would fetch another torch. PIPELINE_SKIP_EXTENSION:
+# the editable install would compile the extension in a throwaway build folder; it is built
+# once, below, where ninja can rebuild only what changed.
+$(RUNTIME_STAMP): $(BUILD_TOOLS_STAMP) pyproject.toml constraints.txt
+	PIPELINE_SKIP_EXTENSION=1 $(PIP) install --quiet --no-build-isolation -c constraints.txt -e .
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP)
+	PIPELINE_SKIP_EXTENSION=1 $(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(EXT_STAMP): $(BUILD_TOOLS_STAMP) setup.py $(KERNEL_SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
@@ -44,13 +63,13 @@ pipeline: setup
 pipeline-slurm: setup
 	$(VENV)/bin/snakemake --profile profiles/slurm $(SNAKEMAKE_ARGS)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q
 
 # snakemake --lint, failing on every finding but its conda/container advisory: no conda channel
 # or container registry is reachable where this is developed, so neither could be tested (the
 # rules run in this venv); pipeline/workflow_lint.py says more.
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(PY) -m pipeline.workflow_lint
 

@@ -1,9 +1,14 @@
 """Builds the fused causal-attention op (csrc/) into pipeline/kernels/_C with ninja.
 
-The CPU kernel is always compiled. The CUDA sources (csrc/*.cu) are compiled only when the
-installed torch is a CUDA build (torch.version.cuda is set) and a CUDA toolkit is found;
-PIPELINE_NO_CUDA=1 skips them. A CPU-only torch cannot link a CUDA extension, so a machine
-that merely has nvcc installed still gets the CPU-only build.
+The CPU kernel is always compiled, one translation unit per instruction set so that ninja
+compiles them in parallel; the AVX-512 one only where it can run (PIPELINE_CPU_ISAS=all: always).
+PIPELINE_SKIP_EXTENSION=1 builds no extension (the Makefile's `pip install -e .` sets it, then
+builds the extension once, incrementally, with `setup.py build_ext --inplace`).
+
+The CUDA sources (csrc/*.cu) are compiled only when the installed torch is a CUDA build
+(torch.version.cuda is set) and a CUDA toolkit is found; PIPELINE_NO_CUDA=1 skips them. A
+CPU-only torch cannot link a CUDA extension, so a machine that merely has nvcc installed still
+gets the CPU-only build.
 """
 
 import glob
@@ -13,7 +18,23 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-cpu_sources = sorted(glob.glob("csrc/*.cpp"))
+
+def avx512_wanted() -> bool:
+    """The AVX-512 kernels take as long to compile as all the others: build them where they can
+    run (torch's own CPU check), or everywhere with PIPELINE_CPU_ISAS=all (a build that moves to
+    other machines). Without them the op runs its AVX2 kernels on an AVX-512 CPU."""
+    choice = os.environ.get("PIPELINE_CPU_ISAS", "native")
+    if choice not in ("native", "all"):
+        raise SystemExit(f"PIPELINE_CPU_ISAS must be native or all, not {choice!r}")
+    return choice == "all" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+with_avx512 = avx512_wanted()
+cpu_sources = sorted(
+    path
+    for path in glob.glob("csrc/*.cpp")
+    if with_avx512 or not path.endswith("_avx512.cpp")
+)
 cuda_sources = sorted(glob.glob("csrc/*.cu"))
 use_cuda = (
     bool(cuda_sources)
@@ -37,13 +58,14 @@ if use_cuda:
     ]
 
 setup(
-    ext_modules=[
+    ext_modules=[] if os.environ.get("PIPELINE_SKIP_EXTENSION") == "1" else [
         extension_cls(
             name="pipeline.kernels._C",
             sources=cpu_sources + (cuda_sources if use_cuda else []),
             extra_compile_args=extra_compile_args,
             extra_link_args=["-fopenmp"],
-            define_macros=[("WITH_CUDA", None)] if use_cuda else [],
+            define_macros=[("WITH_CUDA", None)] * use_cuda
+            + [("PIPELINE_WITH_AVX512", None)] * with_avx512,
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

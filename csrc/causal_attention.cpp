@@ -13,9 +13,11 @@
 // tensor through its strides (only a non-contiguous last dimension is copied), so the
 // packed entry points (`causal_attention_qkv_fwd/bwd`) take the model's (B, T, 3C)
 // projection and return a (B, T, C) output and the projection's gradient in place. The tile
-// kernels live in causal_attention_kernel.h and are compiled for baseline x86-64, AVX2 and AVX-512, and for
-// AVX-512 with AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16
-// inputs; the widest one the CPU supports is used (environment variable
+// kernels live in causal_attention_kernel.h and are compiled (one file each,
+// causal_attention_<isa>.cpp) for baseline x86-64, AVX2 and AVX-512, and for AVX-512 with
+// AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs; the
+// widest one the CPU supports and the build has is used (setup.py leaves AVX-512 out on a
+// machine without it unless PIPELINE_CPU_ISAS=all; environment variable
 // PIPELINE_CPU_CAPABILITY = default | avx2 | avx512 | avx512_bf16 caps the choice, e.g. to
 // test the narrower code paths).
 //
@@ -60,15 +62,18 @@ namespace {
 
 enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
+// The widest instruction set both the CPU and this build have.
 Capability supported_capability() {
   static const Capability supported = [] {
     __builtin_cpu_init();
+#ifdef PIPELINE_WITH_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma")) {
       return __builtin_cpu_supports("avx512bf16") ? Capability::kAvx512Bf16
                                                   : Capability::kAvx512;
     }
+#endif
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       return Capability::kAvx2;
     }
@@ -202,6 +207,7 @@ using ForwardFn = void (*)(const ForwardArgs<scalar_t>&, int64_t, int64_t,
 template <typename scalar_t>
 ForwardFn<scalar_t> forward_kernel(Capability cap) {
   switch (cap) {
+#ifdef PIPELINE_WITH_AVX512
     case Capability::kAvx512Bf16:
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         return &forward_tile_avx512_bf16;
@@ -209,6 +215,7 @@ ForwardFn<scalar_t> forward_kernel(Capability cap) {
       return &forward_tile_avx512<scalar_t>;
     case Capability::kAvx512:
       return &forward_tile_avx512<scalar_t>;
+#endif
     case Capability::kAvx2:
       return &forward_tile_avx2<scalar_t>;
     default:
@@ -347,9 +354,11 @@ using BackwardFn = void (*)(const BackwardArgs<scalar_t>&, BackwardItem, int64_t
 template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
+#ifdef PIPELINE_WITH_AVX512
     case Capability::kAvx512Bf16:
     case Capability::kAvx512:
       return &backward_item_avx512<scalar_t>;
+#endif
     case Capability::kAvx2:
       return &backward_item_avx2<scalar_t>;
     default:

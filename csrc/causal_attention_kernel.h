@@ -1,10 +1,10 @@
 // Tile kernels of the CPU causal attention op (FlashAttention-style, see causal_attention.cpp).
 //
 // Everything here is a header-only template that is force-inlined into the per-ISA entry
-// points at the bottom of this file (forward_tile_<isa>, backward_item_<isa>). Those carry
-// `__attribute__((target(...)))`, so GCC compiles the same plain C++ loops three times:
-// for baseline x86-64 (SSE2), for AVX2+FMA and for AVX-512; causal_attention.cpp picks one
-// at run time. The loops are written so that the compiler vectorises them (fixed-size
+// points declared at the bottom of this file (forward_tile_<isa>, backward_item_<isa>) and
+// defined in causal_attention_<isa>.cpp. Those carry `__attribute__((target(...)))`, so GCC
+// compiles the same plain C++ loops three times: for baseline x86-64 (SSE2), for AVX2+FMA
+// and for AVX-512; causal_attention.cpp picks one at run time. The loops are written so that the compiler vectorises them (fixed-size
 // register tiles, contiguous inner loops, `omp simd` reductions). The one exception is the
 // bf16 dot-product microkernel (register_tile_bf16, AVX512_BF16 intrinsics), which a fourth
 // forward entry point uses for the scores of bf16 inputs.
@@ -1001,53 +1001,55 @@ PIPELINE_ALWAYS_INLINE void backward_item(
 }
 
 // ----------------------------------------------------------------------------------------
-// Per-ISA entry points. The bodies above are always_inline, so each of these is compiled
-// entirely with its own target options.
+// Per-ISA entry points, declared for the dispatcher (causal_attention.cpp) and defined by
+// PIPELINE_DEFINE_ENTRY_POINTS in one translation unit per instruction set
+// (causal_attention_<isa>.cpp), so that the build compiles them in parallel. The bodies above
+// are always_inline, so each entry point is compiled entirely with its own target options.
+// Declarations carry the same target attribute as the definitions (GCC would otherwise take
+// a differently-targeted definition for a second version of the function).
 
-template <typename scalar_t>
-void forward_tile_default(
-    const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<scalar_t>& s) {
-  forward_tile<scalar_t, IsaDefault>(args, bh, tile, s);
-}
-template <typename scalar_t>
-PIPELINE_TARGET_AVX2 void forward_tile_avx2(
-    const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<scalar_t>& s) {
-  forward_tile<scalar_t, IsaAvx2>(args, bh, tile, s);
-}
-template <typename scalar_t>
-PIPELINE_TARGET_AVX512 void forward_tile_avx512(
-    const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<scalar_t>& s) {
-  forward_tile<scalar_t, IsaAvx512>(args, bh, tile, s);
-}
+#define PIPELINE_TARGET_DEFAULT
+#define PIPELINE_DECLARE_ENTRY_POINTS(isa, TARGET)                                       \
+  template <typename scalar_t>                                                           \
+  TARGET void forward_tile_##isa(const ForwardArgs<scalar_t>& args, int64_t bh,          \
+                                 int64_t tile, const ForwardScratch<scalar_t>& s);       \
+  template <typename scalar_t>                                                           \
+  TARGET void backward_item_##isa(const BackwardArgs<scalar_t>& args, BackwardItem item, \
+                                  int64_t bh, int64_t tile,                              \
+                                  const BackwardScratch<scalar_t>& s);
+
+PIPELINE_DECLARE_ENTRY_POINTS(default, PIPELINE_TARGET_DEFAULT)
+PIPELINE_DECLARE_ENTRY_POINTS(avx2, PIPELINE_TARGET_AVX2)
+PIPELINE_DECLARE_ENTRY_POINTS(avx512, PIPELINE_TARGET_AVX512)
 
 // bfloat16 only: the other dtypes have no bf16 products and use forward_tile_avx512.
-inline PIPELINE_TARGET_AVX512_BF16 void forward_tile_avx512_bf16(
+PIPELINE_TARGET_AVX512_BF16 void forward_tile_avx512_bf16(
     const ForwardArgs<c10::BFloat16>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<c10::BFloat16>& s) {
-  forward_tile<c10::BFloat16, IsaAvx512Bf16>(args, bh, tile, s);
-}
+    const ForwardScratch<c10::BFloat16>& s);
 
-template <typename scalar_t>
-void backward_item_default(
-    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<scalar_t>& s) {
-  backward_item<scalar_t, IsaDefault>(args, item, bh, tile, s);
-}
-template <typename scalar_t>
-PIPELINE_TARGET_AVX2 void backward_item_avx2(
-    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<scalar_t>& s) {
-  backward_item<scalar_t, IsaAvx2>(args, item, bh, tile, s);
-}
-template <typename scalar_t>
-PIPELINE_TARGET_AVX512 void backward_item_avx512(
-    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<scalar_t>& s) {
-  backward_item<scalar_t, IsaAvx512>(args, item, bh, tile, s);
-}
+// The definitions and their instantiations for every dtype the op takes.
+#define PIPELINE_INSTANTIATE_ENTRY_POINTS(isa, TARGET, scalar_t)                           \
+  template TARGET void forward_tile_##isa<scalar_t>(                                     \
+      const ForwardArgs<scalar_t>&, int64_t, int64_t, const ForwardScratch<scalar_t>&);  \
+  template TARGET void backward_item_##isa<scalar_t>(const BackwardArgs<scalar_t>&,      \
+                                                     BackwardItem, int64_t, int64_t,     \
+                                                     const BackwardScratch<scalar_t>&);
+#define PIPELINE_DEFINE_ENTRY_POINTS(isa, TARGET, Isa)                                    \
+  template <typename scalar_t>                                                           \
+  TARGET void forward_tile_##isa(const ForwardArgs<scalar_t>& args, int64_t bh,          \
+                                 int64_t tile, const ForwardScratch<scalar_t>& s) {      \
+    forward_tile<scalar_t, Isa>(args, bh, tile, s);                                      \
+  }                                                                                      \
+  template <typename scalar_t>                                                           \
+  TARGET void backward_item_##isa(const BackwardArgs<scalar_t>& args, BackwardItem item, \
+                                  int64_t bh, int64_t tile,                              \
+                                  const BackwardScratch<scalar_t>& s) {                  \
+    backward_item<scalar_t, Isa>(args, item, bh, tile, s);                               \
+  }                                                                                      \
+  PIPELINE_INSTANTIATE_ENTRY_POINTS(isa, TARGET, float)                                  \
+  PIPELINE_INSTANTIATE_ENTRY_POINTS(isa, TARGET, double)                                 \
+  PIPELINE_INSTANTIATE_ENTRY_POINTS(isa, TARGET, c10::BFloat16)                          \
+  PIPELINE_INSTANTIATE_ENTRY_POINTS(isa, TARGET, c10::Half)
 
 }  // namespace pipeline::attention
 
