@@ -193,8 +193,9 @@ class TrainSettings:
     precision: Precision = setting(
         "auto",
         help="bf16 runs the matmuls under bf16 autocast (weights and optimizer state stay "
-        "fp32); auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, an "
-        "AVX512_BF16 CPU), fp32 elsewhere (on AVX2 a bf16 step is several times slower)",
+        "fp32); auto: bf16 where it measured faster: a CUDA GPU with bf16, or an AVX512_BF16 "
+        "CPU for models from 768 wide (n_embd; narrower ones step faster in fp32 there); fp32 "
+        "elsewhere (on AVX2 a bf16 step is several times slower)",
     )
     compile: bool = setting(False, help="torch.compile the model")
     nproc_per_node: int = setting(

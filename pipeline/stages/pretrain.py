@@ -216,7 +216,7 @@ class Pretrain(TrainingStage):
         }
         peak_flops = section["peak_flops"]
         if peak_flops is None and trains:
-            bf16 = resolve_precision(train.precision, device) == "bf16"
+            bf16 = resolve_precision(train.precision, device, cfg.n_embd) == "bf16"
             dtype = torch.bfloat16 if bf16 else torch.float32
             peak_flops = measure_peak_flops(device, dtype)
         task = TrainTask(

@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.errors import InputError
 from pipeline.settings import LAUNCH_KEYS, TrainSettings
-from pipeline.train.device import resolve_precision
+from pipeline.train.device import model_width, resolve_precision
 from pipeline.train.distributed import World, all_reduce_sum, current_world
 from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.optim import configure_optimizer
@@ -141,10 +141,12 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PERPLEXITY_LOSS_CAP))
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when `precision` (fp32 | bf16 | auto) runs as bf16 on `device`; the
-    parameters and the optimizer state stay fp32 either way."""
-    bf16 = resolve_precision(precision, device) == "bf16"
+def autocast(
+    device: torch.device, precision: str, width: int | None = None
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast when `precision` (fp32 | bf16 | auto) runs as bf16 on `device` for a model
+    `width` wide; the parameters and the optimizer state stay fp32 either way."""
+    bf16 = resolve_precision(precision, device, width) == "bf16"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
@@ -165,12 +167,13 @@ def evaluate_losses(
     Runs without gradients in whatever mode the model is in: call ``model.eval()`` first.
     """
     device = torch.device(device)
+    width = model_width(model)
     metrics: dict[str, float] = {}
     for name, make_batches in eval_sets.items():
         total, nats = torch.zeros((), device=device), torch.zeros((), device=device)
         count, n_bytes = 0, 0
         for batch in islice(make_batches(), n_batches):
-            with torch.no_grad(), autocast(device, precision):
+            with torch.no_grad(), autocast(device, precision, width):
                 loss, _ = _loss_and_stats(loss_fn(model, _to_device(batch, device)))
             total += loss.detach().float()
             count += 1
@@ -216,9 +219,10 @@ class _Training:
         self.evaluating = world.is_main or parallel.sharded
         self.throughput = _Throughput()
         self.entry: dict | None = None
+        self.width = model_width(parallel.model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.cfg.precision)
+        return autocast(self.device, self.cfg.precision, self.width)
 
     def _share(self, batch: tuple[Tensor, ...]) -> float:
         """This process's weight in the global batch's mean loss (1 in one process)."""
