@@ -4,10 +4,11 @@
 // points declared at the bottom of this file (forward_tile_<isa>, backward_item_<isa>) and
 // defined in causal_attention_<isa>.cpp. Those carry `__attribute__((target(...)))`, so GCC
 // compiles the same plain C++ loops three times: for baseline x86-64 (SSE2), for AVX2+FMA
-// and for AVX-512; causal_attention.cpp picks one at run time. The loops are written so that the compiler vectorises them (fixed-size
-// register tiles, contiguous inner loops, `omp simd` reductions). The one exception is the
-// bf16 dot-product microkernel (register_tile_bf16, AVX512_BF16 intrinsics), which a fourth
-// forward entry point uses for the scores of bf16 inputs.
+// and for AVX-512; causal_attention.cpp picks one at run time. The loops are written so that
+// the compiler vectorises them (fixed-size register tiles, contiguous inner loops, `omp simd`
+// reductions). The one exception is the bf16 dot-product microkernel (register_tile_bf16,
+// AVX512_BF16 intrinsics), which a fourth forward entry point uses for the scores of bf16
+// inputs.
 //
 // Layout conventions. A "tile" is up to kTile = 64 rows of a (T, D) matrix, copied into an
 // accumulation-type buffer of shape (kTile, Dp) where Dp is D rounded up to kColBlock; a
@@ -1004,9 +1005,11 @@ PIPELINE_ALWAYS_INLINE void backward_item(
 // Per-ISA entry points, declared for the dispatcher (causal_attention.cpp) and defined by
 // PIPELINE_DEFINE_ENTRY_POINTS in one translation unit per instruction set
 // (causal_attention_<isa>.cpp), so that the build compiles them in parallel. The bodies above
-// are always_inline, so each entry point is compiled entirely with its own target options.
-// Declarations carry the same target attribute as the definitions (GCC would otherwise take
-// a differently-targeted definition for a second version of the function).
+// are always_inline, so each entry point is compiled entirely with its own target options
+// (and this header's no-trapping-math: callgrind counts the same instructions for the AVX2
+// forward as when the entry points were defined inside this header). Declarations carry the
+// same target attribute as the definitions (GCC would otherwise take a differently-targeted
+// definition for a second version of the function).
 
 #define PIPELINE_TARGET_DEFAULT
 #define PIPELINE_DECLARE_ENTRY_POINTS(isa, TARGET)                                       \
