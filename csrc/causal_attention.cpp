@@ -50,6 +50,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "causal_attention_checks.h"
 #include "causal_attention_kernel.h"
@@ -287,6 +288,7 @@ acc_t softmax_scale(int64_t D) {
   return static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
 }
 
+
 // The forward on (B, H, T, D) tensors with a contiguous last dimension (out and lse
 // allocated by the caller: out in any such layout, lse contiguous).
 void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -417,6 +419,7 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   const int64_t threads = at::get_num_threads();
   if (BH >= threads || BH * head_work < 2 * threads * kMinParallelWork) {
     args.key_operands = nullptr;
+    args.wide_scores = nullptr;
     for_items(BackwardItem::kHead, BH, head_work);
     return;
   }
@@ -425,6 +428,15 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
       at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)},
                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.key_operands = key_operands.mutable_data_ptr<acc_t>();
+  // Every item of a head must take its K^T in the same type: decided once per head here.
+  std::vector<uint8_t> wide_scores(BH);
+  at::parallel_for(0, BH, grain_size(2 * args.T * args.D), [&](int64_t begin, int64_t end) {
+    for (const auto bh : c10::irange(begin, end)) {
+      wide_scores[bh] = needs_wide_scores<IsaDefault>(args.q, args.k, bh, 0, args.T, args.D,
+                                                        args.scale);
+    }
+  });
+  args.wide_scores = wide_scores.data();
   for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
   const int64_t tile_work = (num_tiles + 1) / 2 * 4 * pair_work;  // 4 (3) matmuls per pair
   for_items(BackwardItem::kKeys, BH * num_tiles, tile_work);

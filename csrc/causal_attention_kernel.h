@@ -66,10 +66,12 @@ struct AccType<c10::Half> {
 template <typename scalar_t>
 using acc_type = typename AccType<scalar_t>::type;
 
-// Type in which the scores Q K^T are summed, and of the log-sum-exp `lse`: double for
-// float32 (and float64) inputs, float for the 16-bit types.
+// Widest type in which the scores Q K^T are summed, and the type of the log-sum-exp `lse`:
+// double for float32 (and float64) inputs, float for the 16-bit types. For float32 inputs
+// the kernels sum the scores of a (batch, head) in double only where they may be large
+// (wide_scores below), else in float (twice the multiply-adds per instruction).
 //
-// Why double for float32: where the scores are large (|s| in the hundreds or thousands, a
+// Why double for float32 where the scores are large: where they are large (|s| in the hundreds or thousands, a
 // nearly one-hot softmax) the output and gradient errors are set by the absolute error of
 // the scores, and a float32 sum of D products is off by about sqrt(D / 2) ulp(|s|), a random
 // amount that is as large as SDPA's own error (which sums the same way), so ours would land
@@ -80,6 +82,10 @@ using acc_type = typename AccType<scalar_t>::type;
 // |s| ~ 1e4) or the lse (the backward recomputes every probability as exp(s - lse)) would
 // give that back, so the lse is kept in double too.
 // 16-bit inputs carry errors of 2^-8 to 2^-11, far above either effect.
+// Where every score of a head is small (|s| <= kNarrowScoreBound, by Cauchy-Schwarz on the
+// largest query and key norms), the float sum is off by a few ulp of 32 at most, the same
+// size as the other float32 errors (the exp, the sums of P V), and the kernels sum in float:
+// accuracy stays that of SDPA, which sums all scores in float (tests/kernels).
 template <typename scalar_t>
 struct ScoreType {
   using type = float;
@@ -94,6 +100,9 @@ struct ScoreType<double> {
 };
 template <typename scalar_t>
 using score_type = typename ScoreType<scalar_t>::type;
+
+// Largest |score| for which float32 inputs have their scores summed in float.
+constexpr double kNarrowScoreBound = 32.0;
 
 inline int64_t round_up(int64_t x, int64_t multiple) {
   return (x + multiple - 1) / multiple * multiple;
@@ -417,6 +426,106 @@ PIPELINE_ALWAYS_INLINE scalar_t from_acc(acc_t x) {
 }
 
 // ----------------------------------------------------------------------------------------
+// AVX2 helpers for float data, where GCC does not vectorise the plain loops: an 8 x 8
+// transpose (transposed tile loads, else one scalar load and store per element) and row
+// norms. Like matmul_bf16 they carry their own target and are called, not inlined (GCC
+// inlines a function with a target only into one with that target); callers use them only
+// where Isa::kVectorBytes >= 32.
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 void transpose_8x8(
+    const float* __restrict src, int64_t ld_src, float* __restrict dst, int64_t ld_dst) {
+  __m256 r[8];
+  __m256 t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm256_loadu_ps(src + i * ld_src);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved: a0 b0 a1 b1 | a4 b4 a5 b5, ...
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // columns of 4 rows: a0 b0 c0 d0 | a4 b4 c4 d4, ...
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // the two halves of 8 rows: columns j and j + 4
+    _mm256_storeu_ps(dst + j * ld_dst, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ld_dst, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+
+// Largest squared norm of `rows` rows of length D, `ld` apart: eight rows at a time, one
+// multiply-add chain each, the eight sums then reduced together. (A row with a NaN may be
+// missed: its outputs are NaN whatever the callers decide from this.)
+PIPELINE_TARGET_AVX2 inline float max_row_norm_sq_avx2(
+    const float* __restrict x, int64_t ld, int64_t rows, int64_t D) {
+  alignas(32) int32_t tail[8];
+  for (int j = 0; j < 8; ++j) {
+    tail[j] = j < D % 8 ? -1 : 0;
+  }
+  const __m256i tail_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+  __m256 largest = _mm256_setzero_ps();
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    __m256 acc[8];
+    const float* row[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      row[i] = x + std::min<int64_t>(r0 + i, rows - 1) * ld;  // repeats the last row
+    }
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m256 v = _mm256_loadu_ps(row[i] + d);
+        acc[i] = _mm256_fmadd_ps(v, v, acc[i]);
+      }
+    }
+    if (d < D) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m256 v = _mm256_maskload_ps(row[i] + d, tail_mask);
+        acc[i] = _mm256_fmadd_ps(v, v, acc[i]);
+      }
+    }
+    // Lane i of `sums`: the sum of acc[i]'s lanes.
+    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]);
+    const __m256 h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]);
+    const __m256 h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23);
+    const __m256 h4567 = _mm256_hadd_ps(h45, h67);
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                      _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    largest = _mm256_max_ps(largest, sums);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, largest);
+  float result = 0;
+  for (int j = 0; j < 8; ++j) {
+    result = lanes[j] <= result ? result : lanes[j];
+  }
+  return result;
+}
+
+// dst[d][r] = src[r][d] for r < rows8, d < D8 (both multiples of 8), dst (D8, kTile).
+PIPELINE_TARGET_AVX2 inline void transpose_blocks_avx2(const float* __restrict src, int64_t ld,
+                                                      int64_t rows8, int64_t D8,
+                                                      float* __restrict dst) {
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+    for (int64_t d0 = 0; d0 < D8; d0 += 8) {
+      transpose_8x8(src + r0 * ld + d0, ld, dst + d0 * kTile + r0, kTile);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------
 // Tile loads: rows [0, rows) of a (rows, D) block whose rows start `ld` elements apart into
 // zero-padded tiles.
 
@@ -437,16 +546,25 @@ PIPELINE_ALWAYS_INLINE void load_tile(
   }
 }
 
-// dst[d][r] = src[r][d] * scale, shape (Dp, kTile), zero-padded.
-template <typename scalar_t, typename acc_t>
+// dst[d][r] = src[r][d], shape (Dp, kTile), zero-padded. float to float on AVX2 and wider:
+// 8 x 8 blocks transposed in registers, the edges element by element.
+template <typename Isa, typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void load_tile_transposed(
     const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t D, int64_t Dp,
-    acc_t* __restrict dst, acc_t scale = acc_t(1)) {
+    acc_t* __restrict dst) {
+  int64_t rows8 = 0;  // rows [0, rows8) of columns [0, D8) are done in blocks
+  int64_t D8 = 0;
+  if constexpr (Isa::kVectorBytes >= 32 && std::is_same_v<scalar_t, float> &&
+                std::is_same_v<acc_t, float>) {
+    rows8 = rows / 8 * 8;
+    D8 = D / 8 * 8;
+    transpose_blocks_avx2(src, ld, rows8, D8, dst);
+  }
   for (int64_t d = 0; d < Dp; ++d) {
     acc_t* __restrict col = dst + d * kTile;
     const int64_t valid = d < D ? rows : 0;
-    for (int64_t r = 0; r < valid; ++r) {
-      col[r] = to_acc<acc_t>(src, r * ld + d) * scale;
+    for (int64_t r = d < D8 ? rows8 : 0; r < valid; ++r) {
+      col[r] = to_acc<acc_t>(src, r * ld + d);
     }
     for (int64_t r = valid; r < kTile; ++r) {
       col[r] = acc_t(0);
@@ -519,6 +637,48 @@ struct HeadView {
   }
 };
 
+// Largest squared norm of rows [begin, end) (length D) of head bh.
+template <typename Isa, typename scalar_t>
+PIPELINE_ALWAYS_INLINE acc_type<scalar_t> max_row_norm_sq(const HeadView<const scalar_t>& x,
+                                                          int64_t bh, int64_t begin,
+                                                          int64_t end, int64_t D) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (Isa::kVectorBytes >= 32 && std::is_same_v<scalar_t, float>) {
+    return end > begin ? max_row_norm_sq_avx2(x.row(bh, begin), x.row_stride, end - begin, D)
+                       : 0.0f;
+  }
+  acc_t largest = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    const scalar_t* __restrict row = x.row(bh, t);
+    acc_t norm_sq = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t value = to_acc<acc_t>(row, d);
+      norm_sq += value * value;
+    }
+    largest = norm_sq <= largest ? largest : norm_sq;
+  }
+  return largest;
+}
+
+// Whether the scores of queries [q_begin, end) of head bh (against keys [0, end), the ones
+// they see) need summing in score_type (see ScoreType): some |score| may exceed
+// kNarrowScoreBound, |s| <= scale |q| |k| <= scale max |q| max |k|. One pass over rows
+// that the caller loads next anyway. Types whose score_type is their acc_type have no choice.
+template <typename Isa, typename scalar_t>
+PIPELINE_ALWAYS_INLINE bool needs_wide_scores(const HeadView<const scalar_t>& q,
+                                              const HeadView<const scalar_t>& k, int64_t bh,
+                                              int64_t q_begin, int64_t end, int64_t D,
+                                              double scale) {
+  if constexpr (std::is_same_v<acc_type<scalar_t>, score_type<scalar_t>>) {
+    return true;
+  } else {
+    const double bound_sq = static_cast<double>(max_row_norm_sq<Isa>(q, bh, q_begin, end, D)) *
+                            static_cast<double>(max_row_norm_sq<Isa>(k, bh, 0, end, D)) * scale *
+                            scale;
+    return !(bound_sq <= kNarrowScoreBound * kNarrowScoreBound);
+  }
+}
+
 template <typename scalar_t>
 struct ForwardArgs {
   using acc_t = acc_type<scalar_t>;
@@ -541,6 +701,9 @@ struct BackwardArgs {
   HeadView<const scalar_t> v;
   HeadView<const scalar_t> out;
   const score_type<scalar_t>* lse;
+  // Split backward only (else null, and each head decides for itself): (BH)
+  // needs_wide_scores of each whole head, 1 where its scores are summed in score_type.
+  const uint8_t* wide_scores;
   acc_t* delta;  // (BH, T) rowsum(dO * O), filled by the backward itself
   // Split backward only (else null): per key tile, its operands (KeyOperands), prepared
   // once by the kPrepare items instead of by every item that reads them.
@@ -553,11 +716,11 @@ struct BackwardArgs {
   acc_t scale;
 };
 
-// Per-thread scratch: pointers into one aligned allocation owned by the caller.
-template <typename scalar_t>
+// Per-thread scratch: pointers into one aligned allocation owned by the caller, sized for
+// score_type; narrow() views the same memory for scores summed in acc_t.
+template <typename scalar_t, typename score_t = score_type<scalar_t>>
 struct ForwardScratch {
   using acc_t = acc_type<scalar_t>;
-  using score_t = score_type<scalar_t>;
   score_t* qt;     // (Dp, kTile) transposed queries
   score_t* k;      // (kTile, Dp)
   acc_t* v;        // (kTile, Dp)
@@ -570,6 +733,12 @@ struct ForwardScratch {
   // (kTile, Dp / 2), in place of qt and k.
   uint32_t* qw;
   uint32_t* kw;
+
+  ForwardScratch<scalar_t, acc_t> narrow() const {
+    return {reinterpret_cast<acc_t*>(qt), reinterpret_cast<acc_t*>(k), v,
+            reinterpret_cast<acc_t*>(sst), st, o, reinterpret_cast<acc_t*>(row_max),
+            row_sum, qw, kw};
+  }
 };
 
 // Whether the kernels for `Isa` compute the products of two bf16 inputs with bf16 dot
@@ -579,10 +748,9 @@ constexpr bool uses_bf16_dot() {
   return Isa::kBf16Dot && std::is_same_v<scalar_t, c10::BFloat16>;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename score_t = score_type<scalar_t>>
 struct BackwardScratch {
   using acc_t = acc_type<scalar_t>;
-  using score_t = score_type<scalar_t>;
   acc_t* q;       // (kTile, Dp) queries (for dK)
   score_t* qs;    // (kTile, Dp) queries for the scores; q itself when score_t is acc_t
   acc_t* dout;    // (kTile, Dp)
@@ -594,6 +762,11 @@ struct BackwardScratch {
   acc_t* p;       // (kTile, kTile)
   acc_t* ds;      // (kTile, kTile) dP, overwritten by dS
   acc_t* dq;      // (round_up(T, kTile), Dp) for a whole head, (kTile, Dp) for kQueries
+
+  // The same memory for scores summed in acc_t (q itself is then qs).
+  BackwardScratch<scalar_t, acc_t> narrow() const {
+    return {q, q, dout, keys, dt, dk, dv, reinterpret_cast<acc_t*>(sp), p, ds, dq};
+  }
 };
 
 // ----------------------------------------------------------------------------------------
@@ -605,12 +778,12 @@ struct BackwardScratch {
 // The products are summed in score_t and scaled before the one rounding to acc_t (see
 // ScoreType). O += P V reads P from P^T (kTransA).
 
-template <typename scalar_t, typename Isa>
-PIPELINE_ALWAYS_INLINE void forward_tile(
+template <typename scalar_t, typename Isa, typename score_t>
+PIPELINE_ALWAYS_INLINE void forward_tile_scores(
     const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
-    const ForwardScratch<scalar_t>& s) {
+    const ForwardScratch<scalar_t, score_t>& s) {
   using acc_t = acc_type<scalar_t>;
-  using score_t = score_type<scalar_t>;
+  using lse_t = score_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
@@ -623,7 +796,7 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
   if constexpr (kBf16Dot) {
     load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qw);
   } else {
-    load_tile_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt);
+    load_tile_transposed<Isa>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.qt);
   }
   fill(s.o, kTile * Dp, acc_t(0));
   fill(s.row_max, kTile, -std::numeric_limits<score_t>::infinity());
@@ -710,15 +883,31 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
 
   scalar_t* __restrict out = args.out.row(bh, row0);
   const int64_t ld_out = args.out.row_stride;
-  score_t* __restrict lse = args.lse + bh * T + row0;
+  lse_t* __restrict lse = args.lse + bh * T + row0;
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t inv_sum = acc_t(1) / s.row_sum[r];
     const acc_t* __restrict o = s.o + r * Dp;
     for (int64_t d = 0; d < D; ++d) {
       out[r * ld_out + d] = from_acc<scalar_t>(o[d] * inv_sum);
     }
-    lse[r] = s.row_max[r] + std::log(static_cast<score_t>(s.row_sum[r]));
+    lse[r] = static_cast<lse_t>(s.row_max[r]) + std::log(static_cast<lse_t>(s.row_sum[r]));
   }
+}
+
+// The forward of a query tile, its scores summed in acc_t where they are small enough.
+template <typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void forward_tile(
+    const ForwardArgs<scalar_t>& args, int64_t bh, int64_t tile,
+    const ForwardScratch<scalar_t>& s) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (!std::is_same_v<acc_t, score_type<scalar_t>>) {
+    const int64_t end = std::min(args.T, (tile + 1) * kTile);
+    if (!needs_wide_scores<Isa>(args.q, args.k, bh, tile * kTile, end, args.D, args.scale)) {
+      forward_tile_scores<scalar_t, Isa, acc_t>(args, bh, tile, s.narrow());
+      return;
+    }
+  }
+  forward_tile_scores<scalar_t, Isa, score_type<scalar_t>>(args, bh, tile, s);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -748,20 +937,21 @@ inline int64_t key_operands_size(int64_t Dp) {
   return (2 + kScoreElements<scalar_t>) * kTile * Dp;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename score_t>
 struct KeyOperands {
   const acc_type<scalar_t>* k;
-  const score_type<scalar_t>* kt;
+  const score_t* kt;
   const acc_type<scalar_t>* vt;
 };
 
 // Where the operands of the block at `base` lie (the block is 64-byte aligned, and so are
-// its parts: kTile * Dp * sizeof(acc_t) is a multiple of 64).
-template <typename scalar_t>
-PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t> key_operands(const acc_type<scalar_t>* base,
-                                                          int64_t Dp) {
+// its parts: kTile * Dp * sizeof(acc_t) is a multiple of 64). K^T takes the room of a
+// score_type tile whichever score_t it has, so the layout is the same for both.
+template <typename scalar_t, typename score_t>
+PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t, score_t> key_operands(
+    const acc_type<scalar_t>* base, int64_t Dp) {
   const int64_t n = kTile * Dp;
-  return {base, reinterpret_cast<const score_type<scalar_t>*>(base + n),
+  return {base, reinterpret_cast<const score_t*>(base + n),
           base + (1 + kScoreElements<scalar_t>) * n};
 }
 
@@ -770,10 +960,10 @@ PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t> key_operands(const acc_type<scalar_
 // reduction over d): where one key dominates a row, O_i ~ V_j, and the rounding errors of
 // dP_ij and delta_i then cancel in dS = P (dP - delta) (exactly for the first row, where
 // O_0 = V_0).
-template <typename scalar_t>
+template <typename Isa, typename scalar_t, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_delta(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
-    const BackwardScratch<scalar_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -782,9 +972,9 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
   const int64_t rows = std::min(kTile, T - row0);
   acc_t* __restrict dout_t = s.dt;
   acc_t* __restrict out_t = s.dt + Dp * kTile;
-  load_tile_transposed(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
+  load_tile_transposed<Isa>(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
                        dout_t);
-  load_tile_transposed(args.out.row(bh, row0), args.out.row_stride, rows, D, Dp, out_t);
+  load_tile_transposed<Isa>(args.out.row(bh, row0), args.out.row_stride, rows, D, Dp, out_t);
   acc_t delta[kTile] = {};
   for (int64_t d = 0; d < D; ++d) {
 #pragma omp simd
@@ -796,7 +986,7 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
 }
 
 // Key tile operands (KeyOperands) into the block at dst.
-template <typename scalar_t>
+template <typename score_t, typename Isa, typename scalar_t>
 PIPELINE_ALWAYS_INLINE void backward_load_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
     acc_type<scalar_t>* dst) {
@@ -807,38 +997,38 @@ PIPELINE_ALWAYS_INLINE void backward_load_keys(
   const scalar_t* k = args.k.row(bh, col0);
   const int64_t n = kTile * Dp;
   load_tile(k, args.k.row_stride, cols, D, Dp, dst);
-  load_tile_transposed(k, args.k.row_stride, cols, D, Dp,
-                       reinterpret_cast<score_type<scalar_t>*>(dst + n));
-  load_tile_transposed(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp,
+  load_tile_transposed<Isa>(k, args.k.row_stride, cols, D, Dp,
+                       reinterpret_cast<score_t*>(dst + n));
+  load_tile_transposed<Isa>(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp,
                        dst + (1 + kScoreElements<scalar_t>) * n);
 }
 
 // The key operands of a tile: the prepared ones (split backward) or loaded into scratch.
-template <typename scalar_t>
+template <typename Isa, typename scalar_t, typename score_t>
 PIPELINE_ALWAYS_INLINE const acc_type<scalar_t>* backward_key_operands(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
-    const BackwardScratch<scalar_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s) {
   if (args.key_operands != nullptr) {
     const int64_t num_tiles = (args.T + kTile - 1) / kTile;
     const int64_t size = key_operands_size<scalar_t>(round_up(args.D, kColBlock));
     return args.key_operands + (bh * num_tiles + kv_tile) * size;
   }
-  backward_load_keys(args, bh, kv_tile, s.keys);
+  backward_load_keys<score_t, Isa>(args, bh, kv_tile, s.keys);
   return s.keys;
 }
 
 // Query tile operands: Q (as acc_t for dK, as score_t for the scores) and dO.
-template <typename scalar_t>
+template <typename scalar_t, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_load_queries(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
-    const BackwardScratch<scalar_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s) {
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
   const int64_t row0 = q_tile * kTile;
   const int64_t rows = std::min(kTile, args.T - row0);
   const scalar_t* q = args.q.row(bh, row0);
   load_tile(q, args.q.row_stride, rows, D, Dp, s.q);
-  if constexpr (!std::is_same_v<acc_type<scalar_t>, score_type<scalar_t>>) {
+  if constexpr (!std::is_same_v<acc_type<scalar_t>, score_t>) {
     load_tile(q, args.q.row_stride, rows, D, Dp, s.qs);
   }
   load_tile(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp, s.dout);
@@ -847,13 +1037,13 @@ PIPELINE_ALWAYS_INLINE void backward_load_queries(
 // One (query tile, key tile) pair, query operands in s.q, s.qs, s.dout and key operands at
 // `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv, s.dk (dK
 // times scale later); kQueries: dQ += dS K into dq (times scale later).
-template <bool kKeys, bool kQueries, typename scalar_t, typename Isa>
+template <bool kKeys, bool kQueries, typename scalar_t, typename Isa, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_pair(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
-    const acc_type<scalar_t>* keys, const BackwardScratch<scalar_t>& s,
+    const acc_type<scalar_t>* keys, const BackwardScratch<scalar_t, score_t>& s,
     acc_type<scalar_t>* dq) {
   using acc_t = acc_type<scalar_t>;
-  using score_t = score_type<scalar_t>;
+  using lse_t = score_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t Dp = round_up(args.D, kColBlock);
   const bool diagonal = q_tile == kv_tile;
@@ -861,9 +1051,9 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   const int64_t rows = std::min(kTile, T - row0);
   const int64_t cols = std::min(kTile, T - kv_tile * kTile);
   const int64_t n_cols = round_up(cols, kColBlock);
-  const score_t* __restrict lse = args.lse + bh * T + row0;
+  const lse_t* __restrict lse = args.lse + bh * T + row0;
   const acc_t* __restrict delta = args.delta + bh * T + row0;
-  const KeyOperands<scalar_t> key = key_operands<scalar_t>(keys, Dp);
+  const KeyOperands<scalar_t, score_t> key = key_operands<scalar_t, score_t>(keys, Dp);
 
   // P = exp(scale (Q K^T) - lse), the scores summed as in the forward and s - lse formed in
   // score_t before the one rounding to acc_t (see ScoreType).
@@ -874,10 +1064,10 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     const score_t* __restrict sp = s.sp + r * kTile;
     acc_t* __restrict p = s.p + r * kTile;
     const int64_t valid = diagonal ? r + 1 : cols;
-    const score_t row_lse = lse[r];
+    const lse_t row_lse = lse[r];
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
-      p[c] = static_cast<acc_t>(sp[c] - row_lse);
+      p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c]) - row_lse);
     }
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
@@ -933,21 +1123,21 @@ PIPELINE_ALWAYS_INLINE void store_tile(
 
 // dK and dV of key tile kv_tile over the query tiles kv_tile.. (with dQ too when kWithDq:
 // accumulated into s.dq, which holds the whole head).
-template <bool kWithDq, typename scalar_t, typename Isa>
+template <bool kWithDq, typename scalar_t, typename Isa, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
-    const BackwardScratch<scalar_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
   const int64_t num_tiles = (T + kTile - 1) / kTile;
-  const acc_t* keys = backward_key_operands(args, bh, kv_tile, s);
+  const acc_t* keys = backward_key_operands<Isa>(args, bh, kv_tile, s);
   fill(s.dk, kTile * Dp, acc_t(0));
   fill(s.dv, kTile * Dp, acc_t(0));
   for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
     backward_load_queries(args, bh, q_tile, s);
-    backward_pair<true, kWithDq, scalar_t, Isa>(
+    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(
         args, bh, q_tile, kv_tile, keys, s, s.dq + q_tile * kTile * Dp);
   }
   const int64_t col0 = kv_tile * kTile;
@@ -956,10 +1146,10 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
   store_tile(s.dv, cols, D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
 }
 
-template <typename scalar_t, typename Isa>
-PIPELINE_ALWAYS_INLINE void backward_item(
+template <typename scalar_t, typename Isa, typename score_t>
+PIPELINE_ALWAYS_INLINE void backward_item_scores(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
-    const BackwardScratch<scalar_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -968,30 +1158,32 @@ PIPELINE_ALWAYS_INLINE void backward_item(
   switch (item) {
     case BackwardItem::kHead: {
       for (int64_t q_tile = 0; q_tile < num_tiles; ++q_tile) {
-        backward_delta(args, bh, q_tile, s);
+        backward_delta<Isa>(args, bh, q_tile, s);
       }
       fill(s.dq, num_tiles * kTile * Dp, acc_t(0));
       for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
-        backward_keys<true, scalar_t, Isa>(args, bh, kv_tile, s);
+        backward_keys<true, scalar_t, Isa, score_t>(args, bh, kv_tile, s);
       }
       store_tile(s.dq, T, D, Dp, args.dq.row(bh, 0), args.dq.row_stride, args.scale);
       break;
     }
     case BackwardItem::kPrepare: {
-      backward_delta(args, bh, tile, s);
+      backward_delta<Isa>(args, bh, tile, s);
       const int64_t size = key_operands_size<scalar_t>(Dp);
-      backward_load_keys(args, bh, tile, args.key_operands + (bh * num_tiles + tile) * size);
+      backward_load_keys<score_t, Isa>(args, bh, tile,
+                                  args.key_operands + (bh * num_tiles + tile) * size);
       break;
     }
     case BackwardItem::kKeys:
-      backward_keys<false, scalar_t, Isa>(args, bh, tile, s);
+      backward_keys<false, scalar_t, Isa, score_t>(args, bh, tile, s);
       break;
     case BackwardItem::kQueries: {
       backward_load_queries(args, bh, tile, s);
       fill(s.dq, kTile * Dp, acc_t(0));
       for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
-        const acc_t* keys = backward_key_operands(args, bh, kv_tile, s);
-        backward_pair<false, true, scalar_t, Isa>(args, bh, tile, kv_tile, keys, s, s.dq);
+        const acc_t* keys = backward_key_operands<Isa>(args, bh, kv_tile, s);
+        backward_pair<false, true, scalar_t, Isa, score_t>(args, bh, tile, kv_tile, keys, s,
+                                                           s.dq);
       }
       const int64_t rows = std::min(kTile, T - tile * kTile);
       store_tile(s.dq, rows, D, Dp, args.dq.row(bh, tile * kTile), args.dq.row_stride,
@@ -999,6 +1191,25 @@ PIPELINE_ALWAYS_INLINE void backward_item(
       break;
     }
   }
+}
+
+// A backward item, the scores summed in acc_t where every score of the head is small enough
+// (one decision per head: the forward's per query tile would need K^T in both types).
+template <typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void backward_item(
+    const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
+    const BackwardScratch<scalar_t>& s) {
+  using acc_t = acc_type<scalar_t>;
+  if constexpr (!std::is_same_v<acc_t, score_type<scalar_t>>) {
+    const bool wide = args.wide_scores != nullptr
+                          ? args.wide_scores[bh] != 0
+                          : needs_wide_scores<Isa>(args.q, args.k, bh, 0, args.T, args.D, args.scale);
+    if (!wide) {
+      backward_item_scores<scalar_t, Isa, acc_t>(args, item, bh, tile, s.narrow());
+      return;
+    }
+  }
+  backward_item_scores<scalar_t, Isa, score_type<scalar_t>>(args, item, bh, tile, s);
 }
 
 // ----------------------------------------------------------------------------------------
