@@ -1055,11 +1055,13 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   const acc_t* __restrict delta = args.delta + bh * T + row0;
   const KeyOperands<scalar_t, score_t> key = key_operands<scalar_t, score_t>(keys, Dp);
 
-  // P = exp(scale (Q K^T) - lse), the scores summed as in the forward and s - lse formed in
-  // score_t before the one rounding to acc_t (see ScoreType).
+  // P = exp(scale (Q K^T) - lse), the scores summed and scaled as in the forward and s - lse
+  // formed in lse_t before the one rounding to acc_t (see ScoreType). The scale is applied
+  // here rather than by the matmul: held in a register through the product, it made GCC
+  // spill an accumulator of this one (a store and a reload on every step of the sum).
   tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, s.qs, Dp,
-                                                  key.kt, kTile, s.sp, kTile,
-                                                  static_cast<score_t>(args.scale));
+                                                  key.kt, kTile, s.sp, kTile);
+  const score_t scale = args.scale;
   for (int64_t r = 0; r < rows; ++r) {
     const score_t* __restrict sp = s.sp + r * kTile;
     acc_t* __restrict p = s.p + r * kTile;
@@ -1067,7 +1069,7 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     const lse_t row_lse = lse[r];
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
-      p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c]) - row_lse);
+      p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c] * scale) - row_lse);
     }
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
