@@ -679,6 +679,22 @@ PIPELINE_ALWAYS_INLINE bool needs_wide_scores(const HeadView<const scalar_t>& q,
   }
 }
 
+// A tile as a matmul operand (pointer, leading dimension): read in place where the input
+// already is what load_tile would make of it (same type, D a multiple of kColBlock: the
+// products read only the tile's `rows` rows and Dp = D columns), else loaded into dst.
+template <typename scalar_t, typename acc_t>
+PIPELINE_ALWAYS_INLINE std::pair<const acc_t*, int64_t> tile_operand(
+    const HeadView<const scalar_t>& x, int64_t bh, int64_t row0, int64_t rows, int64_t D,
+    int64_t Dp, acc_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (D == Dp) {
+      return {x.row(bh, row0), x.row_stride};
+    }
+  }
+  load_tile(x.row(bh, row0), x.row_stride, rows, D, Dp, dst);
+  return {dst, Dp};
+}
+
 template <typename scalar_t>
 struct ForwardArgs {
   using acc_t = acc_type<scalar_t>;
@@ -806,7 +822,7 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
     const bool diagonal = kv_tile == tile;
     const int64_t col0 = kv_tile * kTile;
     const int64_t cols = std::min(kTile, T - col0);  // keys
-    load_tile(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp, s.v);
+    const auto [v_tile, ld_v] = tile_operand(args.v, bh, col0, cols, D, Dp, s.v);
 
     // S^T = scale (K Q^T). On the diagonal tile, register tiles whose keys all come after
     // their queries are skipped; the loops below never read them (query m >= key n).
@@ -822,9 +838,9 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
         }
       }
     } else {
-      load_tile(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.k);
-      tile_matmul<Isa, Causal::kUpperC, false, false>(diagonal, cols, q_cols, Dp, s.k, Dp, s.qt,
-                                                      kTile, s.sst, kTile,
+      const auto [k_tile, ld_k] = tile_operand(args.k, bh, col0, cols, D, Dp, s.k);
+      tile_matmul<Isa, Causal::kUpperC, false, false>(diagonal, cols, q_cols, Dp, k_tile, ld_k,
+                                                      s.qt, kTile, s.sst, kTile,
                                                       static_cast<score_t>(args.scale));
     }
 
@@ -862,23 +878,32 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
         sum[m] += e;
       }
     }
+    // Rescale by alpha = exp(old max - new max), 0 on the first tile (-inf - max).
+    acc_t alpha[kTile];
+#pragma omp simd
     for (int64_t m = 0; m < rows; ++m) {
-      // 0 on the first tile (-inf - max)
-      const acc_t alpha = softmax_exp(static_cast<acc_t>(s.row_max[m] - m_new[m]));
-      s.row_max[m] = m_new[m];
-      s.row_sum[m] = s.row_sum[m] * alpha + sum[m];
-      if (alpha != acc_t(1)) {
+      alpha[m] = static_cast<acc_t>(s.row_max[m] - m_new[m]);
+    }
+#pragma omp simd
+    for (int64_t m = 0; m < rows; ++m) {  // apart, as above
+      alpha[m] = softmax_exp(alpha[m]);
+      s.row_sum[m] = s.row_sum[m] * alpha[m] + sum[m];
+    }
+    std::copy(m_new, m_new + rows, s.row_max);
+    for (int64_t m = 0; m < rows; ++m) {
+      if (alpha[m] != acc_t(1)) {
         acc_t* __restrict o = s.o + m * Dp;
+        const acc_t a = alpha[m];
 #pragma omp simd
         for (int64_t d = 0; d < Dp; ++d) {
-          o[d] *= alpha;
+          o[d] *= a;
         }
       }
     }
 
     // O += P V
-    tile_matmul<Isa, Causal::kLowerA, true, true>(diagonal, rows, Dp, cols, s.st, kTile, s.v,
-                                                  Dp, s.o, Dp);
+    tile_matmul<Isa, Causal::kLowerA, true, true>(diagonal, rows, Dp, cols, s.st, kTile, v_tile,
+                                                  ld_v, s.o, Dp);
   }
 
   scalar_t* __restrict out = args.out.row(bh, row0);
