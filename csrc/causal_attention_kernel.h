@@ -866,6 +866,15 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
       acc_t* __restrict p = s.st + n * kTile;
       const int64_t first = diagonal ? std::min(n, q_cols) : 0;
       fill(p, first, acc_t(0));
+      if constexpr (std::is_same_v<score_t, acc_t>) {
+#pragma omp simd
+        for (int64_t m = first; m < q_cols; ++m) {
+          const acc_t e = softmax_exp(st[m] - m_new[m]);
+          p[m] = e;
+          sum[m] += e;
+        }
+        continue;
+      }
       // Two loops: with score_t and acc_t mixed in one, GCC leaves the exp scalar.
 #pragma omp simd
       for (int64_t m = first; m < q_cols; ++m) {
