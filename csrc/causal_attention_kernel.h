@@ -1051,31 +1051,42 @@ PIPELINE_ALWAYS_INLINE const acc_type<scalar_t>* backward_key_operands(
   return s.keys;
 }
 
-// Query tile operands: Q (as acc_t for dK, as score_t for the scores) and dO.
+// Query tile operands (tile_operand: read in place or loaded into scratch): Q as acc_t for
+// dK and as score_t for the scores, and dO.
 template <typename scalar_t, typename score_t>
-PIPELINE_ALWAYS_INLINE void backward_load_queries(
+struct QueryOperands {
+  std::pair<const acc_type<scalar_t>*, int64_t> q;
+  std::pair<const score_t*, int64_t> qs;
+  std::pair<const acc_type<scalar_t>*, int64_t> dout;
+};
+
+template <typename scalar_t, typename score_t>
+PIPELINE_ALWAYS_INLINE QueryOperands<scalar_t, score_t> backward_load_queries(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile,
     const BackwardScratch<scalar_t, score_t>& s) {
   const int64_t D = args.D;
   const int64_t Dp = round_up(D, kColBlock);
   const int64_t row0 = q_tile * kTile;
   const int64_t rows = std::min(kTile, args.T - row0);
-  const scalar_t* q = args.q.row(bh, row0);
-  load_tile(q, args.q.row_stride, rows, D, Dp, s.q);
-  if constexpr (!std::is_same_v<acc_type<scalar_t>, score_t>) {
-    load_tile(q, args.q.row_stride, rows, D, Dp, s.qs);
+  QueryOperands<scalar_t, score_t> ops;
+  ops.q = tile_operand(args.q, bh, row0, rows, D, Dp, s.q);
+  if constexpr (std::is_same_v<acc_type<scalar_t>, score_t>) {
+    ops.qs = ops.q;
+  } else {
+    ops.qs = tile_operand(args.q, bh, row0, rows, D, Dp, s.qs);
   }
-  load_tile(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp, s.dout);
+  ops.dout = tile_operand(args.grad_out, bh, row0, rows, D, Dp, s.dout);
+  return ops;
 }
 
-// One (query tile, key tile) pair, query operands in s.q, s.qs, s.dout and key operands at
-// `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv, s.dk (dK
+// One (query tile, key tile) pair, query operands `query` (backward_load_queries) and key
+// operands at `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv, s.dk (dK
 // times scale later); kQueries: dQ += dS K into dq (times scale later).
 template <bool kKeys, bool kQueries, typename scalar_t, typename Isa, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_pair(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
-    const acc_type<scalar_t>* keys, const BackwardScratch<scalar_t, score_t>& s,
-    acc_type<scalar_t>* dq) {
+    const QueryOperands<scalar_t, score_t>& query, const acc_type<scalar_t>* keys,
+    const BackwardScratch<scalar_t, score_t>& s, acc_type<scalar_t>* dq) {
   using acc_t = acc_type<scalar_t>;
   using lse_t = score_type<scalar_t>;
   const int64_t T = args.T;
@@ -1093,8 +1104,8 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   // formed in lse_t before the one rounding to acc_t (see ScoreType). The scale is applied
   // here rather than by the matmul: held in a register through the product, it made GCC
   // spill an accumulator of this one (a store and a reload on every step of the sum).
-  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, s.qs, Dp,
-                                                  key.kt, kTile, s.sp, kTile);
+  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, query.qs.first,
+                                                  query.qs.second, key.kt, kTile, s.sp, kTile);
   const score_t scale = args.scale;
   for (int64_t r = 0; r < rows; ++r) {
     const score_t* __restrict sp = s.sp + r * kTile;
@@ -1115,12 +1126,14 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   // dV += P^T dO
   if constexpr (kKeys) {
     tile_matmul<Isa, Causal::kLowerAT, true, true>(diagonal, n_cols, Dp, rows, s.p, kTile,
-                                                   s.dout, Dp, s.dv, Dp);
+                                                   query.dout.first, query.dout.second, s.dv,
+                                                   Dp);
   }
 
   // dP = dO V^T;  dS = P * (dP - delta)
-  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, s.dout, Dp,
-                                                  key.vt, kTile, s.ds, kTile);
+  tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, query.dout.first,
+                                                  query.dout.second, key.vt, kTile, s.ds,
+                                                  kTile);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* __restrict ds = s.ds + r * kTile;
     const acc_t* __restrict p = s.p + r * kTile;
@@ -1136,7 +1149,7 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   // dK += dS^T Q;  dQ += dS K
   if constexpr (kKeys) {
     tile_matmul<Isa, Causal::kLowerAT, true, true>(diagonal, n_cols, Dp, rows, s.ds, kTile,
-                                                   s.q, Dp, s.dk, Dp);
+                                                   query.q.first, query.q.second, s.dk, Dp);
   }
   if constexpr (kQueries) {
     tile_matmul<Isa, Causal::kLowerA, false, true>(diagonal, rows, Dp, cols, s.ds, kTile,
@@ -1172,9 +1185,9 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
   fill(s.dk, kTile * Dp, acc_t(0));
   fill(s.dv, kTile * Dp, acc_t(0));
   for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
-    backward_load_queries(args, bh, q_tile, s);
-    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(
-        args, bh, q_tile, kv_tile, keys, s, s.dq + q_tile * kTile * Dp);
+    const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, q_tile, s);
+    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(args, bh, q_tile, kv_tile, query, keys,
+                                                         s, s.dq + q_tile * kTile * Dp);
   }
   const int64_t col0 = kv_tile * kTile;
   const int64_t cols = std::min(kTile, T - col0);
@@ -1214,12 +1227,12 @@ PIPELINE_ALWAYS_INLINE void backward_item_scores(
       backward_keys<false, scalar_t, Isa, score_t>(args, bh, tile, s);
       break;
     case BackwardItem::kQueries: {
-      backward_load_queries(args, bh, tile, s);
+      const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, tile, s);
       fill(s.dq, kTile * Dp, acc_t(0));
       for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
         const acc_t* keys = backward_key_operands<Isa>(args, bh, kv_tile, s);
-        backward_pair<false, true, scalar_t, Isa, score_t>(args, bh, tile, kv_tile, keys, s,
-                                                           s.dq);
+        backward_pair<false, true, scalar_t, Isa, score_t>(args, bh, tile, kv_tile, query, keys,
+                                                           s, s.dq);
       }
       const int64_t rows = std::min(kTile, T - tile * kTile);
       store_tile(s.dq, rows, D, Dp, args.dq.row(bh, tile * kTile), args.dq.row_stride,
