@@ -432,14 +432,24 @@ PIPELINE_ALWAYS_INLINE scalar_t from_acc(acc_t x) {
 // inlines a function with a target only into one with that target); callers use them only
 // where Isa::kVectorBytes >= 32.
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8.
+// Eight consecutive elements as floats (a bf16 is the high half of a float).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 __m256 load8_avx2(const float* src) {
+  return _mm256_loadu_ps(src);
+}
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 __m256 load8_avx2(const c10::BFloat16* src) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8, as floats.
+template <typename T>
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 void transpose_8x8(
-    const float* __restrict src, int64_t ld_src, float* __restrict dst, int64_t ld_dst) {
+    const T* __restrict src, int64_t ld_src, float* __restrict dst, int64_t ld_dst) {
   __m256 r[8];
   __m256 t[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
-    r[i] = _mm256_loadu_ps(src + i * ld_src);
+    r[i] = load8_avx2(src + i * ld_src);
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved: a0 b0 a1 b1 | a4 b4 a5 b5, ...
@@ -515,7 +525,8 @@ PIPELINE_TARGET_AVX2 inline float max_row_norm_sq_avx2(
 }
 
 // dst[d][r] = src[r][d] for r < rows8, d < D8 (both multiples of 8), dst (D8, kTile).
-PIPELINE_TARGET_AVX2 inline void transpose_blocks_avx2(const float* __restrict src, int64_t ld,
+template <typename T>
+PIPELINE_TARGET_AVX2 inline void transpose_blocks_avx2(const T* __restrict src, int64_t ld,
                                                       int64_t rows8, int64_t D8,
                                                       float* __restrict dst) {
   for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
@@ -546,15 +557,16 @@ PIPELINE_ALWAYS_INLINE void load_tile(
   }
 }
 
-// dst[d][r] = src[r][d], shape (Dp, kTile), zero-padded. float to float on AVX2 and wider:
-// 8 x 8 blocks transposed in registers, the edges element by element.
+// dst[d][r] = src[r][d], shape (Dp, kTile), zero-padded. float or bf16 to float on AVX2 and
+// wider: 8 x 8 blocks transposed in registers, the edges element by element.
 template <typename Isa, typename scalar_t, typename acc_t>
 PIPELINE_ALWAYS_INLINE void load_tile_transposed(
     const scalar_t* __restrict src, int64_t ld, int64_t rows, int64_t D, int64_t Dp,
     acc_t* __restrict dst) {
   int64_t rows8 = 0;  // rows [0, rows8) of columns [0, D8) are done in blocks
   int64_t D8 = 0;
-  if constexpr (Isa::kVectorBytes >= 32 && std::is_same_v<scalar_t, float> &&
+  if constexpr (Isa::kVectorBytes >= 32 &&
+                (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) &&
                 std::is_same_v<acc_t, float>) {
     rows8 = rows / 8 * 8;
     D8 = D / 8 * 8;
