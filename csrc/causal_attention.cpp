@@ -50,7 +50,6 @@
 #include <string>
 #include <tuple>
 #include <utility>
-#include <vector>
 
 #include "causal_attention_checks.h"
 #include "causal_attention_kernel.h"
@@ -419,7 +418,7 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   const int64_t threads = at::get_num_threads();
   if (BH >= threads || BH * head_work < 2 * threads * kMinParallelWork) {
     args.key_operands = nullptr;
-    args.wide_scores = nullptr;
+    args.tile_norms_sq = nullptr;
     for_items(BackwardItem::kHead, BH, head_work);
     return;
   }
@@ -428,15 +427,9 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
       at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)},
                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.key_operands = key_operands.mutable_data_ptr<acc_t>();
-  // Every item of a head must take its K^T in the same type: decided once per head here.
-  std::vector<uint8_t> wide_scores(BH);
-  at::parallel_for(0, BH, grain_size(2 * args.T * args.D), [&](int64_t begin, int64_t end) {
-    for (const auto bh : c10::irange(begin, end)) {
-      wide_scores[bh] = needs_wide_scores<IsaDefault>(args.q, args.k, bh, 0, args.T, args.D,
-                                                        args.scale);
-    }
-  });
-  args.wide_scores = wide_scores.data();
+  const at::Tensor tile_norms_sq = at::empty(
+      {BH * num_tiles * 2}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  args.tile_norms_sq = tile_norms_sq.mutable_data_ptr<acc_t>();
   for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
   const int64_t tile_work = (num_tiles + 1) / 2 * 4 * pair_work;  // 4 (3) matmuls per pair
   for_items(BackwardItem::kKeys, BH * num_tiles, tile_work);

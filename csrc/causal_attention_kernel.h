@@ -676,6 +676,11 @@ PIPELINE_ALWAYS_INLINE acc_type<scalar_t> max_row_norm_sq(const HeadView<const s
 // they see) need summing in score_type (see ScoreType): some |score| may exceed
 // kNarrowScoreBound, |s| <= scale |q| |k| <= scale max |q| max |k|. One pass over rows
 // that the caller loads next anyway. Types whose score_type is their acc_type have no choice.
+PIPELINE_ALWAYS_INLINE bool exceeds_narrow_bound(double q_norm_sq, double k_norm_sq,
+                                                 double scale) {
+  return !(q_norm_sq * k_norm_sq * scale * scale <= kNarrowScoreBound * kNarrowScoreBound);
+}
+
 template <typename Isa, typename scalar_t>
 PIPELINE_ALWAYS_INLINE bool needs_wide_scores(const HeadView<const scalar_t>& q,
                                               const HeadView<const scalar_t>& k, int64_t bh,
@@ -684,10 +689,8 @@ PIPELINE_ALWAYS_INLINE bool needs_wide_scores(const HeadView<const scalar_t>& q,
   if constexpr (std::is_same_v<acc_type<scalar_t>, score_type<scalar_t>>) {
     return true;
   } else {
-    const double bound_sq = static_cast<double>(max_row_norm_sq<Isa>(q, bh, q_begin, end, D)) *
-                            static_cast<double>(max_row_norm_sq<Isa>(k, bh, 0, end, D)) * scale *
-                            scale;
-    return !(bound_sq <= kNarrowScoreBound * kNarrowScoreBound);
+    return exceeds_narrow_bound(max_row_norm_sq<Isa>(q, bh, q_begin, end, D),
+                                max_row_norm_sq<Isa>(k, bh, 0, end, D), scale);
   }
 }
 
@@ -729,9 +732,10 @@ struct BackwardArgs {
   HeadView<const scalar_t> v;
   HeadView<const scalar_t> out;
   const score_type<scalar_t>* lse;
-  // Split backward only (else null, and each head decides for itself): (BH)
-  // needs_wide_scores of each whole head, 1 where its scores are summed in score_type.
-  const uint8_t* wide_scores;
+  // Split backward only (else null): (BH, num_tiles, 2) the largest squared row norms of
+  // each tile of Q and of K, which the kPrepare items fill for the others to decide a head's
+  // score type from (the same decision as the unsplit backward's, needs_wide_scores).
+  acc_t* tile_norms_sq;
   acc_t* delta;  // (BH, T) rowsum(dO * O), filled by the backward itself
   // Split backward only (else null): per key tile, its operands (KeyOperands), prepared
   // once by the kPrepare items instead of by every item that reads them.
@@ -973,14 +977,17 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
 enum class BackwardItem { kHead, kPrepare, kKeys, kQueries };
 
 // The operands of one key tile, one after the other in a block of acc_t elements: K
-// (kTile, Dp) for dQ, K^T (Dp, kTile) in score_t for the scores and V^T (Dp, kTile) for dP.
+// (kTile, Dp) for dQ, K^T (Dp, kTile) in score_type for the scores, V^T (Dp, kTile) for dP
+// and, where score_type is wider than acc_t, K^T in acc_t for heads whose scores are summed
+// in it (the split backward prepares both: its kPrepare items run before the type of a head
+// is known).
 template <typename scalar_t>
 constexpr int64_t kScoreElements = sizeof(score_type<scalar_t>) / sizeof(acc_type<scalar_t>);
 
 // Elements (acc_t) of the operands of one key tile.
 template <typename scalar_t>
 inline int64_t key_operands_size(int64_t Dp) {
-  return (2 + kScoreElements<scalar_t>) * kTile * Dp;
+  return (2 + kScoreElements<scalar_t> + (kScoreElements<scalar_t> > 1 ? 1 : 0)) * kTile * Dp;
 }
 
 template <typename scalar_t, typename score_t>
@@ -991,13 +998,18 @@ struct KeyOperands {
 };
 
 // Where the operands of the block at `base` lie (the block is 64-byte aligned, and so are
-// its parts: kTile * Dp * sizeof(acc_t) is a multiple of 64). K^T takes the room of a
-// score_type tile whichever score_t it has, so the layout is the same for both.
+// its parts: kTile * Dp * sizeof(acc_t) is a multiple of 64).
+template <typename scalar_t, typename score_t>
+PIPELINE_ALWAYS_INLINE int64_t key_transpose_offset(int64_t Dp) {
+  const int64_t n = kTile * Dp;
+  return std::is_same_v<score_t, score_type<scalar_t>> ? n : (2 + kScoreElements<scalar_t>) * n;
+}
+
 template <typename scalar_t, typename score_t>
 PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t, score_t> key_operands(
     const acc_type<scalar_t>* base, int64_t Dp) {
   const int64_t n = kTile * Dp;
-  return {base, reinterpret_cast<const score_t*>(base + n),
+  return {base, reinterpret_cast<const score_t*>(base + key_transpose_offset<scalar_t, score_t>(Dp)),
           base + (1 + kScoreElements<scalar_t>) * n};
 }
 
@@ -1031,8 +1043,8 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
   std::copy(delta, delta + rows, args.delta + bh * T + row0);
 }
 
-// Key tile operands (KeyOperands) into the block at dst.
-template <typename score_t, typename Isa, typename scalar_t>
+// Key tile operands (KeyOperands) into the block at dst, K^T in each of score_ts.
+template <typename Isa, typename scalar_t, typename... score_ts>
 PIPELINE_ALWAYS_INLINE void backward_load_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
     acc_type<scalar_t>* dst) {
@@ -1043,10 +1055,12 @@ PIPELINE_ALWAYS_INLINE void backward_load_keys(
   const scalar_t* k = args.k.row(bh, col0);
   const int64_t n = kTile * Dp;
   load_tile(k, args.k.row_stride, cols, D, Dp, dst);
-  load_tile_transposed<Isa>(k, args.k.row_stride, cols, D, Dp,
-                       reinterpret_cast<score_t*>(dst + n));
+  (load_tile_transposed<Isa>(
+       k, args.k.row_stride, cols, D, Dp,
+       reinterpret_cast<score_ts*>(dst + key_transpose_offset<scalar_t, score_ts>(Dp))),
+   ...);
   load_tile_transposed<Isa>(args.v.row(bh, col0), args.v.row_stride, cols, D, Dp,
-                       dst + (1 + kScoreElements<scalar_t>) * n);
+                            dst + (1 + kScoreElements<scalar_t>) * n);
 }
 
 // The key operands of a tile: the prepared ones (split backward) or loaded into scratch.
@@ -1059,7 +1073,7 @@ PIPELINE_ALWAYS_INLINE const acc_type<scalar_t>* backward_key_operands(
     const int64_t size = key_operands_size<scalar_t>(round_up(args.D, kColBlock));
     return args.key_operands + (bh * num_tiles + kv_tile) * size;
   }
-  backward_load_keys<score_t, Isa>(args, bh, kv_tile, s.keys);
+  backward_load_keys<Isa, scalar_t, score_t>(args, bh, kv_tile, s.keys);
   return s.keys;
 }
 
@@ -1089,6 +1103,20 @@ PIPELINE_ALWAYS_INLINE QueryOperands<scalar_t, score_t> backward_load_queries(
   }
   ops.dout = tile_operand(args.grad_out, bh, row0, rows, D, Dp, s.dout);
   return ops;
+}
+
+// g . (v - o) for rows of length D, in acc_t.
+template <typename scalar_t>
+PIPELINE_ALWAYS_INLINE acc_type<scalar_t> dot_with_difference(const scalar_t* __restrict g,
+                                                              const scalar_t* __restrict v,
+                                                              const scalar_t* __restrict o,
+                                                              int64_t D) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t sum = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    sum += to_acc<acc_t>(g, d) * (to_acc<acc_t>(v, d) - to_acc<acc_t>(o, d));
+  }
+  return sum;
 }
 
 // One (query tile, key tile) pair, query operands `query` (backward_load_queries) and key
@@ -1142,7 +1170,10 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
                                                    Dp);
   }
 
-  // dP = dO V^T;  dS = P * (dP - delta)
+  // dP = dO V^T;  dS = P * (dP - delta); where one key holds most of a row's probability,
+  // dP - delta (delta = dO . O) cancels to a small difference of two sums of D products,
+  // each rounded: there it is formed as dO . (V_j - O) instead (same value, no cancellation:
+  // V_j - O is small and exact where they are close). At most one key per row qualifies.
   tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, query.dout.first,
                                                   query.dout.second, key.vt, kTile, s.ds,
                                                   kTile);
@@ -1151,11 +1182,22 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     const acc_t* __restrict p = s.p + r * kTile;
     const int64_t valid = diagonal ? r + 1 : cols;
     const acc_t row_delta = delta[r];
-#pragma omp simd
+    acc_t p_max = 0;
+#pragma omp simd reduction(max : p_max)
     for (int64_t c = 0; c < valid; ++c) {
       ds[c] = p[c] * (ds[c] - row_delta);
+      p_max = p_max < p[c] ? p[c] : p_max;
     }
     fill(ds + valid, n_cols - valid, acc_t(0));
+    if (p_max > acc_t(0.5)) {
+      int64_t c = 0;
+      while (p[c] != p_max) {
+        ++c;
+      }
+      ds[c] = p[c] * dot_with_difference(args.grad_out.row(bh, row0 + r),
+                                         args.v.row(bh, kv_tile * kTile + c),
+                                         args.out.row(bh, row0 + r), args.D);
+    }
   }
 
   // dK += dS^T Q;  dQ += dS K
@@ -1228,13 +1270,8 @@ PIPELINE_ALWAYS_INLINE void backward_item_scores(
       store_tile(s.dq, T, D, Dp, args.dq.row(bh, 0), args.dq.row_stride, args.scale);
       break;
     }
-    case BackwardItem::kPrepare: {
-      backward_delta<Isa>(args, bh, tile, s);
-      const int64_t size = key_operands_size<scalar_t>(Dp);
-      backward_load_keys<score_t, Isa>(args, bh, tile,
-                                  args.key_operands + (bh * num_tiles + tile) * size);
+    case BackwardItem::kPrepare:  // see backward_prepare
       break;
-    }
     case BackwardItem::kKeys:
       backward_keys<false, scalar_t, Isa, score_t>(args, bh, tile, s);
       break;
@@ -1254,6 +1291,48 @@ PIPELINE_ALWAYS_INLINE void backward_item_scores(
   }
 }
 
+// A kPrepare item of the split backward: delta and the key operands of one tile (K^T in
+// both score types where there are two), and the tile's largest squared row norms of Q and K.
+template <typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE void backward_prepare(const BackwardArgs<scalar_t>& args, int64_t bh,
+                                             int64_t tile, const BackwardScratch<scalar_t>& s) {
+  using acc_t = acc_type<scalar_t>;
+  using score_t = score_type<scalar_t>;
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t size = key_operands_size<scalar_t>(round_up(args.D, kColBlock));
+  acc_t* keys = args.key_operands + (bh * num_tiles + tile) * size;
+  backward_delta<Isa>(args, bh, tile, s);
+  if constexpr (std::is_same_v<acc_t, score_t>) {
+    backward_load_keys<Isa, scalar_t, score_t>(args, bh, tile, keys);
+  } else {
+    backward_load_keys<Isa, scalar_t, score_t, acc_t>(args, bh, tile, keys);
+    const int64_t row0 = tile * kTile;
+    const int64_t end = std::min(args.T, row0 + kTile);
+    acc_t* norms = args.tile_norms_sq + (bh * num_tiles + tile) * 2;
+    norms[0] = max_row_norm_sq<Isa>(args.q, bh, row0, end, args.D);
+    norms[1] = max_row_norm_sq<Isa>(args.k, bh, row0, end, args.D);
+  }
+}
+
+// Whether head bh sums its scores in score_type in the backward: from the kPrepare items'
+// tile norms in the split backward, else from the rows themselves (the same maxima).
+template <typename scalar_t, typename Isa>
+PIPELINE_ALWAYS_INLINE bool backward_wide_scores(const BackwardArgs<scalar_t>& args,
+                                                 int64_t bh) {
+  if (args.tile_norms_sq == nullptr) {
+    return needs_wide_scores<Isa>(args.q, args.k, bh, 0, args.T, args.D, args.scale);
+  }
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const acc_type<scalar_t>* norms = args.tile_norms_sq + bh * num_tiles * 2;
+  acc_type<scalar_t> q_norm_sq = 0;
+  acc_type<scalar_t> k_norm_sq = 0;
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    q_norm_sq = norms[2 * t] <= q_norm_sq ? q_norm_sq : norms[2 * t];
+    k_norm_sq = norms[2 * t + 1] <= k_norm_sq ? k_norm_sq : norms[2 * t + 1];
+  }
+  return exceeds_narrow_bound(q_norm_sq, k_norm_sq, args.scale);
+}
+
 // A backward item, the scores summed in acc_t where every score of the head is small enough
 // (one decision per head: the forward's per query tile would need K^T in both types).
 template <typename scalar_t, typename Isa>
@@ -1261,11 +1340,12 @@ PIPELINE_ALWAYS_INLINE void backward_item(
     const BackwardArgs<scalar_t>& args, BackwardItem item, int64_t bh, int64_t tile,
     const BackwardScratch<scalar_t>& s) {
   using acc_t = acc_type<scalar_t>;
+  if (item == BackwardItem::kPrepare) {
+    backward_prepare<scalar_t, Isa>(args, bh, tile, s);
+    return;
+  }
   if constexpr (!std::is_same_v<acc_t, score_type<scalar_t>>) {
-    const bool wide = args.wide_scores != nullptr
-                          ? args.wide_scores[bh] != 0
-                          : needs_wide_scores<Isa>(args.q, args.k, bh, 0, args.T, args.D, args.scale);
-    if (!wide) {
+    if (!backward_wide_scores<scalar_t, Isa>(args, bh)) {
       backward_item_scores<scalar_t, Isa, acc_t>(args, item, bh, tile, s.narrow());
       return;
     }

@@ -270,6 +270,58 @@ def test_large_scores_accuracy(
                 )
 
 
+@pytest.mark.parametrize("capability", best_and_capped_capabilities())
+def test_scores_either_side_of_the_float_bound(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 scores are summed in float where no |score| can pass 32 (by the largest query
+    and key norms), else in double: per query tile in the forward, per head in the backward.
+    Heads scaled to either side of the bound, and one where only the last query tiles see a
+    key past it: as accurate as SDPA (dq, dk: its flash kernel, see test_large_scores_accuracy),
+    and the split backward (fewer heads than threads, which decides from per-tile norms) gives
+    the bits of the unsplit one."""
+    use_capability(capability, monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, 300, 64, generator=gen) for _ in range(3))
+    # Largest row norms ~10, so the bound scale * max|q| * max|k| is ~12.5 c^2.
+    for head, c in enumerate((1.2, 1.6, 2.0)):
+        q[:, head] *= c
+        k[:, head] *= c
+    k[:, 3, 200] *= 4.0  # bound ~40 for the query tiles from 192 on, ~12.5 before
+    assert_as_accurate_as_sdpa(q, k, v, grad_baseline=SDPBackend.FLASH_ATTENTION)
+    threads = torch.get_num_threads()
+    grad_out = torch.randn(q.shape, generator=gen)
+    for head in range(4):
+        qh, kh, vh, gh = (t[:, head : head + 1] for t in (q, k, v, grad_out))
+        try:
+            torch.set_num_threads(2)
+            split = ours(qh, kh, vh, gh)
+            torch.set_num_threads(1)
+            whole = ours(qh, kh, vh, gh)
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(split, whole, strict=True)), head
+
+
+@pytest.mark.parametrize("capability", best_and_capped_capabilities())
+def test_one_key_gradients_are_exactly_zero(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one key the softmax is constant: dq and dk are exactly 0. dS = P (dP - delta)
+    would leave the rounding difference of two sums of D products there (scaled by |k|, large
+    at large scores); the backward forms it as dO . (V - O) = 0 where one key dominates."""
+    use_capability(capability, monkeypatch)
+    for head_dim in (16, 64, 80, 128):
+        for scale in (1.0, 30.0, 100.0):
+            for dtype in (torch.float32, torch.bfloat16):
+                q, k, v = make_qkv((2, 3, 1, head_dim), dtype, seed=head_dim, scale=scale)
+                grad_out = torch.randn(q.shape, dtype=dtype)
+                _, dq, dk, dv = ours(q, k * scale, v, grad_out)
+                assert torch.equal(dq, torch.zeros_like(dq)), (head_dim, scale, dtype)
+                assert torch.equal(dk, torch.zeros_like(dk)), (head_dim, scale, dtype)
+                assert torch.equal(dv, grad_out), (head_dim, scale, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic(dtype: torch.dtype) -> None:
     q, k, v = make_qkv((2, 3, 200, 32), dtype=dtype)
