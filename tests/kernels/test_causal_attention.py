@@ -87,6 +87,22 @@ def assert_as_accurate_as_sdpa(
         assert err <= 2 * sdpa_err + slack, f"{name}: error {err:.3g} vs SDPA's {sdpa_err:.3g}"
 
 
+def assert_split_backward_is_exact(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor
+) -> None:
+    """One (batch, head) on 2 threads (the backward splits it by tiles) gives the bits of 1
+    thread (one item per head)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = ours(q, k, v, grad_out)
+        torch.set_num_threads(1)
+        whole = ours(q, k, v, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(split, whole, strict=True))
+
+
 def qkv_shape(seq_len: int, head_dim: int) -> tuple[int, int, int, int]:
     # Fewer heads for the long sequences keeps the float64 references quick.
     return (1, 2, seq_len, head_dim) if seq_len > 300 else (2, 3, seq_len, head_dim)
@@ -289,18 +305,9 @@ def test_scores_either_side_of_the_float_bound(
         k[:, head] *= c
     k[:, 3, 200] *= 4.0  # bound ~40 for the query tiles from 192 on, ~12.5 before
     assert_as_accurate_as_sdpa(q, k, v, grad_baseline=SDPBackend.FLASH_ATTENTION)
-    threads = torch.get_num_threads()
     grad_out = torch.randn(q.shape, generator=gen)
     for head in range(4):
-        qh, kh, vh, gh = (t[:, head : head + 1] for t in (q, k, v, grad_out))
-        try:
-            torch.set_num_threads(2)
-            split = ours(qh, kh, vh, gh)
-            torch.set_num_threads(1)
-            whole = ours(qh, kh, vh, gh)
-        finally:
-            torch.set_num_threads(threads)
-        assert all(torch.equal(a, b) for a, b in zip(split, whole, strict=True)), head
+        assert_split_backward_is_exact(*(t[:, head : head + 1] for t in (q, k, v, grad_out)))
 
 
 @pytest.mark.parametrize("capability", best_and_capped_capabilities())
@@ -351,16 +358,7 @@ def test_backward_split_inside_a_head(
     if kernels.cpu_capability() != capability:
         pytest.skip(f"this CPU does not support {capability}")
     q, k, v = make_qkv((1, 1, 300, head_dim), dtype=dtype)
-    grad_out = torch.randn_like(q)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        split = ours(q, k, v, grad_out)
-        torch.set_num_threads(1)
-        whole = ours(q, k, v, grad_out)
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(split, whole, strict=True))
+    assert_split_backward_is_exact(q, k, v, torch.randn_like(q))
     assert_as_accurate_as_sdpa(q, k, v)
 
 
