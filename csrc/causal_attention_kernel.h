@@ -11,9 +11,10 @@
 // inputs.
 //
 // Layout conventions. A "tile" is up to kTile = 64 rows of a (T, D) matrix, copied into an
-// accumulation-type buffer of shape (kTile, Dp) where Dp is D rounded up to kColBlock; a
-// transposed tile has shape (Dp, kTile). Padding is zero-filled, so the matrix products
-// below never need tail loops. Score tiles (S, P, dP, dS) are (kTile, kTile), row = query.
+// accumulation-type buffer of shape (kTile, Dp) where Dp is D rounded up to kColBlock (or read
+// in place where the input already has that layout, tile_operand); a transposed tile has
+// shape (Dp, kTile). Padding is zero-filled, so the matrix products below never need tail
+// loops. Score tiles (S, P, dP, dS) are (kTile, kTile), row = query.
 #pragma once
 
 #include <algorithm>
@@ -82,8 +83,8 @@ using acc_type = typename AccType<scalar_t>::type;
 // |s| ~ 1e4) or the lse (the backward recomputes every probability as exp(s - lse)) would
 // give that back, so the lse is kept in double too.
 // 16-bit inputs carry errors of 2^-8 to 2^-11, far above either effect.
-// Where every score of a head is small (|s| <= kNarrowScoreBound, by Cauchy-Schwarz on the
-// largest query and key norms), the float sum is off by a few ulp of 32 at most, the same
+// Where every score of a query tile (forward) or head (backward) is small
+// (|s| <= kNarrowScoreBound, by Cauchy-Schwarz on the largest query and key norms), the float sum is off by a few ulp of 32 at most, the same
 // size as the other float32 errors (the exp, the sums of P V), and the kernels sum in float:
 // accuracy stays that of SDPA, which sums all scores in float (tests/kernels).
 template <typename scalar_t>
@@ -428,9 +429,10 @@ PIPELINE_ALWAYS_INLINE scalar_t from_acc(acc_t x) {
 // ----------------------------------------------------------------------------------------
 // AVX2 helpers for float data, where GCC does not vectorise the plain loops: an 8 x 8
 // transpose (transposed tile loads, else one scalar load and store per element) and row
-// norms. Like matmul_bf16 they carry their own target and are called, not inlined (GCC
-// inlines a function with a target only into one with that target); callers use them only
-// where Isa::kVectorBytes >= 32.
+// norms. Like matmul_bf16 they carry their own target; the outer ones (transpose_blocks_avx2,
+// max_row_norm_sq_avx2) are not forced inline, since GCC inlines a function with a target
+// only into one with that target (or a superset, as in the AVX-512 entry points); callers use
+// them only where Isa::kVectorBytes >= 32.
 
 // Eight consecutive elements as floats (a bf16 is the high half of a float).
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 __m256 load8_avx2(const float* src) {
@@ -471,8 +473,8 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AVX2 void transpose_8x8(
 }
 
 // Largest squared norm of `rows` rows of length D, `ld` apart: eight rows at a time, one
-// multiply-add chain each, the eight sums then reduced together. (A row with a NaN may be
-// missed: its outputs are NaN whatever the callers decide from this.)
+// multiply-add chain each, the eight sums then reduced together. A NaN norm counts as +inf,
+// so that the result does not depend on how the rows are grouped (a head with a NaN is wide).
 PIPELINE_TARGET_AVX2 inline float max_row_norm_sq_avx2(
     const float* __restrict x, int64_t ld, int64_t rows, int64_t D) {
   alignas(32) int32_t tail[8];
@@ -513,7 +515,9 @@ PIPELINE_TARGET_AVX2 inline float max_row_norm_sq_avx2(
     const __m256 h4567 = _mm256_hadd_ps(h45, h67);
     const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
                                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
-    largest = _mm256_max_ps(largest, sums);
+    const __m256 nan = _mm256_cmp_ps(sums, sums, _CMP_UNORD_Q);
+    largest = _mm256_max_ps(largest,
+                            _mm256_blendv_ps(sums, _mm256_set1_ps(HUGE_VALF), nan));
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, largest);
@@ -649,7 +653,7 @@ struct HeadView {
   }
 };
 
-// Largest squared norm of rows [begin, end) (length D) of head bh.
+// Largest squared norm of rows [begin, end) (length D) of head bh; +inf for a NaN norm.
 template <typename Isa, typename scalar_t>
 PIPELINE_ALWAYS_INLINE acc_type<scalar_t> max_row_norm_sq(const HeadView<const scalar_t>& x,
                                                           int64_t bh, int64_t begin,
@@ -666,6 +670,9 @@ PIPELINE_ALWAYS_INLINE acc_type<scalar_t> max_row_norm_sq(const HeadView<const s
     for (int64_t d = 0; d < D; ++d) {
       const acc_t value = to_acc<acc_t>(row, d);
       norm_sq += value * value;
+    }
+    if (norm_sq != norm_sq) {
+      norm_sq = std::numeric_limits<acc_t>::infinity();
     }
     largest = norm_sq <= largest ? largest : norm_sq;
   }
@@ -786,7 +793,7 @@ struct BackwardScratch {
   acc_t* q;       // (kTile, Dp) queries (for dK)
   score_t* qs;    // (kTile, Dp) queries for the scores; q itself when score_t is acc_t
   acc_t* dout;    // (kTile, Dp)
-  acc_t* keys;    // key_operands_size(Dp): K, K^T, V^T (backward_load_keys)
+  acc_t* keys;    // key_operands_size(Dp): K, K^T, V^T, K^T in acc_t (backward_load_keys)
   acc_t* dt;      // 2 (Dp, kTile): transposed dO and O, for delta
   acc_t* dk;      // (kTile, Dp)
   acc_t* dv;      // (kTile, Dp)
@@ -1148,13 +1155,19 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
                                                   query.qs.second, key.kt, kTile, s.sp, kTile);
   const score_t scale = args.scale;
   for (int64_t r = 0; r < rows; ++r) {
-    const score_t* __restrict sp = s.sp + r * kTile;
+    score_t* __restrict sp = s.sp + r * kTile;
     acc_t* __restrict p = s.p + r * kTile;
     const int64_t valid = diagonal ? r + 1 : cols;
     const lse_t row_lse = lse[r];
+    // Apart: in one expression GCC would fuse the scaling and the subtraction into one
+    // multiply-add, which does not round the score as the forward does.
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {
-      p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c] * scale) - row_lse);
+      sp[c] *= scale;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < valid; ++c) {
+      p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c]) - row_lse);
     }
 #pragma omp simd
     for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
