@@ -287,7 +287,6 @@ acc_t softmax_scale(int64_t D) {
   return static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
 }
 
-
 // The forward on (B, H, T, D) tensors with a contiguous last dimension (out and lse
 // allocated by the caller: out in any such layout, lse contiguous).
 void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -69,10 +69,10 @@ using acc_type = typename AccType<scalar_t>::type;
 
 // Widest type in which the scores Q K^T are summed, and the type of the log-sum-exp `lse`:
 // double for float32 (and float64) inputs, float for the 16-bit types. For float32 inputs
-// the kernels sum the scores of a (batch, head) in double only where they may be large
-// (wide_scores below), else in float (twice the multiply-adds per instruction).
+// the kernels sum the scores in double only where they may be large (needs_wide_scores),
+// else in float (twice the multiply-adds per instruction).
 //
-// Why double for float32 where the scores are large: where they are large (|s| in the hundreds or thousands, a
+// Why double for large float32 scores: there (|s| in the hundreds or thousands, a
 // nearly one-hot softmax) the output and gradient errors are set by the absolute error of
 // the scores, and a float32 sum of D products is off by about sqrt(D / 2) ulp(|s|), a random
 // amount that is as large as SDPA's own error (which sums the same way), so ours would land
@@ -83,10 +83,11 @@ using acc_type = typename AccType<scalar_t>::type;
 // |s| ~ 1e4) or the lse (the backward recomputes every probability as exp(s - lse)) would
 // give that back, so the lse is kept in double too.
 // 16-bit inputs carry errors of 2^-8 to 2^-11, far above either effect.
-// Where every score of a query tile (forward) or head (backward) is small
-// (|s| <= kNarrowScoreBound, by Cauchy-Schwarz on the largest query and key norms), the float sum is off by a few ulp of 32 at most, the same
-// size as the other float32 errors (the exp, the sums of P V), and the kernels sum in float:
-// accuracy stays that of SDPA, which sums all scores in float (tests/kernels).
+// Where every score of a query tile (forward) or head (backward) is small (|s| <=
+// kNarrowScoreBound, by Cauchy-Schwarz on the largest query and key norms), the float sum is
+// off by a few ulp of 32 at most, the size of the other float32 errors (the exp, the sums of
+// P V), and the kernels sum in float: accuracy stays that of SDPA, which sums all scores in
+// float (tests/kernels).
 template <typename scalar_t>
 struct ScoreType {
   using type = float;
@@ -679,15 +680,16 @@ PIPELINE_ALWAYS_INLINE acc_type<scalar_t> max_row_norm_sq(const HeadView<const s
   return largest;
 }
 
-// Whether the scores of queries [q_begin, end) of head bh (against keys [0, end), the ones
-// they see) need summing in score_type (see ScoreType): some |score| may exceed
-// kNarrowScoreBound, |s| <= scale |q| |k| <= scale max |q| max |k|. One pass over rows
-// that the caller loads next anyway. Types whose score_type is their acc_type have no choice.
+// Whether some |score| may exceed kNarrowScoreBound: |s| <= scale |q| |k| <= scale max |q|
+// max |k| (NaN or inf norms: true).
 PIPELINE_ALWAYS_INLINE bool exceeds_narrow_bound(double q_norm_sq, double k_norm_sq,
                                                  double scale) {
   return !(q_norm_sq * k_norm_sq * scale * scale <= kNarrowScoreBound * kNarrowScoreBound);
 }
 
+// Whether the scores of queries [q_begin, end) of head bh (against keys [0, end), the ones
+// they see) need summing in score_type (see ScoreType). One pass over rows that the caller
+// loads next anyway. Types whose score_type is their acc_type have no choice.
 template <typename Isa, typename scalar_t>
 PIPELINE_ALWAYS_INLINE bool needs_wide_scores(const HeadView<const scalar_t>& q,
                                               const HeadView<const scalar_t>& k, int64_t bh,
@@ -1016,8 +1018,8 @@ template <typename scalar_t, typename score_t>
 PIPELINE_ALWAYS_INLINE KeyOperands<scalar_t, score_t> key_operands(
     const acc_type<scalar_t>* base, int64_t Dp) {
   const int64_t n = kTile * Dp;
-  return {base, reinterpret_cast<const score_t*>(base + key_transpose_offset<scalar_t, score_t>(Dp)),
-          base + (1 + kScoreElements<scalar_t>) * n};
+  const acc_type<scalar_t>* kt = base + key_transpose_offset<scalar_t, score_t>(Dp);
+  return {base, reinterpret_cast<const score_t*>(kt), base + (1 + kScoreElements<scalar_t>) * n};
 }
 
 // delta_i = rowsum(dO_i * O_i) for one query tile, computed like the matmul dP = dO V^T
@@ -1038,7 +1040,7 @@ PIPELINE_ALWAYS_INLINE void backward_delta(
   acc_t* __restrict dout_t = s.dt;
   acc_t* __restrict out_t = s.dt + Dp * kTile;
   load_tile_transposed<Isa>(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
-                       dout_t);
+                            dout_t);
   load_tile_transposed<Isa>(args.out.row(bh, row0), args.out.row_stride, rows, D, Dp, out_t);
   acc_t delta[kTile] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -1127,8 +1129,8 @@ PIPELINE_ALWAYS_INLINE acc_type<scalar_t> dot_with_difference(const scalar_t* __
 }
 
 // One (query tile, key tile) pair, query operands `query` (backward_load_queries) and key
-// operands at `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv, s.dk (dK
-// times scale later); kQueries: dQ += dS K into dq (times scale later).
+// operands at `keys` (backward_load_keys). kKeys: dV += P^T dO and dK += dS^T Q into s.dv,
+// s.dk (dK times scale later); kQueries: dQ += dS K into dq (times scale later).
 template <bool kKeys, bool kQueries, typename scalar_t, typename Isa, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_pair(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
