@@ -6,7 +6,9 @@ stage's run and tagged with the pipeline's parent run and the stage's headline m
 name, so it is never set here). `@champion` moves to a new version only when its headline metric
 beats the value tagged on the current champion; a NaN or missing value never becomes champion.
 Two trainings that register one model at the same time both get their version (the second
-create of the registered model is ignored); which of them ends as champion is not guaranteed.
+create of the registered model is ignored); when both set `@champion` at once, the one whose
+write fails decides again against the champion the other set. Which of them ends as champion is
+not guaranteed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CHAMPION = "champion"
 PARENT_TAG = "pipeline.parent_run_id"
 METRIC_TAG, VALUE_TAG = "headline_metric", "headline_value"
 _EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+_CHAMPION_ATTEMPTS = 5
 
 
 def registered_model_name(config: Mapping[str, Any], stage: str) -> str:
@@ -90,6 +93,33 @@ def _create_version(client, name: str, model_uri: str, run_id: str, tags: Mappin
     return version
 
 
+def _move_champion(
+    client, name: str, version: str, headline: Headline, value: float
+) -> tuple[str | None, float, bool]:
+    """Point `@champion` at `version` if `value` beats the champion's: (the champion it was
+    compared with, its value, whether it moved). Two processes creating the alias at once make
+    one insert fail (a unique constraint); that one decides again against the new champion.
+    A failure that leaves the champion as it was is not a race and is raised."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(_CHAMPION_ATTEMPTS):
+        champion, best = _champion(client, name, headline.metric)
+        if not headline.beats(value, best):
+            return champion, best, False
+        try:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            return champion, best, True
+        except MlflowException:
+            now = client.get_registered_model(name).aliases.get(CHAMPION)
+            if now == champion:
+                raise
+            log.info("%s: @champion was set meanwhile (to version %s); deciding again", name, now)
+    raise MlflowException(
+        f"registered model {name!r}: @champion was moved by another process during each of "
+        f"{_CHAMPION_ATTEMPTS} attempts to point it at version {version}"
+    )
+
+
 def _outcome(metric: str, value: float, champion: str | None, best: float, moved: bool) -> str:
     """What became of `@champion`, for the log."""
     if champion is None:
@@ -111,10 +141,7 @@ def register_stage_model(
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
     version = _create_version(client, name, model_uri, run_id, tags)
-    champion, best = _champion(client, name, headline.metric)
-    moved = headline.beats(value, best)
-    if moved:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    champion, best, moved = _move_champion(client, name, version.version, headline, value)
     log.info("registered %s version %s (%s %.6g): %s", name, version.version, headline.metric,
              value, _outcome(headline.metric, value, champion, best, moved))  # fmt: skip
     return version

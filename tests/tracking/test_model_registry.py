@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 from headless_browser import SKIP_REASON, browser, dump_dom, screenshot, visible_text
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.stages.registry import Headline
@@ -207,6 +208,51 @@ def test_concurrent_trainings_each_get_a_version_of_one_new_model(store):
     assert sorted(versions) == ["1", "2", "3", "4"]
     assert [m.name for m in store.client.search_registered_models()] == ["m"]
     assert store.aliases("m")[1] in versions
+
+
+def race_for_champion(store, monkeypatch, other_version: str | None) -> list[str]:
+    """Make the next `@champion` write fail as a concurrent one makes it fail on sqlite: the
+    other training's alias (`other_version`, None for no write) lands first, then ours raises.
+    Returns the versions each attempt tried to set."""
+    real = MlflowClient.set_registered_model_alias
+    tried = []
+
+    def set_alias(client, name, alias, version):
+        tried.append(str(version))
+        if len(tried) > 1:
+            return real(client, name, alias, version)
+        if other_version is not None:
+            real(client, name, alias, other_version)
+        raise MlflowException("UNIQUE constraint failed: registered_model_aliases.name")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", set_alias)
+    return tried
+
+
+def test_a_champion_set_meanwhile_is_compared_again(store, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
+    run_id, model_uri = store.log_model()
+    for value in (3.0, 1.0):  # version 2 (1.0) will be the other training's champion
+        register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, value)
+    store.client.set_registered_model_alias("m", CHAMPION, "1")
+    tried = race_for_champion(store, monkeypatch, other_version="2")
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 2.0)  # beats 1's 3.0
+    assert tried == ["3"]  # and not again: 2.0 does not beat version 2's 1.0
+    assert store.aliases("m") == ("3", "2")
+    assert "@champion was set meanwhile (to version 2); deciding again" in caplog.text
+    assert "@champion kept at version 2 (val_loss 1 there, 2 here)" in caplog.text
+
+    tried = race_for_champion(store, monkeypatch, other_version="1")
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 0.5)
+    assert tried == ["4", "4"]  # 0.5 beats both; the second write goes through
+    assert store.aliases("m") == ("4", "4")
+
+
+def test_a_failed_champion_write_that_is_no_race_is_raised(store, monkeypatch):
+    race_for_champion(store, monkeypatch, other_version=None)
+    run_id, model_uri = store.log_model()
+    with pytest.raises(MlflowException, match="UNIQUE constraint"):
+        register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 1.0)
 
 
 # The MLflow UI, as a user opens it: a real `mlflow server` over the store, a real Chromium.
