@@ -158,9 +158,13 @@ PIPELINE_ALWAYS_INLINE float softmax_exp(float x) {
   constexpr float kLn2Hi = 0.693359375f;  // ln 2 split in two for exact range reduction
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
-  const float n = (xc * kLog2e + kRound) - kRound;  // round(x / ln 2)
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;   // |r| <= ln(2) / 2
+  // Only the upper end is clamped: below kMin the result is selected as 0 at the end, so
+  // what the steps compute there is never used (the two-sided clamp cost 3 compares and 6
+  // blends per vector). A NaN x passes through and gives NaN.
+  const float xc = x > kMax ? kMax : x;
+  const float t = xc * kLog2e + kRound;           // 1.5 * 2^23 + round(x / ln 2)
+  const float n = t - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;  // |r| <= ln(2) / 2
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -168,7 +172,10 @@ PIPELINE_ALWAYS_INLINE float softmax_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * (r * r) + r + 1.0f;  // exp(r)
-  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  // 2^n from n in t's low mantissa bits, in unsigned arithmetic: defined for any x, where
+  // converting an out-of-range n to int would not be.
+  const uint32_t n_bits = __builtin_bit_cast(uint32_t, t) - __builtin_bit_cast(uint32_t, kRound);
+  const float two_n = __builtin_bit_cast(float, (n_bits + 127u) << 23);
   return x < kMin ? 0.0f : er * two_n;
 }
 
@@ -872,15 +879,24 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
     // Online softmax, one query per column: new running max, P^T = exp(S^T - max), sums.
     // Key n is visible to the queries m >= n of a diagonal tile, to all queries otherwise.
     // The differences s - max are formed in score_t and rounded once to acc_t: P keeps the
-    // accuracy of the scores however large they are (see ScoreType).
+    // accuracy of the scores however large they are (see ScoreType). On the diagonal tile,
+    // the loops of key n start at the kColBlock boundary below n, in whole vectors, after the
+    // scores there of the queries that may not see it (m < n) are set to -inf, whose exp is
+    // 0 (started at n, each row ended in a partial vector).
     score_t m_new[kTile];
     acc_t sum[kTile];
     std::copy(s.row_max, s.row_max + q_cols, m_new);
     fill(sum, q_cols, acc_t(0));
+    if (diagonal) {
+      for (int64_t n = 0; n < cols; ++n) {
+        fill(s.sst + n * kTile + n / kColBlock * kColBlock, n % kColBlock,
+             -std::numeric_limits<score_t>::infinity());
+      }
+    }
     for (int64_t n = 0; n < cols; ++n) {
       const score_t* __restrict st = s.sst + n * kTile;
 #pragma omp simd
-      for (int64_t m = diagonal ? n : 0; m < q_cols; ++m) {
+      for (int64_t m = diagonal ? n / kColBlock * kColBlock : 0; m < q_cols; ++m) {
         // std::max's semantics, written out: std::max, defined outside the optimize pragma
         // above, would not be inlined here (nor vectorised).
         m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
@@ -889,7 +905,7 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
     for (int64_t n = 0; n < cols; ++n) {
       const score_t* __restrict st = s.sst + n * kTile;
       acc_t* __restrict p = s.st + n * kTile;
-      const int64_t first = diagonal ? std::min(n, q_cols) : 0;
+      const int64_t first = diagonal ? n / kColBlock * kColBlock : 0;
       fill(p, first, acc_t(0));
       if constexpr (std::is_same_v<score_t, acc_t>) {
 #pragma omp simd
@@ -1155,24 +1171,28 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
   // spill an accumulator of this one (a store and a reload on every step of the sum).
   tile_matmul<Isa, Causal::kLowerC, false, false>(diagonal, rows, n_cols, Dp, query.qs.first,
                                                   query.qs.second, key.kt, kTile, s.sp, kTile);
+  // Row r of a diagonal tile sees keys [0, r + 1); its loops run in whole vectors, to the
+  // kColBlock boundary above r (scores the product computed too), and what they compute past
+  // r + 1 is then zeroed, in P and in dS.
   const score_t scale = args.scale;
   for (int64_t r = 0; r < rows; ++r) {
     score_t* __restrict sp = s.sp + r * kTile;
     acc_t* __restrict p = s.p + r * kTile;
     const int64_t valid = diagonal ? r + 1 : cols;
+    const int64_t computed = diagonal ? round_up(r + 1, kColBlock) : cols;
     const lse_t row_lse = lse[r];
     // Apart: in one expression GCC would fuse the scaling and the subtraction into one
     // multiply-add, which does not round the score as the forward does.
 #pragma omp simd
-    for (int64_t c = 0; c < valid; ++c) {
+    for (int64_t c = 0; c < computed; ++c) {
       sp[c] *= scale;
     }
 #pragma omp simd
-    for (int64_t c = 0; c < valid; ++c) {
+    for (int64_t c = 0; c < computed; ++c) {
       p[c] = static_cast<acc_t>(static_cast<lse_t>(sp[c]) - row_lse);
     }
 #pragma omp simd
-    for (int64_t c = 0; c < valid; ++c) {  // apart: see forward_tile
+    for (int64_t c = 0; c < computed; ++c) {  // apart: see forward_tile
       p[c] = softmax_exp(p[c]);
     }
     fill(p + valid, n_cols - valid, acc_t(0));
@@ -1196,10 +1216,11 @@ PIPELINE_ALWAYS_INLINE void backward_pair(
     acc_t* __restrict ds = s.ds + r * kTile;
     const acc_t* __restrict p = s.p + r * kTile;
     const int64_t valid = diagonal ? r + 1 : cols;
+    const int64_t computed = diagonal ? round_up(r + 1, kColBlock) : cols;
     const acc_t row_delta = delta[r];
     acc_t p_max = 0;
 #pragma omp simd reduction(max : p_max)
-    for (int64_t c = 0; c < valid; ++c) {
+    for (int64_t c = 0; c < computed; ++c) {  // P is 0 past `valid`
       ds[c] = p[c] * (ds[c] - row_delta);
       p_max = p_max < p[c] ? p[c] : p_max;
     }

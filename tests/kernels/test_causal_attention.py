@@ -337,6 +337,25 @@ def test_one_key_gradients_are_exactly_zero(
                 assert torch.equal(dv, grad_out), (head_dim, scale, dtype)
 
 
+@pytest.mark.parametrize("capability", best_and_capped_capabilities())
+def test_a_non_finite_key_does_not_reach_earlier_queries(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward computes the diagonal tile's scores in whole vectors, past the causal
+    boundary, and masks what lies beyond it: an infinite key (NaN and infinite scores) must
+    leave the queries before it as they are without it."""
+    use_capability(capability, monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = make_qkv((1, 2, 150, 32), dtype)
+        for key in (5, 20, 81, 140):  # in the first, second and last (partial) tile
+            bad = k.clone()
+            bad[:, :, key] = math.inf
+            out = causal_attention(q, bad, v)
+            assert out[:, :, key:].isnan().any()
+            expected = causal_attention(q[:, :, :key], k[:, :, :key], v[:, :, :key])
+            torch.testing.assert_close(out[:, :, :key], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic(dtype: torch.dtype) -> None:
     q, k, v = make_qkv((2, 3, 200, 32), dtype=dtype)
