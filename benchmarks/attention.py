@@ -31,6 +31,7 @@ behind the split / transpose / merge copies (the unpacked path) and against SDPA
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -207,6 +208,19 @@ def cpu_flags() -> str:
     return " ".join(sorted(wanted)) or "none of avx2/fma/avx512"
 
 
+def matmul_gflops(size: int = 1536) -> float:
+    """float32 torch.mm of two size x size matrices on the same threads, best of 5: the rate
+    at which the attention's products could at most run on this machine."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
 def print_case(
     case: Case, dtype: torch.dtype, baselines: list[torch.dtype], timing: tuple[int, int, float]
 ) -> None:
@@ -259,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average {load:.1f} on {os.cpu_count()} CPUs before starting")
     if load > (os.cpu_count() or 1):
         print("warning: the load exceeds the CPU count; trust the ratios, not the times")
+    print(
+        f"float32 torch.mm 1536 x 1536 on the same threads: {matmul_gflops():.1f} GFLOP/s "
+        "(the ceiling for the GF/s columns, which count the causal half's FLOPs)"
+    )
     # SDPA baselines: the same dtype, and float32 too when ours runs in 16 bits.
     short = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
     baselines = [torch.float32, dtype] if half else [dtype]
