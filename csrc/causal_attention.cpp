@@ -128,6 +128,10 @@ const char* capability_name(Capability cap) {
 // cores are busy.
 constexpr int64_t kMinParallelWork = int64_t{1} << 21;
 
+// Most acc_t elements the split backward keeps its dQ products in (64 MiB of float32: one
+// head up to T = 5760 at D64); longer heads compute them again instead.
+constexpr int64_t kMaxDqPartials = int64_t{1} << 24;
+
 int64_t grain_size(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
 }
@@ -415,13 +419,16 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   const int64_t pair_work = kTile * kTile * Dp;
   const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * pair_work;
   const int64_t threads = at::get_num_threads();
+  args.key_operands = nullptr;
+  args.tile_norms_sq = nullptr;
+  args.dq_partials = nullptr;
   if (BH >= threads || BH * head_work < 2 * threads * kMinParallelWork) {
-    args.key_operands = nullptr;
-    args.tile_norms_sq = nullptr;
     for_items(BackwardItem::kHead, BH, head_work);
     return;
   }
-  // Fewer heads than threads: split each head by tiles (same results, 7/5 of the work).
+  // Fewer heads than threads: split each head by tiles (same results). The dQ products are
+  // kept where they fit kMaxDqPartials (5 matmuls per pair, as unsplit), else computed
+  // again (7).
   const at::Tensor key_operands =
       at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)},
                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -429,10 +436,19 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   const at::Tensor tile_norms_sq = at::empty(
       {BH * num_tiles * 2}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.tile_norms_sq = tile_norms_sq.mutable_data_ptr<acc_t>();
+  at::Tensor dq_partials;
+  if (BH * dq_partials_size(num_tiles, Dp) <= kMaxDqPartials) {
+    dq_partials = at::empty({BH * dq_partials_size(num_tiles, Dp)},
+                            at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    args.dq_partials = dq_partials.mutable_data_ptr<acc_t>();
+  }
+  const bool kept = args.dq_partials != nullptr;
   for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
-  const int64_t tile_work = (num_tiles + 1) / 2 * 4 * pair_work;  // 4 (3) matmuls per pair
-  for_items(BackwardItem::kKeys, BH * num_tiles, tile_work);
-  for_items(BackwardItem::kQueries, BH * num_tiles, tile_work);
+  // Matmuls per pair: kKeys 5 (dQ kept) or 4, kQueries none (a sum) or 3.
+  const int64_t pairs_per_tile = (num_tiles + 1) / 2;
+  for_items(BackwardItem::kKeys, BH * num_tiles, pairs_per_tile * (kept ? 5 : 4) * pair_work);
+  for_items(BackwardItem::kQueries, BH * num_tiles,
+            pairs_per_tile * (kept ? kTile * Dp : 3 * pair_work));
 }
 
 // The backward on (B, H, T, D) tensors with a contiguous last dimension (dq, dk, dv

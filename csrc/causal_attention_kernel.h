@@ -756,6 +756,9 @@ struct BackwardArgs {
   // Split backward only (else null): per key tile, its operands (KeyOperands), prepared
   // once by the kPrepare items instead of by every item that reads them.
   acc_t* key_operands;
+  // Split backward, where it fits (else null): per (bh, key tile j), the dS K products of
+  // query tiles j..num_tiles-1, (kTile, Dp) each (dq_partials_block).
+  acc_t* dq_partials;
   HeadView<scalar_t> dq;
   HeadView<scalar_t> dk;
   HeadView<scalar_t> dv;
@@ -994,11 +997,14 @@ PIPELINE_ALWAYS_INLINE void forward_tile(
 //             scratch buffer for the whole head); 5 matmuls per pair.
 //   kPrepare, kKeys, kQueries: the same work split inside a head so that a few heads still
 //             keep every thread busy: delta and the key operands of one tile, then dK and
-//             dV of one key tile (query tiles in the inner loop), then dQ of one query tile
-//             (key tiles in the inner loop). P and dS are computed twice, 7 matmuls per pair.
+//             dV of one key tile (query tiles in the inner loop), then dQ of one query tile.
+//             Where the memory allows (args.dq_partials), a kKeys item also keeps each
+//             pair's dS K, and a kQueries item sums them: 5 matmuls per pair. Else a kQueries
+//             item computes P and dS again (key tiles in the inner loop): 7 matmuls per pair.
 // Every sum runs in the same order in both splits (dK, dV over increasing query tiles, dQ
-// over increasing key tiles, one blocked accumulation per pair), so the results are bitwise
-// identical whichever is used, and do not depend on the number of threads.
+// over increasing key tiles, one blocked accumulation per pair: a kept product is that
+// block), so the results are bitwise identical whichever is used, and do not depend on the
+// number of threads.
 enum class BackwardItem { kHead, kPrepare, kKeys, kQueries };
 
 // The operands of one key tile, one after the other in a block of acc_t elements: K
@@ -1262,10 +1268,25 @@ PIPELINE_ALWAYS_INLINE void store_tile(
 
 // dK and dV of key tile kv_tile over the query tiles kv_tile.. (with dQ too when kWithDq:
 // accumulated into s.dq, which holds the whole head).
+// Elements of the dQ products kept for one head: num_tiles (num_tiles + 1) / 2 tile pairs.
+inline int64_t dq_partials_size(int64_t num_tiles, int64_t Dp) {
+  return num_tiles * (num_tiles + 1) / 2 * kTile * Dp;
+}
+
+// The kept dQ products of key tile kv_tile of head bh: query tiles kv_tile.. in order.
+template <typename acc_t>
+PIPELINE_ALWAYS_INLINE acc_t* dq_partials_block(acc_t* partials, int64_t bh, int64_t kv_tile,
+                                                int64_t num_tiles, int64_t Dp) {
+  const int64_t tiles_before = kv_tile * num_tiles - kv_tile * (kv_tile - 1) / 2;
+  return partials + bh * dq_partials_size(num_tiles, Dp) + tiles_before * kTile * Dp;
+}
+
+// dK, dV of key tile kv_tile over query tiles kv_tile..; with kWithDq also dQ += dS K into
+// dq, whose first (kTile, Dp) block is query tile kv_tile's, the next ones the following.
 template <bool kWithDq, typename scalar_t, typename Isa, typename score_t>
 PIPELINE_ALWAYS_INLINE void backward_keys(
     const BackwardArgs<scalar_t>& args, int64_t bh, int64_t kv_tile,
-    const BackwardScratch<scalar_t, score_t>& s) {
+    const BackwardScratch<scalar_t, score_t>& s, acc_type<scalar_t>* dq) {
   using acc_t = acc_type<scalar_t>;
   const int64_t T = args.T;
   const int64_t D = args.D;
@@ -1276,8 +1297,8 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
   fill(s.dv, kTile * Dp, acc_t(0));
   for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
     const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, q_tile, s);
-    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(args, bh, q_tile, kv_tile, query, keys,
-                                                         s, s.dq + q_tile * kTile * Dp);
+    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(
+        args, bh, q_tile, kv_tile, query, keys, s, dq + (q_tile - kv_tile) * kTile * Dp);
   }
   const int64_t col0 = kv_tile * kTile;
   const int64_t cols = std::min(kTile, T - col0);
@@ -1301,7 +1322,8 @@ PIPELINE_ALWAYS_INLINE void backward_item_scores(
       }
       fill(s.dq, num_tiles * kTile * Dp, acc_t(0));
       for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
-        backward_keys<true, scalar_t, Isa, score_t>(args, bh, kv_tile, s);
+        backward_keys<true, scalar_t, Isa, score_t>(args, bh, kv_tile, s,
+                                                    s.dq + kv_tile * kTile * Dp);
       }
       store_tile(s.dq, T, D, Dp, args.dq.row(bh, 0), args.dq.row_stride, args.scale);
       break;
@@ -1309,15 +1331,34 @@ PIPELINE_ALWAYS_INLINE void backward_item_scores(
     case BackwardItem::kPrepare:  // see backward_prepare
       break;
     case BackwardItem::kKeys:
-      backward_keys<false, scalar_t, Isa, score_t>(args, bh, tile, s);
+      if (args.dq_partials != nullptr) {
+        acc_t* dq = dq_partials_block(args.dq_partials, bh, tile, num_tiles, Dp);
+        fill(dq, (num_tiles - tile) * kTile * Dp, acc_t(0));
+        backward_keys<true, scalar_t, Isa, score_t>(args, bh, tile, s, dq);
+      } else {
+        backward_keys<false, scalar_t, Isa, score_t>(args, bh, tile, s, nullptr);
+      }
       break;
     case BackwardItem::kQueries: {
-      const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, tile, s);
       fill(s.dq, kTile * Dp, acc_t(0));
-      for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
-        const acc_t* keys = backward_key_operands<Isa>(args, bh, kv_tile, s);
-        backward_pair<false, true, scalar_t, Isa, score_t>(args, bh, tile, kv_tile, query, keys,
-                                                           s, s.dq);
+      if (args.dq_partials != nullptr) {  // the kept products, in the order kHead adds them
+        for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
+          const acc_t* __restrict part =
+              dq_partials_block(args.dq_partials, bh, kv_tile, num_tiles, Dp) +
+              (tile - kv_tile) * kTile * Dp;
+          acc_t* __restrict dq = s.dq;
+#pragma omp simd
+          for (int64_t i = 0; i < kTile * Dp; ++i) {
+            dq[i] += part[i];
+          }
+        }
+      } else {
+        const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, tile, s);
+        for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
+          const acc_t* keys = backward_key_operands<Isa>(args, bh, kv_tile, s);
+          backward_pair<false, true, scalar_t, Isa, score_t>(args, bh, tile, kv_tile, query,
+                                                             keys, s, s.dq);
+        }
       }
       const int64_t rows = std::min(kTile, T - tile * kTile);
       store_tile(s.dq, rows, D, Dp, args.dq.row(bh, tile * kTile), args.dq.row_stride,

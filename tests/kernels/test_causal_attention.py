@@ -389,6 +389,13 @@ def test_backward_split_inside_a_head(
     assert_as_accurate_as_sdpa(q, k, v)
 
 
+def test_backward_split_without_room_to_keep_dq_products() -> None:
+    """A head too long to keep its dQ products (over kMaxDqPartials, 2^24 elements: 91 tiles
+    at D64) splits the other way, computing P and dS again for dQ: the same bits too."""
+    q, k, v = make_qkv((1, 1, 91 * 64, 64))
+    assert_split_backward_is_exact(q, k, v, torch.randn_like(q))
+
+
 def test_empty_inputs() -> None:
     for shape in [(0, 2, 5, 8), (1, 2, 0, 8)]:
         q, k, v = (t.requires_grad_() for t in make_qkv(shape))
