@@ -6,9 +6,9 @@ stage's run and tagged with the pipeline's parent run and the stage's headline m
 name, so it is never set here). `@champion` moves to a new version only when its headline metric
 beats the value tagged on the current champion; a NaN or missing value never becomes champion.
 Two trainings that register one model at the same time both get their version (the second
-create of the registered model is ignored); when both set `@champion` at once, the one whose
-write fails decides again against the champion the other set. Which of them ends as champion is
-not guaranteed.
+create of the registered model is ignored). When both create `@champion` at once (there was
+none), the one whose insert fails decides again against the champion the other set; when both
+move an existing one, the last write wins. Which of them ends as champion is not guaranteed.
 """
 
 from __future__ import annotations
@@ -99,9 +99,11 @@ def _move_champion(
     """Point `@champion` at `version` if `value` beats the champion's: (the champion it was
     compared with, its value, whether it moved). Two processes creating the alias at once make
     one insert fail (a unique constraint); that one decides again against the new champion.
-    A failure that leaves the champion as it was is not a race and is raised."""
+    A failure that leaves the champion as it was is not a race and is raised; one that left it
+    at `version` (the write went through) is a move."""
     from mlflow.exceptions import MlflowException
 
+    last_error: MlflowException | None = None
     for _ in range(_CHAMPION_ATTEMPTS):
         champion, best = _champion(client, name, headline.metric)
         if not headline.beats(value, best):
@@ -109,15 +111,18 @@ def _move_champion(
         try:
             client.set_registered_model_alias(name, CHAMPION, version)
             return champion, best, True
-        except MlflowException:
+        except MlflowException as error:
             now = client.get_registered_model(name).aliases.get(CHAMPION)
+            if str(now) == str(version):
+                return champion, best, True
             if now == champion:
                 raise
+            last_error = error
             log.info("%s: @champion was set meanwhile (to version %s); deciding again", name, now)
     raise MlflowException(
         f"registered model {name!r}: @champion was moved by another process during each of "
         f"{_CHAMPION_ATTEMPTS} attempts to point it at version {version}"
-    )
+    ) from last_error
 
 
 def _outcome(metric: str, value: float, champion: str | None, best: float, moved: bool) -> str:

@@ -248,6 +248,17 @@ def test_a_champion_set_meanwhile_is_compared_again(store, monkeypatch, caplog):
     assert store.aliases("m") == ("4", "4")
 
 
+def test_a_champion_write_that_went_through_before_failing_is_a_move(store, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
+    run_id, model_uri = store.log_model()
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 3.0)
+    tried = race_for_champion(store, monkeypatch, other_version="2")  # our own write, then an error
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 1.0)
+    assert tried == ["2"]
+    assert store.aliases("m") == ("2", "2")
+    assert "@champion moved to it from version 1 (val_loss 3 there, 1 here)" in caplog.text
+
+
 def test_a_failed_champion_write_that_is_no_race_is_raised(store, monkeypatch):
     race_for_champion(store, monkeypatch, other_version=None)
     run_id, model_uri = store.log_model()
