@@ -209,8 +209,8 @@ def cpu_flags() -> str:
 
 
 def matmul_gflops(size: int = 1536) -> float:
-    """float32 torch.mm of two size x size matrices on the same threads, best of 5: the rate
-    at which the attention's products could at most run on this machine."""
+    """float32 torch.mm of two size x size matrices on the same threads, best of 5: what a
+    tuned matmul library reaches on this machine, to read the attention's GF/s against."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = math.inf
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         print("warning: the load exceeds the CPU count; trust the ratios, not the times")
     print(
         f"float32 torch.mm 1536 x 1536 on the same threads: {matmul_gflops():.1f} GFLOP/s "
-        "(the ceiling for the GF/s columns, which count the causal half's FLOPs)"
+        "(a reference rate for the GF/s columns, which count the causal half's FLOPs)"
     )
     # SDPA baselines: the same dtype, and float32 too when ours runs in 16 bits.
     short = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}

@@ -860,7 +860,8 @@ PIPELINE_ALWAYS_INLINE void forward_tile_scores(
     const auto [v_tile, ld_v] = tile_operand(args.v, bh, col0, cols, D, Dp, s.v);
 
     // S^T = scale (K Q^T). On the diagonal tile, register tiles whose keys all come after
-    // their queries are skipped; the loops below never read them (query m >= key n).
+    // their queries are skipped; the loops below never read them (they read query m >= key n
+    // rounded down to kColBlock, inside the register tiles computed).
     if constexpr (kBf16Dot) {
       load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, D, Dp, s.kw);
       tile_matmul_bf16<Causal::kUpperC>(diagonal, round_up(cols, 8), q_cols, Dp / 2, s.kw,
@@ -1266,8 +1267,6 @@ PIPELINE_ALWAYS_INLINE void store_tile(
   }
 }
 
-// dK and dV of key tile kv_tile over the query tiles kv_tile.. (with dQ too when kWithDq:
-// accumulated into s.dq, which holds the whole head).
 // Elements of the dQ products kept for one head: num_tiles (num_tiles + 1) / 2 tile pairs.
 inline int64_t dq_partials_size(int64_t num_tiles, int64_t Dp) {
   return num_tiles * (num_tiles + 1) / 2 * kTile * Dp;
@@ -1297,8 +1296,9 @@ PIPELINE_ALWAYS_INLINE void backward_keys(
   fill(s.dv, kTile * Dp, acc_t(0));
   for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
     const QueryOperands<scalar_t, score_t> query = backward_load_queries(args, bh, q_tile, s);
-    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(
-        args, bh, q_tile, kv_tile, query, keys, s, dq + (q_tile - kv_tile) * kTile * Dp);
+    acc_type<scalar_t>* dq_rows = kWithDq ? dq + (q_tile - kv_tile) * kTile * Dp : nullptr;
+    backward_pair<true, kWithDq, scalar_t, Isa, score_t>(args, bh, q_tile, kv_tile, query, keys,
+                                                         s, dq_rows);
   }
   const int64_t col0 = kv_tile * kTile;
   const int64_t cols = std::min(kTile, T - col0);

@@ -88,18 +88,18 @@ def assert_as_accurate_as_sdpa(
 
 
 def assert_split_backward_is_exact(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, threads: int = 2
 ) -> None:
-    """One (batch, head) on 2 threads (the backward splits it by tiles) gives the bits of 1
-    thread (one item per head)."""
-    threads = torch.get_num_threads()
+    """Fewer (batch, head) pairs than `threads` (the backward splits each head by tiles) give
+    the bits of 1 thread (one item per head)."""
+    default_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         split = ours(q, k, v, grad_out)
         torch.set_num_threads(1)
         whole = ours(q, k, v, grad_out)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(default_threads)
     assert all(torch.equal(a, b) for a, b in zip(split, whole, strict=True))
 
 
@@ -356,6 +356,28 @@ def test_a_non_finite_key_does_not_reach_earlier_queries(
             torch.testing.assert_close(out[:, :, :key], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("capability", best_and_capped_capabilities())
+def test_an_infinite_value_does_not_reach_earlier_queries_gradients(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backward's diagonal-tile loops run past the causal boundary in whole vectors, where
+    dP = dO V is not finite for an infinite value: the queries before it must get the dq they
+    get without it. Key 88 is the 25th of its tile, the first of a row block of the products
+    (6 or 8 rows: a product's row block reads the values of all its keys, so the outputs of
+    earlier queries in the same block, 0 * inf, would be NaN in the forward already, as in
+    SDPA's math backend)."""
+    use_capability(capability, monkeypatch)
+    key = 88
+    q, k, v = make_qkv((1, 2, 150, 32))
+    grad_out = torch.randn_like(q)
+    bad = v.clone()
+    bad[:, :, key] = math.inf
+    dq = ours(q, k, bad, grad_out)[1]
+    assert dq[:, :, key:].isnan().any()
+    prefix = ours(q[:, :, :key], k[:, :, :key], v[:, :, :key], grad_out[:, :, :key])[1]
+    torch.testing.assert_close(dq[:, :, :key], prefix, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic(dtype: torch.dtype) -> None:
     q, k, v = make_qkv((2, 3, 200, 32), dtype=dtype)
@@ -387,6 +409,13 @@ def test_backward_split_inside_a_head(
     q, k, v = make_qkv((1, 1, 300, head_dim), dtype=dtype)
     assert_split_backward_is_exact(q, k, v, torch.randn_like(q))
     assert_as_accurate_as_sdpa(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_split_of_several_heads(dtype: torch.dtype) -> None:
+    """Three heads on four threads: each head's kept dQ products at its own offset."""
+    q, k, v = make_qkv((1, 3, 300, 64), dtype, seed=3)
+    assert_split_backward_is_exact(q, k, v, torch.randn_like(q), threads=4)
 
 
 def test_backward_split_without_room_to_keep_dq_products() -> None:
