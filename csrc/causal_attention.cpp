@@ -128,8 +128,8 @@ const char* capability_name(Capability cap) {
 // cores are busy.
 constexpr int64_t kMinParallelWork = int64_t{1} << 21;
 
-// Most acc_t elements the split backward keeps its dQ products in (64 MiB of float32: one
-// head up to T = 5760 at D64); longer heads compute them again instead.
+// Most acc_t elements the split backward keeps its dQ products in, all heads together (64 MiB
+// of float32; one head: up to T = 5760 at D64); beyond, it computes them again instead.
 constexpr int64_t kMaxDqPartials = int64_t{1} << 24;
 
 int64_t grain_size(int64_t work_per_item) {
@@ -429,17 +429,17 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
   // Fewer heads than threads: split each head by tiles (same results). The dQ products are
   // kept where they fit kMaxDqPartials (5 matmuls per pair, as unsplit), else computed
   // again (7).
+  const at::TensorOptions acc_options =
+      at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor key_operands =
-      at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)},
-                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      at::empty({BH * num_tiles * key_operands_size<scalar_t>(Dp)}, acc_options);
   args.key_operands = key_operands.mutable_data_ptr<acc_t>();
-  const at::Tensor tile_norms_sq = at::empty(
-      {BH * num_tiles * 2}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const at::Tensor tile_norms_sq = at::empty({BH * num_tiles * 2}, acc_options);
   args.tile_norms_sq = tile_norms_sq.mutable_data_ptr<acc_t>();
   at::Tensor dq_partials;
-  if (BH * dq_partials_size(num_tiles, Dp) <= kMaxDqPartials) {
-    dq_partials = at::empty({BH * dq_partials_size(num_tiles, Dp)},
-                            at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int64_t partials_size = BH * dq_partials_size(num_tiles, Dp);
+  if (partials_size <= kMaxDqPartials) {
+    dq_partials = at::empty({partials_size}, acc_options);
     args.dq_partials = dq_partials.mutable_data_ptr<acc_t>();
   }
   const bool kept = args.dq_partials != nullptr;

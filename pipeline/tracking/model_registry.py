@@ -59,10 +59,15 @@ def _logged_model_id(model_uri: str) -> str | None:
     return _parse_model_id_if_present(model_uri)
 
 
+def _champion_version(client, name: str) -> str | None:
+    """The version `@champion` points at, None when there is none."""
+    return client.get_registered_model(name).aliases.get(CHAMPION)
+
+
 def _champion(client, name: str, metric: str) -> tuple[str | None, float]:
     """The champion version and its headline value: NaN when there is none, or when its tags
     lack the value or measured another metric."""
-    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    version = _champion_version(client, name)
     if version is None:
         return None, math.nan
     tags = client.get_model_version(name, version).tags
@@ -112,7 +117,7 @@ def _move_champion(
             client.set_registered_model_alias(name, CHAMPION, version)
             return champion, best, True
         except MlflowException as error:
-            now = client.get_registered_model(name).aliases.get(CHAMPION)
+            now = _champion_version(client, name)
             if str(now) == str(version):
                 return champion, best, True
             if now == champion:
