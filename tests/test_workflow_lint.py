@@ -55,10 +55,11 @@ def test_a_snakefile_that_does_not_load_fails(workdir, capsys):
 
 
 def test_make_lint_exits_0_on_the_clean_tree(repo):
-    # -o setup: the venv running the tests is already set up (its stamps may be older than the
-    # tree, which would rebuild the extension).
+    # -o setup -o setup-dev: the venv running the tests is already set up. Its stamps may be
+    # older than the tree (which would rebuild the extension) or missing where it was set up
+    # without make (which would install the pinned torch into it, over the one it runs).
     result = subprocess.run(
-        ["make", "-C", str(repo), "-o", "setup", "lint", f"VENV={VENV}"],
+        ["make", "-C", str(repo), "-o", "setup", "-o", "setup-dev", "lint", f"VENV={VENV}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
