@@ -139,16 +139,23 @@ def test_gpt_head_loss_rejects_an_unknown_reduction():
         )
 
 
-def test_compiled_gpt_trains_through_the_fused_loss():
-    torch._dynamo.reset()  # compiled here from scratch, whatever an earlier test compiled
-    idx = torch.randint(0, 97, (2, 16))
+def assert_compiled_gpt_trains_like_eager(shapes: list[tuple[int, int]]) -> None:
+    """A compiled model (from scratch, whatever an earlier test compiled) gives the eager
+    model's loss and gradients through the fused loss, batch shape after batch shape."""
+    torch._dynamo.reset()
     model, ref_model = tiny_gpt(), tiny_gpt()
     compiled = torch.compile(model)
-    loss = compiled(idx, targets=idx)
-    torch.testing.assert_close(loss, ref_model(idx, targets=idx))
-    loss.backward()
-    ref_model(idx, targets=idx).backward()
-    torch.testing.assert_close(model.tok_emb.weight.grad, ref_model.tok_emb.weight.grad)
+    for batch, seq_len in shapes:
+        idx = torch.randint(0, 97, (batch, seq_len))
+        loss = compiled(idx, targets=idx)
+        torch.testing.assert_close(loss, ref_model(idx, targets=idx))
+        loss.backward()
+        ref_model(idx, targets=idx).backward()
+        torch.testing.assert_close(model.tok_emb.weight.grad, ref_model.tok_emb.weight.grad)
+
+
+def test_compiled_gpt_trains_through_the_fused_loss():
+    assert_compiled_gpt_trains_like_eager([(2, 16)])
 
 
 @pytest.mark.skipif(
@@ -157,15 +164,6 @@ def test_compiled_gpt_trains_through_the_fused_loss():
     "autograd.Function with symbolic shapes",
 )
 def test_compiled_gpt_trains_through_the_fused_loss_at_new_shapes():
-    """A compiled model meets a second batch shape (a last, shorter batch; padded fine-tuning
+    """A compiled model meets new batch shapes (a last, shorter batch; padded fine-tuning
     batches): dynamo recompiles with symbolic shapes, through the fused loss too."""
-    torch._dynamo.reset()
-    model, ref_model = tiny_gpt(), tiny_gpt()
-    compiled = torch.compile(model)
-    for batch, seq_len in ((2, 16), (3, 12), (1, 7)):
-        idx = torch.randint(0, 97, (batch, seq_len))
-        loss = compiled(idx, targets=idx)
-        torch.testing.assert_close(loss, ref_model(idx, targets=idx))
-        loss.backward()
-        ref_model(idx, targets=idx).backward()
-        torch.testing.assert_close(model.tok_emb.weight.grad, ref_model.tok_emb.weight.grad)
+    assert_compiled_gpt_trains_like_eager([(2, 16), (3, 12), (1, 7)])
