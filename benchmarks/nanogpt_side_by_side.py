@@ -48,17 +48,18 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
 from pipeline.data.loader import windows_to_batch  # noqa: E402
 from pipeline.data.tokens import load_tokens  # noqa: E402
-from pipeline.model import GPT, load_checkpoint  # noqa: E402
+from pipeline.model import GPT, GPTConfig, load_checkpoint  # noqa: E402
 from pipeline.model.checkpoint import TIED_KEY  # noqa: E402
-from pipeline.model.hf import state_dict_from_nanogpt  # noqa: E402
+from pipeline.model.gpt2_tensors import map_tensors, name_table, our_shapes, unchanged  # noqa: E402
+from pipeline.model.hf import HF_LM_HEAD, HF_MASK_BUFFERS, HF_PREFIX, untie_lm_head  # noqa: E402
+from pipeline.settings.load import load_config, typed_config  # noqa: E402
 from pipeline.stages.pretrain import model_config  # noqa: E402
 from pipeline.train.losses import learned_targets, lm_loss  # noqa: E402
 
@@ -110,7 +111,8 @@ def nanogpt_command(nanogpt: Path, config: Mapping[str, Any], data: Path, out: P
     overrides). It runs steps 0..max_iters and evaluates (and saves ckpt.pt) before the last,
     so max_iters = max_steps and eval_interval = max_steps give a checkpoint after max_steps
     updates, as ours."""
-    train, cfg = config["pretrain"]["train"], model_config(config["model"], vocab_size=50257)
+    train = config["pretrain"]["train"]
+    cfg = model_config(typed_config(config).model, vocab_size=50257)
     if train["grad_accum_steps"] != 1 or train["precision"] != "fp32":
         print("note: nanoGPT runs grad_accum 1, float32 whatever our config says")
     steps = train["max_steps"]
@@ -206,6 +208,35 @@ def step_seconds(
         else:
             straddled += 1
     return clean, straddled
+
+
+NANOGPT_COMPILED_PREFIX = "_orig_mod."
+"""What `torch.compile` puts before every name in the state dict nanoGPT's train.py saves."""
+
+
+def state_dict_from_nanogpt(
+    tensors: Mapping[str, Tensor], config: GPTConfig, source: str | Path = "nanoGPT checkpoint"
+) -> dict[str, Tensor]:
+    """Our state dict (without the tied lm_head) from karpathy/nanoGPT's `model` state dict.
+
+    nanoGPT keeps Hugging Face's names ("transformer.h.0.attn.c_attn.weight", ...) but stores
+    nn.Linear weights, (out, in), as we do: renaming only, no transpose. A compiled model's
+    "_orig_mod." prefixes are stripped, and the causal-mask buffers of its non-flash attention
+    skipped. It must have biases (nanoGPT's `bias=True`): our GPT has them everywhere.
+    """
+    names = {key: key.removeprefix(NANOGPT_COMPILED_PREFIX) for key in tensors}
+    plain = {
+        name: tensors[key]
+        for key, name in names.items()
+        if not HF_MASK_BUFFERS.fullmatch(name.removeprefix(HF_PREFIX))
+    }
+    shapes = our_shapes(config)
+    expected = {
+        HF_PREFIX + hf: (ours, shapes[ours], unchanged)
+        for ours, hf, _, _ in name_table(config.n_layer)
+    }
+    expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], unchanged)
+    return untie_lm_head(map_tensors(plain, expected, config, source), source, HF_PREFIX)
 
 
 def nanogpt_model(checkpoint: Path, our_config: Any) -> GPT:

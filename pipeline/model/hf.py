@@ -1,66 +1,62 @@
-"""GPT-2 weights in and out: Hugging Face and OpenAI TensorFlow checkpoints in, Hugging Face out.
+"""GPT-2 weights from and to Hugging Face: a GPT2LMHeadModel directory in, one out.
 
-Our GPT keeps GPT-2's module layout, so converting is renaming plus one transpose: GPT-2's Conv1D
-stores its weight as (in, out), nn.Linear as (out, in). Every tensor's name and shape is checked
-against the config before anything is loaded, and all problems are reported at once, so a wrong
-config or a truncated download fails with one readable message instead of a half-loaded model.
+In: config.json plus model.safetensors or pytorch_model.bin (sharded or not, old checkpoints'
+mask buffers and all); out: what `transformers.GPT2LMHeadModel.from_pretrained` loads. The
+renaming and its checks are shared with the other formats (`pipeline.model.gpt2_tensors`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, GPT2_BPE_FILES
+from pipeline.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID
 from pipeline.errors import InputError
-from pipeline.io import atomic_directory, sha256_bytes
-from pipeline.model.checkpoint import (
-    FORMAT as CHECKPOINT_FORMAT,
-)
+from pipeline.io import atomic_directory
 from pipeline.model.checkpoint import (
     TIED_KEY,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     load_checkpoint,
     load_checkpoint_config,
-    save_checkpoint,
 )
 from pipeline.model.config import HF_NAME_FOR_PRESET, GPTConfig
 from pipeline.model.gpt import GPT
+from pipeline.model.gpt2_tensors import (
+    build_gpt,
+    check_dir,
+    map_tensors,
+    name_table,
+    our_shapes,
+    read_json,
+    transposed,
+    unchanged,
+)
 
 __all__ = [
     "HF_NAME_FOR_PRESET",
     "PRESET_FOR_HF_NAME",
-    "TensorFlowRequiredError",
     "config_from_hf",
-    "config_from_tf_hparams",
     "export_hf",
-    "gpt2_config",
-    "gpt2_layout",
     "hf_config",
-    "import_gpt2",
-    "load_gpt2",
+    "hf_dir_config",
+    "hf_weight_files",
     "load_hf_gpt2",
-    "load_tf_gpt2",
     "state_dict_from_hf",
-    "state_dict_from_tf",
     "state_dict_to_hf",
-    "weight_files",
+    "untie_lm_head",
 ]
 
 log = logging.getLogger("pipeline.model.hf")
@@ -79,12 +75,6 @@ HF_PREFIX = "transformer."
 HF_LM_HEAD = "lm_head.weight"
 # HF's own tokenizer file names for OpenAI's encoder.json and vocab.bpe.
 HF_TOKENIZER_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
-TF_HPARAMS = "hparams.json"
-# What gpt2_layout calls the three kinds of weights directory.
-LAYOUT_CHECKPOINT, LAYOUT_HF, LAYOUT_TF = "checkpoint", "huggingface", "tensorflow"
-TF_INSTALL_HINT = (
-    "reading OpenAI's TensorFlow checkpoint needs tensorflow: pip install 'gpt-pipeline[tf]'"
-)
 # Written into the exported safetensors header, so a re-export may replace its own output only.
 EXPORT_METADATA = {"exported_by": "gpt-pipeline"}
 
@@ -109,93 +99,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 # Causal-mask buffers that transformers < 4.31 saved with every attention layer.
-_HF_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-# One row per tensor: our name, Hugging Face's (without "transformer."), OpenAI's TF variable,
-# and whether it is a Conv1D weight, stored transposed ((in, out); TF adds a leading 1).
-_TOP = (
-    ("tok_emb.weight", "wte.weight", "model/wte", False),
-    ("pos_emb.weight", "wpe.weight", "model/wpe", False),
-    ("ln_f.weight", "ln_f.weight", "model/ln_f/g", False),
-    ("ln_f.bias", "ln_f.bias", "model/ln_f/b", False),
-)
-_BLOCK = (
-    ("ln_1.weight", "ln_1.weight", "ln_1/g", False),
-    ("ln_1.bias", "ln_1.bias", "ln_1/b", False),
-    ("attn.qkv.weight", "attn.c_attn.weight", "attn/c_attn/w", True),
-    ("attn.qkv.bias", "attn.c_attn.bias", "attn/c_attn/b", False),
-    ("attn.proj.weight", "attn.c_proj.weight", "attn/c_proj/w", True),
-    ("attn.proj.bias", "attn.c_proj.bias", "attn/c_proj/b", False),
-    ("ln_2.weight", "ln_2.weight", "ln_2/g", False),
-    ("ln_2.bias", "ln_2.bias", "ln_2/b", False),
-    ("mlp.fc.weight", "mlp.c_fc.weight", "mlp/c_fc/w", True),
-    ("mlp.fc.bias", "mlp.c_fc.bias", "mlp/c_fc/b", False),
-    ("mlp.proj.weight", "mlp.c_proj.weight", "mlp/c_proj/w", True),
-    ("mlp.proj.bias", "mlp.c_proj.bias", "mlp/c_proj/b", False),
-)
-
-
-class TensorFlowRequiredError(ImportError):
-    """Raised for an OpenAI TensorFlow checkpoint when the optional tensorflow is missing."""
-
-
-def _name_table(n_layer: int) -> list[tuple[str, str, str, bool]]:
-    rows = list(_TOP)
-    for i in range(n_layer):
-        rows += [(f"blocks.{i}.{o}", f"h.{i}.{h}", f"model/h{i}/{t}", c) for o, h, t, c in _BLOCK]
-    return rows
-
-
-def _our_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape, from a model on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(config, qkv_bias=True))
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name != TIED_KEY}
-
-
-def _describe(config: GPTConfig) -> str:
-    return (
-        f"vocab_size={config.vocab_size}, context_length={config.context_length}, "
-        f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}"
-    )
-
-
-def _map_tensors(
-    tensors: Mapping[str, Tensor],
-    expected: Mapping[str, tuple[str, tuple[int, ...], Callable[[Tensor], Tensor]]],
-    config: GPTConfig,
-    source: str | Path,
-) -> dict[str, Tensor]:
-    """Rename and reshape `tensors` ({source name: (our name, source shape, convert)}).
-
-    Checks everything first and raises one ValueError listing every missing, unexpected and
-    mis-shaped tensor, so a wrong config is diagnosed in one go.
-    """
-    missing = [name for name in expected if name not in tensors]
-    unexpected = sorted(name for name in tensors if name not in expected)
-    misshaped = [
-        f"{name} (expected {shape}, found {tuple(tensors[name].shape)})"
-        for name, (_, shape, _) in expected.items()
-        if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not hold a GPT-2 with {_describe(config)}:"]
-        for label, names in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", misshaped),
-        ):
-            if names:
-                lines.append(f"  {len(names)} {label}: {', '.join(names)}")
-        raise InputError("\n".join(lines))
-    for name in expected:
-        if not tensors[name].is_floating_point():
-            raise InputError(f"{source}: tensor {name} has dtype {tensors[name].dtype}, not float")
-    return {ours: convert(tensors[name]) for name, (ours, _, convert) in expected.items()}
-
-
-def _transposed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[::-1]
+HF_MASK_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -255,22 +159,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> GPTConfig:
     )
 
 
-def config_from_tf_hparams(hparams: Mapping[str, Any]) -> GPTConfig:
-    """Our GPTConfig for OpenAI's `hparams.json` (n_vocab, n_ctx, n_embd, n_head, n_layer)."""
-    keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-    missing = [key for key in keys if key not in hparams]
-    if missing:
-        raise InputError(f"hparams lack {', '.join(missing)}")
-    return GPTConfig(
-        vocab_size=hparams["n_vocab"],
-        context_length=hparams["n_ctx"],
-        n_layer=hparams["n_layer"],
-        n_head=hparams["n_head"],
-        n_embd=hparams["n_embd"],
-        qkv_bias=True,
-    )
-
-
 def hf_config(config: GPTConfig, eot_token: int | None = END_OF_TEXT_ID) -> dict[str, Any]:
     """The Hugging Face `config.json` of a GPT2LMHeadModel with our model's dimensions."""
     if eot_token is not None and not 0 <= eot_token < config.vocab_size:
@@ -320,21 +208,21 @@ def state_dict_from_hf(
     renamed: dict[str, Tensor] = {}
     for key, t in tensors.items():
         name = key if key == HF_LM_HEAD else prefix + key.removeprefix(HF_PREFIX)
-        if _HF_IGNORED.fullmatch(key.removeprefix(HF_PREFIX)):
+        if HF_MASK_BUFFERS.fullmatch(key.removeprefix(HF_PREFIX)):
             continue
         renamed[f"{key} (duplicate)" if name in renamed else name] = t
 
-    shapes = _our_shapes(config)
+    shapes = our_shapes(config)
     expected = {}
-    for ours, hf, _, conv in _name_table(config.n_layer):
-        shape = _transposed(shapes[ours]) if conv else shapes[ours]
-        expected[prefix + hf] = (ours, shape, _conv1d_to_linear if conv else _same)
+    for ours, hf, _, conv in name_table(config.n_layer):
+        shape = transposed(shapes[ours]) if conv else shapes[ours]
+        expected[prefix + hf] = (ours, shape, _conv1d_to_linear if conv else unchanged)
     if HF_LM_HEAD in renamed or require_lm_head:
-        expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], _same)
-    return _untie(_map_tensors(renamed, expected, config, source), source, prefix)
+        expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], unchanged)
+    return untie_lm_head(map_tensors(renamed, expected, config, source), source, prefix)
 
 
-def _untie(state: dict[str, Tensor], source: str | Path, prefix: str) -> dict[str, Tensor]:
+def untie_lm_head(state: dict[str, Tensor], source: str | Path, prefix: str) -> dict[str, Tensor]:
     """`state` without its `lm_head.weight`, which must equal the token embedding (tied)."""
     lm_head = state.pop(HF_LM_HEAD, None)
     if lm_head is not None and not torch.equal(lm_head, state["tok_emb.weight"]):
@@ -345,51 +233,6 @@ def _untie(state: dict[str, Tensor], source: str | Path, prefix: str) -> dict[st
     return state
 
 
-NANOGPT_COMPILED_PREFIX = "_orig_mod."
-"""What `torch.compile` puts before every name in the state dict nanoGPT's train.py saves."""
-
-
-def state_dict_from_nanogpt(
-    tensors: Mapping[str, Tensor], config: GPTConfig, source: str | Path = "nanoGPT checkpoint"
-) -> dict[str, Tensor]:
-    """Our state dict (without the tied lm_head) from karpathy/nanoGPT's `model` state dict.
-
-    nanoGPT keeps Hugging Face's names ("transformer.h.0.attn.c_attn.weight", ...) but stores
-    nn.Linear weights, (out, in), as we do: renaming only, no transpose. A compiled model's
-    "_orig_mod." prefixes are stripped, and the causal-mask buffers of its non-flash attention
-    skipped. It must have biases (nanoGPT's `bias=True`): our GPT has them everywhere.
-    """
-    names = {key: key.removeprefix(NANOGPT_COMPILED_PREFIX) for key in tensors}
-    plain = {
-        name: tensors[key]
-        for key, name in names.items()
-        if not _HF_IGNORED.fullmatch(name.removeprefix(HF_PREFIX))
-    }
-    shapes = _our_shapes(config)
-    expected = {
-        HF_PREFIX + hf: (ours, shapes[ours], _same)
-        for ours, hf, _, _ in _name_table(config.n_layer)
-    }
-    expected[HF_LM_HEAD] = (HF_LM_HEAD, shapes["tok_emb.weight"], _same)
-    return _untie(_map_tensors(plain, expected, config, source), source, HF_PREFIX)
-
-
-def state_dict_from_tf(
-    variables: Mapping[str, np.ndarray], config: GPTConfig, source: str | Path = "checkpoint"
-) -> dict[str, Tensor]:
-    """Our state dict (without the tied lm_head) from OpenAI's TF variables, e.g. model/h0/ln_1/g.
-
-    TF's conv1d weights are (1, in, out): the leading 1 is dropped and the rest transposed.
-    """
-    tensors = {name: torch.from_numpy(np.array(value)) for name, value in variables.items()}
-    shapes = _our_shapes(config)
-    expected = {}
-    for ours, _, tf, conv in _name_table(config.n_layer):
-        shape = (1, *_transposed(shapes[ours])) if conv else shapes[ours]
-        expected[tf] = (ours, shape, _tf_conv1d_to_linear if conv else _same)
-    return _map_tensors(tensors, expected, config, source)
-
-
 def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
     """Hugging Face GPT2LMHeadModel tensors ("transformer.*", Conv1D (in, out)) for our GPT.
 
@@ -397,7 +240,7 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
     """
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if k != TIED_KEY}
     out = {}
-    for ours, hf, _, conv in _name_table(model.config.n_layer):
+    for ours, hf, _, conv in name_table(model.config.n_layer):
         t = state.pop(ours, None)
         if t is None and ours.endswith("attn.qkv.bias") and not model.config.qkv_bias:
             t = torch.zeros(3 * model.config.n_embd, dtype=model.tok_emb.weight.dtype)
@@ -411,42 +254,11 @@ def state_dict_to_hf(model: GPT) -> dict[str, Tensor]:
     return out
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
 def _conv1d_to_linear(t: Tensor) -> Tensor:
     return t.t().contiguous()
 
 
-def _tf_conv1d_to_linear(t: Tensor) -> Tensor:
-    return t[0].t().contiguous()
-
-
-def _build(config: GPTConfig, state: Mapping[str, Tensor]) -> GPT:
-    model = GPT(config)
-    result = model.load_state_dict(state, strict=False)
-    if list(result.missing_keys) != [TIED_KEY] or result.unexpected_keys:
-        raise InputError(
-            f"mapped GPT-2 tensors do not fit the model: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    return model
-
-
 # --- reading ----------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -479,7 +291,7 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
 
 def _shards(index: Path) -> list[Path]:
     """The shard files a `*.index.json` lists, each checked to exist."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise InputError(f"{index} has no 'weight_map'")
     paths = [index.parent / shard for shard in sorted(set(weight_map.values()))]
@@ -514,13 +326,9 @@ def _read_hf_weights(src: Path) -> tuple[Path, dict[str, Tensor]]:
     return path, _read_sharded(path, read) if sharded else read(path)
 
 
-def _check_dir(src: Path) -> None:
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a directory")
-
-
-def _hf_dir_config(src: Path) -> tuple[dict[str, Any], GPTConfig]:
-    hf = _read_json(src / HF_CONFIG)
+def hf_dir_config(src: Path) -> tuple[dict[str, Any], GPTConfig]:
+    """(config.json, our GPTConfig for it) of a Hugging Face GPT-2 directory."""
+    hf = read_json(src / HF_CONFIG)
     try:
         return hf, config_from_hf(hf)
     except ValueError as exc:
@@ -530,202 +338,18 @@ def _hf_dir_config(src: Path) -> tuple[dict[str, Any], GPTConfig]:
 def load_hf_gpt2(src: Path) -> GPT:
     """A GPT from a local Hugging Face GPT-2 directory (config.json + safetensors or .bin)."""
     src = Path(src)
-    _check_dir(src)
-    hf, config = _hf_dir_config(src)
+    check_dir(src)
+    hf, config = hf_dir_config(src)
     path, tensors = _read_hf_weights(src)
     require_lm_head = not hf.get("tie_word_embeddings", True)
     state = state_dict_from_hf(tensors, config, source=path, require_lm_head=require_lm_head)
-    return _build(config, state)
+    return build_gpt(config, state)
 
 
-def _tf_checkpoint_prefix(src: Path) -> Path:
-    """The checkpoint prefix (model.ckpt), found by its .index file."""
-    if (src / "model.ckpt.index").is_file():
-        return src / "model.ckpt"
-    indexes = sorted(src.glob("*.index"))
-    if len(indexes) == 1:
-        return indexes[0].with_suffix("")
-    if not indexes:
-        raise FileNotFoundError(f"{src} has no TensorFlow checkpoint (model.ckpt.index)")
-    raise InputError(f"{src} has several checkpoints: {', '.join(p.name for p in indexes)}")
-
-
-def _read_tf_variables(prefix: Path) -> dict[str, np.ndarray]:
-    """Every variable of a TF checkpoint as numpy; the only code that needs tensorflow."""
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise TensorFlowRequiredError(TF_INSTALL_HINT) from exc
-    try:
-        names = [name for name, _ in tf.train.list_variables(str(prefix))]
-        return {name: np.asarray(tf.train.load_variable(str(prefix), name)) for name in names}
-    except (tf.errors.OpError, ValueError) as exc:
-        raise InputError(f"{prefix} could not be read as a TensorFlow checkpoint: {exc}") from exc
-
-
-def load_tf_gpt2(src: Path) -> GPT:
-    """A GPT from OpenAI's original TensorFlow checkpoint directory (hparams.json + model.ckpt.*).
-
-    Needs the optional tensorflow (`pip install 'gpt-pipeline[tf]'`).
-    """
-    src = Path(src)
-    _check_dir(src)
-    config = _tf_dir_config(src)
-    prefix = _tf_checkpoint_prefix(src)
-    state = state_dict_from_tf(_read_tf_variables(prefix), config, source=prefix)
-    return _build(config, state)
-
-
-def _tf_dir_config(src: Path) -> GPTConfig:
-    hparams_path = src / TF_HPARAMS
-    try:
-        return config_from_tf_hparams(_read_json(hparams_path))
-    except ValueError as exc:
-        raise InputError(f"{hparams_path}: {exc}") from exc
-
-
-# --- any layout -------------------------------------------------------------------------------
-
-
-def gpt2_layout(src: Path) -> str:
-    """`checkpoint` (ours), `huggingface` or `tensorflow` (OpenAI's), told apart by the files.
-
-    Our checkpoints and Hugging Face's both have a config.json; ours says which format it is.
-    """
-    src = Path(src)
-    _check_dir(src)
-    if (src / HF_CONFIG).is_file():
-        is_ours = _read_json(src / HF_CONFIG).get("format") == CHECKPOINT_FORMAT
-        return LAYOUT_CHECKPOINT if is_ours else LAYOUT_HF
-    if (src / TF_HPARAMS).is_file():
-        return LAYOUT_TF
-    raise FileNotFoundError(
-        f"{src} holds no GPT-2 weights: it has neither {HF_CONFIG} (a {CHECKPOINT_FORMAT} or "
-        f"Hugging Face directory) nor {TF_HPARAMS} (OpenAI's TensorFlow checkpoint)"
-    )
-
-
-def _checkpoint_config(src: Path) -> GPTConfig:
-    meta = load_checkpoint_config(src)
-    if "classifier" in meta:
-        raise InputError(f"{src} is a classifier checkpoint, not a GPT-2 language model")
-    try:
-        return GPTConfig.from_dict(meta["model"])
-    except ValueError as exc:
-        raise InputError(f"{src / HF_CONFIG}: {exc}") from exc
-
-
-def gpt2_config(src: Path) -> GPTConfig:
-    """The architecture a weights directory of any layout holds, without reading its tensors,
-    so a wrong size fails before gigabytes are loaded."""
-    src = Path(src)
-    layout = gpt2_layout(src)
-    if layout == LAYOUT_CHECKPOINT:
-        return _checkpoint_config(src)
-    if layout == LAYOUT_HF:
-        return _hf_dir_config(src)[1]
-    return _tf_dir_config(src)
-
-
-def load_gpt2(src: Path) -> GPT:
-    """A GPT from our checkpoint, a Hugging Face GPT-2 or OpenAI's TensorFlow checkpoint."""
-    src = Path(src)
-    layout = gpt2_layout(src)
-    if layout == LAYOUT_HF:
-        return load_hf_gpt2(src)
-    if layout == LAYOUT_TF:
-        return load_tf_gpt2(src)
-    _checkpoint_config(src)  # refuses a classifier before loading it
-    return load_checkpoint(src)
-
-
-def weight_files(src: Path) -> list[Path]:
-    """The files `load_gpt2` reads tensors from, in a fixed order: what identifies the weights."""
-    src = Path(src)
-    layout = gpt2_layout(src)
-    if layout == LAYOUT_TF:
-        prefix = _tf_checkpoint_prefix(src)
-        data = sorted(src.glob(f"{prefix.name}.data-*"))
-        if not data:
-            raise FileNotFoundError(f"{src} has no {prefix.name}.data-* file beside its index")
-        return [prefix.with_name(f"{prefix.name}.index"), *data]
-    if layout == LAYOUT_CHECKPOINT:
-        if not (src / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"checkpoint weights {src / WEIGHTS_FILE} are missing")
-        return [src / WEIGHTS_FILE]
+def hf_weight_files(src: Path) -> list[Path]:
+    """The files `load_hf_gpt2` reads tensors from: the weights file, or an index and its shards."""
     path, _, sharded = _hf_weights(src)
     return [path, *_shards(path)] if sharded else [path]
-
-
-# --- tokenizer files --------------------------------------------------------------------------
-
-
-def _canonical_bpe_file(name: str, data: bytes) -> bytes | None:
-    """OpenAI's exact bytes for encoder.json / vocab.bpe given either OpenAI's or HF's file.
-
-    HF's vocab.json is the same mapping, differently formatted, and its merges.txt may have
-    another header line. Both are rewritten the way OpenAI wrote them and accepted only if the
-    result has the known sha256, so the checkpoint never holds a file under a false name.
-    """
-    if sha256_bytes(data) == GPT2_BPE_FILES[name]:
-        return data
-    try:
-        text = data.decode("utf-8")
-        if name == "encoder.json":
-            canonical = json.dumps(json.loads(text)).encode("utf-8")
-        else:
-            merges = [line for line in text.splitlines() if not line.startswith("#version")]
-            canonical = ("#version: 0.2\n" + "".join(f"{m}\n" for m in merges)).encode("utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return canonical if sha256_bytes(canonical) == GPT2_BPE_FILES[name] else None
-
-
-def _tokenizer_files(src: Path, names: Mapping[str, str], staging: Path) -> dict[str, Path]:
-    """extra_files for save_checkpoint: both GPT-2 BPE files, or none if either is off."""
-    paths = {ours: src / theirs for ours, theirs in names.items()}
-    present = [p for p in paths.values() if p.is_file()]
-    if len(present) < len(paths):
-        if present:
-            log.warning("%s has only %s; not copying the tokenizer", src, present[0].name)
-        return {}
-    files = {}
-    for ours, path in paths.items():
-        data = _canonical_bpe_file(ours, path.read_bytes())
-        if data is None:
-            log.warning(
-                "%s is not GPT-2's %s (sha256 differs); not copying the tokenizer", path, ours
-            )
-            return {}
-        (staging / ours).write_bytes(data)
-        files[f"{TOKENIZER_DIR}/{ours}"] = staging / ours
-    return files
-
-
-def import_gpt2(src: Path, out: Path) -> Path:
-    """Convert a Hugging Face or OpenAI TF GPT-2 directory into our checkpoint at `out`.
-
-    The layout is detected from the files (config.json: Hugging Face; hparams.json: OpenAI).
-    GPT-2's tokenizer files are copied into `tokenizer/` when SRC has them.
-    """
-    src = Path(src)
-    layout = gpt2_layout(src)
-    if layout == LAYOUT_HF:
-        model = load_hf_gpt2(src)
-        names = HF_TOKENIZER_NAMES
-    elif layout == LAYOUT_TF:
-        model = load_tf_gpt2(src)
-        names = {name: name for name in GPT2_BPE_FILES}
-    else:
-        raise InputError(f"{src} is already a {CHECKPOINT_FORMAT} directory; nothing to import")
-    metadata = {
-        "stage": "import",
-        "source": str(src),
-        "tokenizer": {"name": "gpt2", "eot_token": END_OF_TEXT_ID},
-    }
-    with tempfile.TemporaryDirectory() as staging:
-        extra_files = _tokenizer_files(src, names, Path(staging))
-        return save_checkpoint(model, out, metadata=metadata, extra_files=extra_files)
 
 
 # --- export -----------------------------------------------------------------------------------

@@ -1,26 +1,23 @@
-"""GPT-2 import (Hugging Face, OpenAI TF) and export to Hugging Face, checked with transformers."""
+"""GPT-2 import from and export to Hugging Face, checked with transformers."""
 
 import dataclasses
 import json
-import logging
 import shutil
-import sys
 
-import numpy as np
 import pytest
 import torch
+from gpt2_reference import SHAPES, bpe, hf_model, logits_of, randomize, save_hf
 from safetensors.torch import load_file, save_file
 
-from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
-from pipeline.io import sha256_file
+from pipeline.data.tokenizer import GPT2_BPE_FILES
 from pipeline.model import (
     ATTENTION_BACKENDS,
     GPT,
     PRESETS,
     GPTConfig,
+    gpt2_import,
     hf,
     load_checkpoint,
-    load_checkpoint_config,
     save_checkpoint,
 )
 from pipeline.model.attention import resolve_attention
@@ -29,34 +26,7 @@ from pipeline.model.generate import generate
 transformers = pytest.importorskip("transformers")
 GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
-# (n_layer, n_head, n_embd, n_positions, vocab_size)
-SHAPES = [(1, 1, 8, 8, 50), (2, 4, 32, 16, 97), (3, 2, 24, 32, 300)]
 FORMATS = ["safetensors", "bin", "legacy-bin", "sharded"]
-
-
-def _randomize(named_params, seed: int) -> None:
-    """Non-trivial values everywhere (HF inits biases to 0 and LayerNorms to 1, hiding bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in named_params:
-            base = 1.0 if ("ln" in name and name.endswith("weight")) else 0.0
-            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
-
-
-def hf_model(shape, seed: int = 0) -> GPT2LMHeadModel:
-    n_layer, n_head, n_embd, n_positions, vocab_size = shape
-    config = GPT2Config(
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        n_positions=n_positions,
-        vocab_size=vocab_size,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    _randomize(model.named_parameters(), seed)
-    return model
 
 
 def our_model(seed: int = 0, **overrides) -> GPT:
@@ -64,37 +34,8 @@ def our_model(seed: int = 0, **overrides) -> GPT:
     fields.update(overrides)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**fields)).eval()
-    _randomize(model.named_parameters(), seed)
+    randomize(model.named_parameters(), seed)
     return model
-
-
-def save_hf(model: GPT2LMHeadModel, path, fmt: str = "safetensors"):
-    """The directory layouts found in the wild, including pre-4.31 pickles with mask buffers."""
-    if fmt == "sharded":
-        model.save_pretrained(path, max_shard_size="20KB")
-        return path
-    model.save_pretrained(path)
-    if fmt == "safetensors":
-        return path
-    (path / "model.safetensors").unlink()
-    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    if fmt == "legacy-bin":
-        n = model.config.n_positions
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        for i in range(model.config.n_layer):
-            state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
-            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-        state["lm_head.weight"] = state["wte.weight"].clone()
-    # 2019's uploads also predate torch's zip format
-    legacy = {"_use_new_zipfile_serialization": False} if fmt == "legacy-bin" else {}
-    torch.save(state, path / "pytorch_model.bin", **legacy)
-    return path
-
-
-def logits_of(model, idx: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(idx)
-    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 @pytest.fixture(scope="module")
@@ -151,68 +92,6 @@ def test_greedy_generation_matches_transformers(tmp_path):
     for backend in ATTENTION_BACKENDS:
         model.set_attention(backend)
         assert generate(model, prompt, 20, temperature=0.0) == theirs, backend
-
-
-def tf_variables(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
-    """What OpenAI's checkpoint holds for this model: TF names, conv1d weights (1, in, out)."""
-    state = model.state_dict()
-    out = {}
-    for _, hf_name, tf_name, conv in hf._name_table(model.config.n_layer):
-        value = state[f"transformer.{hf_name}"].numpy()
-        out[tf_name] = value[None] if conv else value
-    return out
-
-
-def make_tf_dir(path, model: GPT2LMHeadModel):
-    path.mkdir()
-    c = model.config
-    hparams = dict(n_vocab=c.vocab_size, n_ctx=c.n_positions, n_embd=c.n_embd)
-    hparams.update(n_head=c.n_head, n_layer=c.n_layer)
-    (path / "hparams.json").write_text(json.dumps(hparams))
-    for suffix in ("index", "meta", "data-00000-of-00001"):
-        (path / f"model.ckpt.{suffix}").write_bytes(b"")
-    return path
-
-
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
-def test_tf_mapping_matches_transformers_logits(tmp_path, monkeypatch, shape):
-    reference = hf_model(shape, seed=7)
-    variables = tf_variables(reference)
-    src = make_tf_dir(tmp_path / "tf", reference)
-    read = []
-    monkeypatch.setattr(hf, "_read_tf_variables", lambda prefix: read.append(prefix) or variables)
-    model = hf.load_tf_gpt2(src).eval()
-    assert read == [src / "model.ckpt"]
-    assert (model.config.dropout, model.config.attn_dropout) == (0.0, 0.0)
-    idx = torch.randint(0, shape[4], (2, shape[3]))
-    torch.testing.assert_close(logits_of(model, idx), logits_of(reference, idx), atol=1e-5, rtol=0)
-
-
-def test_tf_mapping_reports_every_problem_by_tf_name():
-    reference = hf_model(SHAPES[1])
-    variables = tf_variables(reference)
-    del variables["model/h1/mlp/c_fc/b"]
-    variables["model/h0/attn/c_attn/w"] = variables["model/h0/attn/c_attn/w"][0]  # no leading 1
-    variables["model/h0/attn/c_attn/w/Adam"] = np.zeros(3)
-    config = GPTConfig(vocab_size=97, context_length=16, n_layer=2, n_head=4, n_embd=32)
-    with pytest.raises(ValueError) as err:
-        hf.state_dict_from_tf(variables, config, source="ckpt/model.ckpt")
-    msg = str(err.value)
-    assert "ckpt/model.ckpt" in msg
-    assert "missing: model/h1/mlp/c_fc/b" in msg
-    assert "unexpected: model/h0/attn/c_attn/w/Adam" in msg
-    assert "model/h0/attn/c_attn/w (expected (1, 32, 96), found (32, 96))" in msg
-
-
-def test_tf_without_tensorflow_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` fail
-    src = make_tf_dir(tmp_path / "tf", hf_model(SHAPES[0]))
-    with pytest.raises(ImportError, match=r"pip install 'gpt-pipeline\[tf\]'") as err:
-        hf.load_tf_gpt2(src)
-    assert isinstance(err.value, hf.TensorFlowRequiredError)
-    with pytest.raises(hf.TensorFlowRequiredError):
-        hf.import_gpt2(src, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 # --- import errors ----------------------------------------------------------------------------
@@ -318,7 +197,7 @@ def test_missing_files_raise_file_not_found(hf_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(src / "config.json")):
         hf.load_hf_gpt2(src)
     with pytest.raises(FileNotFoundError, match="neither config.json"):
-        hf.import_gpt2(src, tmp_path / "out")
+        gpt2_import.import_gpt2(src, tmp_path / "out")
 
 
 @pytest.mark.parametrize(
@@ -341,67 +220,6 @@ def test_unsupported_config_is_refused_before_reading_weights(tmp_path, change, 
     with pytest.raises(ValueError, match=match) as err:
         hf.load_hf_gpt2(src)
     assert str(src / "config.json") in str(err.value)
-
-
-# --- import_gpt2 ------------------------------------------------------------------------------
-
-
-def hf_style_tokenizer(mirror, dst) -> None:
-    """GPT-2's BPE files as HF writes them: compact vocab.json, merges.txt with its own header."""
-    encoder = json.loads((mirror / "gpt2-bpe" / "encoder.json").read_text())
-    (dst / "vocab.json").write_text(json.dumps(encoder, ensure_ascii=False, separators=(",", ":")))
-    merges = (mirror / "gpt2-bpe" / "vocab.bpe").read_text().splitlines()[1:]
-    header = "#version: 0.2 - Trained by `huggingface/tokenizers`\n"
-    (dst / "merges.txt").write_text(header + "\n".join(merges))
-
-
-def bpe(mirror):
-    return gpt2_tokenizer(mirror / "gpt2-bpe")
-
-
-def test_import_gpt2_from_hf_writes_our_checkpoint_with_tokenizer(tmp_path, mirror):
-    reference = hf_model(SHAPES[2])
-    src = save_hf(reference, tmp_path / "src")
-    hf_style_tokenizer(mirror, src)
-    assert (src / "vocab.json").read_bytes() != (mirror / "gpt2-bpe" / "encoder.json").read_bytes()
-    out = hf.import_gpt2(src, tmp_path / "ckpt")
-    assert out == tmp_path / "ckpt"
-    config = load_checkpoint_config(out)
-    assert config["stage"] == "import" and config["source"] == str(src)
-    assert config["tokenizer"] == {"name": "gpt2", "eot_token": 50256}
-    assert "attention" not in config["model"]
-    for name, digest in GPT2_BPE_FILES.items():
-        assert sha256_file(out / "tokenizer" / name) == digest
-    text = "ROMEO: hi"
-    assert gpt2_tokenizer(out / "tokenizer").encode(text) == bpe(mirror).encode(text)
-    model = load_checkpoint(out).eval()
-    idx = torch.randint(0, 300, (1, 32))
-    torch.testing.assert_close(logits_of(model, idx), logits_of(reference, idx), atol=1e-5, rtol=0)
-
-
-def test_import_skips_tokenizer_files_that_are_not_gpt2s(tmp_path, mirror, caplog):
-    src = save_hf(hf_model(SHAPES[0]), tmp_path / "src")
-    hf_style_tokenizer(mirror, src)
-    merges = (src / "merges.txt").read_text().splitlines()
-    (src / "merges.txt").write_text("\n".join(merges[:-1]))
-    with caplog.at_level(logging.WARNING, logger="pipeline.model.hf"):
-        out = hf.import_gpt2(src, tmp_path / "ckpt")
-    assert "merges.txt is not GPT-2's vocab.bpe" in caplog.text
-    assert not (out / "tokenizer").exists()
-
-
-def test_import_gpt2_from_tf_layout(tmp_path, monkeypatch, mirror):
-    reference = hf_model(SHAPES[1])
-    src = make_tf_dir(tmp_path / "tf", reference)
-    for name in GPT2_BPE_FILES:
-        shutil.copyfile(mirror / "gpt2-bpe" / name, src / name)
-    variables = tf_variables(reference)
-    monkeypatch.setattr(hf, "_read_tf_variables", lambda prefix: variables)
-    out = hf.import_gpt2(src, tmp_path / "ckpt")
-    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(GPT2_BPE_FILES)
-    model = load_checkpoint(out).eval()
-    idx = torch.randint(0, 97, (1, 16))
-    torch.testing.assert_close(logits_of(model, idx), logits_of(reference, idx), atol=1e-5, rtol=0)
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -429,7 +247,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, qkv_bias):
 
 def test_hf_to_ours_to_hf_round_trip_is_exact(tmp_path):
     reference = hf_model(SHAPES[2])
-    ckpt = hf.import_gpt2(save_hf(reference, tmp_path / "src"), tmp_path / "ckpt")
+    ckpt = gpt2_import.import_gpt2(save_hf(reference, tmp_path / "src"), tmp_path / "ckpt")
     out = hf.export_hf(ckpt, tmp_path / "hf")
     tensors = load_file(out / "model.safetensors")
     expected = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}
@@ -516,46 +334,3 @@ def test_preset_parameter_counts_equal_transformers(preset):
     assert ours == theirs
     imported = hf.config_from_hf(hf_cfg.to_dict())
     assert imported == dataclasses.replace(config, dropout=0.1, attn_dropout=0.1)
-
-
-# --- nanoGPT ----------------------------------------------------------------------------------
-
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def nanogpt_state(reference: GPT2LMHeadModel, compiled: bool) -> dict[str, torch.Tensor]:
-    """`reference` in karpathy/nanoGPT's layout, written here without its code: Hugging Face's
-    names, nn.Linear (out, in) weights (nanoGPT's `from_pretrained` transposes the Conv1D ones),
-    the tied lm_head.weight, and "_orig_mod." before every name when saved from a compiled
-    model."""
-    prefix = "_orig_mod." if compiled else ""
-    return {
-        prefix + name: t.t().contiguous() if name.endswith(_CONV1D) else t.clone()
-        for name, t in reference.state_dict().items()
-    }
-
-
-def _nanogpt_config(shape) -> GPTConfig:
-    n_layer, n_head, n_embd, n_positions, vocab_size = shape
-    return GPTConfig(vocab_size=vocab_size, context_length=n_positions, n_layer=n_layer,
-                     n_head=n_head, n_embd=n_embd)  # fmt: skip
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
-def test_nanogpt_state_dict_gives_the_same_logits(shape, compiled):
-    reference = hf_model(shape, seed=sum(shape))
-    config = _nanogpt_config(shape)
-    state = hf.state_dict_from_nanogpt(nanogpt_state(reference, compiled), config)
-    model = GPT(config).eval()
-    result = model.load_state_dict(state, strict=False)
-    assert list(result.missing_keys) == ["lm_head.weight"] and not result.unexpected_keys
-    idx = torch.randint(0, config.vocab_size, (2, config.context_length),
-                        generator=torch.Generator().manual_seed(1))  # fmt: skip
-    torch.testing.assert_close(logits_of(model, idx), logits_of(reference, idx), atol=1e-5, rtol=0)
-
-
-def test_nanogpt_state_dict_in_conv1d_layout_is_named_as_misshaped():
-    reference = hf_model(SHAPES[1])
-    with pytest.raises(ValueError, match=r"wrong shape: transformer\.h\.0\.attn\.c_attn\.weight"):
-        hf.state_dict_from_nanogpt(reference.state_dict(), _nanogpt_config(SHAPES[1]))
