@@ -66,11 +66,13 @@ pipeline-slurm: setup
 test: setup-dev
 	$(PY) -m pytest -q
 
-# snakemake --lint, failing on every finding but its conda/container advisory: no conda channel
+# ruff; pyright over pipeline/ (pyproject.toml: [tool.pyright]); snakemake --lint, failing on
+# every finding but its conda/container advisory: no conda channel
 # or container registry is reachable where this is developed, so neither could be tested (the
 # rules run in this venv); pipeline/workflow_lint.py says more.
 lint: setup-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright
 	$(PY) -m pipeline.workflow_lint
 
 bench: setup

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from snakemake.exceptions import WorkflowError
 
-from pipeline.config import ConfigError, resolve, write_config
+from pipeline.settings.load import ConfigError, resolve, typed_config, write_config
 from pipeline.launch import (
     prepare_params,
     progress_filter,
@@ -24,7 +24,7 @@ from pipeline.launch import (
     stage_command,
     stage_params,
 )
-from pipeline.paths import Paths
+from pipeline.settings import PrepareSettings
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
 from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
@@ -52,8 +52,9 @@ except ConfigError as error:
     sys.exit(f"error: {error}" + (hint if workflow.config_settings.config else ""))
 config.clear()
 config.update(_resolved)
+CONFIG = typed_config(config)  # the same values as the settings classes
 
-PATHS = Paths.from_config(config)
+PATHS = CONFIG.paths
 # This invocation's config, named by its content: two invocations with different configs running
 # at once each hand their jobs their own file (a job reads the path from its rule's params). The
 # path is a params function of `input`, so not a rerun trigger: a config change reruns only the
@@ -63,7 +64,7 @@ RESOLVED_CONFIG = str(PATHS.results / "configs" / f"{_DIGEST}.yaml")
 LATEST_CONFIG = str(PATHS.results / "config.resolved.yaml")
 # Jobs run `python` from the environment that runs Snakemake, whether or not it is activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-TRACKING = config["tracking"]
+TRACKING = CONFIG.tracking
 TRAINING = training_stages()
 STAGES_WITH_METRICS = {name: PATHS.stage(name) / "metrics.json" for name in TRAINING}
 STAGE_OF_RULE = {
@@ -116,17 +117,17 @@ onstart:
     write_config(config, LATEST_CONFIG)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
     name = f"{'+'.join(stages_of(workflow.dag.needrun_jobs())) or 'nothing'} {started}"
-    os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING["uri"], TRACKING["experiment"], name)
+    os.environ[PARENT_RUN_ENV] = start_parent_run(TRACKING.uri, TRACKING.experiment, name)
 
 
 onsuccess:
     if PARENT_RUN_ENV in os.environ:
-        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], True, finished_metrics())
+        end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], True, finished_metrics())
 
 
 onerror:
     if PARENT_RUN_ENV in os.environ:
-        end_parent_run(TRACKING["uri"], os.environ[PARENT_RUN_ENV], False, finished_metrics())
+        end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], False, finished_metrics())
 
 
 # On a cluster these run where Snakemake runs: `all` does nothing, and `download` needs the
@@ -144,7 +145,7 @@ rule all:
 
 rule download:
     output:
-        [str(PATHS.source(s["name"])) for s in config["data"]["sources"]],
+        [str(PATHS.source(source.name)) for source in CONFIG.data.sources],
     params:
         sources=config["data"]["sources"],
         mirrors=config["data"]["mirrors"],
@@ -162,7 +163,7 @@ scattergather:
     tokenize=config["prepare"]["scatter"],
 
 
-CORPUS_PARTS = corpus_parts(config)  # each part's files: globs are expanded here
+CORPUS_PARTS = corpus_parts(CONFIG.for_stage("prepare", PrepareSettings))  # globs expanded here
 
 
 rule tokenize:
@@ -180,7 +181,7 @@ rule tokenize:
         "logs/benchmarks/prepare-{scatteritem}.tsv"
     threads: lambda wildcards: stage_threads("prepare")
     resources:
-        **rule_resources(config["resources"]["prepare"], {}),
+        **rule_resources(CONFIG.resources["prepare"]),
     shell:
         "python -m pipeline prepare --part {wildcards.scatteritem} --config {params.config}"
         " --threads {threads} > {log} 2>&1"
@@ -200,14 +201,14 @@ rule prepare:
         "logs/benchmarks/prepare.tsv"
     threads: 1
     resources:
-        **rule_resources(config["resources"]["prepare"], {}),
+        **rule_resources(CONFIG.resources["prepare"]),
     shell:
         "python -m pipeline prepare --gather --config {params.config} > {log} 2>&1"
 
 
 def stage_threads(stage: str) -> int:
     """`resources.<stage>.threads`, or every core Snakemake was given (a local run)."""
-    threads = config["resources"][stage]["threads"]
+    threads = CONFIG.resources[stage].threads
     if threads is not None:
         return threads
     if workflow.executor_plugin is None:
@@ -228,10 +229,10 @@ def launch_command(stage: str):
     def command(wildcards, threads: int) -> str:
         return stage_command(
             stage,
-            config[stage]["train"],
+            CONFIG.sections[stage].train,
             threads,
             RESOLVED_CONFIG,
-            gpus_per_node=config["resources"][stage]["gpu"],
+            gpus_per_node=CONFIG.resources[stage].gpu,
         )
 
     return command
@@ -244,7 +245,7 @@ for stage in TRAINING.values():
         name:
             stage.rule
         input:
-            **stage.inputs(config),
+            **stage.inputs(CONFIG),
         output:
             model=directory(str(out_dir / "model")),
             metrics=stage_output(stage.name, "metrics.json"),
@@ -264,7 +265,7 @@ for stage in TRAINING.values():
             f"logs/benchmarks/{stage.name}.tsv"
         threads: lambda wildcards, name=stage.name: stage_threads(name)
         resources:
-            **rule_resources(config["resources"][stage.name], config[stage.name]["train"]),
+            **rule_resources(CONFIG.resources[stage.name], CONFIG.sections[stage.name].train),
         shell:
             # The whole output in the log; the training loop's step lines on the terminal too.
             "{params.command} 2>&1 | tee {log} | {params.progress} >&2"

@@ -49,8 +49,8 @@ from nanogpt_side_by_side import (  # noqa: E402
     step_seconds,
 )
 
-from pipeline.config import load_config  # noqa: E402
 from pipeline.model.head_loss import IGNORE_INDEX  # noqa: E402
+from pipeline.settings.load import load_config, typed_config  # noqa: E402
 from pipeline.stages.pretrain import model_config  # noqa: E402
 
 BEFORE = [
@@ -159,7 +159,7 @@ def report(trainers: dict[str, Trainer], configs: dict) -> None:
           f"{'step reached':>12} {'time to target':>14}")
     for name, trainer in trainers.items():
         train = configs[name]["pretrain"]["train"]
-        context = model_config(configs[name]["model"], vocab_size=50257).context_length
+        context = model_config(typed_config(configs[name]).model, vocab_size=50257).context_length
         tokens = train["batch_size"] * context
         clean, _ = step_seconds(trainer, OUR_STEP, tokens)
         evals = evaluations(trainer)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.data.download import DownloadError
+from pipeline.data.labeled_text import read_texts
 from pipeline.errors import InputError
-from pipeline.stages.registry import STAGES
+from pipeline.io import atomic_write_text
+from pipeline.settings import Config
+from pipeline.settings.load import (
+    DEFAULT_CONFIG,
+    json_schema,
+    load_config,
+    render_defaults,
+    render_resolved,
+    stage_config,
+)
+from pipeline.stages.registry import STAGES, Stage
 
 log = logging.getLogger("pipeline")
 
@@ -136,7 +150,7 @@ def _add_attention_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> Any:
-    from pipeline.serving.inference import Sampling
+    from pipeline.serving.inference import Sampling  # deferred: imports torch (~3 s)
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                     use_cache=not args.no_cache)  # fmt: skip
@@ -151,7 +165,7 @@ def _write_stream(pieces: Iterator[str]) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> None:
-    from pipeline.serving.inference import Generation
+    from pipeline.serving.inference import Generation  # deferred: imports torch (~3 s)
 
     generation, sampling = Generation(args.checkpoint, args.device, args.attention), _sampling(args)
     sys.stdout.write(args.prompt)
@@ -162,7 +176,7 @@ def generate_command(args: argparse.Namespace) -> None:
 
 def chat_command(args: argparse.Namespace) -> None:
     """Wrap each instruction in the checkpoint's prompt template and stream the answer."""
-    from pipeline.serving.inference import Generation
+    from pipeline.serving.inference import Generation  # deferred: imports torch (~3 s)
 
     generation, sampling = Generation(args.checkpoint, args.device, args.attention), _sampling(args)
     template = generation.template(args.template)
@@ -179,6 +193,7 @@ def chat_command(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):  # not on every platform
+            # deferred: optional; only an interactive chat wants its line editing for input()
             import readline  # noqa: F401  (line editing and history for input())
         print(
             f"chat with {args.checkpoint} ({template} template); Ctrl-C stops an answer, "
@@ -208,8 +223,7 @@ def chat_loop(answer: Callable[[str], None], prompt: str, read: Callable[[str], 
 
 
 def classify_command(args: argparse.Namespace) -> None:
-    from pipeline.data.labeled_text import read_texts
-    from pipeline.serving.inference import Classification, check_texts
+    from pipeline.serving.inference import Classification, check_texts  # deferred: imports torch
 
     if bool(args.texts) == bool(args.input):
         raise InputError("give texts as arguments or --input FILE (one of the two)")
@@ -224,8 +238,6 @@ def classify_command(args: argparse.Namespace) -> None:
         rows.append(f"{label}\t{probability:.4f}\t{one_line}")
     table = "\n".join(rows) + "\n"
     if args.output:
-        from pipeline.io import atomic_write_text
-
         atomic_write_text(args.output, table)
         log.info("wrote %d predictions to %s", len(texts), args.output)
     else:
@@ -234,9 +246,7 @@ def classify_command(args: argparse.Namespace) -> None:
 
 def _stored_parameters(weights: Path) -> int:
     """Elements in a safetensors file, read from its header (no tensor is loaded)."""
-    import math
-
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred: only import-gpt2 and export-hf read weights
 
     with safe_open(weights, "pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
@@ -244,8 +254,9 @@ def _stored_parameters(weights: Path) -> int:
 
 def import_gpt2_command(args: argparse.Namespace) -> None:
     """Convert once, so every stage and command reads GPT-2 in our own checkpoint format."""
+    # deferred: both modules import torch (~3 s)
     from pipeline.model.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_checkpoint_config
-    from pipeline.model.hf import import_gpt2
+    from pipeline.model.gpt2_import import import_gpt2
 
     out = import_gpt2(args.src, args.out)
     model = load_checkpoint_config(out)["model"]
@@ -264,7 +275,7 @@ def import_gpt2_command(args: argparse.Namespace) -> None:
 
 def export_hf_command(args: argparse.Namespace) -> None:
     """Hand a trained model to the Hugging Face ecosystem (transformers, the hub)."""
-    from pipeline.model.hf import HF_SAFETENSORS, export_hf
+    from pipeline.model.hf import HF_SAFETENSORS, export_hf  # deferred: imports torch (~3 s)
 
     out = export_hf(args.checkpoint, args.out)
     log.info(
@@ -276,17 +287,18 @@ def export_hf_command(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def distributed_stage(config: Mapping[str, Any]) -> Iterator[None]:
+def distributed_stage(config: Config) -> Iterator[None]:
     """Under torchrun, join the process group for the stage (ranks other than 0 log warnings
     only) and leave it afterwards; a plain process runs as it is."""
+    # deferred: pipeline.train imports torch (~3 s), which importing the CLI and `--help` skip
     from pipeline.train.distributed import init_distributed, launched_world, shutdown_distributed
 
     if not launched_world().distributed:
         yield
         return
-    from pipeline.train import pick_device
+    from pipeline.train import pick_device  # deferred: imports torch (~3 s)
 
-    world = init_distributed(pick_device(config["device"]).type)
+    world = init_distributed(pick_device(config.device).type)
     if not world.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
@@ -295,12 +307,16 @@ def distributed_stage(config: Mapping[str, Any]) -> Iterator[None]:
         shutdown_distributed()
 
 
+def run_stage(stage: Stage, resolved: Mapping[str, Any], **options: Any) -> Any:
+    """`main(config, threads=..., ...)` of the stage's module, `config` being the resolved
+    config typed, with the stage's own section; under torchrun, inside the process group."""
+    config = stage_config(resolved, stage.name)
+    with distributed_stage(config):
+        return importlib.import_module(stage.module).main(config, **options)
+
+
 def _config_reference(as_schema: bool) -> str:
     """Every setting with its default and meaning: as config.yaml, or as the JSON Schema."""
-    import json
-
-    from pipeline.config import json_schema, render_defaults
-
     return json.dumps(json_schema(), indent=1) + "\n" if as_schema else render_defaults()
 
 
@@ -310,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("PIPELINE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from pipeline.data.download import DownloadError
-    from pipeline.model.hf import TensorFlowRequiredError
+    # deferred: both modules import torch (~3 s), which importing the CLI and `--help` skip
+    from pipeline.model.tf_checkpoint import TensorFlowRequiredError
     from pipeline.train import NonFiniteLossError
 
     try:
@@ -323,14 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if args.command == "config":
-            from pipeline.config import render_resolved
-
             sys.stdout.write(render_resolved(config))
             return 0
         stage = STAGES[args.command]
         options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
-        with distributed_stage(config):
-            stage.run(config, threads=args.threads, **options)
+        run_stage(stage, config, threads=args.threads, **options)
         return 0
     except (DownloadError, InputError, NonFiniteLossError, OSError, TensorFlowRequiredError) as exc:
         # what the user can fix, in one line; any other error (a bug) keeps its traceback

@@ -12,22 +12,9 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.settings import LAUNCH_KEYS, PREPARE_RUN_KEYS
+from pipeline.settings import LAUNCH_KEYS, PREPARE_RUN_KEYS, StageResources, TrainSettings
 
 RENDEZVOUS_PORT = 29500
-
-
-def nproc_per_node(train: Mapping[str, Any]) -> int:
-    return int(train.get("nproc_per_node", 1))
-
-
-def nnodes(train: Mapping[str, Any]) -> int:
-    return int(train.get("nnodes", 1))
-
-
-def world_size(train: Mapping[str, Any]) -> int:
-    """Training processes in all: `train.batch_size` is split evenly among them."""
-    return nproc_per_node(train) * nnodes(train)
 
 
 def _sorted(value: Any) -> Any:
@@ -54,9 +41,9 @@ def stage_params(section: Mapping[str, Any]) -> dict[str, Any]:
     return _sorted(stripped)
 
 
-def threads_per_process(threads: int, train: Mapping[str, Any]) -> int:
+def threads_per_process(threads: int, train: TrainSettings) -> int:
     """The rule's threads shared among the processes of one node (torchrun would set 1)."""
-    return max(1, threads // nproc_per_node(train))
+    return max(1, threads // train.nproc_per_node)
 
 
 def single_node_launcher(nproc: int, python: str = "python") -> list[str]:
@@ -73,7 +60,7 @@ def single_node_launcher(nproc: int, python: str = "python") -> list[str]:
 
 def stage_command(
     stage: str,
-    train: Mapping[str, Any],
+    train: TrainSettings,
     threads: int,
     config_path: str,
     gpus_per_node: int = 0,
@@ -87,7 +74,7 @@ def stage_command(
     """
     per_process = threads_per_process(threads, train)
     args = f"{stage} --config {shlex.quote(config_path)} --threads {per_process}"
-    nproc, nodes = nproc_per_node(train), nnodes(train)
+    nproc, nodes = train.nproc_per_node, train.nnodes
     if nodes == 1:
         return f"{shlex.join(single_node_launcher(nproc))} {args}"
     step = (
@@ -109,7 +96,7 @@ def progress_filter(stage: str) -> str:
     return f"sed -un 's/.* pipeline\\.train: \\(step .*\\)/{stage}: \\1/p'"
 
 
-def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any]) -> dict:
+def rule_resources(stage_resources: StageResources, train: TrainSettings | None = None) -> dict:
     """A training rule's Snakemake `resources` (the SLURM executor plugin's names; a
     `partition` becomes `slurm_partition`, else the profile's default applies).
 
@@ -119,46 +106,16 @@ def rule_resources(stage_resources: Mapping[str, Any], train: Mapping[str, Any])
     0` keeps it from turning `tasks` into `--ntasks-per-gpu`.
     """
     resources: dict[str, Any] = {
-        "mem_mb": stage_resources["mem_mb"],
-        "runtime": stage_resources["runtime"],
+        "mem_mb": stage_resources.mem_mb,
+        "runtime": stage_resources.runtime,
     }
-    if stage_resources.get("partition"):
-        resources["slurm_partition"] = stage_resources["partition"]
-    gpu = stage_resources["gpu"]
-    nodes = nnodes(train)
+    if stage_resources.partition:
+        resources["slurm_partition"] = stage_resources.partition
+    gpu = stage_resources.gpu
+    nodes = 1 if train is None else train.nnodes
     if nodes == 1:
         return {**resources, "gpu": gpu}
     resources.update(nodes=nodes, tasks=nodes, mpi="srun")
     if gpu:
         resources.update(gres=f"gpu:{gpu}", tasks_per_gpu=0)
     return resources
-
-
-def launch_problems(config: Mapping[str, Any]) -> list[str]:
-    """`key: problem` lines for launch settings the schema alone cannot check."""
-    from pipeline.stages.registry import training_stages
-
-    problems = []
-    for section in training_stages():
-        train = config[section]["train"]
-        size = world_size(train)
-        if train["batch_size"] % size:
-            problems.append(
-                f"{section}.train.batch_size: {train['batch_size']} is not divisible by the "
-                f"world size {size} (nproc_per_node {nproc_per_node(train)} x nnodes "
-                f"{nnodes(train)}); it is the global batch, split evenly among the processes"
-            )
-        resources = config["resources"][section]
-        gpu, nproc = resources["gpu"], nproc_per_node(train)
-        if gpu and gpu != nproc:
-            problems.append(
-                f"resources.{section}.gpu: {gpu} GPUs per node but {section}.train."
-                f"nproc_per_node is {nproc}; each process drives one GPU, so make them equal"
-            )
-        threads = resources["threads"]
-        if threads is not None and threads < nproc:
-            problems.append(
-                f"resources.{section}.threads: {threads} is fewer than {section}.train."
-                f"nproc_per_node ({nproc}); each process needs at least one CPU"
-            )
-    return problems

@@ -1,11 +1,10 @@
-"""Where everything lives, derived from `config["paths"]`: one place for Snakefile and stages."""
+"""Where everything lives, derived from the `paths` settings: one place for Snakefile and
+stages."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,11 +14,6 @@ class Paths:
     resume: Path
     weights: Path = Path("models")
     """Downloaded pretrained weights, one directory per model (`pretrain.init_from` names)."""
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Paths:
-        p = config["paths"]
-        return cls(Path(p["data"]), Path(p["results"]), Path(p["resume"]), Path(p["weights"]))
 
     @property
     def raw(self) -> Path:

@@ -22,11 +22,14 @@ def mirror() -> Path:
 
 @pytest.fixture(scope="session")
 def default_config() -> dict:
-    from pipeline.config import load_config
+    from pipeline.settings.load import load_config
 
     return load_config([REPO / "config.yaml"])
 
 
 @pytest.fixture(scope="session")
 def sources(default_config) -> dict:
-    return {s["name"]: s for s in default_config["data"]["sources"]}
+    """The default `data.sources`, typed, by name."""
+    from pipeline.settings.load import typed_config
+
+    return {s.name: s for s in typed_config(default_config).data.sources}

@@ -1,11 +1,11 @@
 """How a training stage is launched and what its rule requests (pipeline/launch.py), and the
 config checks that keep batch size, processes, GPUs and threads consistent."""
 
+import dataclasses
 import subprocess
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, validate
 from pipeline.launch import (
     LAUNCH_KEYS,
     progress_filter,
@@ -13,22 +13,23 @@ from pipeline.launch import (
     stage_command,
     stage_params,
     threads_per_process,
-    world_size,
 )
+from pipeline.settings import StageResources, TrainSettings
+from pipeline.settings.load import ConfigError, load_config, typed_config, validate
 
 CONFIG = "results/config.resolved.yaml"
-GPU_NODE = {"threads": 32, "mem_mb": 128000, "runtime": 240, "gpu": 4}
+GPU_NODE = StageResources(threads=32, mem_mb=128000, runtime=240, gpu=4)
 
 
 def test_one_process_runs_the_entry_point_with_every_thread():
-    command = stage_command("pretrain", {"batch_size": 16}, 8, CONFIG)
+    command = stage_command("pretrain", TrainSettings(batch_size=16), 8, CONFIG)
     assert (
         command == "python -m pipeline pretrain --config results/config.resolved.yaml --threads 8"
     )
 
 
 def test_several_processes_on_one_node_share_the_threads_under_torchrun():
-    train = {"batch_size": 16, "nproc_per_node": 4}
+    train = TrainSettings(batch_size=16, nproc_per_node=4)
     assert stage_command("align-dpo", train, 32, CONFIG) == (
         "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
         "-m pipeline align-dpo --config results/config.resolved.yaml --threads 8"
@@ -37,11 +38,11 @@ def test_several_processes_on_one_node_share_the_threads_under_torchrun():
 
 @pytest.mark.parametrize(("threads", "nproc", "expected"), [(8, 1, 8), (8, 3, 2), (2, 4, 1)])
 def test_threads_per_process_is_the_share_and_at_least_one(threads, nproc, expected):
-    assert threads_per_process(threads, {"nproc_per_node": nproc}) == expected
+    assert threads_per_process(threads, TrainSettings(nproc_per_node=nproc)) == expected
 
 
 def test_several_nodes_start_one_torchrun_per_node_with_srun():
-    train = {"batch_size": 64, "nproc_per_node": 4, "nnodes": 2}
+    train = TrainSettings(batch_size=64, nproc_per_node=4, nnodes=2)
     command = stage_command("pretrain", train, 32, CONFIG, gpus_per_node=4)
     assert command == (
         "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 32 --gpus-per-node 4 "
@@ -49,11 +50,11 @@ def test_several_nodes_start_one_torchrun_per_node_with_srun():
         "--rdzv-backend c10d --rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID "
         "-m pipeline pretrain --config results/config.resolved.yaml --threads 8"
     )
-    assert world_size(train) == 8
+    assert train.world_size == 8
 
 
 def test_a_config_path_with_spaces_is_quoted():
-    command = stage_command("pretrain", {}, 1, "my results/c.yaml")
+    command = stage_command("pretrain", TrainSettings(), 1, "my results/c.yaml")
     assert "--config 'my results/c.yaml' " in command
 
 
@@ -66,12 +67,12 @@ def test_stage_params_drop_the_launch_keys_and_sort_the_rest():
 
 
 def test_one_node_asks_for_gpus_several_nodes_for_a_gres_per_node():
-    assert rule_resources(GPU_NODE, {"nproc_per_node": 4}) == {
+    assert rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4)) == {
         "mem_mb": 128000,
         "runtime": 240,
         "gpu": 4,
     }
-    assert rule_resources(GPU_NODE, {"nproc_per_node": 4, "nnodes": 2}) == {
+    assert rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4, nnodes=2)) == {
         "mem_mb": 128000,
         "runtime": 240,
         "nodes": 2,
@@ -80,7 +81,7 @@ def test_one_node_asks_for_gpus_several_nodes_for_a_gres_per_node():
         "gres": "gpu:4",
         "tasks_per_gpu": 0,
     }
-    cpu_nodes = rule_resources({**GPU_NODE, "gpu": 0}, {"nnodes": 2})
+    cpu_nodes = rule_resources(dataclasses.replace(GPU_NODE, gpu=0), TrainSettings(nnodes=2))
     assert "gres" not in cpu_nodes and "gpu" not in cpu_nodes and cpu_nodes["nodes"] == 2
 
 
@@ -93,9 +94,10 @@ def _with(default_config: dict, section: str, train: dict, resources: dict | Non
 
 
 def test_the_default_config_launches_one_process_per_stage(default_config):
+    config = typed_config(default_config)
     for section in ("pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"):
-        assert world_size(default_config[section]["train"]) == 1
-        assert default_config["resources"][section]["gpu"] == 0
+        assert config.sections[section].train.world_size == 1
+        assert config.resources[section].gpu == 0
 
 
 def test_batch_size_must_divide_among_the_processes(default_config):

@@ -25,13 +25,17 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING
 
 from pipeline.errors import InputError
 from pipeline.paths import Paths
+from pipeline.settings import CorpusPath
+
+if TYPE_CHECKING:
+    from zstandard import ZstdDecompressionReader
 
 TEXT_SUFFIXES = (".txt", ".md")
 FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -105,31 +109,34 @@ def _expand(pattern: str, entry: str) -> list[Path]:
     return files
 
 
-def corpus_files(config: Mapping[str, Any]) -> list[CorpusFile]:
-    """Every input file of `prepare.corpus`, in corpus order (entries in order, each entry's
-    files sorted): the order documents are joined in. A `data.sources` name is one text
-    document whatever its suffix, as before local paths existed."""
-    paths = Paths.from_config(config)
+def corpus_files(corpus: Sequence[str | CorpusPath], paths: Paths) -> list[CorpusFile]:
+    """Every input file of `corpus` (the `prepare.corpus` setting), in corpus order (entries in
+    order, each entry's files sorted): the order documents are joined in. A `data.sources` name
+    is one text document whatever its suffix, as before local paths existed."""
     files: list[CorpusFile] = []
-    for i, item in enumerate(config["prepare"]["corpus"]):
+    for i, item in enumerate(corpus):
         entry = f"prepare.corpus.{i}"
         if isinstance(item, str):
             path = paths.source(item)
             kind = (file_format(path) or ("text", None))[0]
             files.append(CorpusFile(path, kind, "text", entry))
             continue
-        for path in _expand(item["path"], entry):
-            kind = file_format(path)[0]
-            key = item["column"] if kind == "parquet" else item["field"]
+        for path in _expand(item.path, entry):
+            found = file_format(path)
+            if found is None:  # a file named directly, whatever its suffix
+                raise InputError(f"{entry}: {path} is no corpus file (expected a file ending in "
+                                 f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
+            kind = found[0]
+            key = item.column if kind == "parquet" else item.field
             files.append(CorpusFile(path, kind, key, entry))
     return files
 
 
-def _open_text(path: Path) -> IO[bytes]:
+def _open_text(path: Path) -> gzip.GzipFile | ZstdDecompressionReader | io.BufferedReader:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     if path.suffix == ".zst":
-        import zstandard
+        import zstandard  # deferred: only .zst corpora need zstandard
 
         return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
     return open(path, "rb")  # noqa: SIM115
@@ -235,7 +242,7 @@ def _jsonl_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> It
 
 
 def _parquet_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: pyarrow takes ~0.2 s; only parquet corpora need it
 
     try:
         parquet = pq.ParquetFile(file.path)

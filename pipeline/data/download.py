@@ -6,12 +6,12 @@ import io
 import logging
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_bytes, sha256_bytes, sha256_file
+from pipeline.settings import Source
 
 log = logging.getLogger("pipeline.data")
 
@@ -40,10 +40,10 @@ def _read_url(url: str, timeout: float) -> bytes:
 
 
 def candidate_locations(
-    source: Mapping[str, Any], mirrors: Sequence[Path]
+    source: Source, mirrors: Sequence[Path]
 ) -> list[tuple[str, Path | str, bool]]:
     """(description, path-or-url, is_zip) in the order they are tried."""
-    name, url, member = source["name"], source["url"], source.get("member")
+    name, url, member = source.name, source.url, source.member
     candidates: list[tuple[str, Path | str, bool]] = []
     for mirror in mirrors:
         candidates.append((f"mirror {Path(mirror) / name}", Path(mirror) / name, False))
@@ -55,14 +55,14 @@ def candidate_locations(
 
 
 def fetch_source(
-    source: Mapping[str, Any], dest: Path, mirrors: Sequence[Path] = (), timeout: float = 60.0
+    source: Source, dest: Path, mirrors: Sequence[Path] = (), timeout: float = 60.0
 ) -> Path:
     """Put the source's file at `dest`, verified against its sha256, written atomically.
 
     A mirror file with the wrong hash is reported and skipped, so a corrupted mirror falls through
     to the URL; when nothing matches, the error lists every location with its actual hash.
     """
-    name, expected, member = source["name"], source["sha256"], source.get("member")
+    name, expected, member = source.name, source.sha256, source.member
     dest = Path(dest)
     if dest.is_file() and sha256_file(dest) == expected:
         return dest
@@ -77,6 +77,7 @@ def fetch_source(
                 else _read_url(location, timeout)
             )
             if is_zip:
+                assert member is not None  # is_zip: the source names a zip member
                 blob = _extract_member(blob, member, description)
         except (OSError, ValueError) as exc:
             failures.append(f"{description}: {exc}")
@@ -98,7 +99,7 @@ def fetch_source(
 
 
 def download_all(
-    sources: Iterable[Mapping[str, Any]], raw_dir: Path, mirrors: Sequence[Path] = ()
+    sources: Iterable[Source], raw_dir: Path, mirrors: Sequence[Path] = ()
 ) -> list[Path]:
     """Fetch every source into `raw_dir/<name>`; stops at the first source that fails."""
-    return [fetch_source(s, Path(raw_dir) / s["name"], mirrors) for s in sources]
+    return [fetch_source(s, Path(raw_dir) / s.name, mirrors) for s in sources]

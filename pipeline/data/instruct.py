@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -82,7 +82,7 @@ def get_template(name: str) -> PromptTemplate:
         ) from None
 
 
-def format_prompt(record: dict[str, Any], template: str) -> str:
+def format_prompt(record: Mapping[str, Any], template: str) -> str:
     """Everything the model is given: instruction, the input if any, and the response header.
 
     An input that is empty or only whitespace gets no section at all.
@@ -199,7 +199,7 @@ class InstructionExample:
 
 
 def encode_example(
-    record: dict[str, Any],
+    record: Mapping[str, Any],
     template: str,
     tokenizer: _Encoder,
     *,

@@ -11,7 +11,7 @@ run can resume under any number of processes that divides the global batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +21,16 @@ from pipeline.errors import InputError
 _SEED_STRIDE = 1_000_003
 
 
-def _check_length(tokens: np.ndarray, context_length: int, what: str) -> None:
+class TokenArray(Protocol):
+    """An array of token ids, or a split's shards read as one (`pipeline.data.tokens.TokenShards`):
+    its length, and the ids at an integer array of positions, in that array's shape."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: np.ndarray, /) -> np.ndarray: ...
+
+
+def _check_length(tokens: TokenArray, context_length: int, what: str) -> None:
     if len(tokens) < context_length + 1:
         raise InputError(
             f"{what}: {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1} "
@@ -30,7 +39,7 @@ def _check_length(tokens: np.ndarray, context_length: int, what: str) -> None:
 
 
 def windows_to_batch(
-    tokens: np.ndarray, starts: np.ndarray, context_length: int
+    tokens: TokenArray, starts: np.ndarray, context_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = np.arange(context_length + 1)
     block = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64))
@@ -43,7 +52,7 @@ class TokenWindows:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: TokenArray,
         context_length: int,
         batch_size: int,
         *,
@@ -119,7 +128,7 @@ class TokenWindows:
 
 
 def evaluation_batches(
-    tokens: np.ndarray, context_length: int, batch_size: int, num_batches: int, name: str = "val"
+    tokens: TokenArray, context_length: int, batch_size: int, num_batches: int, name: str = "val"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same windows every time, spread evenly over the whole split."""
     _check_length(tokens, context_length, name)

@@ -202,6 +202,7 @@ class _ShardWriter:
         while len(ids):
             if self.handle is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._next()
+            assert self.handle is not None  # _next opened one
             room = self.shard_tokens - self.shards[-1]["tokens"]
             chunk = ids[:room]
             self.handle.write(np.ascontiguousarray(chunk, dtype=TOKEN_DTYPE).tobytes())

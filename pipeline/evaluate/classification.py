@@ -72,5 +72,5 @@ def binary_metrics(
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "roc_auc": roc_auc(y, positive_scores, positive),
+        "roc_auc": roc_auc(labels, positive_scores, positive),
     }

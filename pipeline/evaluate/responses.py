@@ -12,6 +12,7 @@ from pipeline.data.instruct import format_prompt
 from pipeline.evaluate.text import extract_response
 from pipeline.model.generate import generate_tokens
 from pipeline.model.gpt import GPT
+from pipeline.settings import Generation
 
 
 def respond(
@@ -19,19 +20,18 @@ def respond(
     tokenizer: tiktoken.Encoding,
     record: Mapping[str, Any],
     template: str,
-    generation: Mapping[str, Any],
+    generation: Generation,
     generator: torch.Generator | None = None,
 ) -> str:
     """The model's answer to one record: generated after the prompt (KV cache), cut at
-    end-of-text or at the template's next-turn marker. `generation` holds max_new_tokens,
-    temperature, top_k and top_p (temperature 0 is greedy)."""
+    end-of-text or at the template's next-turn marker (temperature 0 is greedy)."""
     ids = generate_tokens(
         model,
         tokenizer.encode_ordinary(format_prompt(dict(record), template)),
-        generation["max_new_tokens"],
-        temperature=generation["temperature"],
-        top_k=generation["top_k"],
-        top_p=generation["top_p"],
+        generation.max_new_tokens,
+        temperature=generation.temperature,
+        top_k=generation.top_k,
+        top_p=generation.top_p,
         eos_id=tokenizer.eot_token,
         generator=generator,
     )

@@ -9,11 +9,14 @@ implementations and the backward formulas.
 
 from __future__ import annotations
 
+import importlib
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 try:
-    from pipeline.kernels import _C  # noqa: F401  (loading it registers the operators)
+    importlib.import_module("pipeline.kernels._C")  # loading it registers the operators
 except ImportError as exc:
     raise ImportError(
         "pipeline.kernels._C is not built: run `make setup` "
@@ -21,6 +24,21 @@ except ImportError as exc:
     ) from exc
 
 __all__ = ["causal_attention", "causal_attention_qkv", "cpu_capability"]
+
+
+class _Context(Protocol):
+    """The part of autograd's ctx that `setup_context` and the backward use (torch types ctx
+    Any; it is an instance of a generated `BackwardCFunction` subclass)."""
+
+    saved_tensors: tuple[Tensor, ...]
+
+    def mark_non_differentiable(self, *args: Tensor) -> None: ...
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None: ...
+
+
+class _QKVContext(_Context, Protocol):
+    n_head: int
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,7 +75,7 @@ def _causal_attention_bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+def _setup_context(ctx: _Context, inputs: tuple, output: tuple) -> None:
     q, k, v = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
@@ -65,7 +83,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 
 
 def _backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None
+    ctx: _Context, grad_out: Tensor, grad_lse: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, lse = ctx.saved_tensors
     return torch.ops.pipeline.causal_attention_bwd(grad_out, q, k, v, out, lse)
@@ -106,9 +124,7 @@ def _causal_attention_qkv_bwd_fake(
     return qkv.new_empty(qkv.shape)
 
 
-def _setup_qkv_context(
-    ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple
-) -> None:
+def _setup_qkv_context(ctx: _QKVContext, inputs: tuple, output: tuple) -> None:
     qkv, n_head = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
@@ -117,7 +133,7 @@ def _setup_qkv_context(
 
 
 def _qkv_backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor, grad_lse: Tensor | None
+    ctx: _QKVContext, grad_out: Tensor, grad_lse: Tensor | None
 ) -> tuple[Tensor, None]:
     qkv, out, lse = ctx.saved_tensors
     return torch.ops.pipeline.causal_attention_qkv_bwd(grad_out, qkv, out, lse, ctx.n_head), None

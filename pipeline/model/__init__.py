@@ -24,7 +24,8 @@ _HOME = {
     "KVCache": "pipeline.model.gpt",
 }
 
-__all__ = sorted(_HOME)
+# the names are _HOME's, resolved on first use by __getattr__, which pyright cannot follow
+__all__ = sorted(_HOME)  # pyright: ignore[reportUnsupportedDunderAll]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,8 @@ def split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
     b, t, width = qkv.shape
     c = width // 3
     q, k, v = qkv.split(c, dim=2)
-    return tuple(z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v))
+    q, k, v = [z.view(b, t, n_head, c // n_head).transpose(1, 2) for z in (q, k, v)]
+    return q, k, v
 
 
 def merge_heads(y: Tensor) -> Tensor:
@@ -167,6 +168,7 @@ class FusedAttention(AttentionBackend):
                 f"or choose `model.attention: sdpa`"
             )
         try:
+            # deferred: the compiled extension is optional; only this backend loads it
             import pipeline.kernels
         except ImportError as exc:
             raise ImportError(

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory
 from pipeline.model.classifier import GPTClassifier
@@ -140,6 +141,11 @@ def load_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def recorded_template(checkpoint_config: Mapping[str, Any]) -> str | None:
+    """The prompt template an instruction-tuned checkpoint's config.json records, or None."""
+    return checkpoint_config.get("instruct", {}).get("template")
+
+
 def load_weights(model: nn.Module, directory: str | Path) -> None:
     """Copy a checkpoint's weights into `model`, checking every tensor's name and shape first."""
     gpt = _unwrap(model)
@@ -200,8 +206,6 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
 def tokenizer_files(bpe_dir: str | Path) -> dict[str, Path]:
     """`extra_files` for `save_checkpoint` that ship the BPE files a model was trained with."""
-    from pipeline.data.tokenizer import GPT2_BPE_FILES
-
     return {f"{TOKENIZER_DIR}/{name}": Path(bpe_dir) / name for name in GPT2_BPE_FILES}
 
 
@@ -213,7 +217,5 @@ def checkpoint_tokenizer_files(directory: str | Path) -> dict[str, Path]:
 
 def checkpoint_tokenizer(directory: str | Path) -> tiktoken.Encoding:
     """The tokenizer saved beside the weights, else tiktoken's own GPT-2 encoding."""
-    from pipeline.data.tokenizer import gpt2_tokenizer
-
     bpe_dir = Path(directory) / TOKENIZER_DIR
     return gpt2_tokenizer(bpe_dir if (bpe_dir / "encoder.json").is_file() else None)

@@ -58,7 +58,11 @@ class GPTClassifier(GPT):
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, idx: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    # Deliberately not GPT's signature: the sequence lengths for pooling take the place of the
+    # KV cache and the LM targets, which a classifier has no use for.
+    def forward(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, idx: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
         """Class logits (B, num_labels); `lengths` (B,) counts the real tokens before padding."""
         if lengths is None:
             lengths = torch.full((idx.shape[0],), idx.shape[1], device=idx.device)
@@ -128,11 +132,12 @@ def collate_texts(
 
 
 @torch.no_grad()
-def predict_logits(
-    model: GPTClassifier, ids: Sequence[Sequence[int]], batch_size: int
-) -> torch.Tensor:
-    """Class logits (N, num_labels) in float32 on the CPU, in input order."""
-    device = model.tok_emb.weight.device
+def predict_logits(model: nn.Module, ids: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """Class logits (N, num_labels) in float32 on the CPU, in input order, of a `GPTClassifier`
+    or a wrapper that forwards its attributes (the training loop's compiled module)."""
+    tok_emb = model.tok_emb
+    assert isinstance(tok_emb, nn.Embedding)
+    device = tok_emb.weight.device
     out = []
     for start in range(0, len(ids), batch_size):
         tokens, lengths = collate_texts(ids[start : start + batch_size])

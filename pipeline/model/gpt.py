@@ -137,6 +137,7 @@ class GPT(nn.Module):
         # variance does not grow with the number of additions (2 per block).
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for block in self.blocks:
+            assert isinstance(block, Block)
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
@@ -230,6 +231,7 @@ class GPT(nn.Module):
         self.attention = name
         device = self.tok_emb.weight.device
         for block in self.blocks:
+            assert isinstance(block, Block)
             backend = build_attention(
                 name,
                 context_length=self.config.context_length,

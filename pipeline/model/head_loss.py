@@ -38,7 +38,8 @@ def _chunk_log_softmax(h: Tensor, w: Tensor, out: Tensor) -> Tensor:
         torch.mm(h, w.t(), out=out)
     else:
         out.copy_(torch.mm(h, w.t()))
-    return torch._log_softmax(out, 1, False, out=out)  # row by row: in place is exact
+    # torch's private op: the log_softmax that writes `out`; row by row, in place is exact
+    return torch._log_softmax(out, 1, False, out=out)  # pyright: ignore[reportPrivateImportUsage]
 
 
 def _buffer(n: int, chunk: int, w: Tensor, acc: torch.dtype) -> Tensor:
@@ -69,7 +70,7 @@ class _MeanNLL(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, grad: bool
-    ) -> Tensor:  # type: ignore[override]
+    ) -> Tensor:
         dtype, acc = _compute_dtype(hidden, weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         # needs_input_grad stays True under no_grad: `grad` is torch.is_grad_enabled() outside.
@@ -95,8 +96,9 @@ class _MeanNLL(torch.autograd.Function):
             ctx.save_for_backward(grad_h, grad_w)
         return -total / n  # 0 rows: NaN, as F.cross_entropy with every target ignored
 
+    # one output, so one gradient: torch declares the base as backward(ctx, *grad_outputs)
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):  # pyright: ignore[reportIncompatibleMethodOverride]
         grad_h, grad_w = ctx.saved_tensors
         dh, dw = ctx.dtypes
         scale = grad_output / ctx.n if ctx.n else torch.zeros_like(grad_output)  # no target
@@ -110,7 +112,7 @@ class _TargetLogprobs(torch.autograd.Function):
     the gradient of each row is scaled differently (DPO's summed response log-probabilities)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         dtype, acc = _compute_dtype(hidden, weight)
         ctx.meta = dtype, acc, chunk
         ctx.save_for_backward(hidden, weight, targets)
@@ -124,8 +126,9 @@ class _TargetLogprobs(torch.autograd.Function):
                 out[start : start + chunk] = logp[torch.arange(len(tc), device=tc.device), tc]
         return out
 
+    # one output, so one gradient: torch declares the base as backward(ctx, *grad_outputs)
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor):  # pyright: ignore[reportIncompatibleMethodOverride]
         hidden, weight, targets = ctx.saved_tensors
         dtype, acc, chunk = ctx.meta
         with torch.autocast(hidden.device.type, enabled=False):

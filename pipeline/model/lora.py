@@ -8,6 +8,7 @@ everything else; `merge_lora` folds each update into its Linear, giving back a p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +95,7 @@ def apply_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    targets: str | tuple[str, ...] | list[str] = LORA_TARGETS,
+    targets: str | Sequence[str] = LORA_TARGETS,
 ) -> LoRAStats:
     """Freeze every parameter of `model` (embeddings, norms and head too) and wrap the targeted
     Linear modules of each block in a trainable `LoRALinear`, in place.

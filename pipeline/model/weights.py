@@ -3,12 +3,9 @@ looked up under `paths.weights`, or a directory. Paths only, no torch: the Snake
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pipeline.model.config import HF_NAME_FOR_PRESET
-from pipeline.paths import Paths
 
 SCRATCH = "scratch"
 PRESET_FOR_WEIGHTS_NAME: dict[str, str] = {
@@ -18,23 +15,22 @@ PRESET_FOR_WEIGHTS_NAME: dict[str, str] = {
 """The names `init_from` looks up under paths.weights: our presets and Hugging Face's names."""
 
 
-def weights_candidates(config: Mapping[str, Any], name: str) -> list[Path]:
+def weights_candidates(weights: Path, name: str) -> list[Path]:
     """Where a GPT-2 name is looked for: paths.weights/<preset>, then paths.weights/<HF name>."""
     preset = PRESET_FOR_WEIGHTS_NAME[name]
-    weights = Paths.from_config(config).weights
     return [weights / preset, weights / HF_NAME_FOR_PRESET[preset]]
 
 
-def resolve_init_from(config: Mapping[str, Any]) -> Path | None:
-    """The weights directory `pretrain.init_from` names, or None for `scratch`.
+def resolve_init_from(init_from: str, weights: Path) -> Path | None:
+    """The weights directory `pretrain.init_from` names (looked up under `weights`, the
+    `paths.weights` setting, when it is a name), or None for `scratch`.
 
     A missing directory fails here, saying where it was looked for and how to get the weights.
     """
-    init_from = config["pretrain"]["init_from"]
     if init_from == SCRATCH:
         return None
     if init_from in PRESET_FOR_WEIGHTS_NAME:
-        candidates = weights_candidates(config, init_from)
+        candidates = weights_candidates(weights, init_from)
         for directory in candidates:
             if directory.is_dir():
                 return directory
@@ -42,7 +38,7 @@ def resolve_init_from(config: Mapping[str, Any]) -> Path | None:
         hf_name = HF_NAME_FOR_PRESET[preset]
         raise FileNotFoundError(
             f"pretrain.init_from {init_from!r}: no weights at {candidates[0]} or {candidates[1]} "
-            f"(paths.weights is {Paths.from_config(config).weights}). Download GPT-2 {preset} "
+            f"(paths.weights is {weights}). Download GPT-2 {preset} "
             f"first, e.g. `hf download openai-community/{hf_name} config.json model.safetensors "
             f"vocab.json merges.txt --local-dir {candidates[1]}`, or put OpenAI's checkpoint "
             f"(hparams.json, model.ckpt.*) in {candidates[0]}; or set pretrain.init_from to the "
@@ -58,16 +54,15 @@ def resolve_init_from(config: Mapping[str, Any]) -> Path | None:
     return directory
 
 
-def init_from_input(config: Mapping[str, Any]) -> list[str]:
+def init_from_input(init_from: str, weights: Path) -> list[str]:
     """The Snakefile's extra input for rule pretrain: the init_from directory, if any.
 
     A directory given by path is always an input, so Snakemake reports it missing before running;
     a name is an input once found (if it is not, the stage's own error says where it looked).
     """
-    init_from = config["pretrain"]["init_from"]
     if init_from == SCRATCH:
         return []
     if init_from in PRESET_FOR_WEIGHTS_NAME:
-        found = [d for d in weights_candidates(config, init_from) if d.is_dir()]
+        found = [d for d in weights_candidates(weights, init_from) if d.is_dir()]
         return [str(found[0])] if found else []
     return [init_from]

@@ -8,8 +8,8 @@ import time
 import uuid
 from typing import Any
 
-import mlflow
-from mlflow.pyfunc import PythonModel
+import mlflow.models
+from mlflow.pyfunc.model import PythonModel
 
 from pipeline.data.instruct import format_prompt
 from pipeline.errors import InputError
@@ -22,9 +22,11 @@ class InstructionChat(PythonModel):
         self.generation = Generation(context.artifacts["checkpoint"], key="")
         self.template = self.generation.template()
 
-    # model_input unannotated: MLflow would read a type hint as the signature
-    def predict(self, context, model_input, params: dict[str, Any] | None = None
-                ) -> dict[str, Any] | list[dict[str, Any]]:  # fmt: skip
+    # model_input unannotated: MLflow would read a type hint as the signature. The base method
+    # has no annotations and an empty body, so pyright takes it to return None.
+    def predict(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, context, model_input, params: dict[str, Any] | None = None
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """One completion per conversation (the object itself for a single one, as OpenAI's
         API answers)."""
         options = sampling(params, self.generation.model.config.context_length)

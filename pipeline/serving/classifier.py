@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
+import mlflow.models
 import pandas as pd
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc.model import PythonModel
 
 from pipeline.errors import InputError
 from pipeline.serving.inference import Classification
@@ -18,9 +18,11 @@ class Classifier(PythonModel):
     def load_context(self, context) -> None:
         self.classification = Classification(context.artifacts["checkpoint"], key="")
 
-    # model_input unannotated: MLflow would read a type hint as the signature
-    def predict(self, context, model_input, params: dict[str, Any] | None = None
-                ) -> pd.DataFrame:  # fmt: skip
+    # model_input unannotated: MLflow would read a type hint as the signature. The base method
+    # has no annotations and an empty body, so pyright takes it to return None.
+    def predict(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, context, model_input, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         try:
             predicted = self.classification.predict(column(model_input))
         except InputError as error:

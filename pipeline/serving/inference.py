@@ -11,7 +11,18 @@ from typing import Any
 
 import torch
 
+from pipeline.data.instruct import format_prompt, get_template
 from pipeline.errors import InputError
+from pipeline.model import GPT, load_checkpoint
+from pipeline.model.attention import resolve_attention
+from pipeline.model.checkpoint import (
+    checkpoint_tokenizer,
+    load_checkpoint_config,
+    recorded_template,
+)
+from pipeline.model.classifier import GPTClassifier, encode_texts, predict_probabilities
+from pipeline.model.generate import generate_tokens, stream_text, stream_until
+from pipeline.train import pick_device
 
 log = logging.getLogger("pipeline.serving")
 
@@ -20,10 +31,6 @@ def load_for_inference(checkpoint: Path, device: str = "auto", attention: str = 
                        key: str = "--") -> tuple[Any, torch.device]:  # fmt: skip
     """A checkpoint's model in eval mode on `device`, running the `attention` backend; `key`
     prefixes the option names in errors (`--device`)."""
-    from pipeline.model import load_checkpoint
-    from pipeline.model.attention import resolve_attention
-    from pipeline.train import pick_device
-
     dev = pick_device(device, key=f"{key}device")
     resolve_attention(attention, dev, key=f"{key}attention")  # fails before the loading
     model = load_checkpoint(checkpoint, device=dev)
@@ -50,9 +57,6 @@ class Generation:
 
     def __init__(self, checkpoint: Path, device: str = "auto", attention: str = "auto",
                  key: str = "--") -> None:  # fmt: skip
-        from pipeline.model import GPT
-        from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-
         self.model, self.device = load_for_inference(checkpoint, device, attention, key)
         if type(self.model) is not GPT:
             raise InputError(f"{checkpoint} is not a language-model checkpoint")
@@ -69,8 +73,6 @@ class Generation:
     def stream(self, prompt: str, sampling: Sampling, generator: torch.Generator | None = None,
                stop_at_eot: bool = True) -> Iterator[str]:  # fmt: skip
         """The continuation of `prompt`, piece by piece."""
-        from pipeline.model.generate import generate_tokens, stream_text
-
         ids = generate_tokens(
             self.model,
             self.tokenizer.encode_ordinary(prompt),
@@ -87,7 +89,7 @@ class Generation:
     def template(self, override: str | None = None) -> str:
         """The prompt template the checkpoint was tuned with (alpaca, with a warning, when its
         config records none); `override` wins."""
-        template = override or self.config.get("instruct", {}).get("template")
+        template = override or recorded_template(self.config)
         if template is None:
             log.warning("%s records no prompt template; using alpaca", self.checkpoint)
             return "alpaca"
@@ -97,9 +99,6 @@ class Generation:
                generator: torch.Generator | None = None) -> Iterator[str]:  # fmt: skip
         """The answer to one instruction wrapped in `template`, cut at the template's next turn,
         without the whitespace that opens it."""
-        from pipeline.data.instruct import format_prompt, get_template
-        from pipeline.model.generate import stream_until
-
         prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
         stops = get_template(template).stops
         pieces = stream_until(self.stream(prompt, sampling, generator), stops)
@@ -122,9 +121,6 @@ class Classification:
 
     def __init__(self, checkpoint: Path, device: str = "auto", attention: str = "auto",
                  key: str = "--") -> None:  # fmt: skip
-        from pipeline.model.checkpoint import checkpoint_tokenizer, load_checkpoint_config
-        from pipeline.model.classifier import GPTClassifier
-
         self.model, _ = load_for_inference(checkpoint, device, attention, key)
         if not isinstance(self.model, GPTClassifier):
             raise InputError(f"{checkpoint} is a language model, not a classifier checkpoint")
@@ -133,8 +129,6 @@ class Classification:
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[str, float]]:
         """(label, probability) per text: the most likely label, in input order."""
-        from pipeline.model.classifier import encode_texts, predict_probabilities
-
         check_texts(texts)
         max_length = self.head.get("max_length") or self.model.config.context_length
         ids, truncated = encode_texts(texts, self.tokenizer, max_length)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
-from mlflow.pyfunc import PythonModel
+import mlflow.models
+from mlflow.pyfunc.model import PythonModel
 
 from pipeline.errors import InputError
 from pipeline.serving.inference import Generation
@@ -22,9 +22,11 @@ class LanguageModel(PythonModel):
     def load_context(self, context) -> None:
         self.generation = Generation(context.artifacts["checkpoint"], key="")
 
-    # model_input unannotated: MLflow would read a type hint as the signature
-    def predict(self, context, model_input, params: dict[str, Any] | None = None
-                ) -> list[str]:  # fmt: skip
+    # model_input unannotated: MLflow would read a type hint as the signature. The base method
+    # has no annotations and an empty body, so pyright takes it to return None.
+    def predict(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, context, model_input, params: dict[str, Any] | None = None
+    ) -> list[str]:
         generation = self.generation
         options = sampling(params, generation.model.config.context_length)
         prompts = column(model_input)

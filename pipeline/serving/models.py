@@ -38,9 +38,9 @@ def _requirements() -> list[str]:
 
 def save_stage_model(stage: str, checkpoint: Path, path: Path, mlflow_model=None) -> None:
     """Write `stage`'s checkpoint as an MLflow model directory at `path`."""
-    import mlflow
+    import mlflow  # deferred: mlflow takes ~3 s to import, needed only when a model is logged
 
-    from pipeline.serving.schema import INPUT_EXAMPLES, SIGNATURES
+    from pipeline.serving.schema import INPUT_EXAMPLES, SIGNATURES  # deferred: imports mlflow
 
     kind = MODEL_KINDS[stage]
     mlflow.pyfunc.save_model(
@@ -59,6 +59,7 @@ def log_stage_model(tracker, stage: str, checkpoint: Path, step: int = 0) -> str
     """Log `stage`'s checkpoint as an MLflow logged model, an output of the stage's run (at
     `step`); returns its URI (`models:/<model_id>`), which `mlflow models serve -m` and the
     model registry take. Through the run's client, as everything the stage logs."""
+    # deferred: mlflow takes ~3 s to import, needed only when a model is logged
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 

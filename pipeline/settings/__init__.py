@@ -2,26 +2,31 @@
 
 The JSON Schema that validates a config, the defaults that complete it (and so appear in
 `results/config.resolved.yaml`) and the shipped `config.yaml` are all derived from these
-classes (by `schema.py` beside this file, for `pipeline/config.py`). A stage's section is the
-`settings` class of its registry entry (`pipeline/stages/registry.py`). Nothing here imports
-torch: the Snakefile reads it.
+classes (by `schema.py` beside this file); `load.py` reads, checks and completes a config and
+builds the typed `Config` from it. A stage's section is the `settings` class of its registry
+entry (`pipeline/stages/registry.py`); the runner hands each stage a `StageConfig` holding that
+section as its class. Nothing here imports torch: the Snakefile reads it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Generic, Literal, TypeVar
 
+from pipeline.errors import InputError
 from pipeline.model.config import PRESETS
+from pipeline.paths import Paths
 from pipeline.settings.schema import setting
 
 ATTENTION_CHOICES = ("auto", "fused", "sdpa", "multihead", "causal", "simple")
 """`model.attention`: auto, or a backend of pipeline/model/attention.py (a test ties the two)."""
 
 Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PathSettings:
     data: str = setting("data", minLength=1, help="downloads go to data/raw, tokens to data/tokens")
     results: str = setting("results", minLength=1, help="one folder per stage")
@@ -33,7 +38,7 @@ class PathSettings:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     name: str = setting(pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
     url: str = setting(pattern=r"^(https?|file)://")
@@ -82,7 +87,7 @@ DEFAULT_SOURCES = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSettings:
     mirrors: list[str] = setting(
         ["../shared/data"],
@@ -92,7 +97,7 @@ class DataSettings:
     sources: list[Source] = setting(DEFAULT_SOURCES, minItems=1, help="downloadable files")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CorpusPath:
     """Local text: a file, a directory (every corpus file below it) or a glob (`**` recurses);
     .txt/.md = one document per file, .jsonl = one per line, .parquet = one per row, each
@@ -103,7 +108,7 @@ class CorpusPath:
     column: str = setting("text", minLength=1, help=".parquet: the column holding a document")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareSettings:
     corpus: list[str | CorpusPath] = setting(
         ["tinyshakespeare.txt"],
@@ -139,7 +144,7 @@ PREPARE_RUN_KEYS = ("workers", "scatter")
 """How prepare runs, not what it writes (the token files are the same): no rerun trigger."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSettings:
     """The architecture (a preset, any field overridden) and the attention backend to run."""
 
@@ -159,7 +164,7 @@ class ModelSettings:
     qkv_bias: bool | None = setting(None, help="null: the preset's")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
     """Optimisation settings of one stage (its `train` section); `max_steps` counts optimizer
     steps. The launch keys (nproc_per_node, nnodes, parallelism) change how a stage runs, not
@@ -207,10 +212,23 @@ class TrainSettings:
     )
 
 
+    @property
+    def steps(self) -> int:
+        """`max_steps`, which a stage counted in epochs fills in before training."""
+        if self.max_steps is None:
+            raise ValueError("train.max_steps is null: the stage derives it before training")
+        return self.max_steps
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: `batch_size` is split evenly among them."""
+        return self.nproc_per_node * self.nnodes
+
+
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "parallelism")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainTrain(TrainSettings):
     # 500 steps of 8 x 128 tokens: the tokens of the earlier 250 x 16, and twice the updates,
     # which reach the earlier final val loss in half the tokens (benchmarks/time_to_loss.py).
@@ -233,7 +251,7 @@ def registered_name_setting() -> str | None:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainSettings:
     init_from: str = setting(
         "scratch",
@@ -263,13 +281,13 @@ class PretrainSettings:
     train: PretrainTrain = setting(PretrainTrain())
 
 
-@dataclass
+@dataclass(frozen=True)
 class Split:
     train: float = setting(0.85, exclusiveMinimum=0, exclusiveMaximum=1)
     val: float = setting(0.05, exclusiveMinimum=0, exclusiveMaximum=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     rank: int = setting(16, minimum=1)
     alpha: float = setting(16, exclusiveMinimum=0)
@@ -279,7 +297,7 @@ class LoraSettings:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
     max_new_tokens: int = setting(64, minimum=1)
     temperature: float = setting(0.0, minimum=0, help="0: greedy")
@@ -290,7 +308,7 @@ class Generation:
 INIT_FROM_HELP = "a stage name (pretrain, finetune-instruct, ...) or a checkpoint directory"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifierSettings:
     init_from: str = setting("pretrain", minLength=1, help=INIT_FROM_HELP)
     data: str = setting(
@@ -330,7 +348,7 @@ class ClassifierSettings:
     train: TrainSettings = setting(TrainSettings())
 
 
-@dataclass
+@dataclass(frozen=True)
 class InstructSettings:
     init_from: str = setting("pretrain", minLength=1, help=INIT_FROM_HELP)
     data: str = setting(
@@ -358,7 +376,7 @@ class InstructSettings:
     train: TrainSettings = setting(TrainSettings())
 
 
-@dataclass
+@dataclass(frozen=True)
 class DpoTrain(TrainSettings):
     lr: float = setting(
         5.0e-5,
@@ -370,7 +388,7 @@ class DpoTrain(TrainSettings):
     weight_decay: float = setting(0.0, minimum=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DpoSettings:
     init_from: str = setting(
         "finetune-instruct", minLength=1, help="a stage name or an instruction-tuned checkpoint"
@@ -404,7 +422,7 @@ class DpoSettings:
     train: DpoTrain = setting(DpoTrain())
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageResources:
     """What a training stage's Snakemake rule asks for (on SLURM: --cpus-per-task, --mem,
     --time, --gpus). Kept apart from the stage sections so changing it reruns nothing."""
@@ -424,7 +442,7 @@ class StageResources:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingSettings:
     uri: str = setting("sqlite:///mlflow.db", minLength=1)
     experiment: str = setting("gpt-pipeline", minLength=1)
@@ -444,3 +462,44 @@ class TrackingSettings:
         help="seconds between samples of CPU, memory, disk and network use (GPU with "
         "nvidia-ml-py) logged as the training stages' system/* metrics; 0 or null: none",
     )
+
+
+Section = TypeVar("Section")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved config, typed (`load.typed_config` builds it once): the shared sections as
+    their classes, each stage's section as its registry entry's class, and the plain mapping it
+    was built from (MLflow's params and config.yaml artifact)."""
+
+    seed: int
+    device: Device
+    paths: Paths
+    data: DataSettings
+    model: ModelSettings
+    sections: Mapping[str, Any]
+    """Stage name -> its section (`PretrainSettings`, ...), for stages that have settings."""
+    resources: Mapping[str, StageResources]
+    tracking: TrackingSettings
+    resolved: Mapping[str, Any]
+
+    def section_of(self, stage: str, kind: type[Section]) -> Section:
+        """`stage`'s section, checked to be a `kind`."""
+        section = self.sections.get(stage)
+        if not isinstance(section, kind):
+            raise InputError(f"{stage}: its settings are not {kind.__name__}")
+        return section
+
+    def for_stage(self, stage: str, kind: type[Section]) -> StageConfig[Section]:
+        """What the stage `stage` runs with: this config and its own section as a `kind`."""
+        shared = {f.name: getattr(self, f.name) for f in fields(Config)}
+        return StageConfig(**shared, stage=stage, section=self.section_of(stage, kind))
+
+
+@dataclass(frozen=True)
+class StageConfig(Config, Generic[Section]):
+    """What the runner hands one stage: the whole config, its name and its own section."""
+
+    stage: str
+    section: Section

@@ -1,26 +1,34 @@
-"""Pipeline configuration: YAML files deep-merged in order, `key.path=value` overrides, checked
-against the JSON Schema (draft 2020-12) derived from `pipeline/settings` and completed with
-the defaults, so the resolved config holds every effective value.
+"""A config's values, from YAML files to the typed `Config`: files deep-merged in order,
+`key.path=value` overrides, checked against the JSON Schema (draft 2020-12) derived from the
+settings classes, completed with the defaults (so the resolved config holds every effective
+value), then built as those classes (`typed_config`).
 
 Snakemake and every `python -m pipeline` command go through `resolve`, so a wrong key or type
-fails the same way everywhere, naming the key.
+fails the same way everywhere, naming the key. `schema.py` derives, from the classes, what this
+module checks values against.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from pipeline import settings
 from pipeline.errors import InputError
-from pipeline.settings import schema
-from pipeline.settings.schema import FieldSpec, Group
+from pipeline.io import atomic_write_text
+from pipeline.model.config import PRESETS
+from pipeline.paths import Paths
+from pipeline.settings import Config, Split, StageConfig, schema
+from pipeline.settings.schema import MISSING, FieldSpec, Group, fields_of, is_settings, record_type
+from pipeline.stages.registry import STAGES, scheduled_stages, training_stages
 
 DEFAULT_CONFIG = Path("config.yaml")
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
@@ -50,8 +58,6 @@ def parse_yaml(text: str) -> Any:
 def root_settings() -> Group:
     """The whole config: the fixed sections, then one section per registered stage that has
     settings, then each training stage's resources."""
-    from pipeline.stages.registry import STAGES, scheduled_stages
-
     resources = Group(
         tuple(
             FieldSpec(name, settings.StageResources, schema.to_plain(stage.resources))
@@ -62,11 +68,7 @@ def root_settings() -> Group:
     fields = (
         FieldSpec("seed", int, 1234, schema={"minimum": 0}),
         FieldSpec(
-            "device",
-            str,
-            "auto",
-            help="auto (cuda > mps > cpu) | cpu | cuda | mps",
-            schema={"enum": ("auto", "cpu", "cuda", "mps")},
+            "device", settings.Device, "auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps"
         ),
         FieldSpec("paths", settings.PathSettings, schema.defaults(settings.PathSettings)),
         FieldSpec("data", settings.DataSettings, schema.defaults(settings.DataSettings)),
@@ -95,7 +97,7 @@ def json_schema() -> dict[str, Any]:
 
 @cache
 def _validator():
-    import jsonschema
+    import jsonschema  # deferred: jsonschema takes ~0.13 s; the Snakefile imports this module
 
     found = json_schema()
     jsonschema.Draft202012Validator.check_schema(found)
@@ -161,80 +163,204 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-def _source_references(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(key, value) of every setting that names a `data.sources` entry: the corpus, and the
-    `data` of every stage section that has one."""
-    from pipeline.stages.registry import STAGES
-
-    corpus = config["prepare"]["corpus"]
-    refs = [(f"prepare.corpus.{i}", name) for i, name in enumerate(corpus) if isinstance(name, str)]
-    refs += [
-        (f"{name}.data", config[name]["data"])
-        for name in STAGES
-        if isinstance(config.get(name), Mapping) and "data" in config[name]
-    ]
-    return refs
-
-
 PRESET_KEYS = ("context_length", "n_layer", "n_head", "n_embd", "qkv_bias")
 """The model settings whose null means "the preset's"."""
 
 
 def preset_sizes(model: Mapping[str, Any]) -> dict[str, Any]:
     """The model section's architecture: its preset's values where the section says null."""
-    from pipeline.model.config import PRESETS
-
     preset = PRESETS[model["preset"]]
     return {k: preset[k] if model.get(k) is None else model[k] for k in PRESET_KEYS}
 
 
-def _training_problems(config: Mapping[str, Any]) -> list[str]:
-    """Pairs of a training section's settings that contradict each other."""
-    from pipeline.stages.registry import training_stages
+def fill_defaults(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with every missing setting set to its default, nested classes included."""
+    filled = dict(values)
+    for spec in fields_of(cls):
+        if spec.name not in filled:
+            if spec.default is not MISSING:
+                filled[spec.name] = copy.deepcopy(spec.default)
+            continue
+        kind, value = spec.kind, filled[spec.name]
+        if is_settings(kind) and isinstance(value, Mapping):
+            filled[spec.name] = fill_defaults(kind, value)
+        elif record_type(kind) is not None and isinstance(value, list):
+            item = record_type(kind)
+            filled[spec.name] = [
+                fill_defaults(item, v) if isinstance(v, Mapping) else v for v in value
+            ]
+    return filled
 
+
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _number_type(kind: Any) -> type | None:
+    """int or float for a setting of that type (or that type or None), else None."""
+    options = [a for a in get_args(kind) if a is not type(None)] if get_args(kind) else [kind]
+    return options[0] if len(options) == 1 and options[0] in (int, float) else None
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def coerce_numbers(cls: Any, values: Any) -> Any:
+    """`values` with a plain numeric literal given as a string (`"1e-3"`, which YAML 1.1 loaders
+    such as Snakemake's make of `1e-3`) made a number where the setting is one, and a whole
+    float (`1e3`) made an int where the setting is an int. Anything else is left to validation."""
+    if not isinstance(values, Mapping):
+        return values
+    coerced = dict(values)
+    for spec in fields_of(cls):
+        if spec.name not in coerced:
+            continue
+        kind, value = spec.kind, coerced[spec.name]
+        if is_settings(kind):
+            coerced[spec.name] = coerce_numbers(kind, value)
+        elif (number := _number_type(kind)) is not None:
+            coerced[spec.name] = _coerce(number, value)
+        elif (record := record_type(kind)) is not None and isinstance(value, list):
+            coerced[spec.name] = [coerce_numbers(record, v) for v in value]
+    return coerced
+
+
+def from_plain(kind: Any, value: Any) -> Any:
+    """A checked, complete value as the settings type `kind` says: a mapping becomes its
+    settings class (recursively, lists of records too); anything else is already its type."""
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+        hints = typing.get_type_hints(kind)
+        fields = dataclasses.fields(kind)
+        return kind(**{f.name: from_plain(hints[f.name], value[f.name]) for f in fields})
+    item = record_type(kind)
+    if item is not None and isinstance(value, list):
+        return [from_plain(item, v) if isinstance(v, Mapping) else v for v in value]
+    return value
+
+
+def _paths(paths: settings.PathSettings) -> Paths:
+    return Paths(Path(paths.data), Path(paths.results), Path(paths.resume), Path(paths.weights))
+
+
+def typed_config(resolved: Mapping[str, Any]) -> Config:
+    """The resolved config (`resolve`'s) as the settings classes: what the runner hands a stage."""
+    return Config(
+        seed=resolved["seed"],
+        device=resolved["device"],
+        paths=_paths(from_plain(settings.PathSettings, resolved["paths"])),
+        data=from_plain(settings.DataSettings, resolved["data"]),
+        model=from_plain(settings.ModelSettings, resolved["model"]),
+        sections={
+            name: from_plain(stage.settings, resolved[name])
+            for name, stage in STAGES.items()
+            if stage.settings is not None
+        },
+        resources={
+            name: from_plain(settings.StageResources, values)
+            for name, values in resolved["resources"].items()
+        },
+        tracking=from_plain(settings.TrackingSettings, resolved["tracking"]),
+        resolved=resolved,
+    )
+
+
+def stage_config(resolved: Mapping[str, Any], stage: str) -> StageConfig[Any]:
+    """What the runner hands the stage `stage`: the resolved config, typed, with its section."""
+    return typed_config(resolved).for_stage(stage, STAGES[stage].settings or type(None))
+
+
+def _source_problems(config: Config) -> list[str]:
+    """Settings that name a `data.sources` entry it does not have: the corpus's names and the
+    `data` of every stage section that has one."""
+    names = sorted(source.name for source in config.data.sources)
+    corpus = config.section_of("prepare", settings.PrepareSettings).corpus
+    refs = [(f"prepare.corpus.{i}", item) for i, item in enumerate(corpus) if isinstance(item, str)]
+    refs += [
+        (f"{name}.data", section.data)
+        for name, section in config.sections.items()
+        if isinstance(getattr(section, "data", None), str)
+    ]
+    return [
+        f"{key}: {name!r} is not a data.sources name; expected one of: {', '.join(names)}"
+        for key, name in refs
+        if name not in names
+    ]
+
+
+def _training_problems(config: Config) -> list[str]:
+    """A training section's settings that contradict each other or its resources."""
     problems = []
     for name in training_stages():
-        train = config[name]["train"]
-        if train["min_lr"] > train["lr"]:
-            lrs = f"min_lr ({train['min_lr']}) must be ≤ lr ({train['lr']})"
-            problems.append(f"{name}.train: {lrs}")
-        max_steps, warmup = train["max_steps"], train["warmup_steps"]
-        if max_steps is not None and warmup >= max_steps:
+        train: settings.TrainSettings = config.sections[name].train
+        if train.min_lr > train.lr:
+            problems.append(f"{name}.train: min_lr ({train.min_lr}) must be ≤ lr ({train.lr})")
+        if train.max_steps is not None and train.warmup_steps >= train.max_steps:
             problems.append(
-                f"{name}.train: warmup_steps ({warmup}) must be < max_steps ({max_steps})"
+                f"{name}.train: warmup_steps ({train.warmup_steps}) must be < max_steps "
+                f"({train.max_steps})"
             )
+        problems += _launch_problems(name, train, config.resources[name])
     return problems
 
 
-def _section_problems(name: str, section: Mapping[str, Any]) -> list[str]:
+def _launch_problems(
+    name: str, train: settings.TrainSettings, resources: settings.StageResources
+) -> list[str]:
+    """How a training stage is launched, against its batch and its resources."""
+    problems = []
+    size, nproc = train.world_size, train.nproc_per_node
+    if train.batch_size % size:
+        problems.append(
+            f"{name}.train.batch_size: {train.batch_size} is not divisible by the world size "
+            f"{size} (nproc_per_node {nproc} x nnodes {train.nnodes}); it is the global batch, "
+            "split evenly among the processes"
+        )
+    if resources.gpu and resources.gpu != nproc:
+        problems.append(
+            f"resources.{name}.gpu: {resources.gpu} GPUs per node but {name}.train."
+            f"nproc_per_node is {nproc}; each process drives one GPU, so make them equal"
+        )
+    if resources.threads is not None and resources.threads < nproc:
+        problems.append(
+            f"resources.{name}.threads: {resources.threads} is fewer than {name}.train."
+            f"nproc_per_node ({nproc}); each process needs at least one CPU"
+        )
+    return problems
+
+
+def _section_problems(name: str, section: object) -> list[str]:
     """A stage section's split fractions and labels that contradict each other."""
     problems = []
-    split = section.get("split")
-    if isinstance(split, Mapping) and split["train"] + split["val"] >= 1:
+    split = getattr(section, "split", None)
+    if isinstance(split, Split) and split.train + split.val >= 1:
         problems.append(
-            f"{name}.split: train ({split['train']}) + val ({split['val']}) must be < 1 "
+            f"{name}.split: train ({split.train}) + val ({split.val}) must be < 1 "
             "(the test split gets the rest)"
         )
-    if "labels" in section and section.get("positive_label") not in section["labels"]:
+    if isinstance(section, settings.ClassifierSettings) and (
+        section.positive_label not in section.labels
+    ):
         problems.append(
-            f"{name}.positive_label: {section['positive_label']!r} is not one of "
-            f"{name}.labels ({', '.join(section['labels'])})"
+            f"{name}.positive_label: {section.positive_label!r} is not one of "
+            f"{name}.labels ({', '.join(section.labels)})"
         )
     return problems
 
 
-def _cross_field_problems(config: Mapping[str, Any]) -> list[str]:
+def _cross_field_problems(config: Config) -> list[str]:
     """`key: problem` lines for settings that are each valid but contradict one another."""
-    from pipeline.stages.registry import STAGES
-
-    problems = _training_problems(config)
-    for name in STAGES:
-        problems += _section_problems(name, config.get(name, {}))
-    sizes = preset_sizes(config["model"])
+    problems = _source_problems(config) + _training_problems(config)
+    for name, section in config.sections.items():
+        problems += _section_problems(name, section)
+    sizes = preset_sizes(config.resolved["model"])
     if sizes["n_embd"] % sizes["n_head"]:
         problems.append(
             f"model: n_embd ({sizes['n_embd']}) must be divisible by n_head ({sizes['n_head']})"
-            f" (preset {config['model']['preset']} with the model section's overrides)"
+            f" (preset {config.model.preset} with the model section's overrides)"
         )
     return problems
 
@@ -242,21 +368,12 @@ def _cross_field_problems(config: Mapping[str, Any]) -> list[str]:
 def resolve(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
     """The config completed with every default, after checking it; ConfigError lists every key
     that does not match the schema, then what the schema alone cannot check."""
-    from pipeline.launch import launch_problems
-
-    config = schema.coerce_numbers(root_settings(), config)
+    config = coerce_numbers(root_settings(), config)
     errors = sorted(_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     problems = [line for e in errors for line in _describe(e).splitlines()]
-    resolved = schema.fill_defaults(root_settings(), config)
+    resolved = fill_defaults(root_settings(), config)
     if not errors:
-        names = sorted(s["name"] for s in resolved["data"]["sources"])
-        problems += [
-            f"{key}: {name!r} is not a data.sources name; expected one of: {', '.join(names)}"
-            for key, name in _source_references(resolved)
-            if name not in names
-        ]
-        problems += launch_problems(resolved)
-        problems += _cross_field_problems(resolved)
+        problems += _cross_field_problems(typed_config(resolved))
     if problems:
         details = "\n".join("  " + line for line in problems)
         raise ConfigError(f"invalid configuration ({source}):\n{details}")
@@ -325,23 +442,8 @@ def load_config(
     return resolve(config, source=" + ".join(str(p) for p in paths) or "config")
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}, "c": [x, y]}` -> `{"a.b": 1, "c.0": x, "c.1": y}` (MLflow params)."""
-    flat: dict[str, Any] = {}
-    items = config.items() if isinstance(config, Mapping) else enumerate(config)
-    for key, value in items:
-        name = f"{prefix}{key}"
-        if isinstance(value, (Mapping, list, tuple)) and value:
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def write_config(config: Mapping[str, Any], path: Path) -> None:
     """Write YAML atomically, leaving an unchanged file untouched (keeps its mtime)."""
-    from pipeline.io import atomic_write_text
-
     text = yaml.safe_dump(dict(config), sort_keys=False)
     path = Path(path)
     if path.exists() and path.read_text() == text:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import re
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -24,12 +23,12 @@ MISSING = dataclasses.MISSING
 
 
 def setting(default: Any = MISSING, *, help: str = "", **schema: Any) -> Any:
-    """A settings field: its default (a mapping or list is copied per instance), the text that
-    documents it, and JSON Schema keywords that bound it (minimum, enum, pattern, ...)."""
+    """A settings field: its default (a mapping, list or settings object is copied per
+    instance), the text that documents it, and JSON Schema keywords that bound it (minimum,
+    enum, pattern, ...)."""
     metadata = {"help": help, "schema": schema}
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
-        frozen = json.dumps(to_plain(default))
-        return dataclasses.field(default_factory=lambda: json.loads(frozen), metadata=metadata)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -121,7 +120,7 @@ def object_schema(cls: Any) -> dict[str, Any]:
     """A settings class as a closed JSON Schema object: unknown keys are errors."""
     properties, required = {}, []
     for spec in fields_of(cls):
-        prop = type_schema(spec.kind)
+        prop: dict[str, Any] = type_schema(spec.kind)
         extra = dict(spec.schema)
         if "enum" in extra:  # a registry's names, in place of a plain `str`
             nullable = "null" in prop.get("type", ())
@@ -147,63 +146,7 @@ def object_schema(cls: Any) -> dict[str, Any]:
     return schema
 
 
-def fill_defaults(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` with every missing setting set to its default, nested classes included."""
-    filled = dict(values)
-    for spec in fields_of(cls):
-        if spec.name not in filled:
-            if spec.default is not MISSING:
-                filled[spec.name] = copy.deepcopy(spec.default)
-            continue
-        kind, value = spec.kind, filled[spec.name]
-        if is_settings(kind) and isinstance(value, Mapping):
-            filled[spec.name] = fill_defaults(kind, value)
-        elif _record_type(kind) is not None and isinstance(value, list):
-            item = _record_type(kind)
-            filled[spec.name] = [
-                fill_defaults(item, v) if isinstance(v, Mapping) else v for v in value
-            ]
-    return filled
-
-
-_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-
-
-def _number_type(kind: Any) -> type | None:
-    """int or float for a setting of that type (or that type or None), else None."""
-    options = [a for a in get_args(kind) if a is not type(None)] if get_args(kind) else [kind]
-    return options[0] if len(options) == 1 and options[0] in (int, float) else None
-
-
-def _coerce(kind: type, value: Any) -> Any:
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        value = float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def coerce_numbers(cls: Any, values: Any) -> Any:
-    """`values` with a plain numeric literal given as a string (`"1e-3"`, which YAML 1.1 loaders
-    such as Snakemake's make of `1e-3`) made a number where the setting is one, and a whole
-    float (`1e3`) made an int where the setting is an int. Anything else is left to validation."""
-    if not isinstance(values, Mapping):
-        return values
-    coerced = dict(values)
-    for spec in fields_of(cls):
-        if spec.name not in coerced:
-            continue
-        kind, value = spec.kind, coerced[spec.name]
-        if is_settings(kind):
-            coerced[spec.name] = coerce_numbers(kind, value)
-        elif _number_type(kind) is not None:
-            coerced[spec.name] = _coerce(_number_type(kind), value)
-        elif _record_type(kind) is not None and isinstance(value, list):
-            coerced[spec.name] = [coerce_numbers(_record_type(kind), v) for v in value]
-    return coerced
-
-
-def _record_type(kind: Any) -> Any:
+def record_type(kind: Any) -> Any:
     """The settings class of a `list[SomeSettings]` (or `list[str | SomeSettings]`), else None."""
     if get_origin(kind) is not list:
         return None
@@ -214,8 +157,12 @@ def _record_type(kind: Any) -> Any:
 
 
 def defaults(cls: Any) -> dict[str, Any]:
-    """Every setting of `cls` at its default."""
-    return fill_defaults(cls, {})
+    """Every setting of `cls` that has a default, at its default."""
+    return {
+        spec.name: copy.deepcopy(spec.default)
+        for spec in fields_of(cls)
+        if spec.default is not MISSING
+    }
 
 
 def _scalar(value: Any) -> str:
@@ -229,8 +176,6 @@ def _scalar(value: Any) -> str:
 
 
 def _comment_lines(text: str, indent: str, width: int = 96) -> list[str]:
-    import textwrap
-
     return [f"{indent}# {line}" for line in textwrap.wrap(text, width - len(indent) - 2)]
 
 
@@ -243,7 +188,7 @@ def render_yaml(cls: Any, values: Mapping[str, Any], indent: str = "") -> list[s
             continue
         value, kind = values[spec.name], spec.kind
         nested = is_settings(kind) and isinstance(value, Mapping)
-        record = _record_type(kind)
+        record = record_type(kind)
         if record and not any(isinstance(item, Mapping) for item in value):
             record = None  # plain values only: one flow-style line
         line = f"{indent}{spec.name}:"

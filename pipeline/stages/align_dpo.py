@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tiktoken
 import torch
 
 from pipeline.data.instruct import (
@@ -28,7 +29,12 @@ from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
 from pipeline.io import atomic_write_json
 from pipeline.model import GPT, load_checkpoint_config
-from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
+from pipeline.model.checkpoint import (
+    checkpoint_tokenizer,
+    checkpoint_tokenizer_files,
+    recorded_template,
+)
+from pipeline.settings import DpoSettings, StageConfig, TrainSettings
 from pipeline.stages.common import (
     epoch_train_settings,
     fine_tuning_fingerprint,
@@ -100,29 +106,66 @@ def reference_logprobs(
     return torch.cat(out_c), torch.cat(out_r)
 
 
-class AlignDpo(TrainingStage):
+class AlignDpo(TrainingStage[DpoSettings]):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
-        section = self.section = config[STAGE]
+    def setup(self, config: StageConfig[DpoSettings], device: torch.device, out_dir: Path
+              ) -> StagePlan:  # fmt: skip
+        section = self.section = config.section
         train_records, val, self.test, skipped = instruction_splits(
-            config, STAGE, PREFERENCE_KEYS, out_dir
+            config, PREFERENCE_KEYS, out_dir
         )
-        model, start = load_language_model(config, STAGE, device)
-        self.template = section["template"] or load_checkpoint_config(start).get(
-            "instruct", {}
-        ).get("template")
-        if self.template is None:
+        model, start = load_language_model(config, device)
+        self.template = self.start_template(start)
+        tokenizer = checkpoint_tokenizer(start)
+        self.context, self.batch_size = model.config.context_length, section.train.batch_size
+        self.encode({"train": train_records, "val": val}, tokenizer)
+        self.setup_reference(model, tokenizer, config.seed, device)
+        trainable, total = make_trainable(model, config)
+        task, train = self.setup_task(config.seed, len(train_records), len(val))
+        self.device = device
+        self.summary = {
+            "method": section.method,
+            "loss_type": section.loss,
+            "beta": section.beta,
+            "trainable_parameters": trainable,
+            "skipped_records": skipped,
+        }
+        return StagePlan(
+            model, task, train,
+            fine_tuning_fingerprint(
+                config, start, model, ("generation", "sample_table_rows"), template=self.template,
+            ),
+            tokenizer, checkpoint_tokenizer_files(start),
+            title=f"{STAGE} (β {section.beta:g}; Δ: chosen − rejected log-ratio margin)",
+            loss_label=loss_label(section.loss, section.label_smoothing),
+            tags={"init_from": str(start), "device": device.type, "method": section.method},
+            start_metrics={
+                "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
+            },
+            datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
+            checkpoint_metadata={
+                "instruct": {"template": self.template, "method": section.method, "aligned": "dpo"}
+            },
+            lora=section.method == "lora",
+        )  # fmt: skip
+
+    def start_template(self, start: Path) -> str:
+        """The prompt template: the section's, else the one the start checkpoint was tuned with."""
+        template = self.section.template or recorded_template(load_checkpoint_config(start))
+        if template is None:
             raise InputError(
                 f"{start} records no prompt template (not an instruction-tuned checkpoint?); "
                 f"set {STAGE}.template"
             )
-        tokenizer = checkpoint_tokenizer(start)
-        self.context, self.batch_size = model.config.context_length, section["train"]["batch_size"]
-        self.encode({"train": train_records, "val": val}, tokenizer)
+        return template
 
-        model.eval()  # the start model answers the test set and is the frozen reference
-        self.generator = lambda: seeded(config, device)  # the same one before and after
+    def setup_reference(self, model: GPT, tokenizer: tiktoken.Encoding, seed: int,
+                        device: torch.device) -> None:  # fmt: skip
+        """The start model, frozen, answers the test set and scores every pair once: it is the
+        reference the policy is measured against."""
+        model.eval()
+        self.generator = lambda: seeded(seed, device)  # the same one before and after
         before = self.generator()
         self.before = (
             [self.respond(model, tokenizer, r, before) for r in self.test]
@@ -136,51 +179,23 @@ class AlignDpo(TrainingStage):
             )
             for name in ("train", "val")
         }  # fmt: skip
-        trainable, total = make_trainable(model, config, STAGE)
 
+    def setup_task(self, seed: int, train_size: int, val_size: int
+                   ) -> tuple[TrainTask, TrainSettings]:  # fmt: skip
+        """Shuffled pair batches with their reference log-probabilities, the preference loss
+        and its evaluation, and the settings counted in epochs."""
         batches = ExampleBatches(
-            len(train_records), self.batch_size, lambda idx: self.pair_batch("train", idx),
-            seed=config["seed"],
-        )  # fmt: skip
+            train_size, self.batch_size, lambda idx: self.pair_batch("train", idx), seed=seed
+        )
         train, self.steps_per_epoch = epoch_train_settings(
-            section["train"], section["epochs"], batches.steps_per_epoch
+            self.section.train, self.section.epochs, batches.steps_per_epoch
         )
         self.eval_sizes = {
-            "train": min(len(train_records), train.eval_batches * self.batch_size),
-            "val": len(val),
+            "train": min(train_size, train.eval_batches * self.batch_size),
+            "val": val_size,
         }
-        self.device = device
-        self.summary = {
-            "method": section["method"],
-            "loss_type": section["loss"],
-            "beta": section["beta"],
-            "trainable_parameters": trainable,
-            "skipped_records": skipped,
-        }
-        return StagePlan(
-            model,
-            TrainTask(self.loss, batches, eval_fn=self.evaluate, loss_units=lambda b: len(b[2])),
-            train,
-            fine_tuning_fingerprint(
-                config, STAGE, start, model, ("generation", "sample_table_rows"),
-                template=self.template,
-            ),
-            tokenizer,
-            checkpoint_tokenizer_files(start),
-            title=f"{STAGE} (β {section['beta']:g}; Δ: chosen − rejected log-ratio margin)",
-            loss_label=loss_label(section["loss"], section["label_smoothing"]),
-            tags={"init_from": str(start), "device": device.type, "method": section["method"]},
-            start_metrics={
-                "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
-            },
-            datasets=instruction_datasets(config, STAGE, out_dir, train_records, val, self.test),
-            checkpoint_metadata={
-                "instruct": {
-                    "template": self.template, "method": section["method"], "aligned": "dpo",
-                }
-            },
-            lora=section["method"] == "lora",
-        )  # fmt: skip
+        task = TrainTask(self.loss, batches, eval_fn=self.evaluate, loss_units=lambda b: len(b[2]))
+        return task, train
 
     def encode(self, splits: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer) -> None:
         """Each split's chosen and rejected answers as training examples (truncation logged)."""
@@ -214,8 +229,8 @@ class AlignDpo(TrainingStage):
         policy_c, policy_r = pair_logprobs(model, inputs, targets)
         section = self.section
         return preference_loss(
-            policy_c, policy_r, ref_c, ref_r, beta=section["beta"],
-            label_smoothing=section["label_smoothing"], loss_type=section["loss"],
+            policy_c, policy_r, ref_c, ref_r, beta=section.beta,
+            label_smoothing=section.label_smoothing, loss_type=section.loss,
         )  # fmt: skip
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -233,8 +248,7 @@ class AlignDpo(TrainingStage):
         return metrics
 
     def respond(self, model: GPT, tokenizer, record: Mapping[str, Any], generator) -> str:
-        generation = self.section["generation"]
-        return respond(model, tokenizer, record, self.template, generation, generator)
+        return respond(model, tokenizer, record, self.template, self.section.generation, generator)
 
     def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
                tracker: StageRun) -> dict[str, Any]:  # fmt: skip
@@ -251,7 +265,7 @@ class AlignDpo(TrainingStage):
             for record, before in zip(self.test, self.before, strict=True)
         ]
         atomic_write_json(out_dir / "test_responses.json", rows)
-        shown = rows[: self.section["sample_table_rows"]]
+        shown = rows[: self.section.sample_table_rows]
         columns = ("instruction", "chosen", "response_before", "response_after")
         tracker.log_table({k: [row[k] for row in shown] for k in columns}, "test_samples.json")
 
@@ -284,5 +298,5 @@ class AlignDpo(TrainingStage):
         return {k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}
 
 
-def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+def main(config: StageConfig[DpoSettings], threads: int | None = None) -> dict[str, Any]:
     return run_training_stage(AlignDpo(), config, threads)

@@ -3,24 +3,33 @@ record splits, trainable parts, resume fingerprints, and the stage's last writes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from pipeline.data.instruct import load_records, split_records
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import compare_answers
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.attention import resolve_attention
 from pipeline.model.checkpoint import WEIGHTS_FILE
+from pipeline.model.gpt2_import import weight_files
 from pipeline.model.lora import apply_lora
-from pipeline.paths import Paths
-from pipeline.settings import TrainSettings
-from pipeline.stages.registry import init_checkpoint_path
+from pipeline.settings import (
+    Config,
+    DpoSettings,
+    InstructSettings,
+    StageConfig,
+    TrainSettings,
+)
+from pipeline.settings.schema import to_plain
+from pipeline.stages.registry import FineTuningSection, init_checkpoint_path
 from pipeline.train import pick_device
 from pipeline.train.distributed import current_world
 
@@ -33,46 +42,45 @@ log = logging.getLogger("pipeline.stages")
 WARNING_TAG = "pipeline.warning"
 """The MLflow tag a stage sets when an output looks wrong (collapsed answers)."""
 
+Instructions = TypeVar("Instructions", InstructSettings, DpoSettings)
+"""The sections of the stages that tune on instruction records."""
+FineTuning = TypeVar("FineTuning", bound=FineTuningSection)
+"""The section of a stage that starts from a checkpoint."""
 
-def stage_device(config: Mapping[str, Any]) -> torch.device:
+
+def stage_device(config: Config) -> torch.device:
     """The configured device (under torchrun on GPUs, this process's GPU)."""
-    device = pick_device(config["device"])
+    device = pick_device(config.device)
     if device.type == "cuda" and device.index is None and current_world().distributed:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def use_attention(model: GPT, config: Mapping[str, Any], device: torch.device) -> str:
+def use_attention(model: GPT, config: Config, device: torch.device) -> str:
     """Switch `model` to the backend `model.attention` asks for on `device` (`auto`: fused on
     the CPU, sdpa elsewhere; see `resolve_attention`); returns its name."""
-    name = resolve_attention(config["model"]["attention"], device, model.config.attn_dropout)
+    name = resolve_attention(config.model.attention, device, model.config.attn_dropout)
     model.set_attention(name)
     return name
 
 
-def train_settings(train: Mapping[str, Any], **derived: int) -> TrainSettings:
-    """A stage's validated `train` section as settings; `derived` values (steps from epochs...)
-    stand in where the section leaves them null."""
-    values = dict(train)
-    for key, value in derived.items():
-        if values.get(key) is None:
-            values[key] = value
-    return TrainSettings(**values)
-
-
-def epoch_train_settings(train: Mapping[str, Any], epochs: int, batches_per_epoch: int
+def epoch_train_settings(train: TrainSettings, epochs: int, batches_per_epoch: int
                          ) -> tuple[TrainSettings, int]:  # fmt: skip
     """(settings, optimizer steps per epoch) for a stage counted in epochs: an optimizer step
     draws grad_accum_steps batches, and evaluation falls on every epoch's end. A `max_steps` or
     `eval_every` in the config wins."""
-    steps_per_epoch = max(1, -(-batches_per_epoch // train["grad_accum_steps"]))
-    cfg = train_settings(train, max_steps=epochs * steps_per_epoch, eval_every=steps_per_epoch)
-    return cfg, steps_per_epoch
+    steps_per_epoch = max(1, -(-batches_per_epoch // train.grad_accum_steps))
+    settings = dataclasses.replace(
+        train,
+        max_steps=train.max_steps or epochs * steps_per_epoch,
+        eval_every=train.eval_every or steps_per_epoch,
+    )
+    return settings, steps_per_epoch
 
 
-def seeded(config: Mapping[str, Any], device: torch.device) -> torch.Generator:
+def seeded(seed: int, device: torch.device) -> torch.Generator:
     """A generator of its own for sampled text, so sampling never moves the training RNG."""
-    return torch.Generator(device=device).manual_seed(config["seed"])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def check_splits(section: str, **splits: Sized) -> None:
@@ -85,7 +93,7 @@ def check_splits(section: str, **splits: Sized) -> None:
             )
 
 
-def init_checkpoint(config: Mapping[str, Any], init_from: str) -> Path:
+def init_checkpoint(config: Config, init_from: str) -> Path:
     """`init_checkpoint_path`, checked to hold weights."""
     directory = init_checkpoint_path(config, init_from)
     if not (directory / WEIGHTS_FILE).is_file():
@@ -100,8 +108,6 @@ def weights_sha256(directory: Path) -> str:
     """Identity of starting weights (our checkpoint, Hugging Face's or OpenAI's layout) for
     resume fingerprints and provenance: the weights file's sha256 (for Hugging Face's, the
     value the hub shows), or for several files a sha256 over their names and sha256s."""
-    from pipeline.model.hf import weight_files
-
     files = weight_files(directory)
     if len(files) == 1:
         return sha256_file(files[0])
@@ -112,24 +118,19 @@ def weights_sha256(directory: Path) -> str:
 
 
 def instruction_splits(
-    config: Mapping[str, Any], stage: str, required: Sequence[str], out_dir: Path
+    config: StageConfig[Instructions], required: Sequence[str], out_dir: Path
 ) -> tuple[list[dict], list[dict], list[dict], int]:
     """(train, val, test, skipped) of a stage's instruction records: validated (invalid ones
     skipped and logged if the section says so), split with the seed, written to `out_dir`."""
-    from pipeline.data.instruct import load_records, split_records
-
-    paths = Paths.from_config(config)
-    section = config[stage]
-    data_path = paths.source(section["data"])
-    records, skipped = load_records(
-        data_path, required=required, skip_invalid=section["skip_invalid"]
-    )
+    section = config.section
+    data_path = config.paths.source(section.data)
+    records, skipped = load_records(data_path, required=required, skip_invalid=section.skip_invalid)
     for index, reason in skipped:
         log.warning("%s: skipped record %d: %s", data_path, index, reason)
     train, val, test = split_records(
-        records, section["split"]["train"], section["split"]["val"], seed=config["seed"]
+        records, section.split.train, section.split.val, seed=config.seed
     )
-    check_splits(stage, train=train, val=val, test=test)
+    check_splits(config.stage, train=train, val=val, test=test)
     for name, split in (("train", train), ("val", val), ("test", test)):
         atomic_write_json(out_dir / f"{name}.json", split)
     log.info("records: %d train, %d val, %d test", len(train), len(val), len(test))
@@ -163,10 +164,10 @@ def split_datasets(
 
 
 def instruction_datasets(
-    config: Mapping[str, Any], stage: str, out_dir: Path, *splits: Sized
+    config: StageConfig[Instructions], out_dir: Path, *splits: Sized
 ) -> dict[str, list[dict[str, Any]]]:
     """`instruction_splits`' train, val and test (written to `out_dir`) as dataset inputs."""
-    source = Paths.from_config(config).source(config[stage]["data"])
+    source = config.paths.source(config.section.data)
     files = {name: out_dir / f"{name}.json" for name in SPLIT_CONTEXTS}
     return split_datasets(
         source, {name: (files[name], records) for name, records in zip(files, splits, strict=True)}
@@ -174,39 +175,37 @@ def instruction_datasets(
 
 
 def load_language_model(
-    config: Mapping[str, Any], stage: str, device: torch.device
+    config: StageConfig[FineTuning], device: torch.device
 ) -> tuple[GPT, Path]:
     """The section's start checkpoint as a language model (not a classifier), running the
     configured attention, and its path."""
-    start = init_checkpoint(config, config[stage]["init_from"])
+    start = init_checkpoint(config, config.section.init_from)
     model = load_checkpoint(start, device=device)
     if type(model) is not GPT:
-        raise InputError(f"{stage}.init_from {start} is not a language-model checkpoint")
+        raise InputError(f"{config.stage}.init_from {start} is not a language-model checkpoint")
     use_attention(model, config, device)
     return model, start
 
 
-def make_trainable(model: GPT, config: Mapping[str, Any], stage: str) -> tuple[int, int]:
+def make_trainable(model: GPT, config: StageConfig[Instructions]) -> tuple[int, int]:
     """Full fine-tuning, or LoRA adapters (seeded) on a frozen model, as the section says;
     returns (trainable, total) parameter counts, also logged."""
-    section = config[stage]
-    lora = section["lora"]
-    torch.manual_seed(config["seed"])  # LoRA's A matrices
-    if section["method"] == "lora":
-        stats = apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+    method, lora = config.section.method, config.section.lora
+    torch.manual_seed(config.seed)  # LoRA's A matrices
+    if method == "lora":
+        stats = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
         trainable, total = stats.trainable, stats.total
     else:
         trainable = total = sum(p.numel() for p in model.parameters())
     log.info(
         "%s %s: %s of %s parameters trainable (%.2f%%)",
-        stage, section["method"], f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+        config.stage, method, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
     )  # fmt: skip
     return trainable, total
 
 
 def fine_tuning_fingerprint(
-    config: Mapping[str, Any],
-    stage: str,
+    config: StageConfig[FineTuning],
     start: Path,
     model: GPT,
     reporting_keys: Sequence[str] = (),
@@ -217,11 +216,11 @@ def fine_tuning_fingerprint(
     `train` is fingerprinted by `fit` itself; `reporting_keys` only shape the stage's reports
     (sample counts, generation settings), so changing them keeps the resume state.
     """
-    section = config[stage]
     skipped = {"train", *reporting_keys}
+    section = to_plain(config.section)
     return {
         "init_weights": weights_sha256(start),
-        "data": sha256_file(Paths.from_config(config).source(section["data"])),
+        "data": sha256_file(config.paths.source(config.section.data)),
         **extra,
         "section": {k: v for k, v in section.items() if k not in skipped},
         "model": model.config.to_dict(),

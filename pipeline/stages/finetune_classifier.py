@@ -38,8 +38,8 @@ from pipeline.model.classifier import (
     encode_texts,
     predict_logits,
 )
-from pipeline.paths import Paths
 from pipeline.plots import plot_confusion_matrix, plot_reliability
+from pipeline.settings import ClassifierSettings, StageConfig, TrainSettings
 from pipeline.stages.common import (
     check_splits,
     epoch_train_settings,
@@ -73,36 +73,66 @@ def _split_metrics(
     return {"loss": loss.item(), **metrics}, probs
 
 
-class FinetuneClassifier(TrainingStage):
+class FinetuneClassifier(TrainingStage[ClassifierSettings]):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
-        section = self.section = config[STAGE]
+    def setup(self, config: StageConfig[ClassifierSettings], device: torch.device,
+              out_dir: Path) -> StagePlan:  # fmt: skip
+        section = self.section = config.section
         self.split_records(config, out_dir)
-        base, start = load_language_model(config, STAGE, device)
-        torch.manual_seed(config["seed"])  # the new head's initialisation
-        model = GPTClassifier.from_language_model(base, self.labels, section["pooling"])
-        del base
+        model, start = self.setup_model(config, device)
         tokenizer = checkpoint_tokenizer(start)
-        max_length = section["max_length"] or model.config.context_length
+        max_length = section.max_length or model.config.context_length
         if max_length > model.config.context_length:
             raise InputError(
                 f"{STAGE}.max_length {max_length} exceeds the model's context_length "
                 f"{model.config.context_length}"
             )
         self.encode(tokenizer, max_length)
-        self.trainable = model.set_trainable(section["trainable_blocks"])
-        self.batch_size = section["train"]["batch_size"]
+        task, train = self.setup_task(config.seed, device)
+        return StagePlan(
+            model, task, train,
+            fine_tuning_fingerprint(config, start, model, ("misclassified_examples",)),
+            tokenizer, checkpoint_tokenizer_files(start), title=STAGE,
+            tags={"init_from": str(start), "device": device.type,
+                  "trainable_parameters": self.trainable},
+            start_metrics={f"truncated_{name}": float(n) for name, n in self.truncated.items()},
+            datasets=split_datasets(
+                config.paths.source(section.data),
+                {name: (out_dir / f"{name}.tsv", split) for name, split in self.splits.items()},
+            ),
+            checkpoint_metadata={
+                "classifier": {
+                    "labels": self.labels, "pooling": section.pooling,
+                    "positive_label": section.positive_label, "max_length": max_length,
+                }
+            },
+        )  # fmt: skip
+
+    def setup_model(self, config: StageConfig[ClassifierSettings], device: torch.device
+                    ) -> tuple[GPTClassifier, Path]:  # fmt: skip
+        """The start checkpoint with a new (seeded) classification head, trainable as the
+        section says; and the checkpoint's path."""
+        base, start = load_language_model(config, device)
+        torch.manual_seed(config.seed)  # the new head's initialisation
+        model = GPTClassifier.from_language_model(base, self.labels, self.section.pooling)
+        self.trainable = model.set_trainable(self.section.trainable_blocks)
+        return model, start
+
+    def setup_task(self, seed: int, device: torch.device) -> tuple[TrainTask, TrainSettings]:
+        """Shuffled batches of the train split, the (class-weighted) loss and evaluation, and
+        the train settings counted in epochs."""
+        self.batch_size = self.section.train.batch_size
         batches = ExampleBatches(
             len(self.splits["train"]),
             self.batch_size,
             lambda idx: collate_texts(
                 [self.encoded["train"][i] for i in idx], [self.targets["train"][i] for i in idx]
             ),
-            seed=config["seed"],
+            seed=seed,
         )
         train, self.steps_per_epoch = epoch_train_settings(
-            section["train"], section["epochs"], batches.steps_per_epoch
+            self.section.train, self.section.epochs, batches.steps_per_epoch
         )
         self.eval_train = min(len(self.splits["train"]), train.eval_batches * self.batch_size)
         loss_weight = None if self.weight is None else self.weight.to(device)
@@ -111,52 +141,27 @@ class FinetuneClassifier(TrainingStage):
             tokens, lengths, y = batch
             return F.cross_entropy(m(tokens, lengths).float(), y, weight=loss_weight)
 
-        return StagePlan(
-            model,
-            TrainTask(loss_fn, batches, eval_fn=self.evaluate, loss_units=self.loss_units),
-            train,
-            fine_tuning_fingerprint(config, STAGE, start, model, ("misclassified_examples",)),
-            tokenizer,
-            checkpoint_tokenizer_files(start),
-            title=STAGE,
-            tags={"init_from": str(start), "device": device.type,
-                  "trainable_parameters": self.trainable},
-            start_metrics={f"truncated_{name}": float(n) for name, n in self.truncated.items()},
-            datasets=split_datasets(
-                Paths.from_config(config).source(section["data"]),
-                {name: (out_dir / f"{name}.tsv", split) for name, split in self.splits.items()},
-            ),
-            checkpoint_metadata={
-                "classifier": {
-                    "labels": self.labels,
-                    "pooling": section["pooling"],
-                    "positive_label": section["positive_label"],
-                    "max_length": max_length,
-                }
-            },
-        )  # fmt: skip
+        return TrainTask(loss_fn, batches, eval_fn=self.evaluate, loss_units=self.loss_units), train
 
-    def split_records(self, config: Mapping[str, Any], out_dir: Path) -> None:
+    def split_records(self, config: StageConfig[ClassifierSettings], out_dir: Path) -> None:
         """Read the labelled texts, balance them as configured, split them stratified (written
         to `out_dir` as train/val/test.tsv) and weigh the classes if asked."""
-        paths, section = Paths.from_config(config), self.section
-        labels = sorted(section["labels"])
-        records = read_label_tab_text(paths.source(section["data"]), labels, f"{STAGE}.labels")
-        self.labels, self.positive = labels, labels.index(section["positive_label"])
+        section = self.section
+        labels = sorted(section.labels)
+        records = read_label_tab_text(config.paths.source(section.data), labels, f"{STAGE}.labels")
+        self.labels, self.positive = labels, labels.index(section.positive_label)
         log.info("read %d records: %s", len(records), label_counts(records))
-        if section["balance"] == "undersample":
-            records = undersample(records, config["seed"])
+        if section.balance == "undersample":
+            records = undersample(records, config.seed)
             log.info("balanced by undersampling to %s", label_counts(records))
-        splits = stratified_split(
-            records, section["split"]["train"], section["split"]["val"], config["seed"]
-        )
+        splits = stratified_split(records, section.split.train, section.split.val, config.seed)
         self.splits = dict(zip(("train", "val", "test"), splits, strict=True))
         check_splits(STAGE, **self.splits)
         for name, split in self.splits.items():
             write_tsv(out_dir / f"{name}.tsv", split)
             log.info("%s split: %d records %s", name, len(split), label_counts(split))
         self.weight = None
-        if section["balance"] == "class_weights":
+        if section.balance == "class_weights":
             self.weight = torch.tensor(class_weights(self.splits["train"], labels))
             log.info("class weights %s", dict(zip(labels, self.weight.tolist(), strict=True)))
 
@@ -181,7 +186,7 @@ class FinetuneClassifier(TrainingStage):
         labels = batch[2]
         return float(len(labels) if self.weight is None else self.weight[labels].sum())
 
-    def logits(self, model: GPTClassifier, split: str, size: int | None = None) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, split: str, size: int | None = None) -> torch.Tensor:
         return predict_logits(model, self.encoded[split][:size], self.batch_size)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -218,7 +223,7 @@ class FinetuneClassifier(TrainingStage):
         )
         _write_misclassified(
             out_dir / "misclassified.tsv", self.splits["test"], predictions, test_probs,
-            self.labels, self.section["misclassified_examples"],
+            self.labels, self.section.misclassified_examples,
         )  # fmt: skip
         plot_confusion_matrix(counts, self.labels, out_dir / "confusion_matrix.png", title=STAGE)
         return metrics
@@ -252,7 +257,7 @@ class FinetuneClassifier(TrainingStage):
         return {k: v for k, v in metrics.items() if k.startswith("test_")}
 
 
-def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+def main(config: StageConfig[ClassifierSettings], threads: int | None = None) -> dict[str, Any]:
     return run_training_stage(FinetuneClassifier(), config, threads)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tiktoken
 import torch
 
 from pipeline.data.instruct import (
@@ -31,6 +32,7 @@ from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
 from pipeline.io import atomic_write_json
 from pipeline.model import GPT
 from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
+from pipeline.settings import InstructSettings, StageConfig, TrainSettings
 from pipeline.stages.common import (
     epoch_train_settings,
     fine_tuning_fingerprint,
@@ -57,101 +59,115 @@ def _sample_table(rows: Sequence[Mapping[str, Any]], limit: int) -> dict[str, li
     return {k: [row[k] for row in rows[:limit]] for k in keys}
 
 
-class FinetuneInstruct(TrainingStage):
+class FinetuneInstruct(TrainingStage[InstructSettings]):
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
-        section = self.section = config[STAGE]
-        template = section["template"]
-        train_records, val, self.test, skipped = instruction_splits(
-            config, STAGE, RECORD_KEYS, out_dir
-        )
-        model, start = load_language_model(config, STAGE, device)
+    def setup(self, config: StageConfig[InstructSettings], device: torch.device,
+              out_dir: Path) -> StagePlan:  # fmt: skip
+        section = self.section = config.section
+        train_records, val, self.test, skipped = instruction_splits(config, RECORD_KEYS, out_dir)
+        self.val_first = val[0]  # the record answered in the training's samples
+        model, start = load_language_model(config, device)
         tokenizer = checkpoint_tokenizer(start)
-        context = model.config.context_length
-        examples: dict[str, list[InstructionExample]] = {
-            name: [encode_example(r, template, tokenizer) for r in split]
-            for name, split in (("train", train_records), ("val", val))
+        self.encode({"train": train_records, "val": val}, tokenizer, model.config.context_length)
+        before = seeded(config.seed, device)  # the start model's test answers: what it changes
+        self.before = (
+            [respond(model, tokenizer, r, section.template, section.generation, before)
+             for r in self.test]
+            if is_main_process()
+            else []
+        )  # fmt: skip
+        trainable, total = make_trainable(model, config)
+        task, train = self.setup_task(config.seed, tokenizer, model.config.context_length, device)
+        self.generator = seeded(config.seed, device)
+        self.summary = {
+            "method": section.method,
+            "trainable_parameters": trainable,
+            "trainable_fraction": trainable / total,
+            "skipped_records": skipped,
+            **{f"truncated_{k}": v for k, v in self.truncated.items()},
         }
-        truncated = {name: count_truncated(ex, context) for name, ex in examples.items()}
-        for name, n in truncated.items():
+        return StagePlan(
+            model, task, train,
+            fine_tuning_fingerprint(
+                config, start, model, reporting_keys=("generation", "sample_table_rows")
+            ),
+            tokenizer, checkpoint_tokenizer_files(start), title=f"{STAGE} ({section.method})",
+            tags={"init_from": str(start), "device": device.type, "method": section.method},
+            start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
+            datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
+            checkpoint_metadata={
+                "instruct": {"template": section.template, "method": section.method}
+            },
+            lora=section.method == "lora",
+        )  # fmt: skip
+
+    def encode(self, splits: Mapping[str, Sequence[Mapping[str, Any]]],
+               tokenizer: tiktoken.Encoding, context: int) -> None:  # fmt: skip
+        """Each split's records as training examples, the truncated ones counted and logged."""
+        self.examples: dict[str, list[InstructionExample]] = {
+            name: [encode_example(r, self.section.template, tokenizer) for r in split]
+            for name, split in splits.items()
+        }
+        self.truncated = {name: count_truncated(ex, context) for name, ex in self.examples.items()}
+        for name, n in self.truncated.items():
             if n:
                 log.info(
                     "%s: %d of %d examples truncated to %d tokens",
-                    name, n, len(examples[name]), context,
+                    name, n, len(self.examples[name]), context,
                 )  # fmt: skip
-        generation = section["generation"]
-        before = seeded(config, device)  # the start model's test answers: what the stage changes
-        self.before = (
-            [respond(model, tokenizer, r, template, generation, before) for r in self.test]
-            if is_main_process()
-            else []
-        )
-        trainable, total = make_trainable(model, config, STAGE)
-        batch_size = section["train"]["batch_size"]
 
-        def collate_examples(split: str, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
-            chosen = [examples[split][i] for i in indices]
-            return collate(chosen, context_length=context, mask_prompt=section["mask_prompt"])
+    def collate(self, split: str, indices: Sequence[int], context: int
+                ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        chosen = [self.examples[split][i] for i in indices]
+        return collate(chosen, context_length=context, mask_prompt=self.section.mask_prompt)
 
+    def setup_task(self, seed: int, tokenizer: tiktoken.Encoding, context: int,
+                   device: torch.device) -> tuple[TrainTask, TrainSettings]:  # fmt: skip
+        """Shuffled (optionally length-bucketed) batches of the train split, fixed evaluation
+        batches, a sample answer to the first val record, and the settings counted in epochs."""
+        section, examples = self.section, self.examples
+        batch_size = section.train.batch_size
         lengths = [ex.num_tokens for ex in examples["train"]]
         order = None
-        if section["bucket_by_length"]:
+        if section.bucket_by_length:
             order = lambda g: bucketed_order(lengths, batch_size, int(g.initial_seed()))  # noqa: E731
         batches = ExampleBatches(
-            len(train_records), batch_size, lambda idx: collate_examples("train", idx),
-            seed=config["seed"], order=order,
+            len(examples["train"]), batch_size,
+            lambda idx: self.collate("train", idx, context), seed=seed, order=order,
         )  # fmt: skip
         train, self.steps_per_epoch = epoch_train_settings(
-            section["train"], section["epochs"], batches.steps_per_epoch
+            section.train, section.epochs, batches.steps_per_epoch
         )
         eval_batches = {
             split: [
-                collate_examples(split, range(i, min(i + batch_size, len(examples[split]))))
+                self.collate(split, range(i, min(i + batch_size, len(examples[split]))), context)
                 for i in range(0, len(examples[split]), batch_size)
             ][: train.eval_batches]
             for split in ("train", "val")
         }
-        first_val = val[0]
+        first_val = self.val_first
 
         def sample_fn(m: GPT) -> str:
-            answer = respond(m, tokenizer, first_val, template, generation, seeded(config, device))
-            return f"{format_prompt(first_val, template)}{answer}"
+            answer = respond(m, tokenizer, first_val, section.template, section.generation,
+                             seeded(seed, device))  # fmt: skip
+            return f"{format_prompt(first_val, section.template)}{answer}"
 
         task = TrainTask(
             lm_loss, batches, sample_fn=sample_fn, loss_units=learned_targets,
             eval_sets={split: (lambda b=b: b) for split, b in eval_batches.items()},
             token_bytes=torch.tensor(token_byte_lengths(tokenizer)),
         )  # fmt: skip
-        fingerprint = fine_tuning_fingerprint(
-            config, STAGE, start, model, reporting_keys=("generation", "sample_table_rows")
-        )
-        self.generator = seeded(config, device)
-        self.summary = {
-            "method": section["method"],
-            "trainable_parameters": trainable,
-            "trainable_fraction": trainable / total,
-            "skipped_records": skipped,
-            **{f"truncated_{k}": v for k, v in truncated.items()},
-        }
-        return StagePlan(
-            model, task, train, fingerprint, tokenizer, checkpoint_tokenizer_files(start),
-            title=f"{STAGE} ({section['method']})",
-            tags={"init_from": str(start), "device": device.type, "method": section["method"]},
-            start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
-            datasets=instruction_datasets(config, STAGE, out_dir, train_records, val, self.test),
-            checkpoint_metadata={"instruct": {"template": template, "method": section["method"]}},
-            lora=section["method"] == "lora",
-        )  # fmt: skip
+        return task, train
 
     def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
                tracker: StageRun) -> dict[str, Any]:  # fmt: skip
-        section, template = self.section, self.section["template"]
+        section, template = self.section, self.section.template
         t0 = time.perf_counter()
         rows = []
         for record, base_answer in zip(self.test, self.before, strict=True):
             answer = respond(
-                plan.model, plan.tokenizer, record, template, section["generation"], self.generator
+                plan.model, plan.tokenizer, record, template, section.generation, self.generator
             )
             rows.append(
                 {
@@ -174,7 +190,7 @@ class FinetuneInstruct(TrainingStage):
             scores["rouge_l_f1"], scores["exact_match"], len(rows), response_time,
         )  # fmt: skip
         atomic_write_json(out_dir / "test_responses.json", rows)
-        tracker.log_table(_sample_table(rows, section["sample_table_rows"]), "test_samples.json")
+        tracker.log_table(_sample_table(rows, section.sample_table_rows), "test_samples.json")
         return {
             **result.metrics,
             "test_rouge_l": scores["rouge_l_f1"],
@@ -192,5 +208,5 @@ class FinetuneInstruct(TrainingStage):
         return {k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")}
 
 
-def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+def main(config: StageConfig[InstructSettings], threads: int | None = None) -> dict[str, Any]:
     return run_training_stage(FinetuneInstruct(), config, threads)

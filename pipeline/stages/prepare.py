@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,10 @@ from pipeline.data.corpus import CorpusFile, corpus_files, split_into_parts
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import gather_parts, tokenize_part
 from pipeline.errors import InputError
-from pipeline.paths import Paths
+from pipeline.settings import PrepareSettings, StageConfig
 from pipeline.tracking import stage_run
+
+Prepare = StageConfig[PrepareSettings]
 
 log = logging.getLogger("pipeline.prepare")
 
@@ -32,28 +33,32 @@ def part_names(scatter: int) -> list[str]:
     return [f"{i}-of-{scatter}" for i in range(1, scatter + 1)]
 
 
-def corpus_parts(
-    config: Mapping[str, Any], files: list[CorpusFile] | None = None
-) -> dict[str, list[CorpusFile]]:
+def listed_corpus(config: Prepare) -> list[CorpusFile]:
+    """Every file of `prepare.corpus`, globs expanded, in corpus order."""
+    return corpus_files(config.section.corpus, config.paths)
+
+
+def corpus_parts(config: Prepare, files: list[CorpusFile] | None = None
+                 ) -> dict[str, list[CorpusFile]]:  # fmt: skip
     """Each part's input files (contiguous groups of about equal size, in corpus order), of
     `files` when the corpus is already listed."""
-    scatter = config["prepare"]["scatter"]
-    groups = split_into_parts(corpus_files(config) if files is None else files, scatter)
+    scatter = config.section.scatter
+    groups = split_into_parts(listed_corpus(config) if files is None else files, scatter)
     return dict(zip(part_names(scatter), groups, strict=True))
 
 
-def split_mode(config: Mapping[str, Any], files: list[CorpusFile]) -> str:
+def split_mode(section: PrepareSettings, files: list[CorpusFile]) -> str:
     """`auto` is `tail` for one text document (Tiny Shakespeare), `documents` otherwise."""
-    mode = config["prepare"]["val_split"]
+    mode = section.val_split
     if mode != "auto":
         return mode
     return "tail" if len(files) == 1 and files[0].format == "text" else "documents"
 
 
-def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[str, Any]:
+def tokenize(config: Prepare, part: str, threads: int | None) -> dict[str, Any]:
     """One part's files -> data/token-parts/<part>."""
-    section, paths = config["prepare"], Paths.from_config(config)
-    corpus = corpus_files(config)  # globs expanded once
+    section, paths = config.section, config.paths
+    corpus = listed_corpus(config)  # globs expanded once
     parts = corpus_parts(config, corpus)
     if part not in parts:
         raise InputError(f"--part {part}: expected one of {', '.join(parts)}")
@@ -62,11 +67,11 @@ def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[
     if missing:
         raise FileNotFoundError(f"corpus files missing (run `python -m pipeline download`): "
                                 f"{missing}")  # fmt: skip
-    workers = section["workers"] or threads or 1
+    workers = section.workers or threads or 1
     meta = tokenize_part(
         files, paths.token_part(part), gpt2_tokenizer(paths.bpe), workers=workers,
-        split=split_mode(config, corpus), val_fraction=section["val_fraction"],
-        skip_bad=section["on_bad_record"] == "skip",
+        split=split_mode(section, corpus), val_fraction=section.val_fraction,
+        skip_bad=section.on_bad_record == "skip",
     )  # fmt: skip
     for record in meta["inputs"]:
         if record["skipped"]:
@@ -77,15 +82,15 @@ def tokenize(config: Mapping[str, Any], part: str, threads: int | None) -> dict[
     return meta
 
 
-def gather(config: Mapping[str, Any]) -> dict[str, Any]:
+def gather(config: Prepare) -> dict[str, Any]:
     """The parts -> data/tokens (shards, split, meta.json); logged to MLflow."""
-    section, paths = config["prepare"], Paths.from_config(config)
-    parts = [paths.token_part(name) for name in part_names(section["scatter"])]
-    with stage_run(config, "prepare") as tracker:
+    section, paths = config.section, config.paths
+    parts = [paths.token_part(name) for name in part_names(section.scatter)]
+    with stage_run(config.tracking, "prepare", config.resolved) as tracker:
         meta = gather_parts(
             parts, paths.tokens, gpt2_tokenizer(paths.bpe),
-            split=split_mode(config, corpus_files(config)),
-            val_fraction=section["val_fraction"], shard_tokens=section["shard_tokens"],
+            split=split_mode(section, listed_corpus(config)),
+            val_fraction=section.val_fraction, shard_tokens=section.shard_tokens,
         )  # fmt: skip
         skipped = sum(sum(r["skipped"].values()) for r in meta["inputs"])
         tracker.log_metrics(
@@ -118,7 +123,7 @@ def gather(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def main(
-    config: Mapping[str, Any],
+    config: Prepare,
     threads: int | None = None,
     part: str | None = None,
     gather_only: bool = False,
@@ -128,11 +133,11 @@ def main(
         return tokenize(config, part, threads)
     if gather_only:
         return gather(config)
-    names = part_names(config["prepare"]["scatter"])
+    names = part_names(config.section.scatter)
     for name in names:
         tokenize(config, name, threads)
     meta = gather(config)
-    parts = Paths.from_config(config).token_parts
+    parts = config.paths.token_parts
     for name in names:
         shutil.rmtree(parts / name, ignore_errors=True)
     if parts.is_dir() and not any(parts.iterdir()):

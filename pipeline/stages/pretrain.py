@@ -29,15 +29,10 @@ from pipeline.io import atomic_write_text, sha256_bytes
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
-from pipeline.model.hf import gpt2_config, load_gpt2
+from pipeline.model.gpt2_import import gpt2_config, load_gpt2
 from pipeline.model.weights import resolve_init_from
-from pipeline.paths import Paths
-from pipeline.stages.common import (
-    SPLIT_CONTEXTS,
-    train_settings,
-    use_attention,
-    weights_sha256,
-)
+from pipeline.settings import ModelSettings, PretrainSettings, StageConfig, TrainSettings
+from pipeline.stages.common import SPLIT_CONTEXTS, use_attention, weights_sha256
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
 from pipeline.train import TrainResult, TrainTask, measure_peak_flops
@@ -60,10 +55,14 @@ MODEL_OVERRIDES = (
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "context_length", "vocab_size", "qkv_bias")
 
 
-def model_config(model_section: Mapping[str, Any], vocab_size: int) -> GPTConfig:
+def _overrides(model: ModelSettings) -> dict[str, Any]:
+    """The model section's settings that replace the preset's values (those not null)."""
+    return {k: getattr(model, k) for k in MODEL_OVERRIDES if getattr(model, k) is not None}
+
+
+def model_config(model: ModelSettings, vocab_size: int) -> GPTConfig:
     """The model section's GPTConfig: the preset with any overrides."""
-    overrides = {k: model_section[k] for k in MODEL_OVERRIDES if model_section.get(k) is not None}
-    return GPTConfig.from_preset(model_section["preset"], vocab_size=vocab_size, **overrides)
+    return GPTConfig.from_preset(model.preset, vocab_size=vocab_size, **_overrides(model))
 
 
 def _describe(config: GPTConfig) -> str:
@@ -73,7 +72,7 @@ def _describe(config: GPTConfig) -> str:
 def check_architecture(
     weights: GPTConfig,
     configured: GPTConfig,
-    model_section: Mapping[str, Any],
+    model: ModelSettings,
     init_from: str,
     directory: Path,
 ) -> None:
@@ -81,10 +80,8 @@ def check_architecture(
     differ = [key for key in ARCHITECTURE if getattr(weights, key) != getattr(configured, key)]
     if not differ:
         return
-    preset = model_section["preset"]
-    overrides = [
-        key for key in MODEL_OVERRIDES if model_section.get(key) is not None and key in ARCHITECTURE
-    ]
+    preset = model.preset
+    overrides = [key for key in _overrides(model) if key in ARCHITECTURE]
     given = f"model.preset {preset!r}" + (
         f" with model.{', model.'.join(overrides)}" if overrides else ""
     )
@@ -113,18 +110,17 @@ def check_architecture(
 
 
 def load_init_model(
-    directory: Path, cfg: GPTConfig, model_section: Mapping[str, Any], init_from: str
+    directory: Path, cfg: GPTConfig, model: ModelSettings, init_from: str
 ) -> GPT:
     """A GPT with `cfg` holding the weights in `directory` (any layout `load_gpt2` reads).
 
     The architecture is checked before any tensor is read; dropouts come from the model
     section, not from the weights' config (Hugging Face's says 0.1, GPT-2's training value).
     """
-    check_architecture(gpt2_config(directory), cfg, model_section, init_from, directory)
-    source = load_gpt2(directory)
-    model = GPT(cfg)
-    model.load_state_dict(source.state_dict())
-    return model
+    check_architecture(gpt2_config(directory), cfg, model, init_from, directory)
+    gpt = GPT(cfg)
+    gpt.load_state_dict(load_gpt2(directory).state_dict())
+    return gpt
 
 
 def token_datasets(token_dir: Path, meta: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -168,58 +164,87 @@ def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: i
     return prompt + tokenizer.decode(list(ids))
 
 
-class Pretrain(TrainingStage):
+class Pretrain(TrainingStage[PretrainSettings]):
     """From scratch (random init, then training), or from GPT-2 weights: evaluated as they are
     (`continue_pretraining: false`) or trained further."""
 
     name = STAGE
 
-    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
-        paths, section = Paths.from_config(config), config[STAGE]
-        init_from = section["init_from"]
-        init_dir = resolve_init_from(config)  # before any work: a missing download fails at once
-        meta = json.loads((paths.tokens / "meta.json").read_text())
-        train_tokens = load_tokens(paths.tokens, "train")
-        val_tokens = load_tokens(paths.tokens, "val")
-        self.tokenizer = gpt2_tokenizer(paths.bpe)
-        self.section, self.seed = section, config["seed"]
+    def setup(self, config: StageConfig[PretrainSettings], device: torch.device, out_dir: Path
+              ) -> StagePlan:  # fmt: skip
+        self.section, self.seed, tokens = config.section, config.seed, config.paths.tokens
+        init_dir = resolve_init_from(self.section.init_from, config.paths.weights)  # fails early
+        meta = json.loads((tokens / "meta.json").read_text())
+        self.tokenizer = gpt2_tokenizer(config.paths.bpe)
+        model, trains, attention = self.setup_model(config, meta["vocab_size"], init_dir, device)
+        train = self.section.train
+        task = self.setup_task(model, tokens, train, trains, device)
+        fingerprint = {
+            "model": model.config.to_dict(),
+            "attention": attention,
+            "seed": config.seed,
+            "sampling": self.section.sampling,
+            "stride": self.section.stride,
+            "data": [d["sha256"] for d in meta["inputs"]],
+            "split": [meta["split"], meta["val_fraction"]],
+            **({"init_weights": self.init_info["init_weights_sha256"]} if init_dir else {}),
+        }
+        tags = {"parameters": model.num_parameters(), "device": device.type, **self.init_info}
+        if init_dir is not None:
+            tags.update(init_weights=init_dir, continue_pretraining=trains)
+        return StagePlan(
+            model, task, train, fingerprint, self.tokenizer, tokenizer_files(config.paths.bpe),
+            title=f"pretrain ({config.model.preset}, init_from {self.section.init_from})",
+            tags=tags, trains=trains, datasets=token_datasets(tokens, meta),
+        )  # fmt: skip
 
-        cfg = model_config(config["model"], vocab_size=meta["vocab_size"])
-        train = train_settings(section["train"])
-        torch.manual_seed(config["seed"])
+    def setup_model(self, config: StageConfig[PretrainSettings], vocab_size: int,
+                    init_dir: Path | None, device: torch.device
+                    ) -> tuple[GPT, bool, str]:  # fmt: skip
+        """The model (seeded random init, or the init weights), whether it trains, and the
+        attention it runs; `init_info` records where it came from."""
+        init_from = self.section.init_from
+        cfg = model_config(config.model, vocab_size=vocab_size)
+        torch.manual_seed(config.seed)
+        self.init_info: dict[str, Any] = {"init_from": init_from}
         if init_dir is None:
             model, trains, init_sha = GPT(cfg), True, None
         else:
-            model = load_init_model(init_dir, cfg, config["model"], init_from)
-            trains, init_sha = section["continue_pretraining"], weights_sha256(init_dir)
+            model = load_init_model(init_dir, cfg, config.model, init_from)
+            trains, init_sha = self.section.continue_pretraining, weights_sha256(init_dir)
+            self.init_info["init_weights_sha256"] = init_sha
         attention = use_attention(model, config, device)
         log.info(
             "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
-            config["model"]["preset"], f"{model.num_parameters():,}", attention, device,
+            config.model.preset, f"{model.num_parameters():,}", attention, device,
             init_from, "" if init_dir is None else f" ({init_dir}, sha256 {init_sha})",
         )  # fmt: skip
         if not trains:
-            log.info(
-                "continue_pretraining is false: evaluating %s as it is, no training", init_from
-            )
+            log.info("continue_pretraining is false: evaluating %s as it is, no training",
+                     init_from)  # fmt: skip
+        return model, trains, attention
 
-        ctx, batch = cfg.context_length, train.batch_size
+    def setup_task(self, model: GPT, tokens: Path, train: TrainSettings, trains: bool,
+                   device: torch.device) -> TrainTask:  # fmt: skip
+        """Seeded training windows, fixed evaluation batches of both splits, samples, and the
+        MFU's peak (measured when not configured)."""
+        train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
+        ctx, batch = model.config.context_length, train.batch_size
         self.batches = TokenWindows(
-            train_tokens, ctx, batch, sampling=section["sampling"], stride=section["stride"],
-            seed=config["seed"],
+            train_tokens, ctx, batch, sampling=self.section.sampling, stride=self.section.stride,
+            seed=self.seed,
         )  # fmt: skip
         fixed = {
-            split: evaluation_batches(
-                tokens, ctx, batch, train.eval_batches, f"{paths.tokens} ({split})"
-            )
-            for split, tokens in (("train", train_tokens), ("val", val_tokens))
+            split: evaluation_batches(split_tokens, ctx, batch, train.eval_batches,
+                                      f"{tokens} ({split})")  # fmt: skip
+            for split, split_tokens in (("train", train_tokens), ("val", val_tokens))
         }
-        peak_flops = section["peak_flops"]
+        peak_flops = self.section.peak_flops
         if peak_flops is None and trains:
-            bf16 = resolve_precision(train.precision, device, cfg.n_embd) == "bf16"
-            dtype = torch.bfloat16 if bf16 else torch.float32
+            precision = resolve_precision(train.precision, device, model.config.n_embd)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             peak_flops = measure_peak_flops(device, dtype)
-        task = TrainTask(
+        return TrainTask(
             lm_loss,
             self.batches,
             eval_sets={split: (lambda b=b: b) for split, b in fixed.items()},
@@ -228,32 +253,11 @@ class Pretrain(TrainingStage):
             peak_flops=peak_flops,
             token_bytes=torch.tensor(token_byte_lengths(self.tokenizer)),
         )
-        fingerprint = {
-            "model": cfg.to_dict(),
-            "attention": attention,
-            "seed": config["seed"],
-            "sampling": section["sampling"],
-            "stride": section["stride"],
-            "data": [d["sha256"] for d in meta["inputs"]],
-            "split": [meta["split"], meta["val_fraction"]],
-        }
-        self.init_info: dict[str, Any] = {"init_from": init_from}
-        tags = {"parameters": model.num_parameters(), "device": device.type}
-        if init_dir is not None:
-            fingerprint["init_weights"] = init_sha
-            self.init_info["init_weights_sha256"] = init_sha
-            tags.update(init_weights=init_dir, continue_pretraining=trains)
-        return StagePlan(
-            model, task, train, fingerprint, self.tokenizer, tokenizer_files(paths.bpe),
-            title=f"pretrain ({config['model']['preset']}, init_from {init_from})",
-            tags={**tags, **self.init_info}, trains=trains,
-            datasets=token_datasets(paths.tokens, meta),
-        )  # fmt: skip
 
     def sample(self, model: GPT) -> str:
         section = self.section
         return sample_text(
-            model, self.tokenizer, section["sample_prompt"], section["sample_tokens"], self.seed
+            model, self.tokenizer, section.sample_prompt, section.sample_tokens, self.seed
         )
 
     def report(self, plan: StagePlan, result: TrainResult, out_dir: Path,
@@ -286,5 +290,5 @@ class Pretrain(TrainingStage):
         return metrics
 
 
-def main(config: Mapping[str, Any], threads: int | None = None) -> dict[str, Any]:
+def main(config: StageConfig[PretrainSettings], threads: int | None = None) -> dict[str, Any]:
     return run_training_stage(Pretrain(), config, threads)

@@ -11,45 +11,23 @@ Nothing here imports torch: building the DAG must stay fast.
 from __future__ import annotations
 
 import importlib
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline import settings as s
 from pipeline.errors import InputError
-from pipeline.paths import Paths
+from pipeline.model.weights import init_from_input
+from pipeline.settings import Config
+from pipeline.tracking.headline import Headline
 
 EXTRA_STAGES_ENV = "PIPELINE_EXTRA_STAGES"
 """Comma-separated modules imported after the built-in stages; each may `register` stages."""
 
-Inputs = Callable[[Mapping[str, Any]], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Headline:
-    """The metric that ranks a training stage's models (its metrics.json key): the model
-    registry's `@champion` moves only to a version that beats it."""
-
-    metric: str
-    higher_is_better: bool = False
-
-    def value(self, metrics: Mapping[str, Any]) -> float:
-        """The metric in `metrics`; NaN when it is missing or not a number."""
-        value = metrics.get(self.metric)
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if numeric else math.nan
-
-    def beats(self, value: float, other: float) -> bool:
-        """Whether `value` is strictly better than `other`: NaN never is; anything finite
-        beats NaN."""
-        if math.isnan(value):
-            return False
-        if math.isnan(other):
-            return True
-        return value > other if self.higher_is_better else value < other
+Inputs = Callable[[Config], dict[str, Any]]
+"""A rule's named inputs, from the typed config."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +35,7 @@ class Stage:
     name: str
     """CLI command, config section, results and log folder name."""
     module: str
-    """The module whose `main(config)` runs the stage."""
+    """The module whose `main(config)` runs the stage (`config`: its `StageConfig`)."""
     settings: type | None = None
     """Its config section's settings class (pipeline/settings/__init__.py), if it has one."""
     trains: bool = False
@@ -84,38 +62,43 @@ class Stage:
         """The Snakemake rule name (an identifier)."""
         return self.name.replace("-", "_")
 
-    def run(self, config: Mapping[str, Any], **options: Any) -> Any:
-        """`main(config, threads=..., ...)` of its module; `threads`: the CPU threads the job
-        may use (the rule's), or None."""
-        return importlib.import_module(self.module).main(config, **options)
 
-
-def source_input(config: Mapping[str, Any], stage: str) -> str:
-    return str(Paths.from_config(config).source(config[stage]["data"]))
-
-
-def init_checkpoint_path(config: Mapping[str, Any], init_from: str) -> Path:
+def init_checkpoint_path(config: Config, init_from: str) -> Path:
     """Where a fine-tuning stage starts: a training stage's `model/`, or a checkpoint directory."""
     if init_from in training_stages():
-        return Paths.from_config(config).stage(init_from) / "model"
+        return config.paths.stage(init_from) / "model"
     return Path(init_from)
+
+
+@runtime_checkable
+class FineTuningSection(Protocol):
+    """What a fine-tuning stage's section has: where it starts and the data it reads."""
+
+    @property
+    def init_from(self) -> str: ...
+
+    @property
+    def data(self) -> str: ...
 
 
 def fine_tuning_inputs(stage: str) -> Inputs:
     """A fine-tuning stage reads its data source and its start checkpoint."""
 
-    def inputs(config: Mapping[str, Any]) -> dict[str, Any]:
-        start = init_checkpoint_path(config, config[stage]["init_from"])
-        return {"data": source_input(config, stage), "model": str(start)}
+    def inputs(config: Config) -> dict[str, Any]:
+        section = config.section_of(stage, FineTuningSection)
+        start = init_checkpoint_path(config, section.init_from)
+        return {"data": str(config.paths.source(section.data)), "model": str(start)}
 
     return inputs
 
 
-def pretrain_inputs(config: Mapping[str, Any]) -> dict[str, Any]:
+def pretrain_inputs(config: Config) -> dict[str, Any]:
     """The token directory and, when `pretrain.init_from` names weights, their directory."""
-    from pipeline.model.weights import init_from_input
-
-    return {"tokens": str(Paths.from_config(config).tokens), "init": init_from_input(config)}
+    init_from = config.section_of("pretrain", s.PretrainSettings).init_from
+    return {
+        "tokens": str(config.paths.tokens),
+        "init": init_from_input(init_from, config.paths.weights),
+    }
 
 
 SPLITS_JSON = ("train.json", "val.json", "test.json")

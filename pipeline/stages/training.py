@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import tiktoken
 import torch
@@ -29,9 +29,9 @@ from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.model import GPT
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.lora import merge_lora
-from pipeline.paths import Paths
 from pipeline.plots import plot_training_curves
-from pipeline.settings import TrainSettings
+from pipeline.serving.models import log_stage_model
+from pipeline.settings import StageConfig, TrainSettings
 from pipeline.stages.common import stage_device
 from pipeline.stages.registry import STAGES
 from pipeline.tracking import StageRun, stage_run, system_metrics
@@ -82,12 +82,26 @@ class StagePlan:
     inputs, as `StageRun.log_datasets` takes them."""
 
 
-class TrainingStage:
+class TrainingSection(Protocol):
+    """What every training stage's section has."""
+
+    @property
+    def train(self) -> TrainSettings: ...
+
+    @property
+    def registered_model_name(self) -> str | None: ...
+
+
+Section = TypeVar("Section", bound=TrainingSection)
+
+
+class TrainingStage(Generic[Section]):
     """A training stage: its registry `name`, what it sets up and what it reports."""
 
     name: str
 
-    def setup(self, config: Mapping[str, Any], device: torch.device, out_dir: Path) -> StagePlan:
+    def setup(self, config: StageConfig[Section], device: torch.device, out_dir: Path
+              ) -> StagePlan:  # fmt: skip
         """The stage's plan; files it writes up front (its splits) go in `out_dir`."""
         raise NotImplementedError
 
@@ -125,26 +139,25 @@ def _stage_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def run_training_stage(
-    stage: TrainingStage, config: Mapping[str, Any], threads: int | None = None
+    stage: TrainingStage[Section], config: StageConfig[Section], threads: int | None = None
 ) -> dict[str, Any]:
     """Set up, train, report and save one stage; returns its metrics (rank 0's final ones).
     `threads`: torch's CPU threads (default: torch's choice)."""
     if threads:
         torch.set_num_threads(threads)
-    paths = Paths.from_config(config)
-    out_dir, resume_dir = paths.stage(stage.name), paths.stage_resume(stage.name)
+    out_dir, resume_dir = config.paths.stage(stage.name), config.paths.stage_resume(stage.name)
     device = stage_device(config)
     with _stage_folder(out_dir) as work:
         plan = stage.setup(config, device, work)
         earlier, resumes = recorded_run(
-            resume_dir, resume_fingerprint(plan.train, config["seed"], plan.fingerprint)
+            resume_dir, resume_fingerprint(plan.train, config.seed, plan.fingerprint)
         )
         resumes = resumes and plan.trains  # a stage that only evaluates leaves its earlier run
         resume, abandoned = (earlier, "") if resumes else ("", earlier)
-        tracking = config["tracking"]
+        tracking = config.tracking
         with (
-            stage_run(config, stage.name, resume, abandoned) as tracker,
-            system_metrics(tracker, tracking["uri"], tracking["system_metrics_interval"]),
+            stage_run(tracking, stage.name, config.resolved, resume, abandoned) as tracker,
+            system_metrics(tracker, tracking.uri, tracking.system_metrics_interval),
         ):
             tracker.set_tags(plan.tags)
             for context, files in plan.datasets.items():
@@ -153,7 +166,7 @@ def run_training_stage(
                 tracker.log_metrics(plan.start_metrics, step=0)
             if plan.trains:
                 result = fit(
-                    plan.model, plan.task, plan.train, device=device, seed=config["seed"],
+                    plan.model, plan.task, plan.train, device=device, seed=config.seed,
                     resume_dir=resume_dir, fingerprint=plan.fingerprint, logger=tracker,
                 )  # fmt: skip
             else:
@@ -161,16 +174,23 @@ def run_training_stage(
             if not is_main_process():
                 return result.metrics  # rank 0 evaluates, writes and logs the stage's outputs
             metrics = _report(stage, plan, result, work, tracker)
-            outputs = STAGES[stage.name].outputs
-            model = finish_stage(tracker, config, work, metrics, result.step, outputs, stage.name)
+            registered = STAGES[stage.name]
+            model = finish_stage(
+                tracker, work, metrics, result.step, registered.outputs, stage.name,
+                log_model=tracking.log_model,
+            )  # fmt: skip
             if model:
                 log.info("logged the model as %s (mlflow models serve -m %s)", model, model)
-            register_stage(config, stage.name, model, tracker.run_id, metrics)
+            if tracking.register:
+                register_stage(
+                    tracking.uri, stage.name, config.section.registered_model_name, model,
+                    tracker.run_id, registered.headline, metrics,
+                )  # fmt: skip
     clear_resume_state(resume_dir)
     return metrics
 
 
-def _report(stage: TrainingStage, plan: StagePlan, result: TrainResult, out_dir: Path,
+def _report(stage: TrainingStage[Any], plan: StagePlan, result: TrainResult, out_dir: Path,
             tracker: StageRun) -> dict[str, Any]:  # fmt: skip
     """The stage's report, loss plot and model checkpoint in `out_dir`; returns its metrics."""
     if plan.lora:
@@ -203,16 +223,17 @@ def _same(logged: float | None, value: float) -> bool:
 
 def finish_stage(
     tracker: StageRun,
-    config: Mapping[str, Any],
     out_dir: Path,
     metrics: Mapping[str, Any],
     step: int,
     artifacts: Iterable[str],
     stage: str,
+    log_model: bool,
 ) -> str | None:
     """Write metrics.json last (it is the stage's completion marker), log it and the artifacts
-    to the stage's MLflow run, and (`tracking.log_model`) the checkpoint in `out_dir`/model as
-    the run's MLflow pyfunc model; returns that model's URI (`models:/<id>`), else None.
+    to the stage's MLflow run, and (`log_model`: the `tracking.log_model` setting) the checkpoint
+    in `out_dir`/model as the run's MLflow pyfunc model; returns that model's URI
+    (`models:/<id>`), else None.
 
     Its numbers go on the run under their own names, so the runs table shows them: a series that
     already ends at its value (val_loss) is left alone, any other value is logged at the last
@@ -228,8 +249,6 @@ def finish_stage(
     tracker.log_metrics({k: v for k, v in numeric.items() if not _same(latest.get(k), v)}, step)
     for name in ("metrics.json", *artifacts):
         tracker.log_artifact(out_dir / name)
-    if not config["tracking"]["log_model"]:
+    if not log_model:
         return None
-    from pipeline.serving.models import log_stage_model
-
     return log_stage_model(tracker, stage, out_dir / "model", step)

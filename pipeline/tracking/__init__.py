@@ -13,12 +13,14 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import flatten
+import yaml
+
+from pipeline.settings import TrackingSettings
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -29,6 +31,7 @@ _HOST_TAG, _PID_TAG = "pipeline.host", "pipeline.pid"
 
 
 def _client(uri: str):
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -45,6 +48,7 @@ def _artifact_location(uri: str) -> str | None:
 def ensure_experiment(uri: str, experiment: str) -> str:
     """Create the store and the experiment if needed; returns the experiment id. On a shared
     server another pipeline may create it between our lookup and our create: that one is used."""
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
@@ -56,7 +60,10 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return client.get_experiment_by_name(experiment).experiment_id
+        created = client.get_experiment_by_name(experiment)
+        if created is None:  # created, then deleted meanwhile
+            raise
+        return created.experiment_id
 
 
 def git_tags(cwd: Path | str = ".") -> dict[str, str]:
@@ -119,6 +126,7 @@ class StageRun:
         training): the steps it repeats after its checkpoint are not logged twice."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -156,6 +164,7 @@ class StageRun:
         """Files the stage read, as MLflow dataset inputs, a thousand a request: each a mapping of
         `name`, `source` (a path), `digest` (its sha256) and `profile` (its counts);
         `context` (training / validation / test) is their role."""
+        # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         tag = InputTag(key="mlflow.data.context", value=context)
@@ -185,12 +194,16 @@ def system_metrics(tracker: StageRun, uri: str, interval: float | None) -> Itera
     if not interval or not tracker.run_id:
         yield
         return
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(
-        tracker.run_id, sampling_interval=interval, resume_logging=bool(tracker.logged),
+        tracker.run_id,
+        # annotated int, but it is only slept on: a fraction of a second works as given
+        sampling_interval=interval,  # pyright: ignore[reportArgumentType]
+        resume_logging=bool(tracker.logged),
         tracking_uri=uri,
-    )  # fmt: skip
+    )
     monitor.start()
     try:
         yield
@@ -257,6 +270,7 @@ def _end_dead_runs(client, experiment_id: str, stage: str, keep: str, abandoned:
 def _reopen(client, run_id: str, experiment_id: str, tags: Mapping[str, str]):
     """`run_id` set RUNNING again with the new process's tags, or None when it cannot be
     continued (deleted, or in another store or experiment)."""
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.exceptions import MlflowException
 
     try:
@@ -271,10 +285,23 @@ def _reopen(client, run_id: str, experiment_id: str, tags: Mapping[str, str]):
     return run
 
 
+def flatten(config: Mapping[str, Any] | Sequence[Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}, "c": [x, y]}` -> `{"a.b": 1, "c.0": x, "c.1": y}` (MLflow params)."""
+    flat: dict[str, Any] = {}
+    items = config.items() if isinstance(config, Mapping) else enumerate(config)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (Mapping, list, tuple)) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _log_config(client, run, config: Mapping[str, Any]) -> None:
     """The resolved config as params and `config.yaml`. A continued run keeps the params it
     has (MLflow forbids changing one): a changed value is logged as a warning."""
-    import yaml
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.entities import Param
 
     known = run.data.params
@@ -290,22 +317,28 @@ def _log_config(client, run, config: Mapping[str, Any]) -> None:
 
 @contextmanager
 def stage_run(
-    config: Mapping[str, Any], stage: str, resume: str = "", abandoned: str = ""
+    tracking: TrackingSettings,
+    stage: str,
+    config: Mapping[str, Any],
+    resume: str = "",
+    abandoned: str = "",
 ) -> Iterator[StageRun]:
-    """A child run of the invocation's parent (or a top-level run) holding the resolved config
-    as params and as `config.yaml`; it ends FAILED if the stage raises (KILLED if interrupted).
+    """A child run of the invocation's parent (or a top-level run) in the `tracking` store,
+    holding `config` (the resolved config) as params and as `config.yaml`; it ends FAILED if
+    the stage raises (KILLED if interrupted).
 
     `resume`: the run of an interrupted training this job continues (RUNNING again; metrics go
     on from the steps it reached); `abandoned`: one the training will not continue. Runs of the
     stage left RUNNING by a dead process are first marked KILLED. Under torchrun only rank 0
     creates and logs to the run."""
+    # deferred: pipeline.train imports torch (~3 s); the Snakefile imports this module
     from pipeline.train.distributed import is_main_process
 
     if not is_main_process():
         yield _RankRun()
         return
 
-    uri, experiment = config["tracking"]["uri"], config["tracking"]["experiment"]
+    uri, experiment = tracking.uri, tracking.experiment
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
     _end_dead_runs(client, experiment_id, stage, resume, abandoned)

@@ -21,11 +21,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking import PARENT_RUN_ENV, _client
+from pipeline.tracking.headline import Headline
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
-
-    from pipeline.stages.registry import Headline
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -36,13 +35,14 @@ _EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 _CHAMPION_ATTEMPTS = 5
 
 
-def registered_model_name(config: Mapping[str, Any], stage: str) -> str:
-    """The registered model a stage's trainings go to."""
-    return config.get(stage, {}).get("registered_model_name") or f"gpt-pipeline-{stage}"
+def registered_model_name(stage: str, name: str | None) -> str:
+    """The registered model a stage's trainings go to: its `registered_model_name` setting."""
+    return name or f"gpt-pipeline-{stage}"
 
 
 def _ensure_registered_model(client, name: str) -> None:
     """Create it unless it exists; another process creating it meanwhile is fine."""
+    # deferred: mlflow takes ~3 s to import; pipeline.tracking stays light without it
     from mlflow.exceptions import MlflowException
 
     try:
@@ -54,6 +54,7 @@ def _ensure_registered_model(client, name: str) -> None:
 
 def _logged_model_id(model_uri: str) -> str | None:
     """`m-...` of a `models:/<model_id>` URI (what MLflow 3's log_model returns), else None."""
+    # deferred: mlflow takes ~3 s to import; pipeline.tracking stays light without it
     from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
     return _parse_model_id_if_present(model_uri)
@@ -83,6 +84,7 @@ def _create_version(client, name: str, model_uri: str, run_id: str, tags: Mappin
     artifact location here, through our client (MLflow's store would look it up through the
     process-wide tracking URI), and the logged model is tagged with the version, as
     `mlflow.register_model` does, so each page links to the other."""
+    # deferred: mlflow takes ~3 s to import; pipeline.tracking stays light without it
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     model_id = _logged_model_id(model_uri)
@@ -106,6 +108,7 @@ def _move_champion(
     one insert fail (a unique constraint); that one decides again against the new champion.
     A failure that leaves the champion as it was is not a race and is raised; one that left it
     at `version` (the write went through) is a move."""
+    # deferred: mlflow takes ~3 s to import; pipeline.tracking stays light without it
     from mlflow.exceptions import MlflowException
 
     last_error: MlflowException | None = None
@@ -158,21 +161,17 @@ def register_stage_model(
 
 
 def register_stage(
-    config: Mapping[str, Any], stage: str, model_uri: str | None, run_id: str,
-    metrics: Mapping[str, Any],
+    uri: str, stage: str, name: str | None, model_uri: str | None, run_id: str,
+    headline: Headline, metrics: Mapping[str, Any],
 ) -> ModelVersion | None:  # fmt: skip
-    """A finished training's registration, as the config says: None when `tracking.register`
-    is off or no model was logged (`model_uri` None)."""
-    from pipeline.stages.registry import STAGES
-
-    if not config["tracking"]["register"]:
-        return None
+    """A finished training's registration in the store at `uri`, as the stage's registered model
+    (`name`, its `registered_model_name` setting), ranked by `headline`: None when no model was
+    logged (`model_uri` None)."""
     if model_uri is None:
         log.info("%s: no model logged (tracking.log_model false), so none registered", stage)
         return None
-    headline = STAGES[stage].headline
     parent = os.environ.get(PARENT_RUN_ENV) or None
     return register_stage_model(
-        config["tracking"]["uri"], model_uri, registered_model_name(config, stage), run_id,
-        parent, headline, headline.value(metrics),
+        uri, model_uri, registered_model_name(stage, name), run_id, parent, headline,
+        headline.value(metrics),
     )  # fmt: skip

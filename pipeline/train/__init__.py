@@ -13,8 +13,7 @@ from pipeline.train.loop import (
     perplexity,
     resume_fingerprint,
 )
-from pipeline.train.optim import configure_optimizer
-from pipeline.train.schedule import lr_at
+from pipeline.train.optim import configure_optimizer, lr_at
 from pipeline.train.state import clear_resume_state, read_resume_meta, recorded_run
 
 __all__ = [

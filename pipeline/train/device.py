@@ -79,6 +79,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        # deferred: pipeline.kernels loads the compiled extension, needed only on this path
         from pipeline.kernels import cpu_capability
 
         return cpu_capability() == "avx512_bf16"

@@ -36,9 +36,8 @@ from pipeline.settings import LAUNCH_KEYS, TrainSettings
 from pipeline.train.device import model_width, resolve_precision
 from pipeline.train.distributed import World, all_reduce_sum, current_world
 from pipeline.train.losses import IGNORE_INDEX
-from pipeline.train.optim import configure_optimizer
+from pipeline.train.optim import configure_optimizer, lr_at
 from pipeline.train.parallel import ParallelModel
-from pipeline.train.schedule import lr_at
 from pipeline.train.state import (
     FitState,
     canonical_json,
@@ -290,10 +289,10 @@ class _Training:
         bar.update(1)
         self.entry = None
         cfg = self.cfg
-        if state.step == 1 or _due(state.step, cfg.log_every, cfg.max_steps):
+        if state.step == 1 or _due(state.step, cfg.log_every, cfg.steps):
             self.entry = entry = self._log_entry(state, outcome)
             state.history.append(entry)
-            log.info(_format_train_line(entry, cfg.max_steps))
+            log.info(_format_train_line(entry, cfg.steps))
             bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.1e}", refresh=False)
             if self.logger is not None:
                 self.logger.log_metrics({k: v for k, v in entry.items() if k != "step"}, state.step)
@@ -338,17 +337,17 @@ class _Training:
                     with self.autocast():
                         metrics.update(task.eval_fn(parallel.eval_module))
                 if metrics:
-                    log.info(_format_eval_line(step, cfg.max_steps, metrics))
+                    log.info(_format_eval_line(step, cfg.steps, metrics))
                     if self.logger is not None:
                         self.logger.log_metrics(metrics, step)
                 if task.sample_fn is not None:
-                    self._sample(step)
+                    self._sample(step, task.sample_fn)
         finally:
             trained.train()
             parallel.model.train()
         return metrics
 
-    def _sample(self, step: int) -> None:
+    def _sample(self, step: int, sample_fn: Callable[[nn.Module], str]) -> None:
         # A sharded forward is collective, and a sample may stop early: rank 0 samples alone,
         # from the gathered model.
         parallel = self.parallel
@@ -356,7 +355,7 @@ class _Training:
         if self.world.is_main:
             sampler.eval()
             with self.autocast():
-                text = self.task.sample_fn(sampler)
+                text = sample_fn(sampler)
             log.info("sample at step %d:\n%s", step, text)
             if self.logger is not None:
                 self.logger.log_text(text, f"samples/step_{step:06d}.txt")
@@ -427,7 +426,7 @@ class _Throughput:
 def _progress(cfg: TrainSettings, start: int, world: World) -> Iterator[tqdm]:
     """A progress bar on a terminal (rank 0), with log lines printed above it."""
     bar = tqdm(
-        total=cfg.max_steps, initial=start, desc="train", unit="step", file=sys.stderr,
+        total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
         disable=None if world.is_main else True, dynamic_ncols=True,
     )  # fmt: skip
     with bar, contextlib.nullcontext() if bar.disable else logging_redirect_tqdm():
@@ -471,7 +470,7 @@ def fit(
     fingerprint: Any = None,
     logger: TrainLogger | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.max_steps`` optimizer steps, resuming if possible.
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps, resuming if possible.
 
     Step ``s`` (1-based) uses ``lr_at(s, cfg)``. Every ``eval_every`` steps and at the last,
     `_Training.evaluate` runs. With ``resume_dir`` a checkpoint is written every
@@ -498,7 +497,7 @@ def fit(
         state.tracking_run = getattr(logger, "run_id", "")
     resumed_from = state.step if optimizer_state is not None else None
     if resumed_from is not None:
-        log.info("resumed from step %d/%d (%s)", state.step, cfg.max_steps, resume_dir)
+        log.info("resumed from step %d/%d (%s)", state.step, cfg.steps, resume_dir)
     if world.rank > 0:
         # Dropout masks independent of rank 0's; checkpoints hold rank 0's RNG state only, so
         # with dropout a resumed multi-process run is statistically, not bitwise, the same.
@@ -510,16 +509,16 @@ def fit(
     if optimizer_state is not None:
         parallel.load_optimizer_state(optimizer_state)
     run = _Training(parallel, task, cfg, device, world, logger if world.is_main else None)
-    if state.step >= cfg.max_steps:
+    if state.step >= cfg.steps:
         log.info("resume state is at step %d >= max_steps; evaluating only", state.step)
         state.last_metrics = run.evaluate(state.step)
     with _progress(cfg, state.step, world) as bar:
-        for step in range(state.step + 1, cfg.max_steps + 1):
+        for step in range(state.step + 1, cfg.steps + 1):
             run.advance(state, run.step(step), bar)
-            if _due(step, cfg.eval_every, cfg.max_steps):
+            if _due(step, cfg.eval_every, cfg.steps):
                 run.record_evaluation(state, run.evaluate(step))
             checkpoint_due = cfg.checkpoint_every > 0 and _due(
-                step, cfg.checkpoint_every, cfg.max_steps
+                step, cfg.checkpoint_every, cfg.steps
             )
             if resume_dir is not None and checkpoint_due:
                 run.checkpoint(resume_dir, state, run_id)

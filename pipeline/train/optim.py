@@ -1,4 +1,5 @@
-"""The optimizer `fit` trains with: AdamW alone, or Muon for the hidden matrices beside AdamW.
+"""The optimizer `fit` trains with (AdamW alone, or Muon for the hidden matrices beside AdamW)
+and its learning-rate schedule.
 
 Muon (Keller Jordan 2024; `torch.optim.Muon`) orthogonalises the momentum of a 2-D weight
 matrix before the update, so it suits the matrices inside the transformer blocks only: the
@@ -10,7 +11,8 @@ learning rate to the schedule's ``lr_at(step)`` times it, so one schedule drives
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +21,21 @@ from pipeline.errors import InputError
 from pipeline.settings import TrainSettings
 
 log = logging.getLogger("pipeline.train")
+
+
+class OptimizerLike(Protocol):
+    """What `fit` and `ParallelModel` use of an optimizer: a torch optimizer or `MuonWithAdamW`."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 class MuonWithAdamW:
@@ -93,7 +110,7 @@ def _adamw(groups: list[dict], cfg: TrainSettings, device: torch.device) -> torc
 
 def configure_optimizer(
     model: nn.Module, cfg: TrainSettings, device: torch.device
-) -> torch.optim.AdamW | MuonWithAdamW:
+) -> OptimizerLike:
     """The `train.optimizer` over the trainable parameters (frozen ones are left out).
 
     AdamW: group 0 decays (dim >= 2), group 1 does not (biases, norm gains). Muon: the 2-D
@@ -137,3 +154,19 @@ def configure_optimizer(
         nesterov=True,
     )
     return MuonWithAdamW(adamw, muon_opt)
+
+
+def lr_at(step: int, cfg: TrainSettings) -> float:
+    """Learning rate for optimizer step ``step`` (1-based in ``fit``; 0 is the warmup start).
+
+    Linear warmup from 0 to ``cfg.lr`` over ``cfg.warmup_steps``, then cosine decay to
+    ``cfg.min_lr`` at ``cfg.steps``; constant ``min_lr`` beyond. Warmup avoids the large,
+    badly-directed first Adam updates; the cosine tail lets the loss settle. `fit` gives each
+    parameter group this rate times its ``lr_scale`` (1, or ``muon_lr / lr`` for Muon's group).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if step >= cfg.steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

@@ -12,18 +12,24 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.train.distributed import World
+from pipeline.train.optim import OptimizerLike
 
-OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+OptimizerFactory = Callable[[nn.Module], OptimizerLike]
 
 
 def _full(value: Any) -> Any:
     """A sharded (DTensor) value gathered whole on every process; other values as they are."""
+    # deferred: torch.distributed.tensor adds ~1 s to the import; only sharded runs have DTensors
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -49,7 +55,9 @@ class ParallelModel:
         self.model = model
         self.world = world
         self.sharded = world.distributed and parallelism == "fsdp"
+        self._fsdp: FSDPModule | None = None
         if self.sharded:
+            # deferred: FSDP's modules add ~1 s to the import; only sharded runs use them
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
@@ -60,17 +68,19 @@ class ParallelModel:
             mesh = init_device_mesh(device.type, (world.size,))
             for block in getattr(trained, "blocks", ()):
                 fully_shard(block, mesh=mesh)
-            fully_shard(trained, mesh=mesh)
+            self._fsdp = fully_shard(trained, mesh=mesh)  # `trained` itself, now an FSDPModule
         else:
             trained = model.to(device)
         self.trained = trained
         self.optimizer = make_optimizer(trained)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.eval_module: nn.Module = torch.compile(trained) if compile else trained  # type: ignore[assignment]
-        self._ddp: nn.Module | None = None
+        # torch.compile's stubs type its result as the callable it was given; for a module it is
+        # an OptimizedModule (an nn.Module).
+        self.eval_module: nn.Module = (
+            cast(nn.Module, torch.compile(trained)) if compile else trained
+        )
+        self._ddp: DistributedDataParallel | None = None
         if world.distributed and not self.sharded:
-            from torch.nn.parallel import DistributedDataParallel
-
             device_ids = [device.index] if device.type == "cuda" else None
             self._ddp = DistributedDataParallel(
                 self.eval_module, device_ids=device_ids, broadcast_buffers=False
@@ -83,11 +93,12 @@ class ParallelModel:
         if not skip or not self.world.distributed:
             yield
         elif self.sharded:
-            self.trained.set_requires_gradient_sync(False)  # type: ignore[operator]
+            assert self._fsdp is not None
+            self._fsdp.set_requires_gradient_sync(False)
             try:
                 yield
             finally:
-                self.trained.set_requires_gradient_sync(True)  # type: ignore[operator]
+                self._fsdp.set_requires_gradient_sync(True)
         else:
             assert self._ddp is not None
             with self._ddp.no_sync():
@@ -124,6 +135,7 @@ class ParallelModel:
     def load_optimizer_state(self, state: dict) -> None:
         """Load `optimizer_state()`'s format, sharding each tensor like its parameter."""
         if self.sharded:
+            # deferred: torch.distributed.tensor adds ~1 s to the import; only sharded runs use it
             from torch.distributed.tensor import distribute_tensor
 
             state = {
@@ -141,6 +153,10 @@ class ParallelModel:
     @staticmethod
     def _shard_like(param: torch.Tensor, value: Any, distribute_tensor: Callable) -> Any:
         if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0:
+            # deferred: torch.distributed.tensor adds ~1 s to the import; only sharded runs get here
+            from torch.distributed.tensor import DTensor
+
+            assert isinstance(param, DTensor)  # fully_shard made every parameter a DTensor
             return distribute_tensor(
                 value.to(param.device_mesh.device_type), param.device_mesh, param.placements
             )

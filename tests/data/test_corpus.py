@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import deep_merge, resolve
 from pipeline.data import corpus
 from pipeline.data.corpus import (
     CorpusFile,
@@ -19,6 +18,8 @@ from pipeline.data.corpus import (
     read_documents,
     split_into_parts,
 )
+from pipeline.settings import PrepareSettings
+from pipeline.settings.load import deep_merge, resolve, typed_config
 
 
 def config_with(default_config, tmp_path, *corpus) -> dict:
@@ -26,6 +27,12 @@ def config_with(default_config, tmp_path, *corpus) -> dict:
     return resolve(
         deep_merge(default_config, {"paths": paths, "prepare": {"corpus": list(corpus)}})
     )
+
+
+def listed(config: dict) -> list[CorpusFile]:
+    """The files of the resolved config's `prepare.corpus`."""
+    typed = typed_config(config)
+    return corpus_files(typed.section_of("prepare", PrepareSettings).corpus, typed.paths)
 
 
 def documents(file, skip=False):
@@ -67,7 +74,7 @@ def test_every_kind_of_entry_in_corpus_order(default_config, tmp_path, corpus_di
         {"path": str(corpus_dir / "web*.jsonl*"), "field": "text"},
         {"path": str(corpus_dir / "rows.parquet"), "column": "content"},
     )  # fmt: skip
-    files = corpus_files(config)
+    files = listed(config)
     names = [f.path.name for f in files]
     assert names == ["the-verdict.txt", "a.txt", "b.md", "web.jsonl.gz", "web2.jsonl.zst",
                      "rows.parquet"]  # fmt: skip
@@ -81,27 +88,27 @@ def test_a_jsonl_field_and_a_parquet_column_are_named_in_the_entry(default_confi
                                                                    corpus_dir):  # fmt: skip
     config = config_with(default_config, tmp_path,
                          {"path": str(corpus_dir / "web2.jsonl.zst"), "field": "body"})  # fmt: skip
-    assert documents(corpus_files(config)[0])[0] == ["zst one"]
+    assert documents(listed(config)[0])[0] == ["zst one"]
     missing = config_with(default_config, tmp_path, {"path": str(corpus_dir / "rows.parquet")})
     with pytest.raises(ValueError, match=r"rows.parquet: no column 'text' \(columns: content\)"):
-        documents(corpus_files(missing)[0])
+        documents(listed(missing)[0])
 
 
 def test_a_glob_or_directory_without_corpus_files_names_the_entry(default_config, tmp_path):
     config = config_with(default_config, tmp_path, "the-verdict.txt",
                          {"path": str(tmp_path / "nothing" / "*.txt")})  # fmt: skip
     with pytest.raises(ValueError, match=r"prepare\.corpus\.1: '.*nothing/\*\.txt' matches noth"):
-        corpus_files(config)
+        listed(config)
     (tmp_path / "empty").mkdir()
     config = config_with(default_config, tmp_path, {"path": str(tmp_path / "empty")})
     with pytest.raises(ValueError, match=r"prepare\.corpus\.0: directory .*empty holds no corpus"):
-        corpus_files(config)
+        listed(config)
 
 
 def jsonl_file(default_config, tmp_path, lines):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    return corpus_files(config_with(default_config, tmp_path, {"path": str(path)}))[0]
+    return listed(config_with(default_config, tmp_path, {"path": str(path)}))[0]
 
 
 @pytest.mark.parametrize(
@@ -126,7 +133,7 @@ def test_bad_text_files_are_named(default_config, tmp_path):
     binary.write_bytes(b"line one\n\xff\xfe bad")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    files = corpus_files(config_with(default_config, tmp_path, {"path": str(binary)},
+    files = listed(config_with(default_config, tmp_path, {"path": str(binary)},
                                      {"path": str(empty)}))  # fmt: skip
     with pytest.raises(ValueError, match=r"bin.txt:2: not UTF-8"):
         documents(files[0])
@@ -138,7 +145,7 @@ def test_bad_text_files_are_named(default_config, tmp_path):
 def test_a_parquet_row_that_is_not_a_string_is_named(default_config, tmp_path):
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"text": ["fine", None, "also fine"]}), path)
-    file = corpus_files(config_with(default_config, tmp_path, {"path": str(path)}))[0]
+    file = listed(config_with(default_config, tmp_path, {"path": str(path)}))[0]
     with pytest.raises(ValueError, match=r"rows.parquet: row 2: 'text' is None, not a string"):
         documents(file)
     assert documents(file, skip=True)[0] == ["fine", "also fine"]

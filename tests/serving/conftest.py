@@ -50,10 +50,10 @@ def store(tmp_path_factory) -> str:
 def logged_models(checkpoints, store) -> dict[str, str]:
     """Each stage's model URI, logged as `finish_stage` logs it, to one run."""
     from pipeline.serving.models import log_stage_model
+    from pipeline.settings import TrackingSettings
     from pipeline.tracking import stage_run
 
-    config = {"tracking": {"uri": store, "experiment": "serving"}}
-    with stage_run(config, "models") as tracker:
+    with stage_run(TrackingSettings(uri=store, experiment="serving"), "models", {}) as tracker:
         return {
             stage: log_stage_model(tracker, stage, path, step=1)
             for stage, path in checkpoints.items()

@@ -139,6 +139,7 @@ def test_finish_stage_logs_the_checkpoint_as_the_runs_model_and_returns_its_uri(
 ):
     import shutil
 
+    from pipeline.settings import TrackingSettings
     from pipeline.stages.training import finish_stage
     from pipeline.tracking import PARENT_RUN_ENV, stage_run
 
@@ -148,9 +149,10 @@ def test_finish_stage_logs_the_checkpoint_as_the_runs_model_and_returns_its_uri(
     for log_model in (False, True):
         config = {**default_config, "tracking": {"uri": uri, "experiment": "t",
                                                  "log_model": log_model}}  # fmt: skip
-        with stage_run(config, "finetune-classifier") as tracker:
-            model_uri = finish_stage(tracker, config, tmp_path / "out", {"test_f1": 0.5}, 3, [],
-                                     "finetune-classifier")  # fmt: skip
+        tracking = TrackingSettings(**config["tracking"])
+        with stage_run(tracking, "finetune-classifier", config) as tracker:
+            model_uri = finish_stage(tracker, tmp_path / "out", {"test_f1": 0.5}, 3, [],
+                                     "finetune-classifier", log_model=log_model)  # fmt: skip
         outputs = MlflowClient(uri).get_run(tracker.run_id).outputs.model_outputs
         if not log_model:
             assert model_uri is None and not outputs

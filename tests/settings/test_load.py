@@ -5,12 +5,12 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.config import (
+from pipeline.settings import ATTENTION_CHOICES, TrainSettings
+from pipeline.settings.load import (
     ConfigError,
     apply_override,
     deep_merge,
     defaults,
-    flatten,
     json_schema,
     load_config,
     render_defaults,
@@ -18,7 +18,6 @@ from pipeline.config import (
     validate,
     write_config,
 )
-from pipeline.settings import ATTENTION_CHOICES, TrainSettings
 from pipeline.stages.registry import STAGES, training_stages
 
 
@@ -143,15 +142,6 @@ def test_deep_merge_replaces_lists_and_merges_mappings():
     base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
     assert deep_merge(base, {"a": {"y": [3]}}) == {"a": {"x": 1, "y": [3]}, "b": 1}
     assert base["a"]["y"] == [1, 2]
-
-
-def test_flatten_for_mlflow_params():
-    assert flatten({"a": {"b": 1, "c": [{"d": 2}]}, "e": None, "f": []}) == {
-        "a.b": 1,
-        "a.c.0.d": 2,
-        "e": None,
-        "f": [],
-    }
 
 
 def test_write_config_keeps_an_unchanged_file(tmp_path):

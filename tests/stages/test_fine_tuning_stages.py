@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import pipeline.train.loop as loop
-from pipeline.config import deep_merge, load_config
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import STATS
 from pipeline.model import GPT, GPTConfig, save_checkpoint
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.classifier import GPTClassifier
+from pipeline.settings.load import deep_merge, load_config, stage_config
 from pipeline.stages import align_dpo, finetune_classifier, finetune_instruct
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,10 +109,12 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
     interrupted = config_for(workdir, f"{case}-interrupted", section, settings)
     monkeypatch.setattr(loop, "save_resume_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        stage.main(interrupted)
+        stage.main(stage_config(interrupted, section))
     monkeypatch.undo()
-    resumed = stage.main(interrupted)
-    reference = stage.main(config_for(workdir, f"{case}-reference", section, settings))
+    resumed = stage.main(stage_config(interrupted, section))
+    reference = stage.main(
+        stage_config(config_for(workdir, f"{case}-reference", section, settings), section)
+    )
 
     timings = ("tokens_per_second", "train_time_s", "response_time_s")
     assert resumed.keys() == reference.keys()
@@ -175,7 +177,7 @@ def test_a_classifier_checkpoint_is_not_a_start_for_fine_tuning(case, workdir):
     if case == "dpo":
         config[section]["template"] = "alpaca"
     with pytest.raises(ValueError, match="not a language-model checkpoint"):
-        stage.main(config)
+        stage.main(stage_config(config, section))
 
 
 def test_a_mislabeled_sms_row_is_named_not_an_empty_split(workdir, tmp_path):
@@ -189,7 +191,7 @@ def test_a_mislabeled_sms_row_is_named_not_an_empty_split(workdir, tmp_path):
     config["paths"]["data"] = str(data)
     expected = rf"{sms}:10: label 'hma' is not one of the expected labels ham, spam"
     with pytest.raises(InputError, match=expected + r" \(finetune-classifier\.labels\)"):
-        finetune_classifier.main(config)
+        finetune_classifier.main(stage_config(config, "finetune-classifier"))
 
 
 def classify(checkpoint: Path, texts: list[str], capsys) -> list[float]:
@@ -208,7 +210,7 @@ def test_classifier_is_calibrated_and_classify_prints_calibrated_probabilities(w
     from pipeline.model.classifier import encode_texts, predict_logits
 
     config = config_for(workdir, "calibrated", "finetune-classifier", {})
-    finetune_classifier.main(config)
+    finetune_classifier.main(stage_config(config, "finetune-classifier"))
     out = workdir / "calibrated" / "finetune-classifier"
     metrics = json.loads((out / "metrics.json").read_text())
     calibration = ("temperature", "test_ece", "test_ece_uncalibrated", "test_loss_uncalibrated")

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
-from pipeline.config import load_config
 from pipeline.data.loader import evaluation_batches
 from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.io import sha256_file
 from pipeline.model import GPTConfig, load_checkpoint, load_checkpoint_config
-from pipeline.model.hf import weight_files
+from pipeline.model.gpt2_import import weight_files
 from pipeline.model.weights import init_from_input
+from pipeline.settings import ModelSettings
+from pipeline.settings.load import load_config, stage_config
 from pipeline.stages import download, prepare, pretrain, training
 from pipeline.stages.common import weights_sha256
 
@@ -29,6 +30,11 @@ transformers = pytest.importorskip("transformers")
 
 CONTEXT = 32
 MODEL = {"preset": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "context_length": CONTEXT}
+
+
+def init_from(config: dict) -> tuple[str, Path]:
+    """`init_from_input`'s arguments: pretrain.init_from and paths.weights."""
+    return config["pretrain"]["init_from"], Path(config["paths"]["weights"])
 TRAIN = {"max_steps": 2, "batch_size": 4, "eval_batches": 2, "eval_every": 2, "warmup_steps": 1}
 
 
@@ -73,12 +79,12 @@ def base(tmp_path_factory, repo, mirror):
         "pretrain.peak_flops=1.0e+11",
     ]
     config = load_config([repo / "config.yaml"], overrides)
-    download.main(config)
-    prepare.main(config)
+    download.main(stage_config(config, "download"))
+    prepare.main(stage_config(config, "prepare"))
     return repo, overrides
 
 
-def stage_config(base, tmp_path, *overrides: str) -> dict:
+def config_with(base, tmp_path, *overrides: str) -> dict:
     repo, shared = base
     own = [
         f"paths.results={tmp_path / 'results'}",
@@ -111,8 +117,8 @@ def run_tags(config: dict) -> dict:
 
 
 def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_dir, hf_model):
-    config = stage_config(base, tmp_path, f"pretrain.init_from={hf_dir}")
-    metrics = pretrain.main(config)
+    config = config_with(base, tmp_path, f"pretrain.init_from={hf_dir}")
+    metrics = pretrain.main(stage_config(config, "pretrain"))
 
     out = tmp_path / "results" / "pretrain"
     model = load_checkpoint(out / "model").eval()
@@ -166,14 +172,14 @@ def test_continue_pretraining_trains_the_imported_weights(
     base, tmp_path, hf_dir, hf_model, monkeypatch
 ):
     seen = spy_on_fit(monkeypatch)
-    config = stage_config(
+    config = config_with(
         base,
         tmp_path,
         f"pretrain.init_from={hf_dir}",
         "pretrain.continue_pretraining=true",
         "model.dropout=0.05",
     )
-    metrics = pretrain.main(config)
+    metrics = pretrain.main(stage_config(config, "pretrain"))
 
     assert metrics["steps"] == 2 and metrics["init_from"] == str(hf_dir)
     model = load_checkpoint(tmp_path / "results" / "pretrain" / "model").eval()
@@ -186,10 +192,10 @@ def test_continue_pretraining_trains_the_imported_weights(
 
 def test_scratch_trains_a_fresh_model_as_before(base, tmp_path, monkeypatch):
     seen = spy_on_fit(monkeypatch)
-    config = stage_config(
+    config = config_with(
         base, tmp_path, "pretrain.train.max_steps=1", "pretrain.train.warmup_steps=0"
     )
-    metrics = pretrain.main(config)
+    metrics = pretrain.main(stage_config(config, "pretrain"))
     assert (metrics["steps"], metrics["init_from"]) == (1, "scratch")
     assert "init_weights_sha256" not in metrics
     assert "init_weights" not in seen["fingerprint"]  # resume states from before stay valid
@@ -197,9 +203,9 @@ def test_scratch_trains_a_fresh_model_as_before(base, tmp_path, monkeypatch):
 
 
 def test_weights_that_do_not_fit_the_model_section_name_both(base, tmp_path, hf_dir):
-    config = stage_config(base, tmp_path, f"pretrain.init_from={hf_dir}", "model.n_layer=3")
+    config = config_with(base, tmp_path, f"pretrain.init_from={hf_dir}", "model.n_layer=3")
     with pytest.raises(ValueError) as err:
-        pretrain.main(config)
+        pretrain.main(stage_config(config, "pretrain"))
     message = str(err.value)
     assert f"the weights in {hf_dir} are a GPT-2 with n_layer=2, n_head=2, n_embd=32" in message
     assert "model.preset 'tiny' with model.context_length, model.n_layer" in message
@@ -213,7 +219,7 @@ def test_a_mismatch_with_a_gpt2_size_names_the_preset_to_set():
         pretrain.check_architecture(
             GPTConfig.from_preset("gpt2-355m"),
             GPTConfig.from_preset("gpt2-124m", n_layer=24),
-            {"preset": "gpt2-124m", "n_layer": 24},
+            ModelSettings(preset="gpt2-124m", n_layer=24),
             "gpt2-355m",
             pretrain.Path("models/gpt2-medium"),
         )
@@ -221,16 +227,16 @@ def test_a_mismatch_with_a_gpt2_size_names_the_preset_to_set():
 
 def test_a_gpt2_name_is_looked_up_under_paths_weights(base, tmp_path, hf_dir):
     shutil.copytree(hf_dir, tmp_path / "models" / "gpt2")
-    config = stage_config(base, tmp_path, "pretrain.init_from=gpt2-124m")
-    assert init_from_input(config) == [str(tmp_path / "models" / "gpt2")]
-    metrics = pretrain.main(config)
+    config = config_with(base, tmp_path, "pretrain.init_from=gpt2-124m")
+    assert init_from_input(*init_from(config)) == [str(tmp_path / "models" / "gpt2")]
+    metrics = pretrain.main(stage_config(config, "pretrain"))
     assert (metrics["init_from"], metrics["steps"]) == ("gpt2-124m", 0)
     assert run_tags(config)["init_weights"] == str(tmp_path / "models" / "gpt2")
 
-    missing = stage_config(base, tmp_path, "pretrain.init_from=gpt2-medium")
-    assert init_from_input(missing) == []  # the stage, not Snakemake, explains
+    missing = config_with(base, tmp_path, "pretrain.init_from=gpt2-medium")
+    assert init_from_input(*init_from(missing)) == []  # the stage, not Snakemake, explains
     with pytest.raises(FileNotFoundError) as err:
-        pretrain.main(missing)
+        pretrain.main(stage_config(missing, "pretrain"))
     message = str(err.value)
     for place in ("gpt2-355m", "gpt2-medium"):
         assert str(tmp_path / "models" / place) in message
@@ -238,11 +244,12 @@ def test_a_gpt2_name_is_looked_up_under_paths_weights(base, tmp_path, hf_dir):
 
 
 def test_init_from_a_directory_is_a_snakemake_input(base, tmp_path):
-    assert init_from_input(stage_config(base, tmp_path)) == []
-    config = stage_config(base, tmp_path, f"pretrain.init_from={tmp_path / 'nowhere'}")
-    assert init_from_input(config) == [str(tmp_path / "nowhere")]
+    plain = config_with(base, tmp_path)
+    assert init_from_input(*init_from(plain)) == []
+    config = config_with(base, tmp_path, f"pretrain.init_from={tmp_path / 'nowhere'}")
+    assert init_from_input(*init_from(config)) == [str(tmp_path / "nowhere")]
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere': no such directory; expected"):
-        pretrain.main(config)
+        pretrain.main(stage_config(config, "pretrain"))
 
 
 def test_cli_import_then_export_round_trips_through_transformers(tmp_path, hf_dir, hf_model):
@@ -280,7 +287,7 @@ def test_our_own_checkpoint_is_an_init_too(tmp_path, hf_dir, hf_model):
     ours = tmp_path / "ours"
     assert main(["import-gpt2", str(hf_dir), str(ours)]) == 0
     cfg = GPTConfig.from_preset("tiny", **{k: v for k, v in MODEL.items() if k != "preset"})
-    model = pretrain.load_init_model(ours, cfg, MODEL, str(ours)).eval()
+    model = pretrain.load_init_model(ours, cfg, ModelSettings(**MODEL), str(ours)).eval()
     ids = random_ids()
     torch.testing.assert_close(logits(model, ids), logits(hf_model, ids), rtol=0, atol=1e-5)
     assert weights_sha256(ours) == sha256_file(ours / "model.safetensors")

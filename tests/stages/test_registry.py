@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from snakemake_runs import SNAKEMAKE, make_workdir, tiny_config
 
-from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, Headline, training_stages
+from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, training_stages
+from pipeline.tracking.headline import Headline
 
 EXTRA_STAGE = '''
 """A hypothetical stage: distil the instruction-tuned model (registry entry + module only)."""
@@ -116,10 +117,10 @@ def test_building_the_dag_imports_no_torch(repo):
     code = textwrap.dedent(
         """
         import sys
-        import pipeline.config, pipeline.launch, pipeline.paths, pipeline.tracking
+        import pipeline.launch, pipeline.paths, pipeline.settings.load, pipeline.tracking
         from pipeline.stages.registry import STAGES
-        from pipeline.config import load_config
-        config = load_config(["config.yaml"])
+        from pipeline.settings.load import load_config, typed_config
+        config = typed_config(load_config(["config.yaml"]))
         for stage in STAGES.values():
             if stage.inputs:
                 stage.inputs(config)

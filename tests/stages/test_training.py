@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from snakemake_runs import make_workdir, tiny_config
 
-from pipeline.config import load_config
+from pipeline.settings import TrackingSettings
+from pipeline.settings.load import load_config, stage_config
 from pipeline.stages import pretrain, training
 from pipeline.stages.training import finish_stage
 from pipeline.tracking import PARENT_RUN_ENV, stage_run
@@ -158,7 +159,7 @@ def test_a_failed_stage_leaves_the_previous_complete_folder(workdir, monkeypatch
     monkeypatch.chdir(workdir)
     config = load_config([workdir / "config.yaml", workdir / "tiny.yaml"])
     config["pretrain"]["train"]["max_steps"] = 4
-    pretrain.main(config)
+    pretrain.main(stage_config(config, "pretrain"))
     results = workdir / "results"
     complete = folder(results / "pretrain")
     assert {"metrics.json", "loss.png", "samples.txt", "model/model.safetensors"} <= set(complete)
@@ -169,7 +170,7 @@ def test_a_failed_stage_leaves_the_previous_complete_folder(workdir, monkeypatch
     monkeypatch.setattr(training, failing, disk_full)
     config["seed"] = 7  # another model, other samples
     with pytest.raises(OSError, match="(?i)no space left"):
-        pretrain.main(config)
+        pretrain.main(stage_config(config, "pretrain"))
     assert folder(results / "pretrain") == complete
     assert sorted(p.name for p in results.iterdir()) == ["pretrain"]  # no temp folder left
 
@@ -187,10 +188,10 @@ def test_final_metrics_end_their_series_and_are_not_copied_as_final(
         "test_roc_auc": math.nan,
         "method": "lora",
     }
-    with stage_run(config, "finetune-instruct") as tracker:
+    with stage_run(TrackingSettings(**config["tracking"]), "finetune-instruct", config) as tracker:
         tracker.log_metrics({"val_loss": 0.7, "tokens_per_second": 80.0}, step=1)
         tracker.log_metrics({"val_loss": 0.5, "tokens_per_second": 90.0}, step=2)
-        finish_stage(tracker, config, tmp_path, metrics, 2, [], "finetune-instruct")
+        finish_stage(tracker, tmp_path, metrics, 2, [], "finetune-instruct", log_model=False)
 
     client = MlflowClient(uri)
     run = client.get_run(tracker.run_id)

@@ -122,11 +122,12 @@ def test_pipeline_logs_parent_child_runs_metrics_and_artifacts_through_the_serve
 WRITER = """
 import sys, time
 from pathlib import Path
+from pipeline.settings import TrackingSettings
 from pipeline.tracking import stage_run
 
 uri, experiment, stage, steps, go, files = sys.argv[1:]
-config = {"tracking": {"uri": uri, "experiment": experiment, "log_model": False}}
-with stage_run(config, stage) as run:
+tracking = TrackingSettings(uri=uri, experiment=experiment, log_model=False)
+with stage_run(tracking, stage, {}) as run:
     print(run.run_id, flush=True)
     while not Path(go).exists():
         time.sleep(0.01)

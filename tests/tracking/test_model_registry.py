@@ -20,8 +20,9 @@ from headless_browser import SKIP_REASON, browser, dump_dom, screenshot, visible
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.stages.registry import Headline
+from pipeline.stages.registry import STAGES
 from pipeline.tracking import PARENT_RUN_ENV, StageRun, ensure_experiment
+from pipeline.tracking.headline import Headline
 from pipeline.tracking.model_registry import (
     CHAMPION,
     METRIC_TAG,
@@ -167,29 +168,24 @@ def test_a_team_tracking_server_registers_the_same_way(mlflow_server, tmp_path, 
     assert model.predict(pd.DataFrame({"text": ["a"]})) == ["hi"]
 
 
-def config_for(default_config, store, register=True, **sections) -> dict:
-    tracking = {**default_config["tracking"], "uri": store.uri, "register": register}
-    config = {**default_config, "tracking": tracking}
-    for stage, name in sections.items():
-        config[stage.replace("_", "-")] = {**config[stage.replace("_", "-")],
-                                           "registered_model_name": name}  # fmt: skip
-    return config
-
-
-def test_register_stage_follows_the_config(store, default_config, monkeypatch):
+def test_register_stage_names_the_model_and_tags_its_headline(store, monkeypatch):
     run_id, model_uri = store.log_model()
-    off = config_for(default_config, store, register=False)
-    assert register_stage(off, "finetune-classifier", model_uri, run_id, {"test_f1": 0.9}) is None
-    on = config_for(default_config, store, align_dpo="spam filter")
-    assert register_stage(on, "pretrain", None, run_id, {"val_loss": 1.0}) is None  # not logged
+    f1, accuracy = STAGES["finetune-classifier"].headline, STAGES["align-dpo"].headline
+    none = register_stage(store.uri, "pretrain", None, None, run_id, Headline("val_loss"), {})
+    assert none is None  # no model logged
     assert store.client.search_registered_models() == []
 
     monkeypatch.setenv(PARENT_RUN_ENV, "parent-9")
     metrics = {"test_f1": 0.75, "val_loss": 0.2, "labels": ["ham", "spam"]}
-    version = register_stage(on, "finetune-classifier", model_uri, run_id, metrics)
+    version = register_stage(
+        store.uri, "finetune-classifier", None, model_uri, run_id, f1, metrics
+    )
     assert version.name == "gpt-pipeline-finetune-classifier"
     assert version.tags == {METRIC_TAG: "test_f1", VALUE_TAG: "0.75", PARENT_TAG: "parent-9"}
-    dpo = register_stage(on, "align-dpo", model_uri, run_id, {"val_reward_accuracy": 0.5})
+    dpo = register_stage(
+        store.uri, "align-dpo", "spam filter", model_uri, run_id, accuracy,
+        {"val_reward_accuracy": 0.5},
+    )  # fmt: skip
     assert (dpo.name, dpo.tags[METRIC_TAG]) == ("spam filter", "val_reward_accuracy")
     assert store.aliases("spam filter") == ("1", "1")
 

@@ -8,15 +8,22 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.settings import TrackingSettings
 from pipeline.tracking import (
     PARENT_RUN_ENV,
     end_parent_run,
     ensure_experiment,
+    flatten,
     git_tags,
     stage_run,
     start_parent_run,
     system_metrics,
 )
+
+
+def tracked_run(config: dict, stage: str, **kwargs):
+    """`stage_run` as a stage opens it: the config's tracking settings, the config as params."""
+    return stage_run(TrackingSettings(**config["tracking"]), stage, config, **kwargs)
 
 
 @pytest.fixture()
@@ -31,7 +38,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
     uri = tracked_config["tracking"]["uri"]
     parent = start_parent_run(uri, "test", "pretrain 2026-01-01 10:00:00Z")
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
-    with stage_run(tracked_config, "pretrain") as run:
+    with tracked_run(tracked_config, "pretrain") as run:
         run.log_metrics({"loss": 2.5, "lr": 1e-3}, step=10)
         run.log_metrics({"loss": 2.0}, step=20)
         run.log_text("hello", "samples/step_000010.txt")
@@ -61,7 +68,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
 
 
 def test_failing_stage_marks_its_run_failed(tracked_config):
-    with pytest.raises(RuntimeError, match="boom"), stage_run(tracked_config, "prepare") as run:
+    with pytest.raises(RuntimeError, match="boom"), tracked_run(tracked_config, "prepare") as run:
         raise RuntimeError("boom")
     client = MlflowClient(tracked_config["tracking"]["uri"])
     assert client.get_run(run.run_id).info.status == "FAILED"
@@ -93,7 +100,7 @@ def test_a_resumed_training_continues_its_run(tracked_config):
         client.log_metric(run_id, "loss", 10.0 - step, step=step)
     client.log_param(run_id, "pretrain.train.log_every", "99")  # it may change on resume
     client.set_terminated(run_id, "FAILED")  # its job failed, or was found killed
-    with stage_run(tracked_config, "pretrain", resume=run_id) as run:
+    with tracked_run(tracked_config, "pretrain", resume=run_id) as run:
         assert run.run_id == run_id
         assert client.get_run(run_id).info.status == "RUNNING"
         for step in range(4, 9):  # the checkpoint was at step 3
@@ -111,7 +118,7 @@ def test_a_resumed_training_continues_its_run(tracked_config):
 
 
 def test_a_run_that_cannot_be_continued_gives_a_new_one(tracked_config):
-    with stage_run(tracked_config, "pretrain", resume="0123456789abcdef") as run:
+    with tracked_run(tracked_config, "pretrain", resume="0123456789abcdef") as run:
         assert run.run_id != "0123456789abcdef"
     assert MlflowClient(tracked_config["tracking"]["uri"]).get_run(run.run_id).info.status == (
         "FINISHED"
@@ -136,7 +143,7 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(tracked_config):
     elsewhere = running("another-host", int(exited.stdout))
     abandoned = running("another-host", 1)
     other_stage = running(here, int(exited.stdout), "finetune-classifier")
-    with stage_run(tracked_config, "pretrain", abandoned=abandoned):
+    with tracked_run(tracked_config, "pretrain", abandoned=abandoned):
         pass
     status = {run: client.get_run(run).info.status for run in (dead, alive, elsewhere, abandoned)}
     assert status == {dead: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", abandoned: "KILLED"}
@@ -148,7 +155,7 @@ def test_system_metrics_are_sampled_at_the_interval_or_not_at_all(tracked_config
     """MLflow's monitor on a real store: samples every `interval` s while the block runs (a
     training step's work here is a sleep); 0 or null logs none."""
     uri = tracked_config["tracking"]["uri"]
-    with stage_run(tracked_config, "pretrain") as run, system_metrics(run, uri, interval):
+    with tracked_run(tracked_config, "pretrain") as run, system_metrics(run, uri, interval):
         time.sleep(1.5)
     client = MlflowClient(uri)
     logged = [k for k in client.get_run(run.run_id).data.metrics if k.startswith("system/")]
@@ -160,3 +167,12 @@ def test_system_metrics_are_sampled_at_the_interval_or_not_at_all(tracked_config
     )
     history = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
     assert 2 <= len(history) <= 1.5 / interval + 1  # one sample per interval, none after
+
+
+def test_flatten_for_mlflow_params():
+    assert flatten({"a": {"b": 1, "c": [{"d": 2}]}, "e": None, "f": []}) == {
+        "a.b": 1,
+        "a.c.0.d": 2,
+        "e": None,
+        "f": [],
+    }
