@@ -15,18 +15,9 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import InputError
+from pipeline.model import gpt2_tensors
 from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
-from pipeline.model.gpt2_tensors import (
-    build_gpt,
-    check_dir,
-    map_tensors,
-    name_table,
-    our_shapes,
-    read_json,
-    transposed,
-    unchanged,
-)
 
 __all__ = [
     "TF_HPARAMS",
@@ -72,12 +63,12 @@ def state_dict_from_tf(
     TF's conv1d weights are (1, in, out): the leading 1 is dropped and the rest transposed.
     """
     tensors = {name: torch.from_numpy(np.array(value)) for name, value in variables.items()}
-    shapes = our_shapes(config)
+    shapes = gpt2_tensors.our_shapes(config)
     expected = {}
-    for ours, _, tf, conv in name_table(config.n_layer):
-        shape = (1, *transposed(shapes[ours])) if conv else shapes[ours]
-        expected[tf] = (ours, shape, _tf_conv1d_to_linear if conv else unchanged)
-    return map_tensors(tensors, expected, config, source)
+    for ours, _, tf, conv in gpt2_tensors.name_table(config.n_layer):
+        shape = (1, *gpt2_tensors.transposed(shapes[ours])) if conv else shapes[ours]
+        expected[tf] = (ours, shape, _tf_conv1d_to_linear if conv else gpt2_tensors.unchanged)
+    return gpt2_tensors.map_tensors(tensors, expected, config, source)
 
 
 def _tf_conv1d_to_linear(t: Tensor) -> Tensor:
@@ -117,18 +108,18 @@ def load_tf_gpt2(src: Path) -> GPT:
     Needs the optional tensorflow (`pip install 'gpt-pipeline[tf]'`).
     """
     src = Path(src)
-    check_dir(src)
+    gpt2_tensors.check_dir(src)
     config = tf_dir_config(src)
     prefix = _tf_checkpoint_prefix(src)
     state = state_dict_from_tf(_read_tf_variables(prefix), config, source=prefix)
-    return build_gpt(config, state)
+    return gpt2_tensors.build_gpt(config, state)
 
 
 def tf_dir_config(src: Path) -> GPTConfig:
     """The architecture a TF checkpoint directory's hparams.json describes."""
     hparams_path = src / TF_HPARAMS
     try:
-        return config_from_tf_hparams(read_json(hparams_path))
+        return config_from_tf_hparams(gpt2_tensors.read_json(hparams_path))
     except ValueError as exc:
         raise InputError(f"{hparams_path}: {exc}") from exc
 
