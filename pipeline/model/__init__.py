@@ -1,6 +1,6 @@
 """GPT-2 model: configuration, architecture, attention backends, generation and checkpoints.
 
-Names are imported on first use (PEP 562), so `pipeline.model.config` and
+Names are imported on first use (PEP 562), so `pipeline.model.architecture` and
 `pipeline.model.weights` can be read without importing torch (the Snakefile does). `generate`
 is not among them: it would be shadowed by its module; import it from `pipeline.model.generate`.
 """
@@ -17,8 +17,8 @@ _HOME = {
     "load_checkpoint_config": "pipeline.model.checkpoint",
     "load_weights": "pipeline.model.checkpoint",
     "save_checkpoint": "pipeline.model.checkpoint",
-    "PRESETS": "pipeline.model.config",
-    "GPTConfig": "pipeline.model.config",
+    "PRESETS": "pipeline.model.architecture",
+    "GPTConfig": "pipeline.model.architecture",
     "generate_tokens": "pipeline.model.generate",
     "GPT": "pipeline.model.gpt",
     "KVCache": "pipeline.model.gpt",

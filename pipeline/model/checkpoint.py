@@ -21,8 +21,8 @@ from torch import nn
 from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.classifier import GPTClassifier
-from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 
 FORMAT = "gpt-pipeline-checkpoint"

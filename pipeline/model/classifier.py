@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.errors import InputError
-from pipeline.model.config import GPTConfig
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.gpt import GPT
 
 if TYPE_CHECKING:

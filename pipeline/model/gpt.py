@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import InputError
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.attention import attend_to_cache, build_attention, merge_heads, split_heads
-from pipeline.model.config import GPTConfig
 from pipeline.model.head_loss import linear_cross_entropy, target_logprobs
 
 

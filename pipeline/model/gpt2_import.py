@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.data.tokenizer import END_OF_TEXT_ID, GPT2_BPE_FILES
 from pipeline.errors import InputError
 from pipeline.io import sha256_bytes
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from pipeline.model.checkpoint import (
     TOKENIZER_DIR,
@@ -24,7 +25,6 @@ from pipeline.model.checkpoint import (
     load_checkpoint_config,
     save_checkpoint,
 )
-from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_tensors import check_dir, read_json
 from pipeline.model.hf import (

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import InputError
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.checkpoint import TIED_KEY
-from pipeline.model.config import GPTConfig
 from pipeline.model.gpt import GPT
 
 __all__ = [

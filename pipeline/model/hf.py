@@ -25,6 +25,7 @@ from torch import Tensor
 from pipeline.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory
+from pipeline.model.architecture import HF_NAME_FOR_PRESET, GPTConfig
 from pipeline.model.checkpoint import (
     TIED_KEY,
     TOKENIZER_DIR,
@@ -32,7 +33,6 @@ from pipeline.model.checkpoint import (
     load_checkpoint,
     load_checkpoint_config,
 )
-from pipeline.model.config import HF_NAME_FOR_PRESET, GPTConfig
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_tensors import (
     build_gpt,

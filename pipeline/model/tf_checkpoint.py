@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pipeline.errors import InputError
 from pipeline.model import gpt2_tensors
-from pipeline.model.config import GPTConfig
+from pipeline.model.architecture import GPTConfig
 from pipeline.model.gpt import GPT
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.model.config import HF_NAME_FOR_PRESET
+from pipeline.model.architecture import HF_NAME_FOR_PRESET
 
 SCRATCH = "scratch"
 PRESET_FOR_WEIGHTS_NAME: dict[str, str] = {

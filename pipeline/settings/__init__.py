@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Generic, Literal, TypeVar
 
 from pipeline.errors import InputError
-from pipeline.model.config import PRESETS
+from pipeline.model.architecture import PRESETS
 from pipeline.paths import Paths
 from pipeline.settings.schema import setting
 

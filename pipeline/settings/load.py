@@ -24,7 +24,7 @@ import yaml
 from pipeline import settings
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
-from pipeline.model.config import PRESETS
+from pipeline.model.architecture import PRESETS
 from pipeline.paths import Paths
 from pipeline.settings import Config, Split, StageConfig, schema
 from pipeline.settings.schema import MISSING, FieldSpec, Group, fields_of, is_settings, record_type

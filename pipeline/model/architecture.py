@@ -1,4 +1,4 @@
-"""GPT model configuration: one validated dataclass, plus the GPT-2 size presets.
+"""The GPT architecture: one validated dataclass (GPTConfig), plus the GPT-2 size presets.
 
 The architecture only: which attention backend runs it is chosen at run time
 (`pipeline.model.attention.resolve_attention`), never stored. No torch import here.
