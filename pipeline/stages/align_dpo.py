@@ -144,9 +144,6 @@ class AlignDpo(TrainingStage[DpoSettings]):
                 "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
             },
             datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
-            checkpoint_metadata={
-                "instruct": {"template": self.template, "method": section.method, "aligned": "dpo"}
-            },
             lora=section.method == "lora",
         )  # fmt: skip
 
@@ -293,6 +290,10 @@ class AlignDpo(TrainingStage[DpoSettings]):
             metrics["test_rouge_l_chosen_before"], metrics["test_rouge_l_chosen_after"],
         )  # fmt: skip
         return metrics
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        method = self.section.method
+        return {"instruct": {"template": self.template, "method": method, "aligned": "dpo"}}
 
     def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}

@@ -82,7 +82,7 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         self.split_records(config, out_dir)
         model, start = self.setup_model(config, device)
         tokenizer = checkpoint_tokenizer(start)
-        max_length = section.max_length or model.config.context_length
+        max_length = self.max_length = section.max_length or model.config.context_length
         if max_length > model.config.context_length:
             raise InputError(
                 f"{STAGE}.max_length {max_length} exceeds the model's context_length "
@@ -101,12 +101,6 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
                 config.paths.source(section.data),
                 {name: (out_dir / f"{name}.tsv", split) for name, split in self.splits.items()},
             ),
-            checkpoint_metadata={
-                "classifier": {
-                    "labels": self.labels, "pooling": section.pooling,
-                    "positive_label": section.positive_label, "max_length": max_length,
-                }
-            },
         )  # fmt: skip
 
     def setup_model(self, config: StageConfig[ClassifierSettings], device: torch.device
@@ -233,7 +227,7 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         """Fit the temperature on val, save it with the model, and return the test metrics and
         probabilities at that temperature, the ECE before and after, and draw both."""
         temperature = fit_temperature(self.logits(plan.model, "val"), self.targets["val"])
-        plan.checkpoint_metadata["classifier"]["temperature"] = temperature
+        self.temperature = temperature
         test_logits, y = self.logits(plan.model, "test"), self.targets["test"]
         raw, raw_probs = _split_metrics(test_logits, y, self.positive, self.weight)
         values, probs = _split_metrics(test_logits, y, self.positive, self.weight, temperature)
@@ -252,6 +246,15 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
             "test_loss_uncalibrated": raw["loss"],
         }
         return values, probs, calibration
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {
+            "classifier": {
+                "labels": self.labels, "pooling": self.section.pooling,
+                "positive_label": self.section.positive_label, "max_length": self.max_length,
+                "temperature": self.temperature,
+            }
+        }  # fmt: skip
 
     def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in metrics.items() if k.startswith("test_")}

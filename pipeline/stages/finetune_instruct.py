@@ -96,9 +96,6 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
             tags={"init_from": str(start), "device": device.type, "method": section.method},
             start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
             datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
-            checkpoint_metadata={
-                "instruct": {"template": section.template, "method": section.method}
-            },
             lora=section.method == "lora",
         )  # fmt: skip
 
@@ -203,6 +200,9 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
             "epochs": result.step / self.steps_per_epoch,
             **self.summary,
         }
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"instruct": {"template": self.section.template, "method": self.section.method}}
 
     def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")}

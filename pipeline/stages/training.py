@@ -71,8 +71,6 @@ class StagePlan:
     tags: dict[str, Any] = field(default_factory=dict)
     start_metrics: dict[str, float] = field(default_factory=dict)
     """Logged at step 0 (trainable parameters, truncated examples, ...)."""
-    checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
-    """Stage sections of the checkpoint's config.json (`classifier`, `instruct`)."""
     lora: bool = False
     """Merge LoRA adapters into the weights before reporting and saving."""
     trains: bool = True
@@ -113,6 +111,11 @@ class TrainingStage(Generic[Section]):
     def saved_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The metrics the checkpoint's config.json keeps."""
         return dict(metrics)
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """The stage's own sections of the checkpoint's config.json (`classifier`, `instruct`),
+        asked for after `report`."""
+        return {}
 
 
 def _evaluate_only(plan: StagePlan, device: torch.device, tracker: StageRun) -> TrainResult:
@@ -205,7 +208,7 @@ def _report(stage: TrainingStage[Any], plan: StagePlan, result: TrainResult, out
         out_dir / "model",
         metadata={
             "stage": stage.name,
-            **plan.checkpoint_metadata,
+            **stage.checkpoint_metadata(),
             "tokenizer": {"name": "gpt2", "eot_token": plan.tokenizer.eot_token},
             "metrics": stage.saved_metrics(metrics),
         },
