@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -331,24 +333,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.train import NonFiniteLossError
 
     try:
-        if args.command in COMMANDS:
-            COMMANDS[args.command](args)
-            return 0
-        if args.command == "config" and (args.defaults or args.schema):
-            sys.stdout.write(_config_reference(args.schema))
-            return 0
-        config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
-        if args.command == "config":
-            sys.stdout.write(render_resolved(config))
-            return 0
-        stage = STAGES[args.command]
-        options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
-        run_stage(stage, config, threads=args.threads, **options)
+        _run_command(args)
+        sys.stdout.flush()  # a reader gone shows here, not as a message when Python exits
         return 0
     except (DownloadError, InputError, NonFiniteLossError, OSError, TensorFlowRequiredError) as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            return _end_quietly()
         # what the user can fix, in one line; any other error (a bug) keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _run_command(args: argparse.Namespace) -> None:
+    """The command or stage `args` names."""
+    if args.command in COMMANDS:
+        COMMANDS[args.command](args)
+        return
+    if args.command == "config" and (args.defaults or args.schema):
+        sys.stdout.write(_config_reference(args.schema))
+        return
+    config = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+    if args.command == "config":
+        sys.stdout.write(render_resolved(config))
+        return
+    stage = STAGES[args.command]
+    options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
+    run_stage(stage, config, threads=args.threads, **options)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has exited (`... | head -1`), not some
+    other connection that broke: poll reports an error on the pipe's end then."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # replaced by an object without a descriptor
+        return False
+    poll = select.poll()
+    poll.register(fd, 0)  # errors and hang-ups are reported whatever is asked for
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+
+
+def _end_quietly() -> int:
+    """End as a Unix tool killed by SIGPIPE ends (`cat`, `seq`): no message, the status a shell
+    shows for it (128 + SIGPIPE = 141). Python ignores SIGPIPE, so the write raised instead;
+    what is left in stdout's buffer goes to /dev/null, or flushing it at exit would fail again
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 COMMANDS = {

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -139,6 +140,24 @@ def test_an_empty_classify_input_names_the_file(checkpoints, tmp_path, capsys):
     assert one_error_line(capsys).startswith(f"error: {empty}: no texts to classify")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--checkpoint", "README.md", "--prompt", "hi"],
+        ["chat", "--checkpoint", "README.md", "--instruction", "hi"],
+        ["classify", "--checkpoint", "README.md", "hi"],
+        ["export-hf", "README.md", "exported"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_file_given_as_the_checkpoint_is_said_to_be_a_file(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("# a project\n")
+    assert main(args) == 1
+    assert one_error_line(capsys) == "error: README.md is a file, not a checkpoint directory"
+    assert not (tmp_path / "exported").exists()
+
+
 def test_an_unknown_attention_backend_names_the_option(checkpoints, capsys):
     args = ["classify", "--checkpoint", str(checkpoints / "classifier"), "a text"]
     assert main([*args, "--attention", "bogus"]) == 1
@@ -179,3 +198,27 @@ def test_exported_files_follow_the_umask(checkpoints, tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["generate", "--prompt", "ROMEO:", "--max-new-tokens", "5"], ["classify", "hi", "there"]],
+    ids=lambda args: args[0],
+)
+def test_a_reader_that_is_gone_ends_the_command_silently_as_sigpipe_would(args, checkpoints,
+                                                                          repo):  # fmt: skip
+    """`... | head -1`: the pipe's reader has exited before the output is written (its read end
+    is closed here before the command starts, so the first write fails every time)."""
+    checkpoint = checkpoints / ("lm" if args[0] == "generate" else "classifier")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args, "--checkpoint", str(checkpoint)],
+            cwd=repo, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(repo), "PIPELINE_LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr  # as a shell reports `cat`'s
+    assert done.stderr == ""

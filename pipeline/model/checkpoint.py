@@ -120,6 +120,8 @@ def save_checkpoint(
 def load_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     """The parsed `config.json` (format, version, model config and the caller's metadata)."""
     directory = Path(directory)
+    if directory.is_file():  # every command's --checkpoint reads this first
+        raise InputError(f"{directory} is a file, not a checkpoint directory")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     path = directory / CONFIG_FILE

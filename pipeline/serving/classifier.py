@@ -24,7 +24,7 @@ class Classifier(PythonModel):
         self, context, model_input, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         try:
-            predicted = self.classification.predict(column(model_input))
+            predicted = self.classification.predict(column(model_input, "classifier"))
         except InputError as error:
             raise bad_request(str(error)) from error
         return pd.DataFrame(predicted, columns=["label", "probability"])

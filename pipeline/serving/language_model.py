@@ -29,7 +29,7 @@ class LanguageModel(PythonModel):
     ) -> list[str]:
         generation = self.generation
         options = sampling(params, generation.model.config.context_length)
-        prompts = column(model_input)
+        prompts = column(model_input, "language-model")
         for i, prompt in enumerate(prompts, start=1):
             if not isinstance(prompt, str) or not prompt:
                 raise bad_request(f"prompt {i} must be a non-empty string, got {prompt!r}")

@@ -54,6 +54,17 @@ SIGNATURES = {
 }
 """By model kind: what serving validates requests against and the MLflow UI shows. Prompts and
 texts are one unnamed column: a string, a list of strings, or a DataFrame's `prompt` / `text`."""
+COLUMNS = {"language-model": ("prompts", "prompt"), "classifier": ("texts", "text")}
+"""By model kind whose input is one column: what its values are, and the name it takes for that
+column besides none (a string, a list, `{"inputs": [...]}`)."""
+REQUEST_FORMS = {
+    "language-model": '{"inputs": ["...", ...]}, {"prompt": "..."} or a DataFrame column '
+    '"prompt" ({"dataframe_records": [{"prompt": "..."}, ...]})',
+    "classifier": '{"inputs": ["...", ...]} or a DataFrame column "text" '
+    '({"dataframe_records": [{"text": "..."}, ...]})',
+}
+"""By model kind: the request bodies `column` takes (the chat models' `messages` column is named
+in their signature, which MLflow checks)."""
 INPUT_EXAMPLES: dict[str, Any] = {
     "language-model": (["Every effort moves you"], {"max_new_tokens": 8}),
     "classifier": ["You won a free prize, call now!", "See you at lunch tomorrow?"],
@@ -81,8 +92,21 @@ def sampling(params: Mapping[str, Any] | None, context_length: int) -> Sampling:
     return options
 
 
-def column(model_input: Any) -> list[Any]:
+def column(model_input: Any, kind: str) -> list[Any]:
     """The values of a one-column input (a DataFrame, as MLflow hands it over after checking the
-    signature), a list's items spread out: `{"prompt": ["a", "b"]}` is two prompts."""
-    values = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+    signature), a list's items spread out: `{"prompt": ["a", "b"]}` is two prompts.
+
+    The column is unnamed or the model kind's own (`COLUMNS`); any other is a request in a form
+    the model does not take, refused with the forms it does: MLflow hands any body with a key
+    of its unwrapped LLM requests (`input`, `prompt`, `messages`) over as that column and would
+    answer it with a bare list instead of `{"predictions": ...}`.
+    """
+    if not hasattr(model_input, "iloc"):
+        values = list(model_input)
+    else:
+        what, name = COLUMNS[kind]
+        given = [c for c in model_input.columns if c not in (0, name)]
+        if given:
+            raise bad_request(f'send {what} as {REQUEST_FORMS[kind]}, not as "{given[0]}"')
+        values = list(model_input.iloc[:, 0])
     return [v for value in values for v in (value if isinstance(value, list) else [value])]

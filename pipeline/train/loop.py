@@ -39,6 +39,7 @@ from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.optim import configure_optimizer, lr_at
 from pipeline.train.parallel import ParallelModel
 from pipeline.train.state import (
+    STAGE_FINGERPRINT,
     FitState,
     canonical_json,
     check_resume_dir,
@@ -456,7 +457,7 @@ def resume_fingerprint(cfg: TrainSettings, seed: int, fingerprint: Any) -> Any:
     """What a checkpoint must match to be resumed: the stage's `fingerprint`, the seed and the
     settings that change the numbers (not `log_every`, `checkpoint_every`, launch fields)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _BOOKKEEPING_FIELDS}
-    return canonical_json({"train": {**settings, "seed": seed}, "fingerprint": fingerprint})
+    return canonical_json({"train": {**settings, "seed": seed}, STAGE_FINGERPRINT: fingerprint})
 
 
 def fit(

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "state.json"
 _FILES = frozenset({MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE})
+STAGE_FINGERPRINT = "fingerprint"
+"""The key a resume fingerprint (`resume_fingerprint`) holds the stage's own fingerprint under,
+beside `train`: a mismatch names the stage's settings without it (`section.epochs`, `train.lr`)."""
+NAMED_DIFFERENCES = 4
+"""How many changed settings a mismatch names before "and N more"."""
 
 
 @dataclass
@@ -152,12 +158,26 @@ def _mismatch(meta: dict, fingerprint: Any) -> str | None:
     stored = meta.get("fingerprint")
     if stored == expected:
         return None
-    if isinstance(stored, dict) and isinstance(expected, dict):
-        keys = sorted(
-            k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k)
-        )
-        return f"fingerprint differs in {', '.join(keys)}"
-    return "fingerprint differs"
+    stage = f"{STAGE_FINGERPRINT}."  # named as the stage's settings: section.epochs
+    changed = sorted(p.removeprefix(stage) for p in _differing_leaves(stored, expected) if p)
+    if not changed:  # not two dicts
+        return "fingerprint differs"
+    named = ", ".join(changed[:NAMED_DIFFERENCES])
+    more = len(changed) - NAMED_DIFFERENCES
+    return f"fingerprint differs in {named}" + (f" and {more} more" if more > 0 else "")
+
+
+def _differing_leaves(stored: Any, expected: Any, path: str = "") -> Iterator[str]:
+    """The dotted path of each leaf where two fingerprints differ: a value that is not a dict
+    (a list is one value), or a key only one of them has."""
+    if not (isinstance(stored, dict) and isinstance(expected, dict)):
+        if stored != expected:
+            yield path
+        return
+    missing = object()
+    for key in stored.keys() | expected.keys():
+        inner = f"{path}.{key}" if path else str(key)
+        yield from _differing_leaves(stored.get(key, missing), expected.get(key, missing), inner)
 
 
 def recorded_run(resume_dir: Path, fingerprint: Any) -> tuple[str, bool]:

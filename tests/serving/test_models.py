@@ -102,6 +102,27 @@ def test_the_classifier_labels_as_classify_does(logged_models, checkpoints, caps
     ]
 
 
+@pytest.mark.parametrize(("stage", "column"), [("finetune-classifier", "text"),
+                                              ("pretrain", "prompt")])  # fmt: skip
+def test_a_request_in_a_form_the_model_does_not_take_gets_the_forms_it_takes(
+    stage, column, logged_models, tracking
+):
+    """MLflow's server hands `{"input": [...]}` (its unwrapped embeddings request) over as a
+    column `input`, and would answer with a bare list instead of `{"predictions": ...}`."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(logged_models[stage])
+    params = {"max_new_tokens": 1} if stage == "pretrain" else None
+    for name, body in (("input", {"input": ["hello"]}), ("other", pd.DataFrame({"other": ["a"]}))):
+        with pytest.raises(MlflowException) as refused:
+            model.predict(body, params=params)
+        message = refused.value.message
+        assert message.startswith("send ") and '{"inputs": [' in message, message
+        assert f'a DataFrame column "{column}"' in message, message
+        assert message.endswith(f'not as "{name}"'), message
+    assert len(model.predict(pd.DataFrame({column: ["hello"]}), params=params)) == 1
+
+
 @pytest.mark.parametrize("stage", ["finetune-instruct", "align-dpo"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}])
 def test_the_chat_model_answers_as_chat_does(stage, sampling, logged_models, checkpoints, capsys):

@@ -181,6 +181,11 @@ BAD_REQUESTS = {
         "text 2 is a int, not a string",
     ),
     "empty text": ("finetune-classifier", {"inputs": ["fine", "  "]}, "text 2 is empty"),
+    "an unwrapped input field": (  # MLflow would answer it with a bare list
+        "finetune-classifier",
+        {"input": ["fine", "ok"]},
+        'send texts as {"inputs": [',
+    ),
 }
 
 

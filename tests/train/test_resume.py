@@ -149,6 +149,32 @@ def test_other_fingerprint_or_config_starts_fresh(toy, tmp_path, caplog):
     assert run(toy, cfg(lr=2e-2, log_every=5), resume_dir=resume).resumed_from == 10
 
 
+def test_a_discarded_resume_state_names_the_settings_that_changed(toy, tmp_path, caplog):
+    """The dotted path of each changed leaf (the stage's own fingerprint without its wrapper),
+    a few of them, then how many more."""
+    resume = tmp_path / "resume"
+    stage = {"data": "abc", "section": {"epochs": 2, "method": "full"}, "stage": "pretrain"}
+    run(toy, cfg(max_steps=3), resume_dir=resume, fingerprint=stage)
+
+    def discarded(c, fingerprint) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+            assert run(toy, c, resume_dir=resume, fingerprint=fingerprint).resumed_from is None
+        (message,) = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+        return message.split(": ", 1)[1]
+
+    changed = {**stage, "section": {"epochs": 3, "method": "full"}}
+    assert discarded(cfg(max_steps=3, lr=2e-2), changed) == (
+        "fingerprint differs in section.epochs, train.lr; starting fresh"
+    )
+    run(toy, cfg(max_steps=3), resume_dir=resume, fingerprint=stage)
+    many = {"data": "xyz", "section": {"epochs": 3, "method": "lora"}, "seed": 1}
+    assert discarded(cfg(max_steps=3, lr=2e-2, min_lr=2e-3), many) == (
+        "fingerprint differs in data, section.epochs, section.method, seed and 3 more; "
+        "starting fresh"
+    )
+
+
 def test_interrupted_checkpoint_swap_is_recovered(toy, tmp_path):
     resume = tmp_path / "resume"
     with pytest.raises(toy.SimulatedKill):
