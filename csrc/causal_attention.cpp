@@ -28,11 +28,8 @@
 // the same order, so results are bitwise identical from run to run and for any number of
 // threads.
 //
-// This file also defines the Python module `pipeline.kernels._C` (importing it registers
-// the operators) and the `pipeline` operator namespace: other source files must add their
-// kernels with TORCH_LIBRARY_IMPL(pipeline, <key>, m), not a second TORCH_LIBRARY.
-
-#include <Python.h>
+// The operators' schemas and all their registrations are in registration.cpp; the CPU
+// functions it registers are the ones at the end of this file (causal_attention_ops.h).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,7 +37,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <array>
 #include <cmath>
@@ -53,6 +49,7 @@
 
 #include "causal_attention_checks.h"
 #include "causal_attention_kernel.h"
+#include "causal_attention_ops.h"
 
 namespace pipeline::attention {
 namespace {
@@ -187,7 +184,7 @@ bool is_supported_dtype(at::ScalarType dtype) {
          dtype == at::kHalf;
 }
 
-// score_type (causal_attention_kernel.h): double for float32 and float64 inputs.
+// score_type (causal_attention_softmax.h): double for float32 and float64 inputs.
 at::ScalarType lse_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble || dtype == at::kFloat ? at::kDouble : at::kFloat;
 }
@@ -314,16 +311,6 @@ void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       });
 }
 
-std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_qkv(q, k, v);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  at::Tensor out = at::empty({B, H, T, D}, q.options());
-  at::Tensor lse = at::empty({B, H, T}, q.options().dtype(lse_dtype(q.scalar_type())));
-  forward_into(rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), out, lse);
-  return {out, lse};
-}
-
 // The packed projection (B, T, 3C) the kernels read (contiguous along C) and its q, k, v
 // as (B, H, T, D) views, checked.
 std::tuple<at::Tensor, std::array<at::Tensor, 3>> packed_inputs(const at::Tensor& qkv_in,
@@ -333,19 +320,6 @@ std::tuple<at::Tensor, std::array<at::Tensor, 3>> packed_inputs(const at::Tensor
   std::array<at::Tensor, 3> heads = split_packed_qkv(qkv, n_head);
   check_qkv(heads[0], heads[1], heads[2]);
   return {std::move(qkv), std::move(heads)};
-}
-
-// The packed entry point: q, k, v are read in place from the (B, T, 3C) projection and the
-// output is written as (B, T, C), the layout the output projection takes.
-std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cpu(const at::Tensor& qkv_in,
-                                                                int64_t n_head) {
-  const auto [qkv, heads] = packed_inputs(qkv_in, n_head);
-  const auto& [q, k, v] = heads;
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  at::Tensor out = at::empty({B, T, C}, qkv.options());
-  at::Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(lse_dtype(qkv.scalar_type())));
-  forward_into(q, k, v, heads_view(out, n_head), lse);
-  return {out, lse};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -483,6 +457,35 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       });
 }
 
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// The operators' CPU kernels (declared in causal_attention_ops.h, registered in
+// registration.cpp).
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qkv(q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  at::Tensor out = at::empty({B, H, T, D}, q.options());
+  at::Tensor lse = at::empty({B, H, T}, q.options().dtype(lse_dtype(q.scalar_type())));
+  forward_into(rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), out, lse);
+  return {out, lse};
+}
+
+// The packed entry point: q, k, v are read in place from the (B, T, 3C) projection and the
+// output is written as (B, T, C), the layout the output projection takes.
+std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cpu(const at::Tensor& qkv_in,
+                                                                int64_t n_head) {
+  const auto [qkv, heads] = packed_inputs(qkv_in, n_head);
+  const auto& [q, k, v] = heads;
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  at::Tensor out = at::empty({B, T, C}, qkv.options());
+  at::Tensor lse = at::empty({B, n_head, T}, qkv.options().dtype(lse_dtype(qkv.scalar_type())));
+  forward_into(q, k, v, heads_view(out, n_head), lse);
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse) {
@@ -518,35 +521,4 @@ std::string cpu_capability() {
   return capability_name(active_capability());
 }
 
-}  // namespace
 }  // namespace pipeline::attention
-
-TORCH_LIBRARY(pipeline, m) {
-  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor out, Tensor lse)");
-  m.def(
-      "causal_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse) -> (Tensor dq, Tensor dk, Tensor dv)");
-  // The same attention on the model's packed (B, T, 3C) projection [q | k | v]: out is
-  // (B, T, C) and the backward returns the projection's gradient, with no split, transpose
-  // or concatenation copies around the kernels.
-  m.def("causal_attention_qkv_fwd(Tensor qkv, int n_head) -> (Tensor out, Tensor lse)");
-  m.def(
-      "causal_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, "
-      "int n_head) -> Tensor dqkv");
-  // Which instruction set the CPU kernels use ("default", "avx2", "avx512", "avx512_bf16").
-  m.def("causal_attention_cpu_capability() -> str",
-        &pipeline::attention::cpu_capability);
-}
-
-TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
-  m.impl("causal_attention_fwd", &pipeline::attention::causal_attention_fwd_cpu);
-  m.impl("causal_attention_bwd", &pipeline::attention::causal_attention_bwd_cpu);
-  m.impl("causal_attention_qkv_fwd", &pipeline::attention::causal_attention_qkv_fwd_cpu);
-  m.impl("causal_attention_qkv_bwd", &pipeline::attention::causal_attention_qkv_bwd_cpu);
-}
-
-// `import pipeline.kernels._C` loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

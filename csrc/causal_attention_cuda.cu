@@ -1,5 +1,5 @@
 // Fused causal attention for CUDA: the CUDA kernels of `pipeline::causal_attention_fwd/bwd`
-// (the operators are defined in causal_attention.cpp; this file only adds the CUDA key).
+// (the operators are defined, and these kernels registered, in registration.cpp).
 //
 // FlashAttention-2 design written with raw PTX (no CUTLASS), for fp16 and bf16 inputs:
 //   * one CTA (4 warps, 128 threads) per (64-row tile, head); each warp owns 16 rows;
@@ -35,9 +35,9 @@
 #include <c10/core/MemoryFormat.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "causal_attention_checks.h"
+#include "causal_attention_ops.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -761,6 +761,17 @@ void set_smem(Kernel kernel, int bytes) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// (B, H, T, D) heads in the packed (B, T, C) layout.
+at::Tensor packed_layout(const at::Tensor& heads) {
+  return heads.transpose(1, 2).flatten(2);
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// The operators' CUDA kernels (declared in causal_attention_ops.h, registered in
+// registration.cpp).
+
 std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cuda(const at::Tensor& q_in,
                                                              const at::Tensor& k_in,
                                                              const at::Tensor& v_in) {
@@ -853,10 +864,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cuda(
 // The packed entry points on the same kernels: q, k, v are read in place from the
 // (B, T, 3C) projection (kernel_layout keeps aligned views); the (B, H, T, D) results are
 // then copied into the packed layouts.
-at::Tensor packed_layout(const at::Tensor& heads) {
-  return heads.transpose(1, 2).flatten(2);
-}
-
 std::tuple<at::Tensor, at::Tensor> causal_attention_qkv_fwd_cuda(const at::Tensor& qkv,
                                                                  int64_t n_head) {
   check_packed_qkv(qkv, n_head);
@@ -876,12 +883,4 @@ at::Tensor causal_attention_qkv_bwd_cuda(const at::Tensor& grad_out, const at::T
   return at::cat({packed_layout(dq), packed_layout(dk), packed_layout(dv)}, 2);
 }
 
-}  // namespace
 }  // namespace pipeline::attention::cuda
-
-TORCH_LIBRARY_IMPL(pipeline, CUDA, m) {
-  m.impl("causal_attention_fwd", &pipeline::attention::cuda::causal_attention_fwd_cuda);
-  m.impl("causal_attention_bwd", &pipeline::attention::cuda::causal_attention_bwd_cuda);
-  m.impl("causal_attention_qkv_fwd", &pipeline::attention::cuda::causal_attention_qkv_fwd_cuda);
-  m.impl("causal_attention_qkv_bwd", &pipeline::attention::cuda::causal_attention_qkv_bwd_cuda);
-}
