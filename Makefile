@@ -14,6 +14,7 @@ TORCH_STAMP := $(VENV)/.torch-installed
 BUILD_TOOLS_STAMP := $(VENV)/.build-tools-installed
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+TEAM_STAMP := $(VENV)/.team-installed
 EXT_STAMP := $(VENV)/.ext-built
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
@@ -49,6 +50,11 @@ $(RUNTIME_STAMP): $(BUILD_TOOLS_STAMP) pyproject.toml constraints.txt
 
 $(DEV_STAMP): $(RUNTIME_STAMP)
 	PIPELINE_SKIP_EXTENSION=1 $(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[dev]"
+	touch $@
+
+# PostgreSQL's driver for `make mlflow-server` (the `team` extra).
+$(TEAM_STAMP): $(RUNTIME_STAMP)
+	PIPELINE_SKIP_EXTENSION=1 $(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[team]"
 	touch $@
 
 $(EXT_STAMP): $(BUILD_TOOLS_STAMP) setup.py $(KERNEL_SOURCES)
@@ -104,7 +110,7 @@ MLFLOW_ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
 MLFLOW_SERVER_ARGS ?=
-mlflow-server: setup
+mlflow-server: setup $(TEAM_STAMP)
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) \
 		--artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
 		$(MLFLOW_SERVER_ARGS)

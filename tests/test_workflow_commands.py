@@ -5,10 +5,13 @@ ending in an `error:` line instead of Snakemake's traceback. Nothing is trained.
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from snakemake_runs import copy_workflow
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -88,3 +91,40 @@ def test_a_bad_configfile_value_gets_no_hint_about_config(workdir):
     assert result.returncode == 1
     assert "  pretrain.train.max_steps: -1 is less than the minimum of 1" in result.stderr
     assert "hint:" not in result.stderr and "Traceback" not in result.stderr
+
+
+def runtime_closure(distribution: str, extras: frozenset[str] = frozenset()) -> set[str]:
+    """Every distribution a plain `pip install <distribution>` brings (with `extras`): what
+    `make pipeline` sets up, without the `dev` extra the tests run with."""
+    found: set[str] = set()
+    todo = [(distribution, extras)]
+    while todo:
+        name, wanted = todo.pop()
+        key = canonicalize_name(name)
+        if key in found and not wanted:
+            continue
+        found.add(key)
+        try:
+            lines = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for line in lines:
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in {"", *wanted}):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("command", "extras", "distribution"),
+    [
+        ("make report", frozenset(), "pygments"),  # Snakemake's report renders code with it
+        ("make mlflow-server", frozenset({"team"}), "psycopg2-binary"),  # PostgreSQL's driver
+    ],
+)
+def test_runtime_commands_need_nothing_from_the_dev_extra(command, extras, distribution):
+    """`make report` right after `make pipeline` on a fresh clone failed: pygments came only
+    with the dev extra the tests install. Each README command's set-up must bring what it uses
+    (`make mlflow-server` adds the `team` extra)."""
+    assert canonicalize_name(distribution) in runtime_closure("gpt-pipeline", extras), command
