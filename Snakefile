@@ -14,9 +14,16 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from snakemake.common.configfile import load_configfile
 from snakemake.exceptions import WorkflowError
 
-from pipeline.settings.load import ConfigError, resolve, typed_config, write_config
+from pipeline.settings.load import (
+    ConfigError,
+    not_a_config_file,
+    resolve,
+    typed_config,
+    write_config,
+)
 from pipeline.launch import (
     prepare_params,
     progress_filter,
@@ -39,6 +46,25 @@ report: "report/workflow.rst"
 envvars:
     "PATH",
 
+
+def _as_given(path) -> str:
+    """A --configfile path (Snakemake makes them absolute) relative to here when it is below."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+# Snakemake reads every argument after --configfile as one more config file, a target too
+# (`--configfile my.yaml results/pretrain/metrics.json`), and merges them all before this file
+# runs: each is checked on its own first, so such a file is named, not each of its keys.
+for _path in workflow.overwrite_configfiles:
+    _problem = not_a_config_file(_as_given(_path), load_configfile(_path))
+    if _problem:
+        sys.exit(
+            f"error: {_problem}\nhint: Snakemake takes every argument after --configfile for a"
+            " config file, targets too: put the targets before --configfile (snakemake"
+            " results/pretrain/metrics.json --configfile my.yaml), or end the config files"
+            " with -- (--configfile my.yaml -- results/pretrain/metrics.json)"
+        )
 
 # Every default filled in: the resolved config the jobs read holds every effective value. A bad
 # value ends in one `error:` line per problem, not in Snakemake's traceback.

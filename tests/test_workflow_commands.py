@@ -2,6 +2,7 @@
 they fail loudly), `snakemake --dag` and `--report` without `--cores`, and a bad `--config` value
 ending in an `error:` line instead of Snakemake's traceback. Nothing is trained."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -128,3 +129,35 @@ def test_runtime_commands_need_nothing_from_the_dev_extra(command, extras, distr
     with the dev extra the tests install. Each README command's set-up must bring what it uses
     (`make mlflow-server` adds the `team` extra)."""
     assert canonicalize_name(distribution) in runtime_closure("gpt-pipeline", extras), command
+
+
+def test_a_target_after_configfile_is_named_as_no_config_file(workdir):
+    """Snakemake reads every argument after --configfile as a config file, a target too."""
+    (workdir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": {"train": {"max_steps": 50}}}))
+    metrics = workdir / "results" / "pretrain" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({
+        "train_loss": 4.97, "val_loss": 5.28, "val_perplexity": 195.7, "val_bpb": 2.46,
+        "tokens_per_second": 607.4, "train_time_s": 843.0, "steps": 500, "parameters": 7242624,
+        "tokens_seen": 512000, "epochs": 1.68, "init_from": "scratch",
+    }, indent=2))  # fmt: skip
+    target = "results/pretrain/metrics.json"
+    result = run(workdir, SNAKEMAKE, "-n", "--cores", "1", "--configfile", "mine.yaml", target)
+    assert result.returncode == 1
+    err = result.stderr
+    assert f"error: {target}: not a config file (" in err
+    assert "targets before --configfile" in err
+    assert "unknown key" not in err and "Traceback" not in err
+    # a config file whose keys are mostly no settings: named the same way
+    (workdir / "profile.yaml").write_text(yaml.safe_dump({"executor": "slurm", "jobs": 8,
+                                                          "latency-wait": 60}))  # fmt: skip
+    result = run(workdir, SNAKEMAKE, "-n", "--cores", "1", "--configfile", "mine.yaml",
+                 "profile.yaml")  # fmt: skip
+    assert result.returncode == 1 and "error: profile.yaml: not a config file (" in result.stderr
+    # in the right order, the target is built from mine.yaml
+    ok = run(workdir, SNAKEMAKE, "-n", "--cores", "1", target, "--configfile", "mine.yaml")
+    assert ok.returncode == 0, ok.stderr
+    # a typo in a real config file is still an unknown key, not "no config file"
+    (workdir / "typo.yaml").write_text(yaml.safe_dump({"pretrian": {"epochs": 1}}))
+    typo = run(workdir, SNAKEMAKE, "-n", "--cores", "1", "--configfile", "typo.yaml")
+    assert "pretrian: unknown key" in typo.stderr and "not a config file" not in typo.stderr

@@ -5,16 +5,19 @@ a file, a directory (every corpus file below it) or a glob (`**` recurses). By s
 - `.txt` / `.md`: one document per file;
 - `.jsonl`: one document per line, the string under `field` (default `text`);
 - `.parquet`: one document per row, the string in `column` (default `text`);
-each optionally `.gz` or `.zst` compressed (not parquet, which compresses inside). Files are read
+each optionally `.gz` or `.zst` compressed (not parquet, which compresses inside). An entry's
+`format` reads every file it matches so, whatever the suffix (a `.gz`/`.zst` one still
+decompressed): `{path: docs, format: text}` takes LICENSE and README too. Files are read
 as streams: a JSONL or parquet file is never held whole in memory, and a text document of more
 than `PIECE_CHARS` characters comes in pieces cut before a whitespace character between two
 non-whitespace ones. GPT-2's pre-tokenizer never joins across such a character (a match may
 start with one space but never holds one inside, and none ends with one unless whitespace
 follows), so encoding the pieces one by one gives exactly the ids of the whole.
 
-A record that is not what is expected (not UTF-8, not JSON, no such field, an empty file...) is
-an `InputError` naming the file and line or row, or, with `on_bad_record: skip`, skipped and
-counted per file.
+A record that is not what is expected (not UTF-8, not JSON, no such field or column, an empty
+file, corrupt .gz/.zst data, a file that is no parquet...) is an `InputError` naming the file
+and line or row, or, with `on_bad_record: skip`, skipped and counted per file (by reason). What
+is wrong with an entry rather than a file (a glob that matches nothing) is an error either way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,24 +92,33 @@ def file_format(path: Path) -> tuple[str, str | None] | None:
     return kind, compression
 
 
-def _expand(pattern: str, entry: str) -> list[Path]:
+_EXPECTED = (f"{', '.join(FORMATS)}, optionally .gz/.zst; or give the files' format: "
+             "{path: ..., format: text}")  # fmt: skip
+
+
+def _expand(pattern: str, entry: str, any_file: bool = False) -> list[Path]:
     """The corpus files a path entry names, sorted: a file, everything below a directory, or
-    a glob's matches."""
+    a glob's matches; with `any_file` (the entry gives a format), every file, else only those
+    whose suffix says a format."""
+
+    def wanted(p: Path) -> bool:
+        return p.is_file() and (any_file or file_format(p) is not None)
+
     path = Path(pattern)
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [p for p in sorted(path.rglob("*")) if p.is_file() and file_format(p)]
+        found = [p for p in sorted(path.rglob("*")) if wanted(p)]
         if not found:
-            raise InputError(f"{entry}: directory {path} holds no corpus file (expected "
-                             f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
+            what = "file" if any_file else "corpus file (expected " + _EXPECTED + ")"
+            raise InputError(f"{entry}: directory {path} holds no {what}")
         return found
     matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-    files = [p for p in matches if p.is_file() and file_format(p)]
+    files = [p for p in matches if wanted(p)]
     if not files:
         what = "matches nothing" if not matches else "matches no corpus file"
-        raise InputError(f"{entry}: {pattern!r} {what} (expected files ending in "
-                         f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
+        expected = "" if any_file else f" (expected files ending in {_EXPECTED})"
+        raise InputError(f"{entry}: {pattern!r} {what}{expected}")
     return files
 
 
@@ -121,15 +134,22 @@ def corpus_files(corpus: Sequence[str | CorpusPath], paths: Paths) -> list[Corpu
             kind = (file_format(path) or ("text", None))[0]
             files.append(CorpusFile(path, kind, "text", entry))
             continue
-        for path in _expand(item.path, entry):
-            found = file_format(path)
-            if found is None:  # a file named directly, whatever its suffix
-                raise InputError(f"{entry}: {path} is no corpus file (expected a file ending in "
-                                 f"{', '.join(FORMATS)}, optionally .gz/.zst)")  # fmt: skip
-            kind = found[0]
+        for path in _expand(item.path, entry, any_file=item.format is not None):
+            kind = item.format or _format_by_suffix(path, entry)
+            if kind == "parquet" and path.suffix in COMPRESSIONS:
+                raise InputError(f"{entry}: {path}: a parquet file is read as it is, not "
+                                 f"decompressed (parquet compresses inside)")  # fmt: skip
             key = item.column if kind == "parquet" else item.field
             files.append(CorpusFile(path, kind, key, entry))
     return files
+
+
+def _format_by_suffix(path: Path, entry: str) -> str:
+    found = file_format(path)
+    if found is None:  # a file named directly, whatever its suffix
+        raise InputError(f"{entry}: {path} is no corpus file (expected a file ending in "
+                         f"{_EXPECTED})")  # fmt: skip
+    return found[0]
 
 
 def _open_text(path: Path) -> gzip.GzipFile | ZstdDecompressionReader | io.BufferedReader:
@@ -157,7 +177,7 @@ def read_documents(
         report.documents += starts
         yield piece, starts
     if report.documents == 0 and not report.skipped:
-        raise InputError(f"{file.path}: empty (no document in it)")
+        _bad(report, skip_bad, "empty", f"{file.path}: empty (no document in it)")
 
 
 def _bad(report: FileReport, skip_bad: bool, reason: str, message: str) -> None:
@@ -166,12 +186,37 @@ def _bad(report: FileReport, skip_bad: bool, reason: str, message: str) -> None:
     report.skip(reason)
 
 
+def _corrupt_data_errors(path: Path) -> tuple[type[Exception], ...]:
+    """What reading `path` raises on corrupt or truncated compressed data (none for a plain
+    file: an error reading one is no bad record). A truncated .zst file is not detected:
+    zstandard's stream reader ends quietly where the data does."""
+    if path.suffix == ".gz":
+        return (gzip.BadGzipFile, EOFError, zlib.error)
+    if path.suffix == ".zst":
+        import zstandard  # deferred: only .zst corpora need zstandard
+
+        return (zstandard.ZstdError,)
+    return ()
+
+
+def _corrupt(file: CorpusFile, report: FileReport, skip_bad: bool, where: str, exc: Exception
+             ) -> None:  # fmt: skip
+    suffix = file.path.suffix
+    _bad(report, skip_bad, f"corrupt {suffix}", f"{file.path}{where}: corrupt {suffix} data "
+         f"({str(exc) or type(exc).__name__})")  # fmt: skip
+
+
 def _text_pieces(
     file: CorpusFile, report: FileReport, skip_bad: bool
 ) -> Iterator[tuple[str, bool]]:
     """A text file, one document, checked to be UTF-8 before any of it is used (so a bad file
     is skipped whole), then decoded a block at a time and cut into pieces."""
-    if (problem := _utf8_problem(file.path)) is not None:
+    try:
+        problem = _utf8_problem(file.path)
+    except _corrupt_data_errors(file.path) as exc:
+        _corrupt(file, report, skip_bad, "", exc)
+        return
+    if problem is not None:
         _bad(report, skip_bad, "not UTF-8", f"{file.path}:{problem}")
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -212,48 +257,72 @@ def _utf8_problem(path: Path) -> str | None:
             offset += len(block)
 
 
-def _jsonl_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
+def _lines(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[tuple[int, bytes]]:
+    """The file's lines, numbered from 1; corrupt compressed data ends them, a bad record at
+    the first line not read whole (the lines before it are kept)."""
+    number = 0
     with _open_text(file.path) as raw:
-        for number, line in enumerate(io.BufferedReader(raw), start=1):
-            where = f"{file.path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError as exc:
-                _bad(report, skip_bad, "not UTF-8", f"{where}: not UTF-8 ({exc.reason})")
-                continue
-            except json.JSONDecodeError as exc:
-                _bad(report, skip_bad, "not JSON", f"{where}: not a JSON line ({exc.msg})")
-                continue
-            text = record.get(file.key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                what = (
-                    "has no"
-                    if not isinstance(record, dict) or file.key not in record
-                    else ("has a non-string")
-                )
-                _bad(report, skip_bad, f"no {file.key!r}",
-                     f"{where}: the record {what} {file.key!r} field; expected a JSON object "
-                     f"with a string {file.key!r} (set field: in the corpus entry)")  # fmt: skip
-                continue
-            if text:
-                yield text
+        try:
+            for number, line in enumerate(io.BufferedReader(raw), start=1):
+                yield number, line
+        except _corrupt_data_errors(file.path) as exc:
+            _corrupt(file, report, skip_bad, f":{number + 1}", exc)
+
+
+def _jsonl_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
+    for number, line in _lines(file, report, skip_bad):
+        where = f"{file.path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as exc:
+            _bad(report, skip_bad, "not UTF-8", f"{where}: not UTF-8 ({exc.reason})")
+            continue
+        except json.JSONDecodeError as exc:
+            _bad(report, skip_bad, "not JSON", f"{where}: not a JSON line ({exc.msg})")
+            continue
+        text = record.get(file.key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            what = (
+                "has no"
+                if not isinstance(record, dict) or file.key not in record
+                else ("has a non-string")
+            )
+            _bad(report, skip_bad, f"no {file.key!r}",
+                 f"{where}: the record {what} {file.key!r} field; expected a JSON object "
+                 f"with a string {file.key!r} (set field: in the corpus entry)")  # fmt: skip
+            continue
+        if text:
+            yield text
 
 
 def _parquet_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> Iterator[str]:
-    import pyarrow.parquet as pq  # deferred: pyarrow takes ~0.2 s; only parquet corpora need it
+    import pyarrow as pa  # deferred: pyarrow takes ~0.2 s; only parquet corpora need it
+    import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(file.path)
     except Exception as exc:  # pyarrow raises its own types for a file that is no parquet
-        raise InputError(f"{file.path}: not a parquet file ({exc})") from None
+        _bad(report, skip_bad, "not parquet", f"{file.path}: not a parquet file ({exc})")
+        return
     names = parquet.schema_arrow.names
     if file.key not in names:
-        raise InputError(f"{file.path}: no column {file.key!r} (columns: {', '.join(names)}); "
-                         "set column: in the corpus entry")  # fmt: skip
+        _bad(report, skip_bad, f"no column {file.key!r}",
+             f"{file.path}: no column {file.key!r} (columns: {', '.join(names)}); set column: "
+             "in the corpus entry")  # fmt: skip
+        return
     row = 0
-    for batch in parquet.iter_batches(batch_size=4096, columns=[file.key]):
+    batches = parquet.iter_batches(batch_size=4096, columns=[file.key])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:  # a corrupt page; the rows before are kept
+            _bad(report, skip_bad, "corrupt parquet",
+                 f"{file.path}: row {row + 1}: unreadable ({exc})")  # fmt: skip
+            return
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if not isinstance(text, str):

@@ -17,7 +17,9 @@ The split: `tail` keeps the last `val_fraction` of all tokens (a corpus of one d
 Tiny Shakespeare); `documents` puts a document in val when a hash of its text (of its first
 piece, for one longer than `corpus.PIECE_CHARS`) falls below `val_fraction`, so no document is
 in both and adding documents moves none; `auto` is `tail` for one document and `documents` for
-more.
+more. Whole documents make val's share of the tokens only near `val_fraction` when no document
+is a large share of the corpus: `meta.json` records the share it came to
+(`val_fraction_realised`), and `val_split_warning` says when it is far off.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ PART_META = "part.json"
 BATCH_CHARS = 4 << 20
 """Characters of text encoded per batch: enough for every worker, small enough to bound memory."""
 COPY_TOKENS = 1 << 24
+VAL_FRACTION_TOLERANCE = 0.05
+"""The realised val share may be off `val_fraction` by half the setting or by this (5 points),
+whichever is less, before `val_split_warning` warns."""
 
 
 def _check_vocab(tokenizer: tiktoken.Encoding) -> None:
@@ -281,11 +286,35 @@ def gather_parts(
             "shard_tokens": shard_tokens,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
+            "val_fraction_realised": counts["val"] / (counts["train"] + counts["val"]),
             "shards": shards,
             "inputs": inputs,
         }
         atomic_write_json(tmp / "meta.json", meta)
     return meta
+
+
+def val_split_warning(meta: Mapping[str, Any]) -> str | None:
+    """Why val's share of the tokens (`meta.json`'s) is far from `val_fraction`, and what to do;
+    None when it is near: off by at most half the setting or 5 points, whichever is less. Only
+    the `documents` split can be far: it moves whole documents, so one large document moves
+    the share by its size."""
+    setting, realised = meta["val_fraction"], meta["val_fraction_realised"]
+    near = abs(realised - setting) <= min(setting / 2, VAL_FRACTION_TOLERANCE)
+    if near or meta["split"] != "documents":  # `tail` cuts at the token
+        return None
+    total = meta["train_tokens"] + meta["val_tokens"]
+    largest = max(meta["inputs"], key=lambda r: r["tokens"], default=None)
+    because = ""
+    if largest is not None and largest["documents"] == 1 and largest["tokens"] * 5 > total:
+        because = f"; one of them, {largest['file']}, is {100 * largest['tokens'] / total:.0f}%"
+    return (
+        f"val is {100 * realised:.1f}% of the tokens, not the {100 * setting:.1f}% of "
+        f"prepare.val_fraction: the documents split puts whole documents in val or train "
+        f"by a hash of their text, so large documents move the share{because}. For val close "
+        "to val_fraction set prepare.val_split: tail (the last val_fraction of the tokens), or "
+        "give more, smaller documents"
+    )
 
 
 def _joined_length(lengths: Sequence[int]) -> int:

@@ -101,11 +101,18 @@ class DataSettings:
 class CorpusPath:
     """Local text: a file, a directory (every corpus file below it) or a glob (`**` recurses);
     .txt/.md = one document per file, .jsonl = one per line, .parquet = one per row, each
-    optionally .gz/.zst compressed (parquet compresses inside)."""
+    optionally .gz/.zst compressed (parquet compresses inside). `format` reads every file the
+    path matches in one format whatever its suffix (LICENSE, README, data.log)."""
 
     path: str = setting(minLength=1, help="a file, a directory or a glob")
     field: str = setting("text", minLength=1, help=".jsonl: the field holding a document")
     column: str = setting("text", minLength=1, help=".parquet: the column holding a document")
+    format: Literal["text", "jsonl", "parquet"] | None = setting(
+        None,
+        help="text | jsonl | parquet: every file the path matches (every file below a "
+        "directory) read so, whatever its suffix; a .gz/.zst suffix is still decompressed "
+        "(not parquet); null: each file by its suffix",
+    )
 
 
 @dataclass(frozen=True)

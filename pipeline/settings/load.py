@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -171,6 +172,32 @@ def preset_sizes(model: Mapping[str, Any]) -> dict[str, Any]:
     """The model section's architecture: its preset's values where the section says null."""
     preset = PRESETS[model["preset"]]
     return {k: preset[k] if model.get(k) is None else model[k] for k in PRESET_KEYS}
+
+
+METRIC_KEYS = ("steps", "train_loss", "val_loss", "tokens_per_second")
+"""Keys every training stage's metrics.json has: `not_a_config_file` says such a file is one."""
+
+
+def not_a_config_file(path: Path | str, values: Mapping[str, Any]) -> str | None:
+    """`<path>: not a config file (why)` for a file given as a config file (read as `values`)
+    whose top-level keys are mostly no settings, else None. Mostly: at least two keys, and more
+    than half of them neither a setting nor a near miss of one (a typo stays an unknown key,
+    with its hint). Each file is checked on its own before the files are merged: merged with a
+    real config, such a file (a Snakemake target read as a config file, a profile's settings)
+    gives one unknown-key line per key and names no file."""
+    names = [spec.name for spec in root_settings().fields]
+    keys = [str(key) for key in values]
+    foreign = [k for k in keys if not difflib.get_close_matches(k, names, n=1, cutoff=0.8)]
+    if len(foreign) < 2 or 2 * len(foreign) <= len(keys):
+        return None
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    if any(key in METRIC_KEYS for key in foreign):
+        why = f"it holds metrics ({shown}), as a stage's metrics.json does"
+    else:
+        why = f"{len(foreign)} of its {len(keys)} top-level keys are no settings: {shown}"
+    return f"{path}: not a config file ({why}); a config file's top-level keys are settings: " + (
+        ", ".join(names)
+    )
 
 
 def fill_defaults(cls: Any, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -436,7 +463,10 @@ def load_config(
     paths = [Path(p) for p in paths]
     config: dict[str, Any] = {}
     for path in paths:
-        config = deep_merge(config, read_yaml(path))
+        values = read_yaml(path)
+        if (problem := not_a_config_file(path, values)) is not None:
+            raise ConfigError(problem)
+        config = deep_merge(config, values)
     for assignment in overrides:
         config = apply_override(config, assignment)
     return resolve(config, source=" + ".join(str(p) for p in paths) or "config")

@@ -30,6 +30,7 @@ from pipeline.settings import (
 )
 from pipeline.settings.schema import to_plain
 from pipeline.stages.registry import FineTuningSection, init_checkpoint_path
+from pipeline.tracking import WARNING_TAG
 from pipeline.train import pick_device
 from pipeline.train.distributed import current_world
 
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
     from pipeline.tracking import StageRun
 
 log = logging.getLogger("pipeline.stages")
-WARNING_TAG = "pipeline.warning"
-"""The MLflow tag a stage sets when an output looks wrong (collapsed answers)."""
 
 Instructions = TypeVar("Instructions", InstructSettings, DpoSettings)
 """The sections of the stages that tune on instruction records."""

@@ -6,7 +6,8 @@ JSONL and parquet) is split into `prepare.scatter` groups of files; each group i
 data/token-parts/<i>-of-<n> (`--part i-of-n`: one Snakemake job each, on a cluster one SLURM job
 each), then one job gathers the parts into the token files (`--gather`). Run alone, without
 either flag, it does all of it in this process. The token files are the same whatever the
-number of parts or workers.
+number of parts or workers. The gather logs val's share of the tokens and warns when the
+`documents` split (whole documents) put it far from `prepare.val_fraction`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 
 from pipeline.data.corpus import CorpusFile, corpus_files, split_into_parts
 from pipeline.data.tokenizer import gpt2_tokenizer
-from pipeline.data.tokens import gather_parts, tokenize_part
+from pipeline.data.tokens import gather_parts, tokenize_part, val_split_warning
 from pipeline.errors import InputError
 from pipeline.settings import PrepareSettings, StageConfig
-from pipeline.tracking import stage_run
+from pipeline.tracking import WARNING_TAG, stage_run
 
 Prepare = StageConfig[PrepareSettings]
 
@@ -97,6 +98,7 @@ def gather(config: Prepare) -> dict[str, Any]:
             {
                 "train_tokens": meta["train_tokens"],
                 "val_tokens": meta["val_tokens"],
+                "val_fraction_realised": meta["val_fraction_realised"],
                 "documents": sum(r["documents"] for r in meta["inputs"]),
                 "skipped_records": skipped,
                 "input_bytes": sum(r["bytes"] for r in meta["inputs"]),
@@ -116,9 +118,16 @@ def gather(config: Prepare) -> dict[str, Any]:
             context="training",
         )
         tracker.log_artifact(paths.tokens / "meta.json")
-    log.info("%d train and %d val tokens (%s split) in %d + %d shards; %d records skipped",
-             meta["train_tokens"], meta["val_tokens"], meta["split"],
-             len(meta["shards"]["train"]), len(meta["shards"]["val"]), skipped)  # fmt: skip
+        warning = val_split_warning(meta)
+        if warning:
+            tracker.set_tags({WARNING_TAG: warning})
+    log.info("%d train and %d val tokens (%s split; val %.1f%% of the tokens, val_fraction "
+             "%.1f%%) in %d + %d shards; %d records skipped", meta["train_tokens"],
+             meta["val_tokens"], meta["split"], 100 * meta["val_fraction_realised"],
+             100 * meta["val_fraction"], len(meta["shards"]["train"]),
+             len(meta["shards"]["val"]), skipped)  # fmt: skip
+    if warning:
+        log.warning(warning)
     return meta
 
 

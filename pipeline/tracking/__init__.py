@@ -28,6 +28,9 @@ PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 _PARENT_TAG = "mlflow.parentRunId"
 _HOST_TAG, _PID_TAG = "pipeline.host", "pipeline.pid"
 """Where a stage run's process runs, so a later start can tell that it died."""
+WARNING_TAG = "pipeline.warning"
+"""The MLflow tag a stage sets when an output looks wrong (collapsed answers, a val split far
+from prepare.val_fraction)."""
 
 
 def _client(uri: str):

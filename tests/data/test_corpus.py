@@ -105,6 +105,35 @@ def test_a_glob_or_directory_without_corpus_files_names_the_entry(default_config
         listed(config)
 
 
+def test_a_format_reads_every_file_the_path_matches_whatever_its_suffix(default_config, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "LICENSE").write_text("MIT License, text.")
+    (docs / "sub" / "README").write_text("Read me.")
+    (docs / "NOTICE.gz").write_bytes(gzip.compress(b"Compressed notice."))
+    with pytest.raises(ValueError, match=r"holds no corpus file .*format: text"):
+        listed(config_with(default_config, tmp_path, {"path": str(docs)}))
+    config = config_with(default_config, tmp_path, {"path": str(docs), "format": "text"})
+    files = listed(config)
+    assert [f.path.name for f in files] == ["LICENSE", "NOTICE.gz", "README"]
+    assert {f.format for f in files} == {"text"}
+    assert [documents(f)[0] for f in files] == [["MIT License, text."], ["Compressed notice."],
+                                                ["Read me."]]  # fmt: skip
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    write_jsonl(logs / "a.log", [{"body": "first"}, {"body": "second"}])
+    write_jsonl(logs / "b.txt", [{"body": "third"}])  # a suffix that says text, read as JSONL
+    config = config_with(default_config, tmp_path,
+                         {"path": str(logs / "*"), "format": "jsonl", "field": "body"})  # fmt: skip
+    assert [documents(f)[0] for f in listed(config)] == [["first", "second"], ["third"]]
+    pq.write_table(pa.table({"text": ["a row"]}), tmp_path / "table.dat")
+    config = config_with(default_config, tmp_path,
+                         {"path": str(tmp_path / "table.dat"), "format": "parquet"})  # fmt: skip
+    assert documents(listed(config)[0])[0] == ["a row"]
+    with pytest.raises(ValueError, match=r"format"):
+        config_with(default_config, tmp_path, {"path": str(docs), "format": "csv"})
+
+
 def jsonl_file(default_config, tmp_path, lines):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -140,6 +169,69 @@ def test_bad_text_files_are_named(default_config, tmp_path):
     assert documents(files[0], skip=True)[1].skipped == {"not UTF-8": 1}
     with pytest.raises(ValueError, match=r"empty.txt: empty \(no document in it\)"):
         documents(files[1])
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def cut_in_half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+MANY_LINES = b"".join(b'{"text": "line %d with some words"}\n' % i for i in range(3000))
+
+
+def parquet_with_a_corrupt_page() -> bytes:
+    """8,192 rows read, then a data page overwritten."""
+    sink = pa.BufferOutputStream()
+    rows = [f"line {i} with some words" for i in range(20_000)]
+    pq.write_table(pa.table({"text": rows}), sink, row_group_size=5000, compression="none")
+    data = bytearray(sink.getvalue().to_pybytes())
+    data[len(data) // 2 : len(data) // 2 + 2000] = b"\xab" * 2000
+    return bytes(data)
+
+
+BAD_FILES = [
+    ("empty.txt", b"", r"empty.txt: empty \(no document in it\)", "empty"),
+    ("blank.jsonl", b"\n  \n", r"blank.jsonl: empty \(no document in it\)", "empty"),
+    ("empty.txt.gz", gzipped(b""), r"empty.txt.gz: empty \(no document in it\)", "empty"),
+    ("plain.txt.gz", b"not gzip", r"plain.txt.gz: corrupt .gz data \(", "corrupt .gz"),
+    ("cut.txt.gz", cut_in_half(gzipped(b"word " * 5000)), r"cut.txt.gz: corrupt .gz data",
+     "corrupt .gz"),
+    ("cut.jsonl.gz", cut_in_half(gzipped(MANY_LINES)), r"cut.jsonl.gz:\d+: corrupt .gz data",
+     "corrupt .gz"),
+    ("junk.jsonl.zst", b"not zstd at all", r"junk.jsonl.zst:1: corrupt .zst data",
+     "corrupt .zst"),
+    ("junk.parquet", b"PAR1 not parquet", r"junk.parquet: not a parquet file", "not parquet"),
+    ("page.parquet", parquet_with_a_corrupt_page(), r"page.parquet: row \d+: unreadable",
+     "corrupt parquet"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message", "reason"), BAD_FILES, ids=[case[0] for case in BAD_FILES]
+)
+def test_a_bad_file_is_named_or_skipped_and_counted(default_config, tmp_path, name, content,
+                                                    message, reason):  # fmt: skip
+    path = tmp_path / name
+    path.write_bytes(content)
+    file = listed(config_with(default_config, tmp_path, {"path": str(path)}))[0]
+    with pytest.raises(ValueError, match=message + r".*on_bad_record: skip"):
+        documents(file)
+    docs, report = documents(file, skip=True)
+    assert report.skipped == {reason: 1} and report.documents == len(docs)
+    if name in ("cut.jsonl.gz", "page.parquet"):  # the records before the corrupt data are read
+        assert 0 < len(docs) < 20_000 and docs[0] == "line 0 with some words"
+    else:
+        assert docs == []
+
+
+def test_a_parquet_file_without_the_column_is_skipped_and_counted(default_config, tmp_path,
+                                                                   corpus_dir):  # fmt: skip
+    config = config_with(default_config, tmp_path, {"path": str(corpus_dir / "rows.parquet")})
+    docs, report = documents(listed(config)[0], skip=True)
+    assert docs == [] and report.skipped == {"no column 'text'": 1}
 
 
 def test_a_parquet_row_that_is_not_a_string_is_named(default_config, tmp_path):

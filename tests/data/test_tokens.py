@@ -178,3 +178,32 @@ def test_long_documents_in_pieces_give_the_same_tokens(tmp_path, tokenizer, monk
         list(val[np.arange(len(val))])
         == sum((eot + tokenizer.encode_ordinary(d) for d in chosen), [])[1:]
     )
+
+
+def test_a_skipped_empty_file_is_counted_in_the_token_index(tmp_path, tokenizer):
+    files = texts(tmp_path, "Some words here. " * 40, "", "More words there. " * 40)
+    groups = split_into_parts(files, 1)
+    tokenize_part(groups[0], tmp_path / "part", tokenizer, workers=1, split="tail",
+                  val_fraction=0.25, skip_bad=True)  # fmt: skip
+    meta = gather_parts([tmp_path / "part"], tmp_path / "tokens", tokenizer, split="tail",
+                        val_fraction=0.25, shard_tokens=1 << 20)  # fmt: skip
+    assert [r["skipped"] for r in meta["inputs"]] == [{}, {"empty": 1}, {}]
+    assert [r["documents"] for r in meta["inputs"]] == [1, 0, 1]
+
+
+def test_the_realised_val_fraction_is_recorded_and_a_far_one_explained(tmp_path, tokenizer):
+    big = "A long book, chapter after chapter. " * 3000
+    small = [f"Short note {i} on a topic. " * 10 for i in range(40)]
+    assert not in_val(big, 0.1)  # the big document is in train: val is far below 10%
+    meta = prepare(texts(tmp_path, big, *small), tmp_path / "docs", tokenizer,
+                   split="documents", val=0.1)  # fmt: skip
+    realised = meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"])
+    assert meta["val_fraction_realised"] == pytest.approx(realised) and realised < 0.05
+    warning = token_files.val_split_warning(meta)
+    assert warning is not None
+    assert f"{100 * realised:.1f}% of the tokens" in warning and "10.0%" in warning
+    assert "whole documents" in warning and "val_split: tail" in warning
+    tail = prepare(texts(tmp_path, big, *small), tmp_path / "tail", tokenizer, split="tail",
+                   val=0.1)  # fmt: skip
+    assert tail["val_fraction_realised"] == pytest.approx(0.1, abs=1e-3)
+    assert token_files.val_split_warning(tail) is None

@@ -85,6 +85,18 @@ def test_old_section_spellings_are_pointed_to_the_stage_name(repo):
         load_config([repo / "config.yaml"], ["finetune_instruct.epochs=3"])
 
 
+def test_a_file_that_is_no_config_file_is_named_not_its_keys(repo, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"train_loss": 4.9, "val_loss": 5.2, "steps": 500, "epochs": 1.6}')
+    with pytest.raises(ConfigError, match=r"metrics.json: not a config file \(it holds") as err:
+        load_config([repo / "config.yaml", metrics])
+    assert "unknown key" not in str(err.value)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("pretrian: {epochs: 1}\nfinetune_instruct: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match=r"pretrian: unknown key"):  # near misses: typos
+        load_config([repo / "config.yaml", typo])
+
+
 def test_unknown_key_is_named_with_the_allowed_ones(repo):
     with pytest.raises(ConfigError) as err:
         load_config([repo / "config.yaml"], ["pretrain.train.max_step=5"])
