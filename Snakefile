@@ -31,10 +31,18 @@ from pipeline.launch import (
     stage_command,
     stage_params,
 )
+from pipeline.data.shards import changed_line, changed_shards
 from pipeline.settings import PrepareSettings
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
-from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, start_parent_run
+from pipeline.errors import last_error_line
+from pipeline.tracking import (
+    PARENT_RUN_ENV,
+    end_parent_run,
+    read_warnings,
+    start_parent_run,
+    warnings_block,
+)
 
 
 configfile: "config.yaml"
@@ -138,6 +146,32 @@ def finished_metrics() -> dict:
     return {stage: path for stage, path in STAGES_WITH_METRICS.items() if stage in ran}
 
 
+# The rules whose job writes its stage's warnings (results/<stage>/warnings.json): prepare's
+# gather, not its tokenize parts, and the training rules.
+WARNING_RULES = {"prepare": "prepare", **{stage.rule: name for name, stage in TRAINING.items()}}
+
+
+def finished_warnings() -> dict:
+    """The warnings of each stage whose job THIS invocation finished (as `finished_metrics`)."""
+    ran = {job.rule.name for job in workflow.dag.finished_jobs}
+    return {s: read_warnings(PATHS.stage(s)) for rule, s in WARNING_RULES.items() if rule in ran}
+
+
+def failed_job_errors() -> list[str]:
+    """`<log>: <error line>` of each job that failed in this invocation: without a profile's
+    show-failed-logs, Snakemake names only the log, and the reason is its last `error:` line."""
+    failed = workflow.scheduler.failed
+    return [f"{log}: {line}" for job in failed for log in job.log if (line := last_error_line(log))]
+
+
+def show_run_end() -> None:
+    """The end of the run on the terminal: this invocation's warnings, then its failed jobs'
+    errors, whichever way Snakemake was started (`make pipeline`, a profile or none)."""
+    lines = [line for line in [warnings_block(finished_warnings()), *failed_job_errors()] if line]
+    if lines:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 onstart:
     write_config(config, RESOLVED_CONFIG)
     write_config(config, LATEST_CONFIG)
@@ -149,11 +183,13 @@ onstart:
 onsuccess:
     if PARENT_RUN_ENV in os.environ:
         end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], True, finished_metrics())
+    show_run_end()
 
 
 onerror:
     if PARENT_RUN_ENV in os.environ:
         end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], False, finished_metrics())
+    show_run_end()
 
 
 # On a cluster these run where Snakemake runs: `all` does nothing, and `download` needs the
@@ -190,6 +226,28 @@ scattergather:
 
 
 CORPUS_PARTS = corpus_parts(CONFIG.for_stage("prepare", PrepareSettings))  # globs expanded here
+
+
+def force_rerun(rule: str) -> None:
+    """Run `rule` as `-R rule` does. Snakemake hands the workflow its DAG settings only after
+    reading this file, so `rule` joins their `forcerun` as the DAG is built."""
+    build_dag = workflow._prepare_dag
+
+    def forced(*args, **kwargs):
+        settings = workflow.dag_settings
+        settings.forcerun = frozenset(settings.forcerun) | {rule}
+        return build_dag(*args, **kwargs)
+
+    workflow._prepare_dag = forced
+
+
+# A token shard changed since prepare wrote it (not the size or sha256 in meta.json): Snakemake
+# checks a rule's inputs, never its outputs' contents, so prepare is forced to rerun (and what
+# follows). Only here, not in a cluster job's Snakemake, which reads this file too.
+_CHANGED_SHARDS = changed_shards(PATHS.tokens) if workflow.is_main_process else []
+if _CHANGED_SHARDS:
+    print(changed_line(_CHANGED_SHARDS), file=sys.stderr)
+    force_rerun("prepare")
 
 
 rule tokenize:

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.data.download import DownloadError
 from pipeline.data.labeled_text import read_texts
+from pipeline.data.shards import verify
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
 from pipeline.settings import Config
@@ -28,6 +29,7 @@ from pipeline.settings.load import (
     render_defaults,
     render_resolved,
     stage_config,
+    typed_config,
 )
 from pipeline.stages.registry import STAGES, Stage
 
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--defaults", action="store_true", help="print every default as commented YAML"
     )
     shown.add_argument("--schema", action="store_true", help="print the config's JSON Schema")
+    verify = commands.add_parser(
+        "verify", help="check the token shards against data/tokens/meta.json (sizes, sha256)"
+    )
+    _add_config_args(verify)
 
     cls = commands.add_parser("classify", help="label texts with a fine-tuned classifier")
     cls.add_argument("--checkpoint", type=Path, required=True, help="classifier checkpoint")
@@ -288,6 +294,17 @@ def export_hf_command(args: argparse.Namespace) -> None:
     )
 
 
+def verify_command(args: argparse.Namespace) -> None:
+    """Every token shard against meta.json: an OK line, or a line per damaged one and exit 1."""
+    config = typed_config(load_config(args.config or [DEFAULT_CONFIG], args.overrides))
+    problems, summary = verify(config.paths.tokens)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        raise InputError(summary)
+    print(summary)
+
+
 @contextlib.contextmanager
 def distributed_stage(config: Config) -> Iterator[None]:
     """Under torchrun, join the process group for the stage (ranks other than 0 log warnings
@@ -390,4 +407,5 @@ COMMANDS = {
     "classify": classify_command,
     "import-gpt2": import_gpt2_command,
     "export-hf": export_hf_command,
+    "verify": verify_command,
 }

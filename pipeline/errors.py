@@ -52,3 +52,16 @@ def is_no_space(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
     return type(exc).__name__ == "SafetensorError" and "No space left on device" in str(exc)
+
+
+def last_error_line(log: str | os.PathLike[str]) -> str | None:
+    """Why a failed command's `log` says it failed: its last `error:` line (the one line
+    `cli.main` prints for what the user can fix), else its last line (a bug's traceback ends
+    with the exception); None for a log that is missing or empty."""
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines)[-1] if lines else None

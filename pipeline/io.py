@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -74,10 +74,17 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path | str, chunk_size: int = 1 << 20) -> str:
+    return sha256_files([path], chunk_size)
+
+
+def sha256_files(paths: Iterable[Path | str], chunk_size: int = 1 << 20) -> str:
+    """One sha256 of the files' bytes end to end: a stream kept in shards hashes the same
+    however it is cut."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

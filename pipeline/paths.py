@@ -28,6 +28,12 @@ class Paths:
         return self.raw / "gpt2-bpe"
 
     @property
+    def bpe_files(self) -> list[Path]:
+        """The downloaded GPT-2 BPE files (the names of `pipeline.data.tokenizer.GPT2_BPE_FILES`,
+        which imports tiktoken)."""
+        return [self.bpe / "encoder.json", self.bpe / "vocab.bpe"]
+
+    @property
     def token_parts(self) -> Path:
         """Where `prepare --part` writes each group of files' tokens before they are gathered."""
         return self.data / "token-parts"

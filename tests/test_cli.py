@@ -8,6 +8,9 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.data.corpus import CorpusFile
+from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.data.tokens import gather_parts, tokenize_part
 
 
 def test_config_command_prints_the_resolved_config(repo, capsys, monkeypatch):
@@ -222,3 +225,30 @@ def test_a_reader_that_is_gone_ends_the_command_silently_as_sigpipe_would(args, 
         os.close(write)
     assert done.returncode == 128 + signal.SIGPIPE, done.stderr  # as a shell reports `cat`'s
     assert done.stderr == ""
+
+
+def test_verify_checks_every_shard_and_names_a_damaged_one(repo, mirror, tmp_path, capsys):
+    tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
+    verdict = CorpusFile(mirror / "the-verdict.txt", "text")
+    tokenize_part([verdict], tmp_path / "part", tokenizer, workers=1, split="tail",
+                  val_fraction=0.1)  # fmt: skip
+    token_dir = tmp_path / "data" / "tokens"
+    meta = gather_parts([tmp_path / "part"], token_dir, tokenizer, split="tail",
+                        val_fraction=0.1, shard_tokens=2000)  # fmt: skip
+    config = str(repo / "config.yaml")
+    args = ["verify", "--config", config, "--set", f"paths.data={token_dir.parent}"]
+    assert main(args) == 0
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert capsys.readouterr().out == (
+        f"{token_dir}: 4 shards, {total:,} tokens, match meta.json (sizes and sha256)\n"
+    )
+    shard = token_dir / "train-00001.bin"
+    with open(shard, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(bytes(16))
+    assert main(args) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {shard}: sha256 differs from meta.json's: the file changed after prepare wrote it",
+        "error: 1 of 4 token shards damaged; rerun prepare: snakemake --cores all -R prepare, or "
+        "python -m pipeline prepare",
+    ]

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from pipeline.errors import NoSpaceError
-from pipeline.io import atomic_directory, atomic_open, atomic_write_text
+from pipeline.io import atomic_directory, atomic_open, atomic_write_text, sha256_file, sha256_files
 
 
 def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
@@ -76,3 +76,14 @@ def test_a_full_disk_inside_an_atomic_directory_names_the_innermost_file(tmp_pat
         atomic_write_text(tmp / "meta.json", "{}")
     assert raised.value.filename == str(tmp / "meta.json")
     assert not (tmp_path / "tokens").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_stream_in_shards_hashes_the_same_however_it_is_cut(tmp_path):
+    """The val tokens' identity (`eval_data_sha256`) does not depend on `prepare.shard_tokens`."""
+    data = bytes(range(256)) * 5000
+    whole, cut = tmp_path / "whole.bin", [tmp_path / f"part-{i}.bin" for i in range(3)]
+    whole.write_bytes(data)
+    for path, start, end in zip(cut, (0, 7, 1 << 20), (7, 1 << 20, len(data)), strict=True):
+        path.write_bytes(data[start:end])
+    assert sha256_files(cut) == sha256_files([whole]) == sha256_file(whole)
+    assert sha256_files(cut[::-1]) != sha256_file(whole)

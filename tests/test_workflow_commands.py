@@ -1,6 +1,7 @@
 """The README's Snakemake commands as a user types them: `make dag` and `make report` (and that
-they fail loudly), `snakemake --dag` and `--report` without `--cores`, and a bad `--config` value
-ending in an `error:` line instead of Snakemake's traceback. Nothing is trained."""
+they fail loudly), `snakemake --dag` and `--report` without `--cores`, a bad `--config` value
+ending in an `error:` line instead of Snakemake's traceback, and a run's end showing a failed
+job's error line and the stages' warnings. Nothing is trained."""
 
 import json
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from snakemake_runs import copy_workflow
+from snakemake_runs import copy_workflow, make_workdir, snakemake, tiny_config
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 VENV = Path(sys.executable).parent.parent
@@ -161,3 +162,46 @@ def test_a_target_after_configfile_is_named_as_no_config_file(workdir):
     (workdir / "typo.yaml").write_text(yaml.safe_dump({"pretrian": {"epochs": 1}}))
     typo = run(workdir, SNAKEMAKE, "-n", "--cores", "1", "--configfile", "typo.yaml")
     assert "pretrian: unknown key" in typo.stderr and "not a config file" not in typo.stderr
+
+
+def corpus_workdir(tmp_path: Path, repo: Path, mirror: Path, files: dict[str, bytes],
+                   **prepare) -> Path:  # fmt: skip
+    """A workflow copy whose corpus is `files` (in tmp_path/corpus), with `prepare` settings."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, data in files.items():
+        (corpus / name).write_bytes(data)
+    config = tiny_config(mirror)
+    config["prepare"] = {"corpus": [{"path": str(corpus)}], **prepare}
+    return make_workdir(tmp_path / "work", repo, config)
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "profiles/local"]], ids=["plain", "local"])
+def test_a_failed_jobs_error_line_is_on_the_terminal(tmp_path, repo, mirror, profile):
+    """The README's `snakemake --cores all` (no profile, so no show-failed-logs) showed only
+    `log: logs/prepare-1-of-1.log (check log file(s) for error details)`; the reason was in the
+    log alone. The run now ends with each failed job's log and its `error:` line."""
+    workdir = corpus_workdir(tmp_path, repo, mirror, {"binary.txt": b"caf\xe9 au lait\n"})
+    if profile:
+        shutil.copytree(repo / "profiles", workdir / "profiles")
+    result = snakemake(workdir, *profile, "--", "data/tokens", check=False)
+    assert result.returncode != 0
+    reason = f"error: {tmp_path / 'corpus' / 'binary.txt'}:1: not UTF-8"
+    assert reason in (workdir / "logs" / "prepare-1-of-1.log").read_text()
+    shown = [line for line in result.stderr.splitlines() if reason in line]
+    assert shown and shown[-1].startswith(f"logs/prepare-1-of-1.log: {reason}"), result.stderr
+    assert "prepare.on_bad_record: skip" in shown[-1]
+
+
+def test_the_run_ends_with_the_warnings_of_the_stages_it_ran(tmp_path, repo, mirror):
+    """A warning (collapsed answers, a val split far from its setting) was only in logs/*.log
+    and an MLflow tag; the end of the run lists each stage's."""
+    big = b"A long book, chapter after chapter. " * 3000  # in train: val far below 10%
+    notes = {f"note{i:02d}.txt": f"Short note {i}. ".encode() * 10 for i in range(40)}
+    workdir = corpus_workdir(tmp_path, repo, mirror, {"big.txt": big, **notes},
+                             val_split="documents")  # fmt: skip
+    result = snakemake(workdir, "--", "data/tokens")
+    (warning,) = json.loads((workdir / "results" / "prepare" / "warnings.json").read_text())
+    assert warning.startswith("val is ") and "prepare.val_split: tail" in warning
+    end = result.stderr[result.stderr.rindex("steps (100%) done") :]
+    assert f"warnings (1; the logs/ say more):\n  prepare: {warning}\n" in end, result.stderr

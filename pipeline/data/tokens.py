@@ -8,7 +8,8 @@
    file's size, sha256, documents, tokens and skipped records);
 2. `gather_parts`: the parts, in order -> the token directory: the train and val streams joined
    (again with `<|endoftext|>` between), split, cut into shards of at most `shard_tokens`
-   (`train-00000.bin`, ..., `val-00000.bin`), and `meta.json` indexing them.
+   (`train-00000.bin`, ..., `val-00000.bin`), and `meta.json` indexing them (each shard's
+   tokens, bytes and sha256, which `load_tokens` checks: `pipeline.data.shards`).
 The result depends only on the corpus and the settings, not on how many parts or workers made
 it. Both steps write into a temporary directory swapped in whole: an interrupted `prepare`
 leaves no partial file that a later run would read.
@@ -36,6 +37,7 @@ import numpy as np
 import tiktoken
 
 from pipeline.data.corpus import CorpusFile, FileReport, read_documents
+from pipeline.data.shards import META, check_split, read_meta
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory, atomic_write_json, sha256_file
 
@@ -196,12 +198,14 @@ def _input_record(file: CorpusFile, report: FileReport, tokens: int) -> dict[str
 
 
 class _ShardWriter:
-    """A split's ids cut into files of at most `shard_tokens`: `<split>-00000.bin`, ..."""
+    """A split's ids cut into files of at most `shard_tokens`: `<split>-00000.bin`, ..., each
+    recorded with its tokens, bytes and sha256 (hashed as written, so readers can check it)."""
 
     def __init__(self, directory: Path, split: str, shard_tokens: int) -> None:
         self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.handle = None
+        self.digest = hashlib.sha256()
 
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
@@ -210,20 +214,31 @@ class _ShardWriter:
             assert self.handle is not None  # _next opened one
             room = self.shard_tokens - self.shards[-1]["tokens"]
             chunk = ids[:room]
-            self.handle.write(np.ascontiguousarray(chunk, dtype=TOKEN_DTYPE).tobytes())
+            data = np.ascontiguousarray(chunk, dtype=TOKEN_DTYPE).tobytes()
+            self.handle.write(data)
+            self.digest.update(data)
             self.shards[-1]["tokens"] += len(chunk)
             ids = ids[room:]
 
     def _next(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
+        self._finish()
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self.handle = open(self.directory / name, "wb")  # noqa: SIM115
+        self.digest = hashlib.sha256()
         self.shards.append({"file": name, "tokens": 0})
 
+    def _finish(self) -> None:
+        """Close the current shard and complete its record."""
+        if self.handle is None:
+            return
+        self.handle.close()
+        self.handle = None
+        shard = self.shards[-1]
+        shard["bytes"] = shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+        shard["sha256"] = self.digest.hexdigest()
+
     def close(self) -> list[dict[str, Any]]:
-        if self.handle is not None:
-            self.handle.close()
+        self._finish()
         return self.shards
 
 
@@ -290,7 +305,7 @@ def gather_parts(
             "shards": shards,
             "inputs": inputs,
         }
-        atomic_write_json(tmp / "meta.json", meta)
+        atomic_write_json(tmp / META, meta)
     return meta
 
 
@@ -367,19 +382,11 @@ class TokenShards:
 
 
 def load_tokens(token_dir: Path | str, split: str) -> TokenShards:
-    """Memory-map a split's shards, as `meta.json` in `token_dir` lists them."""
+    """Memory-map a split's shards, as `meta.json` in `token_dir` lists them, once each is
+    checked against it (present, its size, its sha256): a damaged one is refused by name."""
     token_dir = Path(token_dir)
-    meta_path = token_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{meta_path}: token index not found (run `python -m pipeline prepare`)"
-        )
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(token_dir)
+    check_split(token_dir, meta, split)
     dtype = np.dtype(meta["dtype"])
-    arrays = []
-    for shard in meta["shards"][split]:
-        path = token_dir / shard["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: token shard listed in {meta_path} not found")
-        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-    return TokenShards(arrays)
+    files = [token_dir / shard["file"] for shard in meta["shards"][split]]
+    return TokenShards([np.memmap(path, dtype=dtype, mode="r") for path in files])

@@ -1,5 +1,6 @@
-"""Where `pretrain.init_from` finds GPT-2 weights: `scratch`, a preset or Hugging Face name
-looked up under `paths.weights`, or a directory. Paths only, no torch: the Snakefile asks too."""
+"""Where `init_from` finds GPT-2 weights: `scratch` (pretrain only), a preset or Hugging Face
+name looked up under `paths.weights`, or a directory. Paths only, no torch: the Snakefile asks
+too."""
 
 from __future__ import annotations
 
@@ -21,6 +22,26 @@ def weights_candidates(weights: Path, name: str) -> list[Path]:
     return [weights / preset, weights / HF_NAME_FOR_PRESET[preset]]
 
 
+def find_weights(name: str, weights: Path, key: str) -> Path:
+    """The directory under `weights` (the `paths.weights` setting) holding the GPT-2 weights
+    `name`, which the setting `key` gives. A missing one fails here, saying where it was looked
+    for and how to get the weights."""
+    candidates = weights_candidates(weights, name)
+    for directory in candidates:
+        if directory.is_dir():
+            return directory
+    preset = PRESET_FOR_WEIGHTS_NAME[name]
+    hf_name = HF_NAME_FOR_PRESET[preset]
+    raise FileNotFoundError(
+        f"{key} {name!r}: no weights at {candidates[0]} or {candidates[1]} "
+        f"(paths.weights is {weights}). Download GPT-2 {preset} "
+        f"first, e.g. `hf download openai-community/{hf_name} config.json model.safetensors "
+        f"vocab.json merges.txt --local-dir {candidates[1]}`, or put OpenAI's checkpoint "
+        f"(hparams.json, model.ckpt.*) in {candidates[0]}; or set {key} to the "
+        f"directory that holds them"
+    )
+
+
 def resolve_init_from(init_from: str, weights: Path) -> Path | None:
     """The weights directory `pretrain.init_from` names (looked up under `weights`, the
     `paths.weights` setting, when it is a name), or None for `scratch`.
@@ -30,20 +51,7 @@ def resolve_init_from(init_from: str, weights: Path) -> Path | None:
     if init_from == SCRATCH:
         return None
     if init_from in PRESET_FOR_WEIGHTS_NAME:
-        candidates = weights_candidates(weights, init_from)
-        for directory in candidates:
-            if directory.is_dir():
-                return directory
-        preset = PRESET_FOR_WEIGHTS_NAME[init_from]
-        hf_name = HF_NAME_FOR_PRESET[preset]
-        raise FileNotFoundError(
-            f"pretrain.init_from {init_from!r}: no weights at {candidates[0]} or {candidates[1]} "
-            f"(paths.weights is {weights}). Download GPT-2 {preset} "
-            f"first, e.g. `hf download openai-community/{hf_name} config.json model.safetensors "
-            f"vocab.json merges.txt --local-dir {candidates[1]}`, or put OpenAI's checkpoint "
-            f"(hparams.json, model.ckpt.*) in {candidates[0]}; or set pretrain.init_from to the "
-            f"directory that holds them"
-        )
+        return find_weights(init_from, weights, "pretrain.init_from")
     directory = Path(init_from)
     if not directory.is_dir():
         names = ", ".join(PRESET_FOR_WEIGHTS_NAME)
@@ -55,7 +63,7 @@ def resolve_init_from(init_from: str, weights: Path) -> Path | None:
 
 
 def init_from_input(init_from: str, weights: Path) -> list[str]:
-    """The Snakefile's extra input for rule pretrain: the init_from directory, if any.
+    """The Snakefile's input for a rule's `init_from` weights: their directory, if any.
 
     A directory given by path is always an input, so Snakemake reports it missing before running;
     a name is an input once found (if it is not, the stage's own error says where it looked).

@@ -34,7 +34,7 @@ class PathSettings:
         ".resume", minLength=1, help="resume checkpoints: kept outside Snakemake's outputs"
     )
     weights: str = setting(
-        "models", minLength=1, help="downloaded GPT-2 weights, models/<name> (pretrain.init_from)"
+        "models", minLength=1, help="downloaded GPT-2 weights, models/<name> (<stage>.init_from)"
     )
 
 
@@ -218,7 +218,6 @@ class TrainSettings:
         "ddp", help="ddp | fsdp (sharded parameters, for gpt2-774m/1558m)"
     )
 
-
     @property
     def steps(self) -> int:
         """`max_steps`, which a stage counted in epochs fills in before training."""
@@ -282,7 +281,8 @@ class PretrainSettings:
     peak_flops: float | None = setting(
         None,
         exclusiveMinimum=0,
-        help="MFU denominator; null: a known GPU's bf16 peak, else a quick matmul measurement",
+        help="MFU denominator; null: a known GPU's bf16 peak, else the best matmul measured on"
+        " this machine (cached in ~/.cache/gpt-pipeline); raised to any faster training step",
     )
     registered_model_name: str | None = registered_name_setting()
     train: PretrainTrain = setting(PretrainTrain())
@@ -312,7 +312,11 @@ class Generation:
     top_p: float | None = setting(None, exclusiveMinimum=0, maximum=1)
 
 
-INIT_FROM_HELP = "a stage name (pretrain, finetune-instruct, ...) or a checkpoint directory"
+INIT_FROM_HELP = (
+    "a stage name (pretrain, finetune-instruct, ...), GPT-2 weights by name (gpt2-124m, gpt2, "
+    "...: paths.weights/<name>, with the model section's dropouts) or a directory (our "
+    "checkpoint, Hugging Face's or OpenAI's GPT-2)"
+)
 
 
 @dataclass(frozen=True)

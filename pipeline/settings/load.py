@@ -26,10 +26,11 @@ from pipeline import settings
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
 from pipeline.model.architecture import PRESETS
+from pipeline.model.weights import SCRATCH
 from pipeline.paths import Paths
 from pipeline.settings import Config, Split, StageConfig, schema
 from pipeline.settings.schema import MISSING, FieldSpec, Group, fields_of, is_settings, record_type
-from pipeline.stages.registry import STAGES, scheduled_stages, training_stages
+from pipeline.stages.registry import STAGES, FineTuningSection, scheduled_stages, training_stages
 
 DEFAULT_CONFIG = Path("config.yaml")
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
@@ -374,6 +375,11 @@ def _section_problems(name: str, section: object) -> list[str]:
         problems.append(
             f"{name}.positive_label: {section.positive_label!r} is not one of "
             f"{name}.labels ({', '.join(section.labels)})"
+        )
+    if isinstance(section, FineTuningSection) and section.init_from == SCRATCH:
+        problems.append(
+            f"{name}.init_from: {SCRATCH!r} is pretrain's (random weights); a fine-tuning stage "
+            f"starts from weights: {settings.INIT_FROM_HELP}"
         )
     return problems
 

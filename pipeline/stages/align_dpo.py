@@ -27,13 +27,10 @@ from pipeline.data.loader import ExampleBatches
 from pipeline.errors import InputError
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import rouge_l_f1
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint_config
-from pipeline.model.checkpoint import (
-    checkpoint_tokenizer,
-    checkpoint_tokenizer_files,
-    recorded_template,
-)
+from pipeline.model.checkpoint import recorded_template
+from pipeline.model.gpt2_import import LAYOUT_CHECKPOINT, gpt2_layout
 from pipeline.settings import DpoSettings, StageConfig, TrainSettings
 from pipeline.stages.common import (
     epoch_train_settings,
@@ -44,6 +41,7 @@ from pipeline.stages.common import (
     make_trainable,
     report_answer_diversity,
     seeded,
+    start_tokenizer,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
@@ -117,7 +115,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
         )
         model, start = load_language_model(config, device)
         self.template = self.start_template(start)
-        tokenizer = checkpoint_tokenizer(start)
+        tokenizer, tokenizer_files = start_tokenizer(config, start)
         self.context, self.batch_size = model.config.context_length, section.train.batch_size
         self.encode({"train": train_records, "val": val}, tokenizer)
         self.setup_reference(model, tokenizer, config.seed, device)
@@ -136,20 +134,22 @@ class AlignDpo(TrainingStage[DpoSettings]):
             fine_tuning_fingerprint(
                 config, start, model, ("generation", "sample_table_rows"), template=self.template,
             ),
-            tokenizer, checkpoint_tokenizer_files(start),
+            tokenizer, tokenizer_files,
             title=f"{STAGE} (β {section.beta:g}; Δ: chosen − rejected log-ratio margin)",
             loss_label=loss_label(section.loss, section.label_smoothing),
             tags={"init_from": str(start), "device": device.type, "method": section.method},
-            start_metrics={
-                "trainable_parameters": float(trainable), "trainable_fraction": trainable / total,
-            },
+            eval_data=sha256_file(out_dir / "val.json"),
+            facts={"trainable_parameters": trainable, "trainable_fraction": trainable / total},
             datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
             lora=section.method == "lora",
         )  # fmt: skip
 
     def start_template(self, start: Path) -> str:
-        """The prompt template: the section's, else the one the start checkpoint was tuned with."""
-        template = self.section.template or recorded_template(load_checkpoint_config(start))
+        """The prompt template: the section's, else the one the start checkpoint was tuned with
+        (GPT-2 weights in another layout record none)."""
+        template = self.section.template
+        if template is None and gpt2_layout(start) == LAYOUT_CHECKPOINT:
+            template = recorded_template(load_checkpoint_config(start))
         if template is None:
             raise InputError(
                 f"{start} records no prompt template (not an instruction-tuned checkpoint?); "

@@ -13,24 +13,30 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from pipeline.data.instruct import load_records, split_records
+from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import compare_answers
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.attention import resolve_attention
-from pipeline.model.checkpoint import WEIGHTS_FILE
-from pipeline.model.gpt2_import import weight_files
+from pipeline.model.checkpoint import (
+    checkpoint_tokenizer,
+    checkpoint_tokenizer_files,
+    tokenizer_files,
+)
+from pipeline.model.gpt2_import import LAYOUT_CHECKPOINT, gpt2_layout, load_gpt2, weight_files
 from pipeline.model.lora import apply_lora
+from pipeline.model.weights import PRESET_FOR_WEIGHTS_NAME, find_weights
 from pipeline.settings import (
     Config,
     DpoSettings,
     InstructSettings,
+    ModelSettings,
     StageConfig,
     TrainSettings,
 )
 from pipeline.settings.schema import to_plain
 from pipeline.stages.registry import FineTuningSection, init_checkpoint_path
-from pipeline.tracking import WARNING_TAG
 from pipeline.train import pick_device
 from pipeline.train.distributed import current_world
 
@@ -92,15 +98,30 @@ def check_splits(section: str, **splits: Sized) -> None:
             )
 
 
-def init_checkpoint(config: Config, init_from: str) -> Path:
-    """`init_checkpoint_path`, checked to hold weights."""
+def init_checkpoint(config: Config, init_from: str, key: str = "init_from") -> Path:
+    """The directory `init_from` (the setting `key`) names, checked to hold weights: a stage's
+    checkpoint, GPT-2 weights by name (under `paths.weights`, as pretrain finds them) or a
+    directory of our checkpoint or GPT-2 weights in Hugging Face's or OpenAI's layout."""
+    if init_from in PRESET_FOR_WEIGHTS_NAME:
+        return find_weights(init_from, config.paths.weights, key)
     directory = init_checkpoint_path(config, init_from)
-    if not (directory / WEIGHTS_FILE).is_file():
+    try:
+        weight_files(directory)
+    except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"init_from {init_from!r}: no checkpoint at {directory} (expected {WEIGHTS_FILE}); "
-            "run that stage first or give a checkpoint directory"
-        )
+            f"{key} {init_from!r}: no checkpoint at {directory} ({exc}); run that stage first "
+            "or give a directory of our checkpoint or of GPT-2 weights"
+        ) from None
     return directory
+
+
+def start_tokenizer(config: Config, start: Path) -> tuple[tiktoken.Encoding, dict[str, Path]]:
+    """The tokenizer a stage starting at `start` encodes with, and the files its checkpoint
+    carries on: the start checkpoint's own, or for GPT-2 weights in another layout the
+    downloaded BPE files pretrain uses, so the stage's checkpoint ships its tokenizer."""
+    if gpt2_layout(start) == LAYOUT_CHECKPOINT:
+        return checkpoint_tokenizer(start), checkpoint_tokenizer_files(start)
+    return gpt2_tokenizer(config.paths.bpe), tokenizer_files(config.paths.bpe)
 
 
 def weights_sha256(directory: Path) -> str:
@@ -173,17 +194,30 @@ def instruction_datasets(
     )
 
 
-def load_language_model(
-    config: StageConfig[FineTuning], device: torch.device
-) -> tuple[GPT, Path]:
+def load_language_model(config: StageConfig[FineTuning], device: torch.device) -> tuple[GPT, Path]:
     """The section's start checkpoint as a language model (not a classifier), running the
     configured attention, and its path."""
-    start = init_checkpoint(config, config.section.init_from)
-    model = load_checkpoint(start, device=device)
+    start = init_checkpoint(config, config.section.init_from, f"{config.stage}.init_from")
+    if gpt2_layout(start) == LAYOUT_CHECKPOINT:
+        model = load_checkpoint(start, device=device)
+    else:
+        model = weights_model(start, config.model).to(device)
     if type(model) is not GPT:
         raise InputError(f"{config.stage}.init_from {start} is not a language-model checkpoint")
     use_attention(model, config, device)
     return model, start
+
+
+def weights_model(start: Path, model: ModelSettings) -> GPT:
+    """GPT-2 weights in Hugging Face's or OpenAI's layout with the model section's dropouts, as
+    pretrain takes them: their own config says GPT-2's training value (Hugging Face's 0.1)."""
+    loaded = load_gpt2(start)
+    architecture = dataclasses.replace(
+        loaded.config, dropout=model.dropout, attn_dropout=model.attn_dropout
+    )
+    gpt = GPT(architecture)
+    gpt.load_state_dict(loaded.state_dict())
+    return gpt
 
 
 def make_trainable(model: GPT, config: StageConfig[Instructions]) -> tuple[int, int]:
@@ -234,7 +268,7 @@ def report_answer_diversity(
     tracker: StageRun,
 ) -> dict[str, float]:
     """Length, distinct-n and most-common-answer share of the test answers before and after the
-    stage (`compare_answers`); collapsed answers are a warning in the log and an MLflow tag."""
+    stage (`compare_answers`); collapsed answers are a stage warning (`StageRun.warn`)."""
     metrics, reasons = compare_answers(before, after, lambda a: len(tokenizer.encode_ordinary(a)))
     keys = ("answer_words", "distinct_2", "most_common_answer_share")
     log.info(
@@ -243,7 +277,5 @@ def report_answer_diversity(
         stage, *(metrics[f"test_{k}_{when}"] for k in keys for when in ("before", "after")),
     )  # fmt: skip
     if reasons:
-        message = f"{stage}: the test answers collapsed: {'; '.join(reasons)}"
-        log.warning(message)
-        tracker.set_tags({WARNING_TAG: message})
+        tracker.warn(f"{stage}: the test answers collapsed: {'; '.join(reasons)}", log)
     return metrics

@@ -14,7 +14,5 @@ def main(config: StageConfig[None], threads: int | None = None) -> list[Path]:
     mirrors = [Path(m) for m in config.data.mirrors]
     with stage_run(config.tracking, "download", config.resolved) as tracker:
         files = download_all(config.data.sources, config.paths.raw, mirrors)
-        tracker.log_metrics(
-            {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}, step=0
-        )
+        tracker.log_params({"files": len(files), "bytes": sum(f.stat().st_size for f in files)})
     return files

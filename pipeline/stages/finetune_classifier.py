@@ -30,8 +30,7 @@ from pipeline.data.loader import ExampleBatches
 from pipeline.errors import InputError
 from pipeline.evaluate.calibration import fit_temperature, reliability_bins
 from pipeline.evaluate.classification import binary_metrics, confusion_matrix
-from pipeline.io import atomic_write_text
-from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
+from pipeline.io import atomic_write_text, sha256_file
 from pipeline.model.classifier import (
     GPTClassifier,
     collate_texts,
@@ -46,6 +45,7 @@ from pipeline.stages.common import (
     fine_tuning_fingerprint,
     load_language_model,
     split_datasets,
+    start_tokenizer,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
@@ -81,7 +81,7 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         section = self.section = config.section
         self.split_records(config, out_dir)
         model, start = self.setup_model(config, device)
-        tokenizer = checkpoint_tokenizer(start)
+        tokenizer, tokenizer_files = start_tokenizer(config, start)
         max_length = self.max_length = section.max_length or model.config.context_length
         if max_length > model.config.context_length:
             raise InputError(
@@ -93,10 +93,10 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         return StagePlan(
             model, task, train,
             fine_tuning_fingerprint(config, start, model, ("misclassified_examples",)),
-            tokenizer, checkpoint_tokenizer_files(start), title=STAGE,
-            tags={"init_from": str(start), "device": device.type,
-                  "trainable_parameters": self.trainable},
-            start_metrics={f"truncated_{name}": float(n) for name, n in self.truncated.items()},
+            tokenizer, tokenizer_files, title=STAGE, eval_data=sha256_file(out_dir / "test.tsv"),
+            tags={"init_from": str(start), "device": device.type},
+            facts={"trainable_parameters": self.trainable,
+                   **{f"truncated_{name}": n for name, n in self.truncated.items()}},
             datasets=split_datasets(
                 config.paths.source(section.data),
                 {name: (out_dir / f"{name}.tsv", split) for name, split in self.splits.items()},

@@ -29,9 +29,8 @@ from pipeline.data.loader import ExampleBatches
 from pipeline.data.tokenizer import token_byte_lengths
 from pipeline.evaluate.responses import respond
 from pipeline.evaluate.text import corpus_scores, exact_match, rouge_l_f1
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT
-from pipeline.model.checkpoint import checkpoint_tokenizer, checkpoint_tokenizer_files
 from pipeline.settings import InstructSettings, StageConfig, TrainSettings
 from pipeline.stages.common import (
     epoch_train_settings,
@@ -42,6 +41,7 @@ from pipeline.stages.common import (
     make_trainable,
     report_answer_diversity,
     seeded,
+    start_tokenizer,
 )
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
@@ -68,7 +68,7 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
         train_records, val, self.test, skipped = instruction_splits(config, RECORD_KEYS, out_dir)
         self.val_first = val[0]  # the record answered in the training's samples
         model, start = load_language_model(config, device)
-        tokenizer = checkpoint_tokenizer(start)
+        tokenizer, tokenizer_files = start_tokenizer(config, start)
         self.encode({"train": train_records, "val": val}, tokenizer, model.config.context_length)
         before = seeded(config.seed, device)  # the start model's test answers: what it changes
         self.before = (
@@ -92,9 +92,10 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
             fine_tuning_fingerprint(
                 config, start, model, reporting_keys=("generation", "sample_table_rows")
             ),
-            tokenizer, checkpoint_tokenizer_files(start), title=f"{STAGE} ({section.method})",
+            tokenizer, tokenizer_files, title=f"{STAGE} ({section.method})",
             tags={"init_from": str(start), "device": device.type, "method": section.method},
-            start_metrics={k: float(v) for k, v in self.summary.items() if k != "method"},
+            eval_data=sha256_file(out_dir / "val.json"),
+            facts={k: v for k, v in self.summary.items() if k != "method"},
             datasets=instruction_datasets(config, out_dir, train_records, val, self.test),
             lora=section.method == "lora",
         )  # fmt: skip

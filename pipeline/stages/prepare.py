@@ -22,7 +22,7 @@ from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.data.tokens import gather_parts, tokenize_part, val_split_warning
 from pipeline.errors import InputError
 from pipeline.settings import PrepareSettings, StageConfig
-from pipeline.tracking import WARNING_TAG, stage_run
+from pipeline.tracking import WARNINGS_FILE, stage_run
 
 Prepare = StageConfig[PrepareSettings]
 
@@ -87,14 +87,17 @@ def gather(config: Prepare) -> dict[str, Any]:
     """The parts -> data/tokens (shards, split, meta.json); logged to MLflow."""
     section, paths = config.section, config.paths
     parts = [paths.token_part(name) for name in part_names(section.scatter)]
-    with stage_run(config.tracking, "prepare", config.resolved) as tracker:
+    warnings_file = paths.stage("prepare") / WARNINGS_FILE
+    with stage_run(
+        config.tracking, "prepare", config.resolved, warnings_file=warnings_file
+    ) as tracker:
         meta = gather_parts(
             parts, paths.tokens, gpt2_tokenizer(paths.bpe),
             split=split_mode(section, listed_corpus(config)),
             val_fraction=section.val_fraction, shard_tokens=section.shard_tokens,
         )  # fmt: skip
         skipped = sum(sum(r["skipped"].values()) for r in meta["inputs"])
-        tracker.log_metrics(
+        tracker.log_params(  # what the data is, not a series: params, not one-point charts
             {
                 "train_tokens": meta["train_tokens"],
                 "val_tokens": meta["val_tokens"],
@@ -102,8 +105,7 @@ def gather(config: Prepare) -> dict[str, Any]:
                 "documents": sum(r["documents"] for r in meta["inputs"]),
                 "skipped_records": skipped,
                 "input_bytes": sum(r["bytes"] for r in meta["inputs"]),
-            },
-            step=0,
+            }
         )
         tracker.log_datasets(
             (
@@ -120,14 +122,12 @@ def gather(config: Prepare) -> dict[str, Any]:
         tracker.log_artifact(paths.tokens / "meta.json")
         warning = val_split_warning(meta)
         if warning:
-            tracker.set_tags({WARNING_TAG: warning})
+            tracker.warn(warning, log)
     log.info("%d train and %d val tokens (%s split; val %.1f%% of the tokens, val_fraction "
              "%.1f%%) in %d + %d shards; %d records skipped", meta["train_tokens"],
              meta["val_tokens"], meta["split"], 100 * meta["val_fraction_realised"],
              100 * meta["val_fraction"], len(meta["shards"]["train"]),
              len(meta["shards"]["val"]), skipped)  # fmt: skip
-    if warning:
-        log.warning(warning)
     return meta
 
 

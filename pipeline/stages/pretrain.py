@@ -25,7 +25,7 @@ from pipeline.data.loader import TokenWindows, evaluation_batches
 from pipeline.data.tokenizer import gpt2_tokenizer, token_byte_lengths
 from pipeline.data.tokens import load_tokens
 from pipeline.errors import InputError
-from pipeline.io import atomic_write_text, sha256_bytes
+from pipeline.io import atomic_write_text, sha256_bytes, sha256_files
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
@@ -35,8 +35,8 @@ from pipeline.settings import ModelSettings, PretrainSettings, StageConfig, Trai
 from pipeline.stages.common import SPLIT_CONTEXTS, use_attention, weights_sha256
 from pipeline.stages.training import StagePlan, TrainingStage, run_training_stage
 from pipeline.tracking import StageRun
-from pipeline.train import TrainResult, TrainTask, measure_peak_flops
-from pipeline.train.device import resolve_precision
+from pipeline.train import TrainResult, TrainTask
+from pipeline.train.device import PeakFlops, machine_peak, resolve_precision
 from pipeline.train.losses import lm_loss
 
 log = logging.getLogger("pipeline.pretrain")
@@ -148,6 +148,12 @@ def token_datasets(token_dir: Path, meta: Mapping[str, Any]) -> dict[str, list[d
     }
 
 
+def val_sha256(token_dir: Path, meta: Mapping[str, Any]) -> str:
+    """The sha256 of the val tokens, its shards end to end: the data val_loss is measured on,
+    whatever made it or however it is sharded."""
+    return sha256_files(token_dir / shard["file"] for shard in meta["shards"]["val"])
+
+
 def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A seeded temperature-0.8/top-k-50 continuation: the same text for the same weights."""
     device = next(model.parameters()).device
@@ -189,13 +195,15 @@ class Pretrain(TrainingStage[PretrainSettings]):
             "split": [meta["split"], meta["val_fraction"]],
             **({"init_weights": self.init_info["init_weights_sha256"]} if init_dir else {}),
         }
-        tags = {"parameters": model.num_parameters(), "device": device.type, **self.init_info}
+        tags = {"device": device.type, **self.init_info}
         if init_dir is not None:
             tags.update(init_weights=init_dir, continue_pretraining=trains)
         return StagePlan(
             model, task, train, fingerprint, self.tokenizer, tokenizer_files(config.paths.bpe),
             title=f"pretrain ({config.model.preset}, init_from {self.section.init_from})",
-            tags=tags, trains=trains, datasets=token_datasets(tokens, meta),
+            eval_data=val_sha256(tokens, meta), tags=tags,
+            facts={"parameters": model.num_parameters()}, trains=trains,
+            datasets=token_datasets(tokens, meta),
         )  # fmt: skip
 
     def setup_model(self, config: StageConfig[PretrainSettings], vocab_size: int,
@@ -227,7 +235,7 @@ class Pretrain(TrainingStage[PretrainSettings]):
     def setup_task(self, model: GPT, tokens: Path, train: TrainSettings, trains: bool,
                    device: torch.device) -> TrainTask:  # fmt: skip
         """Seeded training windows, fixed evaluation batches of both splits, samples, and the
-        MFU's peak (measured when not configured)."""
+        MFU's peak (when it trains)."""
         train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
         ctx, batch = model.config.context_length, train.batch_size
         self.batches = TokenWindows(
@@ -239,20 +247,22 @@ class Pretrain(TrainingStage[PretrainSettings]):
                                       f"{tokens} ({split})")  # fmt: skip
             for split, split_tokens in (("train", train_tokens), ("val", val_tokens))
         }
-        peak_flops = self.section.peak_flops
-        if peak_flops is None and trains:
-            precision = resolve_precision(train.precision, device, model.config.n_embd)
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-            peak_flops = measure_peak_flops(device, dtype)
         return TrainTask(
             lm_loss,
             self.batches,
             eval_sets={split: (lambda b=b: b) for split, b in fixed.items()},
             sample_fn=self.sample,
             flops_per_token=model.flops_per_token(),
-            peak_flops=peak_flops,
+            peak_flops=self.peak_flops(model, train, device) if trains else None,
             token_bytes=torch.tensor(token_byte_lengths(self.tokenizer)),
         )
+
+    def peak_flops(self, model: GPT, train: TrainSettings, device: torch.device) -> PeakFlops:
+        """MFU's peak: `pretrain.peak_flops`, else the machine's at the training's precision."""
+        if self.section.peak_flops is not None:
+            return PeakFlops(self.section.peak_flops, "pretrain.peak_flops")
+        precision = resolve_precision(train.precision, device, model.config.n_embd)
+        return machine_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
     def sample(self, model: GPT) -> str:
         section = self.section

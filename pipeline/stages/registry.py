@@ -51,7 +51,8 @@ class Stage:
     parts: bool = False
     """It runs as several jobs (`--part i-of-n`), then one that gathers (`--gather`)."""
     headline: Headline = Headline("val_loss")
-    """A training stage's metric that decides its registered model's `@champion`."""
+    """A training stage's metric that decides its registered model's champions, among the
+    versions measured on the same data (`StagePlan.eval_data`)."""
 
     def __post_init__(self) -> None:
         if self.trains and self.resources is None:
@@ -64,7 +65,8 @@ class Stage:
 
 
 def init_checkpoint_path(config: Config, init_from: str) -> Path:
-    """Where a fine-tuning stage starts: a training stage's `model/`, or a checkpoint directory."""
+    """Where a fine-tuning stage starts from a stage or a path: the stage's `model/`, or the
+    directory (GPT-2 weights by name: `pipeline.model.weights`)."""
     if init_from in training_stages():
         return config.paths.stage(init_from) / "model"
     return Path(init_from)
@@ -82,12 +84,19 @@ class FineTuningSection(Protocol):
 
 
 def fine_tuning_inputs(stage: str) -> Inputs:
-    """A fine-tuning stage reads its data source and its start checkpoint."""
+    """A fine-tuning stage reads its data source and its start: a stage's checkpoint, or GPT-2
+    weights (by name or directory) and the downloaded BPE files it then encodes with."""
 
     def inputs(config: Config) -> dict[str, Any]:
         section = config.section_of(stage, FineTuningSection)
-        start = init_checkpoint_path(config, section.init_from)
-        return {"data": str(config.paths.source(section.data)), "model": str(start)}
+        data = {"data": str(config.paths.source(section.data))}
+        if section.init_from in training_stages():
+            return {**data, "model": str(init_checkpoint_path(config, section.init_from))}
+        return {
+            **data,
+            "model": init_from_input(section.init_from, config.paths.weights),
+            "bpe": [str(path) for path in config.paths.bpe_files],
+        }
 
     return inputs
 

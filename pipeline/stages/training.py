@@ -4,11 +4,11 @@
 model, trainable parts, task and fingerprint) -> MLflow run (the interrupted one, when resuming),
 its dataset inputs and system metrics -> `fit` (or, for weights that are only evaluated, an
 evaluation) -> rank-0 gate -> LoRA merge -> the stage's `report` (its test evaluation and files)
--> loss plot -> checkpoint -> metrics.json and artifacts -> the new folder swapped in whole ->
-clearing the resume state. A stage is a `TrainingStage` subclass whose `setup` and `report`
-read top to bottom, as a torchtune recipe does. Everything it writes goes to a temporary folder,
-so results/<stage>/ always holds one complete run; resume checkpoints live apart, in
-`paths.resume`.
+-> loss plot -> checkpoint -> metrics.json and artifacts -> its warnings (warnings.json) -> the
+new folder swapped in whole -> clearing the resume state. A stage is a `TrainingStage` subclass
+whose `setup` and `report` read top to bottom, as a torchtune recipe does. Everything it writes
+goes to a temporary folder, so results/<stage>/ always holds one complete run; resume
+checkpoints live apart, in `paths.resume`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ from pipeline.serving.models import log_stage_model
 from pipeline.settings import StageConfig, TrainSettings
 from pipeline.stages.common import stage_device
 from pipeline.stages.registry import STAGES
-from pipeline.tracking import StageRun, stage_run, system_metrics
-from pipeline.tracking.model_registry import register_stage
+from pipeline.tracking import (
+    WARNINGS_FILE,
+    StageRun,
+    facts_and_metrics,
+    stage_run,
+    system_metrics,
+)
+from pipeline.tracking.model_registry import DATA_TAG, register_stage
 from pipeline.train import (
     TrainResult,
     TrainTask,
@@ -66,11 +72,15 @@ class StagePlan:
     """Files saved beside the weights so the checkpoint carries its tokenizer."""
     title: str
     """The loss plot's title."""
+    eval_data: str
+    """The sha256 of the split the stage's headline metric (`Stage.headline`) is measured on:
+    the model registry ranks a version only among those measured on the same data."""
     loss_label: str = "cross-entropy loss"
     """The loss plot's y axis: which loss the stage minimises."""
     tags: dict[str, Any] = field(default_factory=dict)
-    start_metrics: dict[str, float] = field(default_factory=dict)
-    """Logged at step 0 (trainable parameters, truncated examples, ...)."""
+    facts: dict[str, Any] = field(default_factory=dict)
+    """What the run is, known at its start (trainable parameters, truncated examples, ...):
+    MLflow params (`RUN_FACTS`)."""
     lora: bool = False
     """Merge LoRA adapters into the weights before reporting and saving."""
     trains: bool = True
@@ -157,16 +167,17 @@ def run_training_stage(
         )
         resumes = resumes and plan.trains  # a stage that only evaluates leaves its earlier run
         resume, abandoned = (earlier, "") if resumes else ("", earlier)
-        tracking = config.tracking
+        tracking, warnings_file = config.tracking, work / WARNINGS_FILE
         with (
-            stage_run(tracking, stage.name, config.resolved, resume, abandoned) as tracker,
+            stage_run(
+                tracking, stage.name, config.resolved, resume, abandoned, warnings_file
+            ) as tracker,
             system_metrics(tracker, tracking.uri, tracking.system_metrics_interval),
         ):
-            tracker.set_tags(plan.tags)
+            tracker.set_tags({**plan.tags, DATA_TAG: plan.eval_data})
             for context, files in plan.datasets.items():
                 tracker.log_datasets(files, context)
-            if plan.start_metrics:
-                tracker.log_metrics(plan.start_metrics, step=0)
+            tracker.log_params(plan.facts)
             if plan.trains:
                 result = fit(
                     plan.model, plan.task, plan.train, device=device, seed=config.seed,
@@ -187,7 +198,7 @@ def run_training_stage(
             if tracking.register:
                 register_stage(
                     tracking.uri, stage.name, config.section.registered_model_name, model,
-                    tracker.run_id, registered.headline, metrics,
+                    tracker.run_id, registered.headline, metrics, plan.eval_data,
                 )  # fmt: skip
     clear_resume_state(resume_dir)
     return metrics
@@ -238,18 +249,18 @@ def finish_stage(
     in `out_dir`/model as the run's MLflow pyfunc model; returns that model's URI
     (`models:/<id>`), else None.
 
-    Its numbers go on the run under their own names, so the runs table shows them: a series that
-    already ends at its value (val_loss) is left alone, any other value is logged at the last
-    step, as the end of its series (tokens_per_second: the run's mean) or its one point (test_*).
-    No `final_` copies: they doubled every chart."""
-    numeric = {
-        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    Its numbers go on the run under their own names, so the runs table shows them: what says
+    what the run was (`RUN_FACTS`: steps, epochs, parameters) as params; of the metrics, a series
+    that already ends at its value (val_loss) is left alone, any other value is logged at the
+    last step, as the end of its series (tokens_per_second: the run's mean) or its one point
+    (test_*). No `final_` copies: they doubled every chart."""
+    facts, measured = facts_and_metrics(metrics)
     # JSON has no NaN: an undefined metric (ROC-AUC of a one-class subset) is written as null
-    undefined = {k: None for k, v in numeric.items() if not math.isfinite(v)}
+    undefined = {k: None for k, v in measured.items() if not math.isfinite(v)}
     atomic_write_json(out_dir / "metrics.json", {**metrics, **undefined})
+    tracker.log_params(facts)
     latest = tracker.latest_metrics()
-    tracker.log_metrics({k: v for k, v in numeric.items() if not _same(latest.get(k), v)}, step)
+    tracker.log_metrics({k: v for k, v in measured.items() if not _same(latest.get(k), v)}, step)
     for name in ("metrics.json", *artifacts):
         tracker.log_artifact(out_dir / name)
     if not log_model:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.io import atomic_write_json
 from pipeline.settings import TrackingSettings
 
 log = logging.getLogger("pipeline.tracking")
@@ -31,6 +32,20 @@ _HOST_TAG, _PID_TAG = "pipeline.host", "pipeline.pid"
 WARNING_TAG = "pipeline.warning"
 """The MLflow tag a stage sets when an output looks wrong (collapsed answers, a val split far
 from prepare.val_fraction)."""
+WARNINGS_FILE = "warnings.json"
+"""A stage's warnings (`StageRun.warn`) as a JSON list in its results/<stage>/: what the
+Snakefile shows at the end of the run that ran the stage."""
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's experiment kind: model training ("Machine learning"), not a GenAI app. (The UI of
+MLflow 3.17 follows its own switch instead: `runs_page`.)"""
+RUN_FACTS = frozenset({
+    "steps", "epochs", "tokens_seen", "parameters", "trainable_parameters", "trainable_fraction",
+    "skipped_records", "truncated_train", "truncated_val", "truncated_test", "test_responses",
+    "beta",
+})  # fmt: skip
+"""The numbers of a stage's results that say what the run was (its length, its model's size, its
+data's counts) rather than measure it: MLflow params, not metrics the UI draws as one-point
+charts."""
 
 
 def _client(uri: str):
@@ -48,18 +63,37 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def _mark_training(client, experiment) -> None:
+    """Give an experiment without a kind (one made before this tag) the model-training kind; a
+    kind chosen in the UI stays. Another process setting it at the same time is fine."""
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
+    from mlflow.exceptions import MlflowException
+
+    if KIND_TAG in experiment.tags:
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING_KIND)
+    except MlflowException:
+        if KIND_TAG not in client.get_experiment(experiment.experiment_id).tags:
+            raise
+
+
 def ensure_experiment(uri: str, experiment: str) -> str:
-    """Create the store and the experiment if needed; returns the experiment id. On a shared
-    server another pipeline may create it between our lookup and our create: that one is used."""
+    """Create the store and the experiment, of the model-training kind, if needed; returns the
+    experiment id. On a shared server another pipeline may create it between our lookup and our
+    create: that one is used."""
     # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        _mark_training(client, found)
         return found.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+        return client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri), tags={KIND_TAG: TRAINING_KIND}
+        )
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -88,6 +122,15 @@ def git_tags(cwd: Path | str = ".") -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
+def runs_page(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's UI: the server at `uri`, or for a file store
+    `make mlflow-ui`'s. The UI of MLflow 3.17 opens an experiment on the GenAI or the model
+    training tabs as its GenAI / Model training switch says (GenAI unless switched), not as the
+    experiment's kind: `workflowType` sets the switch."""
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def start_parent_run(uri: str, experiment: str, name: str = "pipeline") -> str:
     """A run for one Snakemake invocation; `name` says what it runs (the Snakefile gives its
     stages and the UTC start time)."""
@@ -96,25 +139,39 @@ def start_parent_run(uri: str, experiment: str, name: str = "pipeline") -> str:
     run = client.create_run(
         experiment_id, run_name=name, tags={**git_tags(), "pipeline.role": "parent"}
     )
-    log.info(
-        "MLflow parent run %s (%s) in experiment %r (%s)", run.info.run_id, name, experiment, uri
-    )
+    log.info("MLflow parent run %s (%s) in experiment %r (%s); its runs in the UI: %s",
+             run.info.run_id, name, experiment, uri, runs_page(uri, experiment_id))  # fmt: skip
     return run.info.run_id
+
+
+def facts_and_metrics(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """The numbers of a stage's results (metrics.json) as (RUN_FACTS, the other metrics)."""
+    numbers = {
+        k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    facts = {k: v for k, v in numbers.items() if k in RUN_FACTS}
+    return facts, {k: float(v) for k, v in numbers.items() if k not in RUN_FACTS}
 
 
 def end_parent_run(
     uri: str, run_id: str, success: bool, metrics_files: Mapping[str, Path] = {}
 ) -> None:
-    """Close the parent run, copying as `<stage>.<metric>` the numbers of each stage's
-    metrics.json given: the caller passes only the stages its invocation ran, since a concurrent
-    invocation may write other stages' files meanwhile."""
+    """Close the parent run, copying as `<stage>.<key>` the numbers of each stage's metrics.json
+    given (RUN_FACTS as params, the others as metrics): the caller passes only the stages its
+    invocation ran, since a concurrent invocation may write other stages' files meanwhile."""
+    # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
+    from mlflow.entities import Metric, Param
+
     client = _client(uri)
+    now = int(time.time() * 1000)
     for stage, path in metrics_files.items():
         if Path(path).is_file():
-            values = json.loads(Path(path).read_text())
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    client.log_metric(run_id, f"{stage}.{key}", float(value))
+            facts, metrics = facts_and_metrics(json.loads(Path(path).read_text()))
+            client.log_batch(
+                run_id,
+                metrics=[Metric(f"{stage}.{k}", v, now, 0) for k, v in metrics.items()],
+                params=[Param(f"{stage}.{k}", str(v)) for k, v in facts.items()],
+            )
     client.set_terminated(run_id, "FINISHED" if success else "FAILED")
 
 
@@ -127,6 +184,7 @@ class StageRun:
         self.logged = dict(logged)
         """Each metric's last step logged by an earlier process of this run (a resumed
         training): the steps it repeats after its checkpoint are not logged twice."""
+        self.warnings: list[str] = []
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
@@ -162,6 +220,19 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """One-value facts of the run (RUN_FACTS) as params; a continued run keeps those it
+        has."""
+        known = self.client.get_run(self.run_id).data.params
+        _log_params(self.client, self.run_id, known, params, "")
+
+    def warn(self, message: str, logger: logging.Logger = log) -> None:
+        """A warning the user must see (an output that looks wrong): in the log, on the run as
+        WARNING_TAG, and in the stage's WARNINGS_FILE (`stage_run` writes it)."""
+        logger.warning(message)
+        self.warnings.append(message)
+        self.set_tags({WARNING_TAG: "\n".join(self.warnings)})
 
     def log_datasets(self, files: Iterable[Mapping[str, Any]], context: str) -> None:
         """Files the stage read, as MLflow dataset inputs, a thousand a request: each a mapping of
@@ -238,6 +309,9 @@ class _RankRun(StageRun):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
     def log_datasets(self, files: Iterable[Mapping[str, Any]], context: str) -> None:
         pass
 
@@ -301,21 +375,28 @@ def flatten(config: Mapping[str, Any] | Sequence[Any], prefix: str = "") -> dict
     return flat
 
 
-def _log_config(client, run, config: Mapping[str, Any]) -> None:
-    """The resolved config as params and `config.yaml`. A continued run keeps the params it
-    has (MLflow forbids changing one): a changed value is logged as a warning."""
+def _log_params(client, run_id: str, known: Mapping[str, str], params: Mapping[str, Any],
+                note: str) -> None:  # fmt: skip
+    """`params` on the run, a hundred a request. Those it has (`known`: a continued run) keep
+    their value (MLflow forbids changing one): a changed value is logged as a warning, with
+    `note`."""
     # deferred: mlflow takes ~3 s to import; the Snakefile imports this module
     from mlflow.entities import Param
 
-    known = run.data.params
-    params = [Param(k, str(v)) for k, v in flatten(config).items() if k not in known]
-    changed = [k for k, v in flatten(config).items() if known.get(k, str(v)) != str(v)]
+    new = [Param(k, str(v)) for k, v in params.items() if k not in known]
+    changed = [k for k, v in params.items() if known.get(k, str(v)) != str(v)]
     if changed:
-        log.warning("resumed run %s keeps its first values of %s (config.yaml has the new ones)",
-                    run.info.run_id, ", ".join(changed))  # fmt: skip
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
-    client.log_text(run.info.run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+        log.warning("resumed run %s keeps its first values of %s%s", run_id, ", ".join(changed),
+                    note)  # fmt: skip
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+
+
+def _log_config(client, run, config: Mapping[str, Any]) -> None:
+    """The resolved config as params and `config.yaml`."""
+    run_id = run.info.run_id
+    _log_params(client, run_id, run.data.params, flatten(config), " (config.yaml has the new ones)")
+    client.log_text(run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
 
 
 @contextmanager
@@ -325,10 +406,12 @@ def stage_run(
     config: Mapping[str, Any],
     resume: str = "",
     abandoned: str = "",
+    warnings_file: Path | None = None,
 ) -> Iterator[StageRun]:
     """A child run of the invocation's parent (or a top-level run) in the `tracking` store,
     holding `config` (the resolved config) as params and as `config.yaml`; it ends FAILED if
-    the stage raises (KILLED if interrupted).
+    the stage raises (KILLED if interrupted). Once the stage succeeds, its warnings (an empty
+    list when none) are written to `warnings_file`.
 
     `resume`: the run of an interrupted training this job continues (RUNNING again; metrics go
     on from the steps it reached); `abandoned`: one the training will not continue. Runs of the
@@ -364,11 +447,30 @@ def stage_run(
         "MLflow run %s (%s)%s%s", run_id, stage, " continued" if logged else "",
         f" under parent {parent}" if parent else "",
     )  # fmt: skip
+    tracker = StageRun(client, run_id, logged)
     try:
         _log_config(client, run, config)
-        yield StageRun(client, run_id, logged)
+        yield tracker
     except BaseException as error:
         interrupted = isinstance(error, KeyboardInterrupt)
         client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
+    if warnings_file is not None:
+        atomic_write_json(warnings_file, tracker.warnings)
     client.set_terminated(run_id, "FINISHED")
+
+
+def read_warnings(stage_dir: Path) -> list[str]:
+    """The warnings a stage wrote in `stage_dir` (none when it wrote no WARNINGS_FILE)."""
+    path = stage_dir / WARNINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def warnings_block(warnings: Mapping[str, Sequence[str]]) -> str:
+    """Each stage's warnings as lines for the end of a run (`stage: message`), or ''."""
+    lines = [
+        f"  {stage}: {message.removeprefix(f'{stage}: ')}"
+        for stage, messages in warnings.items()
+        for message in messages
+    ]
+    return "\n".join([f"warnings ({len(lines)}; the logs/ say more):", *lines]) if lines else ""

@@ -3,12 +3,17 @@ registered model (`<stage>.registered_model_name`, default `gpt-pipeline-<stage>
 stage's run and tagged with the pipeline's parent run and the stage's headline metric.
 
 `@latest` is MLflow's own alias: it always resolves to the newest version (MLflow reserves the
-name, so it is never set here). `@champion` moves to a new version only when its headline metric
-beats the value tagged on the current champion; a NaN or missing value never becomes champion.
+name, so it is never set here). A headline is comparable only on the same data: each version is
+tagged with the sha256 of the split it was measured on (`eval_data_sha256`), and each evaluation
+data has its own line, `@champion-<its first 12 hex>`. `@champion` is the line of the data its
+holder was measured on (the first data that got a champion, unless moved by hand): a version on
+other data never moves it. A champion alias moves to a new version only when its headline metric
+beats the value tagged on the holder; a NaN or missing value never becomes champion. A version
+that records no data (registered before the tag) is compared as before, with any.
 Two trainings that register one model at the same time both get their version (the second
-create of the registered model is ignored). When both create `@champion` at once (there was
-none), the one whose insert fails decides again against the champion the other set; when both
-move an existing one, the last write wins. Which of them ends as champion is not guaranteed.
+create of the registered model is ignored). When both create an alias at once (there was none),
+the one whose insert fails decides again against the champion the other set; when both move an
+existing one, the last write wins. Which of them ends as champion is not guaranteed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking import PARENT_RUN_ENV, _client
@@ -31,6 +37,8 @@ log = logging.getLogger("pipeline.tracking")
 CHAMPION = "champion"
 PARENT_TAG = "pipeline.parent_run_id"
 METRIC_TAG, VALUE_TAG = "headline_metric", "headline_value"
+DATA_TAG = "eval_data_sha256"
+"""The sha256 of the data the headline was measured on, on the version and on its run."""
 _EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
 _CHAMPION_ATTEMPTS = 5
 
@@ -60,23 +68,34 @@ def _logged_model_id(model_uri: str) -> str | None:
     return _parse_model_id_if_present(model_uri)
 
 
-def _champion_version(client, name: str) -> str | None:
-    """The version `@champion` points at, None when there is none."""
-    return client.get_registered_model(name).aliases.get(CHAMPION)
+def data_alias(eval_data: str) -> str:
+    """The champion alias of one evaluation data's line: `champion-<its sha256's first 12>`."""
+    return f"{CHAMPION}-{eval_data[:12]}"
 
 
-def _champion(client, name: str, metric: str) -> tuple[str | None, float]:
-    """The champion version and its headline value: NaN when there is none, or when its tags
-    lack the value or measured another metric."""
-    version = _champion_version(client, name)
+def _comparable(data: str, other: str) -> bool:
+    """Whether headlines measured on `data` and `other` compare: unless both are known and
+    differ ('' is a version registered before `DATA_TAG`)."""
+    return not (data and other and data != other)
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at, None when there is none."""
+    return client.get_registered_model(name).aliases.get(alias)
+
+
+def _champion(client, name: str, alias: str, metric: str) -> tuple[str | None, float, str]:
+    """The version `alias` points at, its headline value (NaN when there is none, or when its
+    tags lack the value or measured another metric) and its evaluation data ('' if unknown)."""
+    version = _alias_version(client, name, alias)
     if version is None:
-        return None, math.nan
+        return None, math.nan, ""
     tags = client.get_model_version(name, version).tags
     try:
         value = float(tags[VALUE_TAG]) if tags.get(METRIC_TAG) == metric else math.nan
     except (KeyError, ValueError):
         value = math.nan
-    return version, value
+    return version, value, tags.get(DATA_TAG, "")
 
 
 def _create_version(client, name: str, model_uri: str, run_id: str, tags: Mapping[str, str]):
@@ -100,78 +119,102 @@ def _create_version(client, name: str, model_uri: str, run_id: str, tags: Mappin
     return version
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What became of one champion alias: the version it was compared with (None when there was
+    none), that version's value and evaluation data, and whether it moved."""
+
+    alias: str
+    champion: str | None
+    best: float
+    data: str
+    moved: bool
+
+    def describe(self, metric: str, value: float, data: str) -> str:
+        """For the log."""
+        alias = f"@{self.alias}"
+        if self.champion is None:
+            return f"{alias} set to it" if self.moved else f"no {alias} yet ({metric} is {value})"
+        if not _comparable(data, self.data):
+            return f"{alias} stays at version {self.champion} (measured on other data)"
+        verb = "moved to it from" if self.moved else "kept at"
+        values = f"{metric} {self.best:.6g} there, {value:.6g} here"
+        return f"{alias} {verb} version {self.champion} ({values})"
+
+
 def _move_champion(
-    client, name: str, version: str, headline: Headline, value: float
-) -> tuple[str | None, float, bool]:
-    """Point `@champion` at `version` if `value` beats the champion's: (the champion it was
-    compared with, its value, whether it moved). Two processes creating the alias at once make
-    one insert fail (a unique constraint); that one decides again against the new champion.
-    A failure that leaves the champion as it was is not a race and is raised; one that left it
-    at `version` (the write went through) is a move."""
+    client, name: str, alias: str, version: str, headline: Headline, value: float, data: str
+) -> _Outcome:
+    """Point `alias` at `version` if `value`, measured on `data`, beats its holder's on the same
+    data. Two processes creating the alias at once make one insert fail (a unique constraint);
+    that one decides again against the new holder. A failure that leaves the alias as it was
+    is not a race and is raised; one that left it at `version` (the write went through) is a
+    move."""
     # deferred: mlflow takes ~3 s to import; pipeline.tracking stays light without it
     from mlflow.exceptions import MlflowException
 
     last_error: MlflowException | None = None
     for _ in range(_CHAMPION_ATTEMPTS):
-        champion, best = _champion(client, name, headline.metric)
-        if not headline.beats(value, best):
-            return champion, best, False
+        champion, best, theirs = _champion(client, name, alias, headline.metric)
+        if not _comparable(data, theirs) or not headline.beats(value, best):
+            return _Outcome(alias, champion, best, theirs, moved=False)
         try:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            return champion, best, True
+            client.set_registered_model_alias(name, alias, version)
+            return _Outcome(alias, champion, best, theirs, moved=True)
         except MlflowException as error:
-            now = _champion_version(client, name)
+            now = _alias_version(client, name, alias)
             if str(now) == str(version):
-                return champion, best, True
+                return _Outcome(alias, champion, best, theirs, moved=True)
             if now == champion:
                 raise
             last_error = error
-            log.info("%s: @champion was set meanwhile (to version %s); deciding again", name, now)
+            log.info("%s: @%s was set meanwhile (to version %s); deciding again", name, alias, now)
     raise MlflowException(
-        f"registered model {name!r}: @champion was moved by another process during each of "
+        f"registered model {name!r}: @{alias} was moved by another process during each of "
         f"{_CHAMPION_ATTEMPTS} attempts to point it at version {version}"
     ) from last_error
 
 
-def _outcome(metric: str, value: float, champion: str | None, best: float, moved: bool) -> str:
-    """What became of `@champion`, for the log."""
-    if champion is None:
-        return "@champion set to it" if moved else f"no @champion yet ({metric} is {value})"
-    verb = "moved to it from" if moved else "kept at"
-    return f"@champion {verb} version {champion} ({metric} {best:.6g} there, {value:.6g} here)"
-
-
 def register_stage_model(
     uri: str, model_uri: str, name: str, run_id: str, parent_run_id: str | None,
-    headline: Headline, value: float,
+    headline: Headline, value: float, eval_data: str = "",
 ) -> ModelVersion:  # fmt: skip
     """Register `model_uri` (logged by run `run_id`) as a new version of `name`, tagged with the
-    parent run and `headline`'s `value`; `@champion` moves to it only if `value` beats the
-    champion's. Returns the new version."""
+    parent run, `headline`'s `value` and `eval_data` (the sha256 of the data it was measured on;
+    '' when unknown); `@champion` and its data's `@champion-<sha12>` move to it only if `value`
+    beats their holder's on the same data. Returns the new version."""
     client = _client(uri)
     _ensure_registered_model(client, name)
     tags = {METRIC_TAG: headline.metric, VALUE_TAG: repr(float(value))}
+    if eval_data:
+        tags[DATA_TAG] = eval_data
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
     version = _create_version(client, name, model_uri, run_id, tags)
-    champion, best, moved = _move_champion(client, name, version.version, headline, value)
-    log.info("registered %s version %s (%s %.6g): %s", name, version.version, headline.metric,
-             value, _outcome(headline.metric, value, champion, best, moved))  # fmt: skip
+    aliases = [CHAMPION, *([data_alias(eval_data)] if eval_data else [])]
+    outcomes = [
+        _move_champion(client, name, alias, version.version, headline, value, eval_data)
+        for alias in aliases
+    ]
+    said = "; ".join(o.describe(headline.metric, value, eval_data) for o in outcomes)
+    on = f" on eval data {eval_data[:12]}" if eval_data else ""
+    log.info("registered %s version %s (%s %.6g%s): %s", name, version.version, headline.metric,
+             value, on, said)  # fmt: skip
     return version
 
 
 def register_stage(
     uri: str, stage: str, name: str | None, model_uri: str | None, run_id: str,
-    headline: Headline, metrics: Mapping[str, Any],
+    headline: Headline, metrics: Mapping[str, Any], eval_data: str,
 ) -> ModelVersion | None:  # fmt: skip
     """A finished training's registration in the store at `uri`, as the stage's registered model
-    (`name`, its `registered_model_name` setting), ranked by `headline`: None when no model was
-    logged (`model_uri` None)."""
+    (`name`, its `registered_model_name` setting), ranked by `headline` among the versions
+    measured on `eval_data` (a sha256): None when no model was logged (`model_uri` None)."""
     if model_uri is None:
         log.info("%s: no model logged (tracking.log_model false), so none registered", stage)
         return None
     parent = os.environ.get(PARENT_RUN_ENV) or None
     return register_stage_model(
         uri, model_uri, registered_model_name(stage, name), run_id, parent, headline,
-        headline.value(metrics),
+        headline.value(metrics), eval_data,
     )  # fmt: skip

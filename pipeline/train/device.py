@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline.errors import InputError
+from pipeline.io import atomic_write_json
 
 log = logging.getLogger("pipeline.train")
 
@@ -132,15 +139,16 @@ def known_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return None
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.2) -> float:
-    """FLOP/s for MFU: the datasheet peak of known GPUs, otherwise a short matmul measurement.
-
-    The measured figure is what a large dense matmul achieves here, so MFU against it reads
-    as "fraction of this machine's practical matmul throughput" rather than of a datasheet.
-    """
-    known = known_peak_flops(device, dtype)
-    if known is not None:
-        return known
+def measure_peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    seconds: float = 0.5,
+    rounds: int = 5,
+    busy: Callable[[], None] | None = None,
+) -> float:
+    """The FLOP/s a large dense matmul achieves here: the best of `rounds` timings of about
+    `seconds / rounds` each, so a moment the machine was busy elsewhere does not lower it.
+    `busy` (a test's stand-in for other work on the machine) runs inside each timed matmul."""
     n = 4096 if device.type in ("cuda", "mps") else 1024
     g = torch.Generator().manual_seed(0)  # leaves the global RNG (training determinism) alone
     a = torch.rand(n, n, generator=g).to(device=device, dtype=dtype)
@@ -148,15 +156,110 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     torch.matmul(a, b)
     _synchronize(device)
     per_sync = 8 if device.type in ("cuda", "mps") else 1
-    iters = 0
-    start = time.perf_counter()
-    elapsed = 0.0
-    while elapsed < seconds:
-        for _ in range(per_sync):
-            torch.matmul(a, b)
-        iters += per_sync
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-    flops = 2.0 * n**3 * iters / elapsed
-    log.info("measured peak %.3g FLOP/s (%s, %s, %dx%d matmul)", flops, device, dtype, n, n)
+    best = 0.0
+    for _ in range(rounds):
+        iters, elapsed, start = 0, 0.0, time.perf_counter()
+        while elapsed < seconds / rounds:
+            for _ in range(per_sync):
+                torch.matmul(a, b)
+                if busy is not None:
+                    busy()
+            iters += per_sync
+            _synchronize(device)
+            elapsed = time.perf_counter() - start
+        best = max(best, 2.0 * n**3 * iters / elapsed)
+    log.info("measured peak %.3g FLOP/s (%s, %s, %dx%d matmul, best of %d)", best, device,
+             dtype, n, n, rounds)  # fmt: skip
+    return best
+
+
+def peak_cache_file() -> Path:
+    """Where measured peaks are kept between runs: the user's cache directory."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "gpt-pipeline" / "peak_flops.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak holds for: the GPU, or the CPU model, its instruction set and the
+    threads torch uses; the torch version and the dtype."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+        hardware = f"{_cpu_model()}, {capability}, {torch.get_num_threads()} threads"
+    return f"{device.type}: {hardware}; torch {torch.__version__}; {dtype}"
+
+
+def _cached_peaks(path: Path) -> dict[str, float]:
+    try:
+        peaks = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: a cache, so measured again
+        return {}
+    if not isinstance(peaks, dict):
+        return {}
+    return {k: float(v) for k, v in peaks.items() if isinstance(v, (int, float))}
+
+
+def record_peak(key: str, flops: float) -> float:
+    """The best FLOP/s known for `key` (`peak_key`): `flops` or the cached figure, whichever is
+    higher; a higher `flops` replaces the cached one. A cache that cannot be written is skipped:
+    it only saves a later run from a measurement taken while the machine was busy."""
+    path = peak_cache_file()
+    peaks = _cached_peaks(path)
+    if peaks.get(key, 0.0) >= flops:
+        return peaks[key]
+    try:
+        atomic_write_json(path, {**peaks, key: flops})
+    except OSError as error:
+        log.info("peak FLOP/s not cached: %s", error)
     return flops
+
+
+@dataclass
+class PeakFlops:
+    """MFU's denominator and where it comes from (a datasheet, a setting, the best matmul
+    measured here). Each is a lower bound of what the device can do, so a training step that
+    achieves more proves it low: the peak is then raised to what was achieved (warned once), and
+    a measured one so raised is cached for later runs. MFU is thus never above 100%."""
+
+    flops: float
+    source: str
+    cache_key: str | None = None
+    """`peak_key` of a measured peak."""
+    raised: bool = False
+
+    def utilization(self, achieved: float) -> float:
+        """`achieved` FLOP/s (per device) as a fraction of the peak."""
+        if achieved > self.flops:
+            if not self.raised:
+                log.warning(
+                    "training ran at %.3g FLOP/s, above the peak of %.3g FLOP/s (%s): MFU is "
+                    "measured against the higher figure from here on (a peak measured while the "
+                    "machine was busy, or set too low)", achieved, self.flops, self.source,
+                )  # fmt: skip
+            self.flops, self.raised = achieved, True
+            if self.cache_key is not None:
+                record_peak(self.cache_key, achieved)
+        return achieved / self.flops
+
+
+def machine_peak(device: torch.device, dtype: torch.dtype) -> PeakFlops:
+    """MFU's peak when none is configured: a known GPU's datasheet figure, else the best of a
+    measurement now and the cached ones of this machine and precision (`peak_key`)."""
+    known = known_peak_flops(device, dtype)
+    if known is not None:
+        return PeakFlops(known, f"the datasheet peak of {torch.cuda.get_device_name(device)}")
+    key = peak_key(device, dtype)
+    flops = record_peak(key, measure_peak_flops(device, dtype))
+    log.info("MFU peak %.3g FLOP/s: the best measured for %s (%s)", flops, key, peak_cache_file())
+    return PeakFlops(flops, "the best matmul measured here", key)

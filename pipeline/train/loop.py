@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.errors import InputError
 from pipeline.settings import LAUNCH_KEYS, TrainSettings
-from pipeline.train.device import model_width, resolve_precision
+from pipeline.train.device import PeakFlops, model_width, resolve_precision
 from pipeline.train.distributed import World, all_reduce_sum, current_world
 from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.optim import configure_optimizer, lr_at
@@ -99,7 +99,7 @@ class TrainTask:
     class weights). Multi-process runs need it when processes' shares of a batch may hold
     different counts: each process's loss is then weighted by its share, so the gradient is that
     of the global batch's mean, as in one process. ``flops_per_token`` (forward + backward) and
-    ``peak_flops`` together enable MFU.
+    ``peak_flops`` together enable MFU (never above 100%: see `PeakFlops`).
     """
 
     loss_fn: LossFn
@@ -111,7 +111,7 @@ class TrainTask:
     """A text sample at each evaluation, logged as an artifact."""
     loss_units: Callable[[tuple[Tensor, ...]], float] | None = None
     flops_per_token: float | None = None
-    peak_flops: float | None = None
+    peak_flops: PeakFlops | None = None
     token_bytes: Tensor | None = None
     """UTF-8 bytes of each token id (`token_byte_lengths`), for an LM task whose loss is the mean
     over ``batch[1]``'s targets that are not IGNORE_INDEX: evaluation then reports bits per
@@ -310,8 +310,8 @@ class _Training:
             "train_time_s": state.train_time_s,
             **outcome.stats,
         }
-        if task.flops_per_token is not None and task.peak_flops:
-            entry["mfu"] = task.flops_per_token * tps / (task.peak_flops * self.world.size)
+        if task.flops_per_token is not None and task.peak_flops is not None:
+            entry["mfu"] = task.peak_flops.utilization(task.flops_per_token * tps / self.world.size)
         return entry
 
     def record_evaluation(self, state: FitState, metrics: dict[str, float]) -> None:

@@ -1,6 +1,8 @@
 """Token files: documents joined with <|endoftext|>, the tail and by-document splits, shards
-read as one array, and the same bytes whatever the number of parts or workers."""
+read as one array, and the same bytes whatever the number of parts or workers; a shard that
+differs from meta.json (overwritten, cut short) refused by name before it is read."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -17,6 +19,7 @@ from pipeline.data.tokens import (
     load_tokens,
     tokenize_part,
 )
+from pipeline.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +210,63 @@ def test_the_realised_val_fraction_is_recorded_and_a_far_one_explained(tmp_path,
                    val=0.1)  # fmt: skip
     assert tail["val_fraction_realised"] == pytest.approx(0.1, abs=1e-3)
     assert token_files.val_split_warning(tail) is None
+
+
+@pytest.fixture
+def sharded(tmp_path, tokenizer):
+    """A token directory of several train shards, and its meta.json."""
+    docs = [f"Paragraph {i}: " + "words and more words " * (5 + i % 13) for i in range(40)]
+    meta = prepare(texts(tmp_path, *docs), tmp_path, tokenizer, shard=500)
+    assert len(meta["shards"]["train"]) > 1
+    return tmp_path / "tokens", meta
+
+
+def test_meta_json_records_each_shards_tokens_bytes_and_sha256(sharded):
+    token_dir, meta = sharded
+    for record in meta["shards"]["train"] + meta["shards"]["val"]:
+        data = (token_dir / record["file"]).read_bytes()
+        assert record["bytes"] == len(data) == 2 * record["tokens"]
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def overwrite_16_bytes(path):
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        handle.write(b"\xff" * 16)
+
+
+def truncate(path, size):
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+def test_an_overwritten_shard_is_refused_before_training_naming_it(sharded):
+    token_dir, _ = sharded
+    shard = token_dir / "train-00001.bin"
+    overwrite_16_bytes(shard)
+    with pytest.raises(InputError) as raised:
+        load_tokens(token_dir, "train")
+    message = str(raised.value)
+    assert message.startswith(f"{shard}: sha256 differs from meta.json's")
+    assert "rerun prepare" in message and "\n" not in message
+    assert len(load_tokens(token_dir, "val")) > 0  # the other split is not refused for it
+
+
+def test_a_shard_one_token_short_is_refused_with_the_counts(sharded):
+    token_dir, meta = sharded
+    shard, tokens = token_dir / "train-00000.bin", meta["shards"]["train"][0]["tokens"]
+    truncate(shard, 2 * (tokens - 1))
+    with pytest.raises(InputError, match=r"train-00000.bin: expected 500 tokens from meta.json, "
+                                         r"found 499; rerun prepare"):  # fmt: skip
+        load_tokens(token_dir, "train")
+
+
+def test_a_shard_cut_to_an_odd_size_is_one_line_naming_it(sharded):
+    token_dir, _ = sharded
+    shard = token_dir / "val-00000.bin"
+    truncate(shard, shard.stat().st_size - 1)
+    with pytest.raises(InputError) as raised:
+        load_tokens(token_dir, "val")
+    assert str(raised.value).startswith(f"{shard}: ")
+    assert "not a whole number of 2-byte tokens" in str(raised.value)
+    assert "\n" not in str(raised.value)

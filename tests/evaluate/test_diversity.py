@@ -6,8 +6,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.data.tokenizer import gpt2_tokenizer
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import answer_stats, collapse_reasons, distinct_n
-from pipeline.stages.common import WARNING_TAG, report_answer_diversity
-from pipeline.tracking import StageRun
+from pipeline.stages.common import report_answer_diversity
+from pipeline.tracking import WARNING_TAG, StageRun
 
 VARIED = ["The cat sat.", "A dog ran home", "Water boils at 100 degrees", "Paris"]
 COLLAPSED = ["The chemical'.", "The chemical'.", "The chemical'.", "Paris"]

@@ -181,6 +181,16 @@ def test_book_preset_merged_over_the_defaults_is_valid(repo, preset):
     assert config["pretrain"]["continue_pretraining"] is False
 
 
+def test_the_book_config_merged_over_the_defaults_is_valid(repo):
+    """configs/book.yaml: 124M loaded by pretrain and fine-tuned as the classifier, the 355M's
+    own weights instruction-tuned, then aligned (its run: tests/test_book_config.py)."""
+    config = load_config([repo / "config.yaml", repo / "configs" / "book.yaml"])
+    assert config["model"]["preset"] == config["pretrain"]["init_from"] == "gpt2-124m"
+    assert config["finetune-classifier"]["init_from"] == "pretrain"
+    assert config["finetune-instruct"]["init_from"] == "gpt2-355m"
+    assert config["align-dpo"]["init_from"] == "finetune-instruct"
+
+
 def test_an_exponent_without_a_dot_is_a_number_in_files_and_set(tmp_path, repo):
     """PyYAML (YAML 1.1) reads `1e-3` as a string; users write learning rates that way."""
     user = tmp_path / "user.yaml"
@@ -240,6 +250,11 @@ def test_a_malformed_set_value_names_the_key_and_the_value():
             ["finetune-classifier.positive_label=spma"],
             r"finetune-classifier\.positive_label: 'spma' is not one of finetune-classifier\.labels"
             r" \(ham, spam\)",
+        ),
+        (
+            ["finetune-instruct.init_from=scratch"],
+            r"finetune-instruct\.init_from: 'scratch' is pretrain's \(random weights\); a "
+            r"fine-tuning stage starts from weights: a stage name",
         ),
     ],
 )

@@ -21,6 +21,8 @@ from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.classifier import GPTClassifier
 from pipeline.settings.load import deep_merge, load_config, stage_config
 from pipeline.stages import align_dpo, finetune_classifier, finetune_instruct
+from pipeline.stages.registry import STAGES
+from pipeline.tracking.model_registry import DATA_TAG
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,18 +142,38 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(case, workdir, mo
             f"test_{k}_{when}" for k in STATS for when in ("before", "after")
         } <= reference.keys()
     assert_split_datasets(workdir, section, workdir / f"{case}-interrupted")
+    assert_evaluated_data_and_facts(workdir, section, workdir / f"{case}-interrupted")
 
 
-def assert_split_datasets(workdir: Path, section: str, results: Path) -> None:
-    """The resumed run (one run for both processes) lists its source's train, val and test
-    splits once each: named after the source, the split file's sha256 as digest, its rows and
-    the source's verified sha256 (the one `data.sources` gives) as profile."""
+def resumed_run(workdir: Path, section: str, results: Path):
+    """The stage's one MLflow run that wrote to `results`."""
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gpt-pipeline").experiment_id
     [run] = client.search_runs(
         [experiment],
         f"tags.`pipeline.stage` = '{section}' and params.`paths.results` = '{results}'",
     )
+    return run
+
+
+def assert_evaluated_data_and_facts(workdir: Path, section: str, results: Path) -> None:
+    """The run names the data its headline is measured on (the val or test split file's
+    sha256), and says what it was (steps, epochs, trainable parameters, from both of its
+    processes) as params, not as one-point metrics."""
+    run = resumed_run(workdir, section, results)
+    split = STAGES[section].headline.metric.split("_")[0]
+    [evaluated] = (results / section).glob(f"{split}.*")
+    assert run.data.tags[DATA_TAG] == hashlib.sha256(evaluated.read_bytes()).hexdigest()
+    facts = {"steps", "epochs", "trainable_parameters"}
+    assert facts <= run.data.params.keys() and not facts & run.data.metrics.keys()
+    assert run.data.params["steps"] == str(TRAIN["max_steps"])
+
+
+def assert_split_datasets(workdir: Path, section: str, results: Path) -> None:
+    """The resumed run (one run for both processes) lists its source's train, val and test
+    splits once each: named after the source, the split file's sha256 as digest, its rows and
+    the source's verified sha256 (the one `data.sources` gives) as profile."""
+    run = resumed_run(workdir, section, results)
     config = load_config([REPO / "config.yaml"])
     source = config[section]["data"]
     [expected_sha256] = [s["sha256"] for s in config["data"]["sources"] if s["name"] == source]

@@ -4,6 +4,7 @@ changed stage reruns, a corrupted mirror or a bad key fails clearly, kill -9 res
 shows every stage's figures, also in a headless browser)."""
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -22,8 +23,9 @@ from safetensors.torch import load_file
 from snakemake_runs import SNAKEMAKE, make_workdir, snakemake, tiny_config
 
 from pipeline.evaluate.diversity import STATS, collapse_reasons
-from pipeline.stages.common import WARNING_TAG
-from pipeline.stages.registry import training_stages
+from pipeline.stages.registry import STAGES, training_stages
+from pipeline.tracking import KIND_TAG, WARNING_TAG
+from pipeline.tracking.model_registry import DATA_TAG, data_alias
 
 pytestmark = pytest.mark.slow
 
@@ -165,9 +167,24 @@ def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
     assert (out / "model" / "tokenizer" / "encoder.json").is_file()
 
 
+def evaluated_sha256(workdir: Path, stage: str) -> str:
+    """The sha256 of the split a stage's headline is measured on: pretrain's val tokens (its
+    shards end to end), a fine-tuning stage's val or test split file."""
+    if stage == "pretrain":
+        tokens = workdir / "data" / "tokens"
+        meta = json.loads((tokens / "meta.json").read_text())
+        files = [tokens / shard["file"] for shard in meta["shards"]["val"]]
+    else:
+        split = STAGES[stage].headline.metric.split("_")[0]
+        files = list((workdir / "results" / stage).glob(f"{split}.*"))
+    assert files
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+
+
 def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     client = MlflowClient(f"sqlite:///{done / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gpt-pipeline")
+    assert experiment.tags[KIND_TAG] == "custom_model_development"  # the UI's model training
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -190,6 +207,10 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "loss")]
     assert steps == sorted(steps) and len(steps) >= 5
     assert "val_loss" in pretrain.data.metrics
+    facts = {"steps", "parameters", "epochs", "tokens_seen"}  # one value each: params
+    assert facts <= pretrain.data.params.keys() and not facts & pretrain.data.metrics.keys()
+    assert pretrain.data.params["steps"] == "6"
+    assert parents[0].data.params["pretrain.steps"] == "6"
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"metrics.json", "loss.png", "samples.txt", "config.yaml"} <= artifacts
     assert "pretrain.val_loss" in parents[0].data.metrics
@@ -201,7 +222,8 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
     assert {"confusion_matrix.png", "reliability_diagram.png", "misclassified.tsv"} <= artifacts
     instruct = children["finetune-instruct"]
-    assert {"val_loss", "test_rouge_l", "trainable_fraction"} <= set(instruct.data.metrics)
+    assert {"val_loss", "test_rouge_l"} <= set(instruct.data.metrics)
+    assert float(instruct.data.params["trainable_fraction"]) < 1  # LoRA's
     artifacts = {a.path for a in client.list_artifacts(instruct.info.run_id)}
     assert {"test_responses.json", "test_samples.json", "loss.png"} <= artifacts
     dpo = children["align-dpo"]
@@ -222,7 +244,10 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         assert model.name == stage and model.source_run_id == run.info.run_id
         (found,) = client.search_model_versions(f"name = 'gpt-pipeline-{stage}'")
         version = client.get_model_version(found.name, found.version)  # search omits aliases
-        assert version.run_id == run.info.run_id and version.aliases == ["champion"]
+        data = run.data.tags[DATA_TAG]
+        assert version.tags[DATA_TAG] == data == evaluated_sha256(done, stage), stage
+        assert version.run_id == run.info.run_id
+        assert sorted(version.aliases) == ["champion", data_alias(data)]
         assert version.source == model.artifact_location  # the version is that logged model
         assert version.tags["pipeline.parent_run_id"] == parents[0].info.run_id
 
@@ -246,6 +271,23 @@ def test_the_terminal_shows_each_training_stages_progress_and_the_log_keeps_all(
     assert "sample at step" not in terminal  # the rest stays in the log
     log = (done / "logs" / "pretrain.log").read_text()
     assert "INFO pipeline.train: step 6/6 | loss " in log and "sample at step 3" in log
+
+
+def test_the_run_ends_with_each_stages_warnings(done):
+    """After fine-tuning, 61 of 110 instruct answers were "The", and only logs/*.log and an
+    MLflow tag said so: each stage's warnings (collapse included) end the run's output."""
+    terminal = (done / "terminal.txt").read_text()
+    end = terminal[terminal.rindex("steps (100%) done") :]
+    shown = []
+    for stage in training_stages():
+        metrics = json.loads((done / "results" / stage / "metrics.json").read_text())
+        warnings = json.loads((done / "results" / stage / "warnings.json").read_text())
+        if stage in ("finetune-instruct", "align-dpo"):
+            stats = [{k: metrics[f"test_{k}_{w}"] for k in STATS} for w in ("before", "after")]
+            assert bool(warnings) == bool(collapse_reasons(*stats)), (stage, warnings)
+        shown += [f"\n  {stage}: {w.removeprefix(f'{stage}: ')}" for w in warnings]
+    assert shown, "the tiny config's answers collapse: the run ends with a warning"
+    assert all(line in end for line in shown), end
 
 
 def test_second_run_has_nothing_to_do(done):
@@ -506,6 +548,6 @@ def test_concurrent_invocations_each_train_and_track_their_own_config(tmp_path, 
         parent = parents[stage]
         assert parent.info.status == "FINISHED"
         assert {key.split(".")[0] for key in parent.data.metrics} == {stage}
-        assert parent.data.metrics[f"{stage}.steps"] == steps[name][stage]
+        assert parent.data.params[f"{stage}.steps"] == str(steps[name][stage])
     configs = sorted((workdir / "results" / "configs").glob("*.yaml"))
     assert len(configs) == 3  # the upstream run's, a's and b's

@@ -1,6 +1,7 @@
 """Your own text through the DAG: a directory of text files, a JSONL file and a parquet file,
 with no URL or checksum to write, tokenized in 1 or 3 Snakemake jobs to the same bytes, and
-pretrained on; a new file reruns prepare and what follows, nothing else."""
+pretrained on; a new file reruns prepare and what follows, nothing else; a token shard changed
+after prepare wrote it reruns prepare, once."""
 
 import json
 import shutil
@@ -97,4 +98,29 @@ def test_every_input_file_is_a_dataset_input_of_the_prepare_run(runs):
         assert record["sha256"].startswith(found.dataset.digest)
         assert json.loads(found.dataset.profile)["tokens"] == record["tokens"]
         assert {t.key: t.value for t in found.tags}["mlflow.data.context"] == "training"
-    assert run.data.metrics["train_tokens"] == meta["train_tokens"]
+    assert run.data.params["train_tokens"] == str(meta["train_tokens"])
+
+
+def plan_of(workdir, *targets):
+    dry = snakemake(workdir, "--dry-run", "--", *targets)
+    return dry.stdout + dry.stderr
+
+
+def test_a_changed_shard_reruns_prepare_once(tmp_path, repo, mirror):
+    work = make_workdir(tmp_path, repo, tiny_config(mirror))
+    snakemake(work, "--", "data/tokens")
+    assert "Nothing to be done" in plan_of(work, "data/tokens")
+    prepared = tokens_of(work)
+    shard = work / "data" / "tokens" / "train-00000.bin"
+    with open(shard, "r+b") as handle:
+        handle.seek(shard.stat().st_size // 2)
+        handle.write(b"\xff" * 16)
+    plan = plan_of(work, "results/pretrain/metrics.json")
+    assert "data/tokens/train-00000.bin: sha256 differs from meta.json's" in plan
+    assert "; prepare reruns" in plan
+    prepare_job = plan[plan.index("rule prepare:") :].split("\n\n")[0]
+    assert "reason: Forced execution" in prepare_job
+    assert "rule tokenize:" in plan and "rule pretrain:" in plan
+    snakemake(work, "--", "data/tokens")
+    assert tokens_of(work) == prepared
+    assert "Nothing to be done" in plan_of(work, "data/tokens")

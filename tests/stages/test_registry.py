@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from snakemake_runs import SNAKEMAKE, make_workdir, tiny_config
 
+from pipeline.settings.load import load_config, typed_config
 from pipeline.stages.registry import EXTRA_STAGES_ENV, STAGES, training_stages
 from pipeline.tracking.headline import Headline
 
@@ -76,6 +77,23 @@ def test_each_training_stage_ranks_its_models_by_one_headline_metric():
     assert f1.value({"test_f1": 0.5}) == 0.5
     for absent in ({}, {"test_f1": None}, {"test_f1": "0.5"}, {"test_f1": True}):
         assert math.isnan(f1.value(absent)), absent
+
+
+def test_a_fine_tuning_stage_from_gpt2_weights_reads_them_and_the_bpe_files(tmp_path, repo):
+    """Named weights are an input once found (else the stage says where it looked); the stage
+    then encodes with the downloaded BPE files. From a stage, only that stage's model."""
+    settings = [f"paths.weights={tmp_path}", "finetune-instruct.init_from=gpt2-355m"]
+    config = typed_config(load_config([repo / "config.yaml"], settings))
+    bpe = ["data/raw/gpt2-bpe/encoder.json", "data/raw/gpt2-bpe/vocab.bpe"]
+    instruct, classifier = STAGES["finetune-instruct"].inputs, STAGES["finetune-classifier"].inputs
+    assert instruct and classifier
+    assert instruct(config) == {"data": "data/raw/instruction-data.json", "model": [], "bpe": bpe}
+    (tmp_path / "gpt2-medium").mkdir()
+    assert instruct(config)["model"] == [str(tmp_path / "gpt2-medium")]
+    assert classifier(config) == {
+        "data": "data/raw/SMSSpamCollection",
+        "model": "results/pretrain/model",
+    }
 
 
 def test_a_registered_stage_joins_the_config_the_cli_and_the_dag(tmp_path, repo, mirror):

@@ -24,6 +24,7 @@ from pipeline.settings.load import load_config, stage_config
 from pipeline.stages import pretrain, training
 from pipeline.stages.training import finish_stage
 from pipeline.tracking import PARENT_RUN_ENV, stage_run
+from pipeline.tracking.model_registry import CHAMPION, DATA_TAG, data_alias
 from pipeline.train import read_resume_meta
 
 MAX_STEPS = 120
@@ -137,6 +138,36 @@ def assert_token_datasets(run, token_dir: Path) -> None:
         assert dataset.digest == hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:36]
 
 
+def val_sha256(workdir: Path) -> str:
+    """The sha256 of the prepared val tokens, their shards end to end."""
+    tokens = workdir / "data" / "tokens"
+    shards = json.loads((tokens / "meta.json").read_text())["shards"]["val"]
+    return hashlib.sha256(b"".join((tokens / s["file"]).read_bytes() for s in shards)).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_model_pretrained_on_other_data_starts_its_own_champion_line(workdir):
+    """Its val_loss is not compared with the first data's champion: the run and the version
+    name the val tokens they were measured on, and each data has its `@champion-<sha12>`;
+    `@champion` stays with the first data's line."""
+    rerun(workdir, "pretrain.train.max_steps=2")
+    first = val_sha256(workdir)
+    other_split = "--set=prepare.val_fraction=0.3"
+    command = [sys.executable, "-m", "pipeline", "prepare", *CONFIGS, other_split]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rerun(workdir, "pretrain.train.max_steps=2")
+    other = val_sha256(workdir)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = pretrain_runs(workdir)
+    assert [run.data.tags[DATA_TAG] for run in runs] == [first, other] and first != other
+    versions = client.search_model_versions("name = 'gpt-pipeline-pretrain'")
+    assert {str(v.version): v.tags[DATA_TAG] for v in versions} == {"1": first, "2": other}
+    aliases = client.get_registered_model("gpt-pipeline-pretrain").aliases
+    assert aliases == {CHAMPION: 1, data_alias(first): 1, data_alias(other): 2}
+
+
 @pytest.mark.slow
 def test_a_killed_training_that_is_not_resumed_ends_killed(workdir):
     kill_after_a_checkpoint(workdir)
@@ -172,7 +203,8 @@ def test_a_failed_stage_leaves_the_previous_complete_folder(workdir, monkeypatch
     with pytest.raises(OSError, match="(?i)no space left"):
         pretrain.main(stage_config(config, "pretrain"))
     assert folder(results / "pretrain") == complete
-    assert sorted(p.name for p in results.iterdir()) == ["pretrain"]  # no temp folder left
+    # no temp folder left (results/prepare holds prepare's warnings.json)
+    assert sorted(p.name for p in results.iterdir()) == ["prepare", "pretrain"]
 
 
 def test_final_metrics_end_their_series_and_are_not_copied_as_final(
@@ -187,6 +219,8 @@ def test_final_metrics_end_their_series_and_are_not_copied_as_final(
         "test_accuracy": 0.9,  # only known at the end
         "test_roc_auc": math.nan,
         "method": "lora",
+        "epochs": 1.5,  # what the run was, one value each: params, not one-point charts
+        "trainable_parameters": 1024,
     }
     with stage_run(TrackingSettings(**config["tracking"]), "finetune-instruct", config) as tracker:
         tracker.log_metrics({"val_loss": 0.7, "tokens_per_second": 80.0}, step=1)
@@ -198,6 +232,10 @@ def test_final_metrics_end_their_series_and_are_not_copied_as_final(
     assert not [k for k in run.data.metrics if k.startswith("final_")]
     assert run.data.metrics["val_loss"] == 0.5 and run.data.metrics["test_accuracy"] == 0.9
     assert run.data.metrics["tokens_per_second"] == 100.0
+    assert {k: run.data.params[k] for k in ("epochs", "trainable_parameters")} == {
+        "epochs": "1.5", "trainable_parameters": "1024"
+    }  # fmt: skip
+    assert not {"epochs", "trainable_parameters"} & run.data.metrics.keys()
 
     def history(key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, key)]

@@ -15,7 +15,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from snakemake_runs import make_workdir, snakemake, tiny_config
 
-from pipeline.tracking import PARENT_RUN_ENV, end_parent_run, ensure_experiment, start_parent_run
+from pipeline.tracking import (
+    PARENT_RUN_ENV,
+    end_parent_run,
+    ensure_experiment,
+    facts_and_metrics,
+    start_parent_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,13 +93,13 @@ def test_pipeline_logs_parent_child_runs_metrics_and_artifacts_through_the_serve
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [step for step, _ in logged]
         assert [round(m.value, 4) for m in history] == [loss for _, loss in logged]
-        numeric = {
-            k: v
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        facts, numeric = facts_and_metrics(metrics)
         assert {k: run.data.metrics[k] for k in numeric} == pytest.approx(numeric)  # no final_*
         assert {k: parent.data.metrics[f"{stage}.{k}"] for k in numeric} == pytest.approx(numeric)
+        assert {k: run.data.params[k] for k in facts} == {k: str(v) for k, v in facts.items()}
+        assert {k: parent.data.params[f"{stage}.{k}"] for k in facts} == {
+            k: str(v) for k, v in facts.items()
+        }
 
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
         listed = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -25,6 +25,7 @@ from pipeline.tracking import PARENT_RUN_ENV, StageRun, ensure_experiment
 from pipeline.tracking.headline import Headline
 from pipeline.tracking.model_registry import (
     CHAMPION,
+    DATA_TAG,
     METRIC_TAG,
     PARENT_TAG,
     VALUE_TAG,
@@ -34,6 +35,7 @@ from pipeline.tracking.model_registry import (
 
 NAN = math.nan
 VAL_LOSS, F1 = Headline("val_loss"), Headline("test_f1", higher_is_better=True)
+SHAKESPEARE, OWN_TEXT = "5a" * 32, "0c" * 32  # two evaluation data's sha256
 
 # A models-from-code model (nothing pickled) that answers with its model_config's `reply`.
 MODEL_CODE = """
@@ -136,6 +138,43 @@ def test_a_champion_tagged_with_another_metric_or_no_value_is_beaten(store):
     assert store.aliases("m") == ("3", "3")  # not comparable with a val_loss: this one counts
 
 
+def champions(store, name: str = "m") -> dict[str, str]:
+    """Each champion alias and its version."""
+    aliases = store.client.get_registered_model(name).aliases
+    return {alias: str(v) for alias, v in aliases.items() if alias.startswith(CHAMPION)}
+
+
+def test_a_champion_is_compared_only_with_versions_measured_on_the_same_data(store, caplog):
+    """A model pretrained on the user's own text is not ranked against the Shakespeare one by
+    val_loss: its data starts a line of its own, `@champion-<sha12>`; `@champion` stays with
+    the data of its holder (the first that got one)."""
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
+    run_id, model_uri = store.log_model()
+    for value, data in ((4.0, SHAKESPEARE), (2.0, OWN_TEXT), (3.5, SHAKESPEARE), (2.5, OWN_TEXT)):
+        register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, value, data)
+    shakespeare, own = f"{CHAMPION}-{SHAKESPEARE[:12]}", f"{CHAMPION}-{OWN_TEXT[:12]}"
+    assert champions(store) == {CHAMPION: "3", shakespeare: "3", own: "2"}
+    assert store.client.get_model_version("m", "2").tags[DATA_TAG] == OWN_TEXT
+    assert (
+        "m version 2 (val_loss 2 on eval data 0c0c0c0c0c0c): @champion stays at version 1 "
+        "(measured on other data); @champion-0c0c0c0c0c0c set to it"
+    ) in caplog.text
+    assert "@champion-0c0c0c0c0c0c kept at version 2 (val_loss 2 there, 2.5 here)" in caplog.text
+    model_input = pd.DataFrame({"text": ["a"]})
+    assert mlflow.pyfunc.load_model(f"models:/m@{own}").predict(model_input) == ["hi"]
+
+
+def test_a_champion_registered_before_its_data_was_recorded_is_compared_as_before(store):
+    run_id, model_uri = store.log_model()
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 3.0)  # no data tag
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 4.0, SHAKESPEARE)
+    assert champions(store) == {CHAMPION: "1", f"{CHAMPION}-{SHAKESPEARE[:12]}": "2"}
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 2.0, SHAKESPEARE)
+    assert champions(store) == {CHAMPION: "3", f"{CHAMPION}-{SHAKESPEARE[:12]}": "3"}
+    register_stage_model(store.uri, model_uri, "m", run_id, None, VAL_LOSS, 1.0, OWN_TEXT)
+    assert champions(store)[CHAMPION] == "3"  # now its line is Shakespeare's
+
+
 def test_version_links_to_its_run_and_logged_model_and_loads_by_alias(store):
     first_run, first = store.log_model(reply="first")
     second_run, second = store.log_model(reply="second")
@@ -171,20 +210,23 @@ def test_a_team_tracking_server_registers_the_same_way(mlflow_server, tmp_path, 
 def test_register_stage_names_the_model_and_tags_its_headline(store, monkeypatch):
     run_id, model_uri = store.log_model()
     f1, accuracy = STAGES["finetune-classifier"].headline, STAGES["align-dpo"].headline
-    none = register_stage(store.uri, "pretrain", None, None, run_id, Headline("val_loss"), {})
+    none = register_stage(
+        store.uri, "pretrain", None, None, run_id, Headline("val_loss"), {}, SHAKESPEARE
+    )
     assert none is None  # no model logged
     assert store.client.search_registered_models() == []
 
     monkeypatch.setenv(PARENT_RUN_ENV, "parent-9")
     metrics = {"test_f1": 0.75, "val_loss": 0.2, "labels": ["ham", "spam"]}
     version = register_stage(
-        store.uri, "finetune-classifier", None, model_uri, run_id, f1, metrics
+        store.uri, "finetune-classifier", None, model_uri, run_id, f1, metrics, SHAKESPEARE
     )
     assert version.name == "gpt-pipeline-finetune-classifier"
-    assert version.tags == {METRIC_TAG: "test_f1", VALUE_TAG: "0.75", PARENT_TAG: "parent-9"}
+    assert version.tags == {METRIC_TAG: "test_f1", VALUE_TAG: "0.75", PARENT_TAG: "parent-9",
+                            DATA_TAG: SHAKESPEARE}  # fmt: skip
     dpo = register_stage(
         store.uri, "align-dpo", "spam filter", model_uri, run_id, accuracy,
-        {"val_reward_accuracy": 0.5},
+        {"val_reward_accuracy": 0.5}, OWN_TEXT,
     )  # fmt: skip
     assert (dpo.name, dpo.tags[METRIC_TAG]) == ("spam filter", "val_reward_accuracy")
     assert store.aliases("spam filter") == ("1", "1")

@@ -6,18 +6,25 @@ import sys
 import time
 
 import pytest
+from headless_browser import SKIP_REASON, browser, dump_dom, visible_text
 from mlflow.tracking import MlflowClient
 
 from pipeline.settings import TrackingSettings
 from pipeline.tracking import (
+    KIND_TAG,
     PARENT_RUN_ENV,
+    TRAINING_KIND,
+    WARNING_TAG,
     end_parent_run,
     ensure_experiment,
     flatten,
     git_tags,
+    read_warnings,
+    runs_page,
     stage_run,
     start_parent_run,
     system_metrics,
+    warnings_block,
 )
 
 
@@ -43,7 +50,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
         run.log_metrics({"loss": 2.0}, step=20)
         run.log_text("hello", "samples/step_000010.txt")
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"val_loss": 1.5, "note": "text is skipped"}))
+    metrics.write_text(json.dumps({"val_loss": 1.5, "epochs": 2, "note": "text is skipped"}))
     missing = tmp_path / "not-written.json"  # a stage that failed before its metrics
     end_parent_run(uri, parent, True, {"pretrain": metrics, "finetune-classifier": missing})
 
@@ -63,6 +70,7 @@ def test_stage_runs_are_children_of_the_invocation_parent(tracked_config, tmp_pa
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
     assert parent_run.data.metrics == {"pretrain.val_loss": 1.5}
+    assert parent_run.data.params == {"pretrain.epochs": "2"}  # what the run was: a param
     assert parent_run.info.run_name == "pretrain 2026-01-01 10:00:00Z"
     assert (tmp_path / "mlartifacts").is_dir()
 
@@ -75,9 +83,76 @@ def test_failing_stage_marks_its_run_failed(tracked_config):
     assert "mlflow.parentRunId" not in client.get_run(run.run_id).data.tags
 
 
+def test_a_stages_warnings_are_logged_tagged_and_written_once_it_succeeds(
+    tracked_config, tmp_path, caplog
+):
+    """What the Snakefile shows at the end of a run: results/<stage>/warnings.json."""
+    done, failed = tmp_path / "done" / "warnings.json", tmp_path / "failed" / "warnings.json"
+    with tracked_run(tracked_config, "align-dpo", warnings_file=done) as run:
+        run.warn("align-dpo: the test answers collapsed: 91% of the answers are 'The'")
+        run.warn("a second look")
+    assert json.loads(done.read_text()) == [
+        "align-dpo: the test answers collapsed: 91% of the answers are 'The'", "a second look"
+    ]  # fmt: skip
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == run.warnings
+    tags = MlflowClient(tracked_config["tracking"]["uri"]).get_run(run.run_id).data.tags
+    assert tags[WARNING_TAG] == "\n".join(run.warnings)
+    with pytest.raises(RuntimeError), tracked_run(tracked_config, "x", warnings_file=failed) as run:
+        run.warn("a warning of a stage that then fails")
+        raise RuntimeError("boom")
+    assert not failed.exists()  # its job failed: its error is shown, not its warnings
+    with tracked_run(tracked_config, "prepare", warnings_file=failed):
+        pass
+    assert read_warnings(failed.parent) == [] and read_warnings(tmp_path / "none") == []
+    assert warnings_block({"prepare": [], "align-dpo": json.loads(done.read_text())}) == (
+        "warnings (2; the logs/ say more):\n"
+        "  align-dpo: the test answers collapsed: 91% of the answers are 'The'\n"
+        "  align-dpo: a second look"
+    )
+    assert warnings_block({"prepare": []}) == ""
+
+
 def test_experiment_is_created_once(tracked_config):
     uri = tracked_config["tracking"]["uri"]
     assert ensure_experiment(uri, "x") == ensure_experiment(uri, "x")
+
+
+def test_the_experiment_is_one_of_model_training(tracked_config):
+    """MLflow 3's experiment kind: model training, not a GenAI app (whose UI opened on an
+    Overview of 0 traces); set on one the pipeline creates, and on one it first uses, unless
+    chosen by hand."""
+    uri = tracked_config["tracking"]["uri"]
+    client = MlflowClient(uri)
+    client.create_experiment("made before")
+    client.create_experiment("chosen", tags={KIND_TAG: "genai_development"})
+    start_parent_run(uri, "made here")
+    with tracked_run({**tracked_config, "tracking": {"uri": uri, "experiment": "made before"}},
+                     "pretrain"):  # fmt: skip
+        pass
+    ensure_experiment(uri, "chosen")
+    kinds = {e.name: e.tags.get(KIND_TAG) for e in client.search_experiments()}
+    assert kinds == {
+        "Default": None, "made here": TRAINING_KIND, "made before": TRAINING_KIND,
+        "chosen": "genai_development",
+    }  # fmt: skip
+    assert TRAINING_KIND == "custom_model_development"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser() is None, reason=SKIP_REASON)
+def test_the_runs_page_opens_the_ui_on_the_runs_table(mlflow_ui, sqlite_uri, tmp_path):
+    """MLflow 3.17's UI opens an experiment as its GenAI / Model training switch says (GenAI
+    by default), whatever the experiment's kind: the link the pipeline logs sets the switch."""
+    experiment_id = ensure_experiment(sqlite_uri, "gpt-pipeline")
+    MlflowClient(sqlite_uri).create_run(experiment_id, run_name="pretrain")
+    url = runs_page(mlflow_ui.uri, experiment_id)
+    assert url == f"{mlflow_ui.uri}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    text = visible_text(dump_dom(url, tmp_path / "chromium", budget_ms=15000))
+    assert text.startswith(f"Runs - Experiment {experiment_id} - MLflow"), text[:300]
+    assert "pretrain" in text and "Traces 0" not in text
+    assert runs_page("sqlite:///mlflow.db", "1") == (
+        "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
+    )  # `make mlflow-ui`'s
 
 
 def test_git_tags_outside_a_repository(tmp_path):

@@ -17,6 +17,7 @@ from pipeline.train import (
     fit,
     lr_at,
 )
+from pipeline.train.device import PeakFlops
 from pipeline.train.loop import autocast
 from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.state import read_resume_meta
@@ -190,7 +191,7 @@ def test_eval_sample_and_logger_calls_happen_at_the_right_steps(toy, caplog):
                 eval_sets={"train": toy.eval_set(1), "val": counting_eval},
                 sample_fn=sample_fn,
                 flops_per_token=100.0,
-                peak_flops=1e9,
+                peak_flops=PeakFlops(1e9, "a test figure"),
             ),
             c,
             device=CPU,
@@ -304,6 +305,20 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_optimizer_state(toy):
         states = [v for o in getattr(opt, "optimizers", [opt]) for s in o.state.values()
                   for v in s.values() if v.dim() > 0]  # fmt: skip
         assert states and {t.dtype for t in [*model.parameters(), *states]} == {torch.float32}
+
+
+def test_mfu_against_a_peak_below_the_throughput_stays_at_most_100_percent(toy, caplog):
+    """A peak measured while the machine was busy: the steps prove it low, and MFU is then
+    against what they achieved (once warned), never above 100%."""
+    logger, peak = toy.RecordingLogger(), PeakFlops(1.0, "a busy measurement")
+    task = TrainTask(toy.lm_loss, toy.SuccessorBatches(), flops_per_token=100.0, peak_flops=peak)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        fit(toy.TinyLM(), task, cfg(max_steps=4), device=CPU, logger=logger, seed=0)
+    logged = [m for _, m in logger.metrics if "mfu" in m]
+    assert len(logged) == 4 and all(0 < m["mfu"] <= 1.0 for m in logged)
+    assert peak.flops >= max(100.0 * m["tokens_per_second"] for m in logged)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "above the peak of 1 FLOP/s (a busy measurement)" in warning
 
 
 def test_eval_fn_metrics_are_logged_with_the_losses_in_eval_mode(toy, caplog):
