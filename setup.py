@@ -43,7 +43,12 @@ use_cuda = (
     and os.environ.get("PIPELINE_NO_CUDA") != "1"
 )
 
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+# -g0: Python's CFLAGS ask for debug information, a third of the kernels' compile time, and the
+# machine code is the same without it. -fno-gcse: GCC's RTL global CSE/PRE pass is superlinear
+# in a function's size, and each kernel entry point is one large force-inlined function; its
+# loops are already optimised at the tree level, and benchmarks/attention.py measures no loss.
+# benchmarks/extension_build.py prints each translation unit's compile time with and without.
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-g0", "-fno-gcse"]
 extension_cls = CUDAExtension if use_cuda else CppExtension
 extra_compile_args = {"cxx": cxx_flags}
 if use_cuda:
