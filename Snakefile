@@ -253,7 +253,7 @@ if _CHANGED_SHARDS:
 rule tokenize:
     input:
         corpus=lambda wildcards: [str(f.path) for f in CORPUS_PARTS[wildcards.scatteritem]],
-        bpe=[str(PATHS.bpe / "encoder.json"), str(PATHS.bpe / "vocab.bpe")],
+        bpe=[str(path) for path in PATHS.bpe_files],
     output:
         temp(directory(str(PATHS.token_parts / "{scatteritem}"))),
     params:

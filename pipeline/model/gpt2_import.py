@@ -96,6 +96,15 @@ def load_gpt2(src: Path) -> GPT:
     return load_checkpoint(src)
 
 
+def load_gpt2_as(src: Path, config: GPTConfig) -> GPT:
+    """The weights in `src` (any layout `load_gpt2` reads) in a GPT built from `config`: the
+    caller's dropouts, not those of the weights' own config (Hugging Face's 0.1, GPT-2's
+    training value)."""
+    gpt = GPT(config)
+    gpt.load_state_dict(load_gpt2(src).state_dict())
+    return gpt
+
+
 def weight_files(src: Path) -> list[Path]:
     """The files `load_gpt2` reads tensors from, in a fixed order: what identifies the weights."""
     src = Path(src)

@@ -24,7 +24,13 @@ from pipeline.model.checkpoint import (
     checkpoint_tokenizer_files,
     tokenizer_files,
 )
-from pipeline.model.gpt2_import import LAYOUT_CHECKPOINT, gpt2_layout, load_gpt2, weight_files
+from pipeline.model.gpt2_import import (
+    LAYOUT_CHECKPOINT,
+    gpt2_config,
+    gpt2_layout,
+    load_gpt2_as,
+    weight_files,
+)
 from pipeline.model.lora import apply_lora
 from pipeline.model.weights import PRESET_FOR_WEIGHTS_NAME, find_weights
 from pipeline.settings import (
@@ -211,13 +217,10 @@ def load_language_model(config: StageConfig[FineTuning], device: torch.device) -
 def weights_model(start: Path, model: ModelSettings) -> GPT:
     """GPT-2 weights in Hugging Face's or OpenAI's layout with the model section's dropouts, as
     pretrain takes them: their own config says GPT-2's training value (Hugging Face's 0.1)."""
-    loaded = load_gpt2(start)
     architecture = dataclasses.replace(
-        loaded.config, dropout=model.dropout, attn_dropout=model.attn_dropout
+        gpt2_config(start), dropout=model.dropout, attn_dropout=model.attn_dropout
     )
-    gpt = GPT(architecture)
-    gpt.load_state_dict(loaded.state_dict())
-    return gpt
+    return load_gpt2_as(start, architecture)
 
 
 def make_trainable(model: GPT, config: StageConfig[Instructions]) -> tuple[int, int]:

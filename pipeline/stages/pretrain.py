@@ -29,7 +29,7 @@ from pipeline.io import atomic_write_text, sha256_bytes, sha256_files
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
-from pipeline.model.gpt2_import import gpt2_config, load_gpt2
+from pipeline.model.gpt2_import import gpt2_config, load_gpt2_as
 from pipeline.model.weights import resolve_init_from
 from pipeline.settings import ModelSettings, PretrainSettings, StageConfig, TrainSettings
 from pipeline.stages.common import SPLIT_CONTEXTS, use_attention, weights_sha256
@@ -118,9 +118,7 @@ def load_init_model(
     section, not from the weights' config (Hugging Face's says 0.1, GPT-2's training value).
     """
     check_architecture(gpt2_config(directory), cfg, model, init_from, directory)
-    gpt = GPT(cfg)
-    gpt.load_state_dict(load_gpt2(directory).state_dict())
-    return gpt
+    return load_gpt2_as(directory, cfg)
 
 
 def token_datasets(token_dir: Path, meta: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
