@@ -1,5 +1,6 @@
-"""The pipeline DAG: download -> prepare (tokenize x prepare.scatter, then gather) -> pretrain
--> finetune-classifier, and pretrain -> finetune-instruct -> align-dpo.
+"""The pipeline DAG: download -> tokenizer -> prepare (tokenize x prepare.scatter, then gather)
+-> pretrain -> finetune-classifier, and pretrain -> finetune-instruct -> align-dpo; once prepare
+has run, tokenizer_report measures the tokenizer on the val split and the fine-tuning data.
 
 Each rule runs one `python -m pipeline <stage>` entry point on the resolved config. The training
 rules are generated from the stage registry (pipeline/stages/registry.py): a stage's config
@@ -28,11 +29,13 @@ from pipeline.launch import (
     prepare_params,
     progress_filter,
     rule_resources,
+    split_params,
     stage_command,
     stage_params,
+    tokenizer_params,
 )
 from pipeline.data.shards import changed_line, changed_shards
-from pipeline.settings import PrepareSettings
+from pipeline.settings import PrepareSettings, TokenizerSettings
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
 from pipeline.errors import last_error_line
@@ -103,9 +106,11 @@ TRAINING = training_stages()
 STAGES_WITH_METRICS = {name: PATHS.stage(name) / "metrics.json" for name in TRAINING}
 STAGE_OF_RULE = {
     "download": "download",
+    "tokenizer": "tokenizer",
     "tokenize": "prepare",
     "prepare": "prepare",
     **{stage.rule: name for name, stage in TRAINING.items()},
+    "tokenizer_report": "tokenizer",
 }
 
 
@@ -147,8 +152,12 @@ def finished_metrics() -> dict:
 
 
 # The rules whose job writes its stage's warnings (results/<stage>/warnings.json): prepare's
-# gather, not its tokenize parts, and the training rules.
-WARNING_RULES = {"prepare": "prepare", **{stage.rule: name for name, stage in TRAINING.items()}}
+# gather, not its tokenize parts, the training rules and the tokenizer's report.
+WARNING_RULES = {
+    "prepare": "prepare",
+    "tokenizer_report": "tokenizer",
+    **{stage.rule: name for name, stage in TRAINING.items()},
+}
 
 
 def finished_warnings() -> dict:
@@ -199,9 +208,13 @@ localrules:
     download,
 
 
+TOKENIZER_METRICS = str(PATHS.stage("tokenizer") / "metrics.json")
+
+
 rule all:
     input:
         [str(path) for path in STAGES_WITH_METRICS.values()],
+        TOKENIZER_METRICS,
     default_target: True
 
 
@@ -250,10 +263,72 @@ if _CHANGED_SHARDS:
     force_rerun("prepare")
 
 
+TOKENIZER = CONFIG.section_of("tokenizer", TokenizerSettings)
+FINE_TUNING = [name for name in TRAINING if name != "pretrain"]
+
+
+def source_of(stage: str) -> str:
+    return str(PATHS.source(CONFIG.sections[stage].data))
+
+
+def tokenizer_inputs() -> dict:
+    """GPT-2's files, or what a trained tokenizer learns from: the corpus and the data of the
+    fine-tuning stages that join its sample."""
+    if TOKENIZER.kind == "gpt2":
+        return {"bpe": [str(path) for path in PATHS.bpe_files]}
+    return {
+        "corpus": [str(f.path) for part in CORPUS_PARTS.values() for f in part],
+        "fine_tuning": [source_of(stage) for stage in TOKENIZER.fine_tuning],
+    }
+
+
+rule tokenizer:
+    input:
+        **tokenizer_inputs(),
+    output:
+        directory(str(PATHS.tokenizer)),
+        str(PATHS.stage("tokenizer") / "training.json"),
+    params:
+        tokenizer=tokenizer_params(config),
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/tokenizer.log",
+    benchmark:
+        "logs/benchmarks/tokenizer.tsv"
+    threads: lambda wildcards: stage_threads("tokenizer")
+    resources:
+        **rule_resources(CONFIG.resources["tokenizer"]),
+    shell:
+        # rustbpe takes every core unless told
+        "RAYON_NUM_THREADS={threads} python -m pipeline tokenizer --config {params.config}"
+        " > {log} 2>&1"
+
+
+rule tokenizer_report:
+    input:
+        tokens=str(PATHS.tokens),
+        tokenizer=str(PATHS.tokenizer),
+        bpe=[str(path) for path in PATHS.bpe_files],
+        fine_tuning=[source_of(stage) for stage in FINE_TUNING],
+    output:
+        stage_output("tokenizer", "metrics.json"),
+    params:
+        splits=split_params(config, FINE_TUNING),
+        seed=config["seed"],
+        config=lambda wildcards, input: RESOLVED_CONFIG,
+    log:
+        "logs/tokenizer-report.log",
+    benchmark:
+        "logs/benchmarks/tokenizer-report.tsv"
+    threads: 1
+    shell:
+        "python -m pipeline tokenizer --report --config {params.config} > {log} 2>&1"
+
+
 rule tokenize:
     input:
         corpus=lambda wildcards: [str(f.path) for f in CORPUS_PARTS[wildcards.scatteritem]],
-        bpe=[str(path) for path in PATHS.bpe_files],
+        tokenizer=str(PATHS.tokenizer),
     output:
         temp(directory(str(PATHS.token_parts / "{scatteritem}"))),
     params:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             one.add_argument(
                 "--gather", action="store_true", help="only join the parts written by --part"
             )
+        if stage.report:
+            command.add_argument("--report", action="store_true", help=stage.report)
     config = commands.add_parser(
         "config", help="print the resolved configuration (every setting, defaults included)"
     )
@@ -290,7 +292,9 @@ def export_hf_command(args: argparse.Namespace) -> None:
         "wrote %s: Hugging Face GPT-2 with %s parameters%s",
         out,
         f"{_stored_parameters(out / HF_SAFETENSORS):,}",
-        ", config.json and tokenizer" if (out / "vocab.json").is_file() else " and config.json",
+        ", config.json and tokenizer"
+        if (out / "tokenizer_config.json").is_file()
+        else " and config.json",
     )
 
 
@@ -375,6 +379,8 @@ def _run_command(args: argparse.Namespace) -> None:
         return
     stage = STAGES[args.command]
     options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
+    if stage.report:
+        options["report_only"] = args.report
     run_stage(stage, config, threads=args.threads, **options)
 
 

@@ -9,7 +9,7 @@ running Snakemake.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipeline.settings import LAUNCH_KEYS, PREPARE_RUN_KEYS, StageResources, TrainSettings
@@ -26,6 +26,37 @@ def _sorted(value: Any) -> Any:
 def prepare_params(section: Mapping[str, Any]) -> dict[str, Any]:
     """The prepare section as a rule param, without how it runs (workers, scatter)."""
     return _sorted({k: v for k, v in section.items() if k not in PREPARE_RUN_KEYS})
+
+
+SAMPLE_SPLIT_KEYS = ("data", "labels", "balance", "split", "template", "skip_invalid")
+"""What decides a fine-tuning stage's training split, which a trained tokenizer may learn from."""
+
+
+def split_params(config: Mapping[str, Any], stages: Iterable[str]) -> dict[str, Any]:
+    """What decides each of `stages`' splits and texts, as a rule param, keys sorted (see
+    `stage_params`). A preference section without a template is written with
+    finetune-instruct's (pipeline/data/tokenizer_sample.py), so that one counts."""
+    splits = {s: {k: v for k, v in config[s].items() if k in SAMPLE_SPLIT_KEYS} for s in stages}
+    for split in splits.values():
+        if "template" in split and split["template"] is None:
+            split["template"] = config.get("finetune-instruct", {}).get("template")
+    return _sorted(splits)
+
+
+def tokenizer_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the tokenizer's files depend on, as a rule param: GPT-2's, on nothing more; a
+    trained one's, on its section, the corpus and its split, and the split of each fine-tuning
+    stage it learns from (with the seed). Nothing else reruns it."""
+    section = config["tokenizer"]
+    if section["kind"] == "gpt2":
+        return {"kind": "gpt2"}
+    prepare = config["prepare"]
+    splits = split_params(config, section["fine_tuning"])
+    return _sorted({
+        "tokenizer": section,
+        "corpus": {k: prepare[k] for k in ("corpus", "val_fraction", "val_split", "on_bad_record")},
+        **({"fine_tuning": splits, "seed": config["seed"]} if splits else {}),
+    })  # fmt: skip
 
 
 def stage_params(section: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,11 @@ class Paths:
         return [self.bpe / "encoder.json", self.bpe / "vocab.bpe"]
 
     @property
+    def tokenizer(self) -> Path:
+        """The tokenizer stage's files (pipeline/data/tokenizer.py's format)."""
+        return self.data / "tokenizer"
+
+    @property
     def token_parts(self) -> Path:
         """Where `prepare --part` writes each group of files' tokens before they are gathered."""
         return self.data / "token-parts"

@@ -70,11 +70,11 @@ def wait_until_reading_stdin(pid: int, timeout: float = 120) -> None:
 
 def test_sigint_at_the_prompt_exits_0_without_a_traceback(tmp_path, mirror, repo):
     from pipeline.model import GPT, GPTConfig, save_checkpoint
-    from pipeline.model.checkpoint import tokenizer_files
+    from pipeline.model.checkpoint import tokenizer_extra_files
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, context_length=32, n_layer=1, n_head=2, n_embd=32))
-    tokenizer = tokenizer_files(mirror / "gpt2-bpe")
+    tokenizer = tokenizer_extra_files(mirror / "gpt2-bpe")
     save_checkpoint(model, tmp_path / "model", {"instruct": {"template": "alpaca"}}, tokenizer)
     chat = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "chat", "--checkpoint", str(tmp_path / "model"),

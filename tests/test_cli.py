@@ -97,13 +97,13 @@ def checkpoints(tmp_path_factory, mirror):
     import torch
 
     from pipeline.model import GPT, GPTConfig, save_checkpoint
-    from pipeline.model.checkpoint import tokenizer_files
+    from pipeline.model.checkpoint import tokenizer_extra_files
     from pipeline.model.classifier import GPTClassifier
 
     root = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, context_length=16, n_layer=1, n_head=2, n_embd=16))
-    tokenizer = tokenizer_files(mirror / "gpt2-bpe")
+    tokenizer = tokenizer_extra_files(mirror / "gpt2-bpe")
     save_checkpoint(model, root / "lm", {}, tokenizer)
     classifier = GPTClassifier.from_language_model(model, ["ham", "spam"])
     head = {"classifier": {"labels": ["ham", "spam"]}}
@@ -233,7 +233,7 @@ def test_verify_checks_every_shard_and_names_a_damaged_one(repo, mirror, tmp_pat
     tokenize_part([verdict], tmp_path / "part", tokenizer, workers=1, split="tail",
                   val_fraction=0.1)  # fmt: skip
     token_dir = tmp_path / "data" / "tokens"
-    meta = gather_parts([tmp_path / "part"], token_dir, tokenizer, split="tail",
+    meta = gather_parts([tmp_path / "part"], token_dir, mirror / "gpt2-bpe", split="tail",
                         val_fraction=0.1, shard_tokens=2000)  # fmt: skip
     config = str(repo / "config.yaml")
     args = ["verify", "--config", config, "--set", f"paths.data={token_dir.parent}"]

@@ -9,10 +9,11 @@ each optionally `.gz` or `.zst` compressed (not parquet, which compresses inside
 `format` reads every file it matches so, whatever the suffix (a `.gz`/`.zst` one still
 decompressed): `{path: docs, format: text}` takes LICENSE and README too. Files are read
 as streams: a JSONL or parquet file is never held whole in memory, and a text document of more
-than `PIECE_CHARS` characters comes in pieces cut before a whitespace character between two
-non-whitespace ones. GPT-2's pre-tokenizer never joins across such a character (a match may
-start with one space but never holds one inside, and none ends with one unless whitespace
-follows), so encoding the pieces one by one gives exactly the ids of the whole.
+than `PIECE_CHARS` characters comes in pieces, cut only where neither split pattern (GPT-2's,
+GPT-4's: pipeline/data/tokenizer.py) joins across: before a whitespace character other than a
+newline between two non-whitespace ones, or before a newline that follows a letter or digit
+(GPT-4's keeps punctuation with the newlines after it). So encoding the pieces one by one gives
+exactly the ids of the whole (tested for both patterns).
 
 A record that is not what is expected (not UTF-8, not JSON, no such field or column, an empty
 file, corrupt .gz/.zst data, a file that is no parquet...) is an `InputError` naming the file
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import InputError
 from pipeline.paths import Paths
-from pipeline.settings import CorpusPath
+from pipeline.settings import CorpusPath, PrepareSettings
 
 if TYPE_CHECKING:
     from zstandard import ZstdDecompressionReader
@@ -47,7 +48,9 @@ COMPRESSIONS = (".gz", ".zst")
 PIECE_CHARS = 1 << 20
 """A text document is read and encoded in pieces of about this many characters."""
 _READ_BYTES = 1 << 20
-_CUT = re.compile(r"(?<=\S)\s(?=\S)")
+_CUT = re.compile(r"(?<=\S)[^\S\r\n\x1c-\x1f](?=\S)|(?<=[^\W_])[\r\n](?=\S)")
+"""Where a long text may be cut. \\x1c-\\x1f are whitespace to Python, not to the tokenizer's
+regex (a cut before one could split a chunk such as `.\\x1c`)."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,14 @@ def _parquet_documents(file: CorpusFile, report: FileReport, skip_bad: bool) -> 
                 continue
             if text:
                 yield text
+
+
+def split_mode(section: PrepareSettings, files: list[CorpusFile]) -> str:
+    """`auto` is `tail` for one text document (Tiny Shakespeare), `documents` otherwise."""
+    mode = section.val_split
+    if mode != "auto":
+        return mode
+    return "tail" if len(files) == 1 and files[0].format == "text" else "documents"
 
 
 def split_into_parts(files: Sequence[CorpusFile], parts: int) -> list[list[CorpusFile]]:

@@ -16,7 +16,6 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.errors import InputError
 
 RecordT = TypeVar("RecordT")
@@ -222,15 +221,16 @@ def collate(
     examples: Sequence[InstructionExample],
     *,
     context_length: int,
-    eos_id: int = END_OF_TEXT_ID,
-    pad_id: int = END_OF_TEXT_ID,
+    eos_id: int,
+    pad_id: int | None = None,
     ignore_index: int = -100,
     mask_prompt: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(inputs, targets), int64 tensors of shape (B, T), T = min(longest - 1, context_length).
 
-    Each sequence is prompt + response + [eos_id]; inputs are its tokens but the last, targets
-    its tokens but the first. Inputs are padded with `pad_id`; targets past the sequence are
+    Each sequence is prompt + response + [eos_id] (the tokenizer's end-of-text); inputs are its
+    tokens but the last, targets its tokens but the first. Inputs are padded with `pad_id`
+    (default `eos_id`); targets past the sequence are
     `ignore_index`, so the one end-of-text target (stop here) is learned and padding is not.
     With `mask_prompt`, targets that are prompt tokens are `ignore_index` too.
 
@@ -244,7 +244,8 @@ def collate(
     if context_length < 1:
         raise InputError(f"context_length must be >= 1, got {context_length}")
     t = min(max(ex.num_tokens for ex in examples) - 1, context_length)
-    inputs = torch.full((len(examples), t), pad_id, dtype=torch.int64)
+    inputs = torch.full((len(examples), t), eos_id if pad_id is None else pad_id,
+                        dtype=torch.int64)  # fmt: skip
     targets = torch.full((len(examples), t), ignore_index, dtype=torch.int64)
     for row, ex in enumerate(examples):
         seq = [*ex.prompt_ids, *ex.response_ids, eos_id]

@@ -1,4 +1,4 @@
-"""Token files: the pretraining corpus as uint16 GPT-2 ids, in shards, read by memmap.
+"""Token files: the pretraining corpus as uint16 ids of its tokenizer, in shards, read by memmap.
 
 `prepare` runs in two steps, so a cluster can spread the first over many jobs:
 1. `tokenize_part`: one group of input files -> a part directory: its documents encoded in
@@ -9,7 +9,8 @@
 2. `gather_parts`: the parts, in order -> the token directory: the train and val streams joined
    (again with `<|endoftext|>` between), split, cut into shards of at most `shard_tokens`
    (`train-00000.bin`, ..., `val-00000.bin`), and `meta.json` indexing them (each shard's
-   tokens, bytes and sha256, which `load_tokens` checks: `pipeline.data.shards`).
+   tokens, bytes and sha256, which `load_tokens` checks: `pipeline.data.shards`), with a copy
+   of the tokenizer in `tokenizer/` (its identity in meta.json).
 The result depends only on the corpus and the settings, not on how many parts or workers made
 it. Both steps write into a temporary directory swapped in whole: an interrupted `prepare`
 leaves no partial file that a later run would read.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,12 +40,15 @@ import tiktoken
 
 from pipeline.data.corpus import CorpusFile, FileReport, read_documents
 from pipeline.data.shards import META, check_split, read_meta
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_files, tokenizer_info
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory, atomic_write_json, sha256_file
 
 TOKEN_DTYPE = np.uint16
 SPLITS = ("train", "val")
 PART_META = "part.json"
+TOKENIZER_DIR = "tokenizer"
+"""Where data/tokens keeps the tokenizer its ids are of (as a checkpoint does)."""
 BATCH_CHARS = 4 << 20
 """Characters of text encoded per batch: enough for every worker, small enough to bound memory."""
 COPY_TOKENS = 1 << 24
@@ -262,13 +267,16 @@ def _part_streams(parts: Sequence[Path], split: str, eot: int) -> Iterator[np.nd
 def gather_parts(
     parts: Sequence[Path],
     out_dir: Path,
-    tokenizer: tiktoken.Encoding,
+    tokenizer_dir: Path,
     *,
     split: str,
     val_fraction: float,
     shard_tokens: int,
 ) -> dict[str, Any]:
-    """Join the parts' streams into the split's shards in `out_dir`, with `meta.json`."""
+    """Join the parts' streams into the split's shards in `out_dir`, with `meta.json` and a
+    copy of the tokenizer they were encoded with (`out_dir`/tokenizer, named in meta.json), so
+    that training reads the tokenizer of its tokens."""
+    tokenizer, info = load_tokenizer(tokenizer_dir), tokenizer_info(tokenizer_dir)
     metas = [json.loads((part / PART_META).read_text()) for part in parts]
     inputs = [record for meta in metas for record in meta["inputs"]]
     counts = {name: _joined_length([m["tokens"][name] for m in metas]) for name in SPLITS}
@@ -291,8 +299,11 @@ def gather_parts(
                 for chunk in _part_streams(parts, name, eot):
                     writers[name].write(chunk)
         shards = {name: writer.close() for name, writer in writers.items()}
+        (tmp / TOKENIZER_DIR).mkdir()
+        for path in tokenizer_files(tokenizer_dir):
+            shutil.copyfile(path, tmp / TOKENIZER_DIR / path.name)
         meta = {
-            "tokenizer": tokenizer.name,
+            "tokenizer": info.as_dict(),
             "vocab_size": tokenizer.n_vocab,
             "eot_token": eot,
             "dtype": np.dtype(TOKEN_DTYPE).name,

@@ -18,7 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
+from pipeline.data.tokenizer import (
+    TokenizerInfo,
+    gpt2_tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+    tokenizer_files,
+    tokenizer_info,
+)
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory
 from pipeline.model.architecture import GPTConfig
@@ -206,18 +213,25 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     return model
 
 
-def tokenizer_files(bpe_dir: str | Path) -> dict[str, Path]:
-    """`extra_files` for `save_checkpoint` that ship the BPE files a model was trained with."""
-    return {f"{TOKENIZER_DIR}/{name}": Path(bpe_dir) / name for name in GPT2_BPE_FILES}
+def tokenizer_extra_files(tokenizer_dir: str | Path) -> dict[str, Path]:
+    """`extra_files` for `save_checkpoint` that ship the tokenizer in `tokenizer_dir` (the
+    tokenizer stage's files, or GPT-2's encoder.json + vocab.bpe) inside the checkpoint."""
+    return {f"{TOKENIZER_DIR}/{path.name}": path for path in tokenizer_files(Path(tokenizer_dir))}
 
 
 def checkpoint_tokenizer_files(directory: str | Path) -> dict[str, Path]:
     """`extra_files` that carry a checkpoint's tokenizer over to a model fine-tuned from it."""
-    bpe_dir = Path(directory) / TOKENIZER_DIR
-    return tokenizer_files(bpe_dir) if (bpe_dir / "encoder.json").is_file() else {}
+    tokenizer_dir = Path(directory) / TOKENIZER_DIR
+    return tokenizer_extra_files(tokenizer_dir) if has_tokenizer(tokenizer_dir) else {}
 
 
 def checkpoint_tokenizer(directory: str | Path) -> tiktoken.Encoding:
     """The tokenizer saved beside the weights, else tiktoken's own GPT-2 encoding."""
-    bpe_dir = Path(directory) / TOKENIZER_DIR
-    return gpt2_tokenizer(bpe_dir if (bpe_dir / "encoder.json").is_file() else None)
+    tokenizer_dir = Path(directory) / TOKENIZER_DIR
+    return load_tokenizer(tokenizer_dir) if has_tokenizer(tokenizer_dir) else gpt2_tokenizer()
+
+
+def checkpoint_tokenizer_info(directory: str | Path) -> TokenizerInfo | None:
+    """The identity of the tokenizer saved beside the weights, if one is."""
+    tokenizer_dir = Path(directory) / TOKENIZER_DIR
+    return tokenizer_info(tokenizer_dir) if has_tokenizer(tokenizer_dir) else None

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.tokenizer import END_OF_TEXT_ID
 from pipeline.errors import InputError
 from pipeline.model.architecture import GPTConfig
 from pipeline.model.gpt import GPT
@@ -116,9 +115,11 @@ def encode_texts(
 
 
 def collate_texts(
-    ids: Sequence[Sequence[int]], labels: Sequence[int] | None = None, pad_id: int = END_OF_TEXT_ID
+    ids: Sequence[Sequence[int]], labels: Sequence[int] | None = None, pad_id: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """(tokens right-padded to the longest, lengths[, labels]); pooling reads `lengths`."""
+    """(tokens right-padded to the longest, lengths[, labels]); pooling reads `lengths`. The
+    padding is id 0 (in every vocabulary): causal attention keeps it out of every real position
+    and pooling reads only those, so its value changes no result."""
     if any(len(x) == 0 for x in ids):
         raise InputError("cannot classify an empty text (it has no tokens)")
     longest = max(len(x) for x in ids)

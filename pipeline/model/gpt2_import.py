@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.data.tokenizer import END_OF_TEXT_ID, GPT2_BPE_FILES
+from pipeline.data.tokenizer import END_OF_TEXT_ID, GPT2_BPE_FILES, VOCAB_SIZE
 from pipeline.errors import InputError
 from pipeline.io import sha256_bytes
 from pipeline.model.architecture import GPTConfig
@@ -182,7 +182,7 @@ def import_gpt2(src: Path, out: Path) -> Path:
     metadata = {
         "stage": "import",
         "source": str(src),
-        "tokenizer": {"name": "gpt2", "eot_token": END_OF_TEXT_ID},
+        "tokenizer": {"kind": "gpt2", "n_vocab": VOCAB_SIZE, "eot_token": END_OF_TEXT_ID},
     }
     with tempfile.TemporaryDirectory() as staging:
         extra_files = _tokenizer_files(src, names, Path(staging))

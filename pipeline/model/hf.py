@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID
+from pipeline.data.hf_tokenizer import tokenizer_config
+from pipeline.data.tokenizer import ENCODING_FILE, END_OF_TEXT, END_OF_TEXT_ID, HF_FILE
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory
 from pipeline.model.architecture import HF_NAME_FOR_PRESET, GPTConfig
@@ -376,11 +377,37 @@ def _check_export_target(out: Path) -> None:
         )
 
 
+def _export_tokenizer(tok_dir: Path, out: Path, context_length: int) -> None:
+    """The checkpoint's tokenizer for `transformers`: our tokenizer.json read by the fast class
+    (pipeline/data/hf_tokenizer.py), or GPT-2's old files as vocab.json + merges.txt; none if
+    the checkpoint carries none."""
+    encoding_file = tok_dir / ENCODING_FILE
+    if encoding_file.is_file():
+        specials = json.loads(encoding_file.read_text())["special_tokens"]
+        shutil.copyfile(tok_dir / HF_FILE, out / HF_FILE)
+        config = {**tokenizer_config(specials, END_OF_TEXT), "model_max_length": context_length}
+    elif all((tok_dir / name).is_file() for name in HF_TOKENIZER_NAMES):
+        for ours, theirs in HF_TOKENIZER_NAMES.items():
+            shutil.copyfile(tok_dir / ours, out / theirs)
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": context_length,
+            "bos_token": END_OF_TEXT,
+            "eos_token": END_OF_TEXT,
+            "unk_token": END_OF_TEXT,
+            "add_prefix_space": False,
+        }
+    else:
+        return
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_hf(checkpoint: Path, out: Path) -> Path:
     """Write our checkpoint as a directory `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
-    config.json + model.safetensors, plus vocab.json / merges.txt / tokenizer_config.json when
-    the checkpoint has its tokenizer. Written atomically; only language models can be exported.
+    config.json + model.safetensors, plus the checkpoint's tokenizer (tokenizer.json, or GPT-2's
+    vocab.json / merges.txt, and tokenizer_config.json) when it has one. Written atomically;
+    only language models can be exported.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     meta = load_checkpoint_config(checkpoint)
@@ -409,24 +436,8 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     if isinstance(tokenizer, dict) and isinstance(tokenizer.get("eot_token"), int):
         eot = tokenizer["eot_token"]
     config = hf_config(model.config, eot_token=eot)
-    tok_dir = checkpoint / TOKENIZER_DIR
-    has_tokenizer = all((tok_dir / name).is_file() for name in HF_TOKENIZER_NAMES)
-
     with atomic_directory(out) as tmp:
         save_file(tensors, tmp / HF_SAFETENSORS, metadata={"format": "pt", **EXPORT_METADATA})
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if has_tokenizer:
-            for ours, theirs in HF_TOKENIZER_NAMES.items():
-                shutil.copyfile(tok_dir / ours, tmp / theirs)
-            tokenizer_config = {
-                "tokenizer_class": "GPT2Tokenizer",
-                "model_max_length": model.config.context_length,
-                "bos_token": END_OF_TEXT,
-                "eos_token": END_OF_TEXT,
-                "unk_token": END_OF_TEXT,
-                "add_prefix_space": False,
-            }
-            (tmp / "tokenizer_config.json").write_text(
-                json.dumps(tokenizer_config, indent=2) + "\n"
-            )
+        _export_tokenizer(checkpoint / TOKENIZER_DIR, tmp, model.config.context_length)
     return out

@@ -19,6 +19,9 @@ from pipeline.model.architecture import PRESETS
 from pipeline.paths import Paths
 from pipeline.settings.schema import setting
 
+END_OF_TEXT = "<|endoftext|>"
+"""The document separator, end of sequence and padding: every tokenizer's first special token."""
+
 ATTENTION_CHOICES = ("auto", "fused", "sdpa", "multihead", "causal", "simple")
 """`model.attention`: auto, or a backend of pipeline/model/attention.py (a test ties the two)."""
 
@@ -112,6 +115,48 @@ class CorpusPath:
         help="text | jsonl | parquet: every file the path matches (every file below a "
         "directory) read so, whatever its suffix; a .gz/.zst suffix is still decompressed "
         "(not parquet); null: each file by its suffix",
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """The BPE every stage encodes with: GPT-2's, or one trained on the corpus's training text
+    (pipeline/stages/tokenizer.py)."""
+
+    kind: Literal["gpt2", "trained"] = setting(
+        "gpt2",
+        help="gpt2: GPT-2's 50,257 ids; trained: a byte-level BPE learned from prepare.corpus "
+        "(its train split only), sized by vocab_size",
+    )
+    vocab_size: int = setting(
+        4096,
+        minimum=257,
+        maximum=65536,
+        help="trained: ids in all, special tokens included (256 bytes + merges + specials); "
+        "token files are uint16, so at most 65,536",
+    )
+    max_chars: int = setting(
+        100_000_000,
+        minimum=1,
+        help="trained: characters learned from, streamed in corpus order (bounds time and memory)",
+    )
+    pattern: Literal["gpt2", "gpt4"] = setting(
+        "gpt4",
+        help="trained: the split pattern (gpt4 keeps punctuation + newline and digit runs of "
+        "up to 3 apart, and compresses better at small vocabularies)",
+    )
+    special_tokens: list[str] = setting(
+        [END_OF_TEXT],
+        minItems=1,
+        uniqueItems=True,
+        help="trained: ids after the merges; the first must be <|endoftext|> (document "
+        "separator, eos, padding); the chat templates are plain text and need no more",
+    )
+    fine_tuning: list[str] = setting(
+        [],
+        uniqueItems=True,
+        help="trained: fine-tuning stages whose TRAIN split joins the sample after the corpus "
+        "(their val and test splits never do)",
     )
 
 

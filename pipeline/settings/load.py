@@ -26,9 +26,9 @@ from pipeline import settings
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text
 from pipeline.model.architecture import PRESETS
-from pipeline.model.weights import SCRATCH
+from pipeline.model.weights import PRESET_FOR_WEIGHTS_NAME, SCRATCH
 from pipeline.paths import Paths
-from pipeline.settings import Config, Split, StageConfig, schema
+from pipeline.settings import END_OF_TEXT, Config, Split, StageConfig, schema
 from pipeline.settings.schema import MISSING, FieldSpec, Group, fields_of, is_settings, record_type
 from pipeline.stages.registry import STAGES, FineTuningSection, scheduled_stages, training_stages
 
@@ -319,6 +319,42 @@ def _source_problems(config: Config) -> list[str]:
     ]
 
 
+def _tokenizer_problems(config: Config) -> list[str]:
+    """A trained tokenizer against its special tokens, the stages it names, and the stages
+    that start from GPT-2's weights (which come with GPT-2's tokenizer)."""
+    section = config.section_of("tokenizer", settings.TokenizerSettings)
+    problems = []
+    if section.special_tokens[0] != END_OF_TEXT:
+        problems.append(
+            f"tokenizer.special_tokens: the first must be {END_OF_TEXT} (document separator, "
+            f"eos and padding), not {section.special_tokens[0]!r}"
+        )
+    fine_tuning = [name for name, stage in training_stages().items() if name != "pretrain"]
+    problems += [
+        f"tokenizer.fine_tuning: {name!r} is not a fine-tuning stage; expected one of: "
+        f"{', '.join(fine_tuning)}"
+        for name in section.fine_tuning
+        if name not in fine_tuning
+    ]
+    if section.kind != "trained":
+        return problems
+    least = 256 + len(section.special_tokens)  # rustbpe panics below 256 ranks
+    if section.vocab_size < least:
+        problems.append(
+            f"tokenizer.vocab_size: {section.vocab_size} leaves no room for the 256 byte tokens "
+            f"and {len(section.special_tokens)} special tokens; expected at least {least}"
+        )
+    for name, stage_section in config.sections.items():
+        init_from = getattr(stage_section, "init_from", None)
+        if init_from in PRESET_FOR_WEIGHTS_NAME:
+            problems.append(
+                f"{name}.init_from: {init_from!r} is GPT-2's weights, which come with GPT-2's "
+                "tokenizer, but tokenizer.kind is trained: set tokenizer.kind: gpt2, or start "
+                "from scratch or from a stage trained with this tokenizer"
+            )
+    return problems
+
+
 def _training_problems(config: Config) -> list[str]:
     """A training section's settings that contradict each other or its resources."""
     problems = []
@@ -387,6 +423,7 @@ def _section_problems(name: str, section: object) -> list[str]:
 def _cross_field_problems(config: Config) -> list[str]:
     """`key: problem` lines for settings that are each valid but contradict one another."""
     problems = _source_problems(config) + _training_problems(config)
+    problems += _tokenizer_problems(config)
     for name, section in config.sections.items():
         problems += _section_problems(name, section)
     sizes = preset_sizes(config.resolved["model"])

@@ -59,10 +59,12 @@ def collate_pairs(
     chosen: Sequence[InstructionExample],
     rejected: Sequence[InstructionExample],
     context_length: int,
+    eos_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (2B, T) batch: the chosen sequences, then the rejected ones, with only response
-    tokens (and their end-of-text) as targets, so one forward pass scores both."""
-    return collate([*chosen, *rejected], context_length=context_length, mask_prompt=True)
+    tokens (and their end-of-text, `eos_id`) as targets, so one forward pass scores both."""
+    return collate([*chosen, *rejected], context_length=context_length, eos_id=eos_id,
+                   mask_prompt=True)  # fmt: skip
 
 
 def pair_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
@@ -90,13 +92,14 @@ def reference_logprobs(
     rejected: Sequence[InstructionExample],
     context_length: int,
     batch_size: int,
+    eos_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen reference model's summed response log-probabilities, computed once (CPU)."""
     device = model.tok_emb.weight.device
     out_c, out_r = [], []
     for i in range(0, len(chosen), batch_size):
         inputs, targets = collate_pairs(
-            chosen[i : i + batch_size], rejected[i : i + batch_size], context_length
+            chosen[i : i + batch_size], rejected[i : i + batch_size], context_length, eos_id
         )
         c, r = pair_logprobs(model, inputs.to(device), targets.to(device))
         out_c.append(c.cpu())
@@ -115,7 +118,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
         )
         model, start = load_language_model(config, device)
         self.template = self.start_template(start)
-        tokenizer, tokenizer_files = start_tokenizer(config, start)
+        tokenizer, tokenizer_dir = start_tokenizer(config, start)
         self.context, self.batch_size = model.config.context_length, section.train.batch_size
         self.encode({"train": train_records, "val": val}, tokenizer)
         self.setup_reference(model, tokenizer, config.seed, device)
@@ -134,7 +137,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
             fine_tuning_fingerprint(
                 config, start, model, ("generation", "sample_table_rows"), template=self.template,
             ),
-            tokenizer, tokenizer_files,
+            tokenizer, tokenizer_dir,
             title=f"{STAGE} (β {section.beta:g}; Δ: chosen − rejected log-ratio margin)",
             loss_label=loss_label(section.loss, section.label_smoothing),
             tags={"init_from": str(start), "device": device.type, "method": section.method},
@@ -172,7 +175,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
         self.reference = {
             name: reference_logprobs(
                 model, self.examples[name, "chosen"], self.examples[name, "rejected"],
-                self.context, self.batch_size,
+                self.context, self.batch_size, self.eos_id,
             )
             for name in ("train", "val")
         }  # fmt: skip
@@ -196,6 +199,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
 
     def encode(self, splits: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer) -> None:
         """Each split's chosen and rejected answers as training examples (truncation logged)."""
+        self.eos_id = tokenizer.eot_token
         self.examples = {
             (name, key): [
                 encode_example(r, self.template, tokenizer, response_key=key) for r in split
@@ -216,6 +220,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
             [self.examples[split, "chosen"][i] for i in indices],
             [self.examples[split, "rejected"][i] for i in indices],
             self.context,
+            self.eos_id,
         )
         ref_c, ref_r = self.reference[split]
         index = torch.as_tensor(list(indices))

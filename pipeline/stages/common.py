@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from pipeline.data.instruct import load_records, split_records
-from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.data.tokenizer import gpt2_tokenizer, has_tokenizer
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import compare_answers
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
 from pipeline.model.attention import resolve_attention
 from pipeline.model.checkpoint import (
+    TOKENIZER_DIR,
     checkpoint_tokenizer,
-    checkpoint_tokenizer_files,
-    tokenizer_files,
+    checkpoint_tokenizer_info,
 )
 from pipeline.model.gpt2_import import (
     LAYOUT_CHECKPOINT,
@@ -121,13 +121,14 @@ def init_checkpoint(config: Config, init_from: str, key: str = "init_from") -> P
     return directory
 
 
-def start_tokenizer(config: Config, start: Path) -> tuple[tiktoken.Encoding, dict[str, Path]]:
-    """The tokenizer a stage starting at `start` encodes with, and the files its checkpoint
-    carries on: the start checkpoint's own, or for GPT-2 weights in another layout the
-    downloaded BPE files pretrain uses, so the stage's checkpoint ships its tokenizer."""
+def start_tokenizer(config: Config, start: Path) -> tuple[tiktoken.Encoding, Path | None]:
+    """The tokenizer a stage starting at `start` encodes with, and where its files are (the
+    stage's checkpoint carries them on): the start checkpoint's own, or for GPT-2 weights in
+    another layout the downloaded GPT-2 BPE files."""
     if gpt2_layout(start) == LAYOUT_CHECKPOINT:
-        return checkpoint_tokenizer(start), checkpoint_tokenizer_files(start)
-    return gpt2_tokenizer(config.paths.bpe), tokenizer_files(config.paths.bpe)
+        carried = start / TOKENIZER_DIR
+        return checkpoint_tokenizer(start), carried if has_tokenizer(carried) else None
+    return gpt2_tokenizer(config.paths.bpe), config.paths.bpe
 
 
 def weights_sha256(directory: Path) -> str:
@@ -254,8 +255,10 @@ def fine_tuning_fingerprint(
     """
     skipped = {"train", *reporting_keys}
     section = to_plain(config.section)
+    tokenizer = checkpoint_tokenizer_info(start)
     return {
         "init_weights": weights_sha256(start),
+        "tokenizer": tokenizer.sha256 if tokenizer else None,
         "data": sha256_file(config.paths.source(config.section.data)),
         **extra,
         "section": {k: v for k, v in section.items() if k not in skipped},

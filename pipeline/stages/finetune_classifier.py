@@ -81,7 +81,7 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         section = self.section = config.section
         self.split_records(config, out_dir)
         model, start = self.setup_model(config, device)
-        tokenizer, tokenizer_files = start_tokenizer(config, start)
+        tokenizer, tokenizer_dir = start_tokenizer(config, start)
         max_length = self.max_length = section.max_length or model.config.context_length
         if max_length > model.config.context_length:
             raise InputError(
@@ -93,7 +93,7 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         return StagePlan(
             model, task, train,
             fine_tuning_fingerprint(config, start, model, ("misclassified_examples",)),
-            tokenizer, tokenizer_files, title=STAGE, eval_data=sha256_file(out_dir / "test.tsv"),
+            tokenizer, tokenizer_dir, title=STAGE, eval_data=sha256_file(out_dir / "test.tsv"),
             tags={"init_from": str(start), "device": device.type},
             facts={"trainable_parameters": self.trainable,
                    **{f"truncated_{name}": n for name, n in self.truncated.items()}},

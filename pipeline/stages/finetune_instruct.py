@@ -68,7 +68,7 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
         train_records, val, self.test, skipped = instruction_splits(config, RECORD_KEYS, out_dir)
         self.val_first = val[0]  # the record answered in the training's samples
         model, start = load_language_model(config, device)
-        tokenizer, tokenizer_files = start_tokenizer(config, start)
+        tokenizer, tokenizer_dir = start_tokenizer(config, start)
         self.encode({"train": train_records, "val": val}, tokenizer, model.config.context_length)
         before = seeded(config.seed, device)  # the start model's test answers: what it changes
         self.before = (
@@ -92,7 +92,7 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
             fine_tuning_fingerprint(
                 config, start, model, reporting_keys=("generation", "sample_table_rows")
             ),
-            tokenizer, tokenizer_files, title=f"{STAGE} ({section.method})",
+            tokenizer, tokenizer_dir, title=f"{STAGE} ({section.method})",
             tags={"init_from": str(start), "device": device.type, "method": section.method},
             eval_data=sha256_file(out_dir / "val.json"),
             facts={k: v for k, v in self.summary.items() if k != "method"},
@@ -103,6 +103,7 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
     def encode(self, splits: Mapping[str, Sequence[Mapping[str, Any]]],
                tokenizer: tiktoken.Encoding, context: int) -> None:  # fmt: skip
         """Each split's records as training examples, the truncated ones counted and logged."""
+        self.eos_id = tokenizer.eot_token
         self.examples: dict[str, list[InstructionExample]] = {
             name: [encode_example(r, self.section.template, tokenizer) for r in split]
             for name, split in splits.items()
@@ -118,7 +119,8 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
     def collate(self, split: str, indices: Sequence[int], context: int
                 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         chosen = [self.examples[split][i] for i in indices]
-        return collate(chosen, context_length=context, mask_prompt=self.section.mask_prompt)
+        return collate(chosen, context_length=context, eos_id=self.eos_id,
+                       mask_prompt=self.section.mask_prompt)  # fmt: skip
 
     def setup_task(self, seed: int, tokenizer: tiktoken.Encoding, context: int,
                    device: torch.device) -> tuple[TrainTask, TrainSettings]:  # fmt: skip

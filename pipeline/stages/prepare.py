@@ -1,5 +1,5 @@
-"""Stage `prepare`: the pretraining corpus -> sharded GPT-2 BPE token files (data/tokens:
-train-00000.bin, ..., val-00000.bin, meta.json).
+"""Stage `prepare`: the pretraining corpus -> sharded token files of the tokenizer stage's BPE
+(data/tokens: train-00000.bin, ..., val-00000.bin, meta.json, tokenizer/).
 
 The corpus (`prepare.corpus`: downloaded sources and local files, directories or globs of text,
 JSONL and parquet) is split into `prepare.scatter` groups of files; each group is tokenized into
@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.corpus import CorpusFile, corpus_files, split_into_parts
-from pipeline.data.tokenizer import gpt2_tokenizer
+from pipeline.data.corpus import CorpusFile, corpus_files, split_into_parts, split_mode
+from pipeline.data.tokenizer import has_tokenizer, load_tokenizer
 from pipeline.data.tokens import gather_parts, tokenize_part, val_split_warning
 from pipeline.errors import InputError
 from pipeline.settings import PrepareSettings, StageConfig
@@ -48,14 +48,6 @@ def corpus_parts(config: Prepare, files: list[CorpusFile] | None = None
     return dict(zip(part_names(scatter), groups, strict=True))
 
 
-def split_mode(section: PrepareSettings, files: list[CorpusFile]) -> str:
-    """`auto` is `tail` for one text document (Tiny Shakespeare), `documents` otherwise."""
-    mode = section.val_split
-    if mode != "auto":
-        return mode
-    return "tail" if len(files) == 1 and files[0].format == "text" else "documents"
-
-
 def tokenize(config: Prepare, part: str, threads: int | None) -> dict[str, Any]:
     """One part's files -> data/token-parts/<part>."""
     section, paths = config.section, config.paths
@@ -68,9 +60,12 @@ def tokenize(config: Prepare, part: str, threads: int | None) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"corpus files missing (run `python -m pipeline download`): "
                                 f"{missing}")  # fmt: skip
+    if not has_tokenizer(paths.tokenizer):
+        raise FileNotFoundError(f"{paths.tokenizer}: no tokenizer; run `python -m pipeline "
+                                "tokenizer` first (Snakemake runs it before prepare)")  # fmt: skip
     workers = section.workers or threads or 1
     meta = tokenize_part(
-        files, paths.token_part(part), gpt2_tokenizer(paths.bpe), workers=workers,
+        files, paths.token_part(part), load_tokenizer(paths.tokenizer), workers=workers,
         split=split_mode(section, corpus), val_fraction=section.val_fraction,
         skip_bad=section.on_bad_record == "skip",
     )  # fmt: skip
@@ -92,7 +87,7 @@ def gather(config: Prepare) -> dict[str, Any]:
         config.tracking, "prepare", config.resolved, warnings_file=warnings_file
     ) as tracker:
         meta = gather_parts(
-            parts, paths.tokens, gpt2_tokenizer(paths.bpe),
+            parts, paths.tokens, paths.tokenizer,
             split=split_mode(section, listed_corpus(config)),
             val_fraction=section.val_fraction, shard_tokens=section.shard_tokens,
         )  # fmt: skip

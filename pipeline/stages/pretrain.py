@@ -22,12 +22,17 @@ from typing import Any
 import torch
 
 from pipeline.data.loader import TokenWindows, evaluation_batches
-from pipeline.data.tokenizer import gpt2_tokenizer, token_byte_lengths
-from pipeline.data.tokens import load_tokens
+from pipeline.data.tokenizer import (
+    TokenizerInfo,
+    has_tokenizer,
+    load_tokenizer,
+    token_byte_lengths,
+    tokenizer_info,
+)
+from pipeline.data.tokens import TOKENIZER_DIR, load_tokens
 from pipeline.errors import InputError
 from pipeline.io import atomic_write_text, sha256_bytes, sha256_files
 from pipeline.model import GPT, PRESETS, GPTConfig
-from pipeline.model.checkpoint import tokenizer_files
 from pipeline.model.generate import generate_tokens
 from pipeline.model.gpt2_import import gpt2_config, load_gpt2_as
 from pipeline.model.weights import resolve_init_from
@@ -87,8 +92,8 @@ def check_architecture(
     )
     if "vocab_size" in differ:
         fix = (
-            f"vocab_size comes from the token files ({configured.vocab_size}, GPT-2's BPE); "
-            "these weights were trained with another tokenizer"
+            f"vocab_size comes from the token files ({configured.vocab_size} ids, the tokenizer "
+            "stage's); these weights were trained with another tokenizer"
         )
     else:
         matching = [
@@ -109,9 +114,37 @@ def check_architecture(
     )
 
 
-def load_init_model(
-    directory: Path, cfg: GPTConfig, model: ModelSettings, init_from: str
-) -> GPT:
+def tokens_tokenizer(tokens: Path, meta: Mapping[str, Any]) -> TokenizerInfo:
+    """The tokenizer the token files are of (their `tokenizer/`, as meta.json names it)."""
+    recorded = meta.get("tokenizer")
+    if not isinstance(recorded, dict) or not has_tokenizer(tokens / TOKENIZER_DIR):
+        raise InputError(f"{tokens} was prepared before tokens carried their tokenizer "
+                         "(no tokenizer/ or no tokenizer in meta.json): rerun prepare")  # fmt: skip
+    info = tokenizer_info(tokens / TOKENIZER_DIR)
+    if info.sha256 != recorded.get("sha256"):
+        raise InputError(f"{tokens / TOKENIZER_DIR}: sha256 {info.sha256[:12]} differs from "
+                         f"meta.json's {str(recorded.get('sha256'))[:12]}: it changed after "
+                         "prepare wrote it; rerun prepare")  # fmt: skip
+    return info
+
+
+def check_init_tokenizer(init_dir: Path, tokens: TokenizerInfo, init_from: str, token_dir: Path
+                         ) -> None:  # fmt: skip
+    """Weights that carry a tokenizer must carry the token files' (GPT-2's by any files)."""
+    carried = init_dir / TOKENIZER_DIR
+    if not has_tokenizer(carried):
+        return
+    info = tokenizer_info(carried)
+    if info.sha256 != tokens.sha256:
+        raise InputError(
+            f"pretrain.init_from {init_from!r}: {init_dir} was trained with tokenizer "
+            f"{info.kind} {info.sha256[:12]} ({info.n_vocab} ids), but {token_dir} was prepared "
+            f"with {tokens.kind} {tokens.sha256[:12]} ({tokens.n_vocab} ids): rerun prepare with "
+            "its tokenizer (tokenizer.kind and settings) or start from scratch"
+        )
+
+
+def load_init_model(directory: Path, cfg: GPTConfig, model: ModelSettings, init_from: str) -> GPT:
     """A GPT with `cfg` holding the weights in `directory` (any layout `load_gpt2` reads).
 
     The architecture is checked before any tensor is read; dropouts come from the model
@@ -179,7 +212,10 @@ class Pretrain(TrainingStage[PretrainSettings]):
         self.section, self.seed, tokens = config.section, config.seed, config.paths.tokens
         init_dir = resolve_init_from(self.section.init_from, config.paths.weights)  # fails early
         meta = json.loads((tokens / "meta.json").read_text())
-        self.tokenizer = gpt2_tokenizer(config.paths.bpe)
+        info = tokens_tokenizer(tokens, meta)
+        if init_dir is not None:
+            check_init_tokenizer(init_dir, info, self.section.init_from, tokens)
+        self.tokenizer = load_tokenizer(tokens / TOKENIZER_DIR)
         model, trains, attention = self.setup_model(config, meta["vocab_size"], init_dir, device)
         train = self.section.train
         task = self.setup_task(model, tokens, train, trains, device)
@@ -191,13 +227,14 @@ class Pretrain(TrainingStage[PretrainSettings]):
             "stride": self.section.stride,
             "data": [d["sha256"] for d in meta["inputs"]],
             "split": [meta["split"], meta["val_fraction"]],
+            "tokenizer": info.sha256,
             **({"init_weights": self.init_info["init_weights_sha256"]} if init_dir else {}),
         }
         tags = {"device": device.type, **self.init_info}
         if init_dir is not None:
             tags.update(init_weights=init_dir, continue_pretraining=trains)
         return StagePlan(
-            model, task, train, fingerprint, self.tokenizer, tokenizer_files(config.paths.bpe),
+            model, task, train, fingerprint, self.tokenizer, tokens / TOKENIZER_DIR,
             title=f"pretrain ({config.model.preset}, init_from {self.section.init_from})",
             eval_data=val_sha256(tokens, meta), tags=tags,
             facts={"parameters": model.num_parameters()}, trains=trains,
@@ -241,8 +278,9 @@ class Pretrain(TrainingStage[PretrainSettings]):
             seed=self.seed,
         )  # fmt: skip
         fixed = {
-            split: evaluation_batches(split_tokens, ctx, batch, train.eval_batches,
-                                      f"{tokens} ({split})")  # fmt: skip
+            split: evaluation_batches(
+                split_tokens, ctx, batch, train.eval_batches, f"{tokens} ({split})"
+            )  # fmt: skip
             for split, split_tokens in (("train", train_tokens), ("val", val_tokens))
         }
         return TrainTask(

@@ -50,6 +50,9 @@ class Stage:
     stage does: the plain defaults unless given)."""
     parts: bool = False
     """It runs as several jobs (`--part i-of-n`), then one that gathers (`--gather`)."""
+    report: str = ""
+    """What its `--report` pass does, if it has one (its own Snakemake rule, `<rule>_report`,
+    run once the stages it measures on have run): `main(config, report_only=True)`."""
     headline: Headline = Headline("val_loss")
     """A training stage's metric that decides its registered model's champions, among the
     versions measured on the same data (`StagePlan.eval_data`)."""
@@ -124,6 +127,14 @@ def register(stage: Stage) -> Stage:
 
 for _stage in (
     Stage("download", "pipeline.stages.download"),
+    Stage(
+        "tokenizer",
+        "pipeline.stages.tokenizer",
+        s.TokenizerSettings,
+        resources=s.StageResources(runtime=60),
+        report="only measure the tokenizer written (bytes per token against GPT-2's on the "
+        "val split and the fine-tuning data; run after prepare)",
+    ),
     Stage(
         "prepare",
         "pipeline.stages.prepare",

@@ -25,9 +25,10 @@ from typing import Any, Generic, Protocol, TypeVar
 import tiktoken
 import torch
 
+from pipeline.data.tokenizer import tokenizer_info
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.model import GPT
-from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.checkpoint import save_checkpoint, tokenizer_extra_files
 from pipeline.model.lora import merge_lora
 from pipeline.plots import plot_training_curves
 from pipeline.serving.models import log_stage_model
@@ -68,8 +69,9 @@ class StagePlan:
     fingerprint: dict[str, Any]
     """What identifies the run for resume, beside `train` (data, start weights, ...)."""
     tokenizer: tiktoken.Encoding
-    tokenizer_files: Mapping[str, Path]
-    """Files saved beside the weights so the checkpoint carries its tokenizer."""
+    tokenizer_dir: Path | None
+    """Where `tokenizer`'s files are: saved beside the weights, so the checkpoint carries its
+    tokenizer, and logged as the run's `tokenizer` dataset (None: a start without one)."""
     title: str
     """The loss plot's title."""
     eval_data: str
@@ -177,6 +179,7 @@ def run_training_stage(
             tracker.set_tags({**plan.tags, DATA_TAG: plan.eval_data})
             for context, files in plan.datasets.items():
                 tracker.log_datasets(files, context)
+            _log_tokenizer(tracker, plan.tokenizer_dir)
             tracker.log_params(plan.facts)
             if plan.trains:
                 result = fit(
@@ -220,12 +223,28 @@ def _report(stage: TrainingStage[Any], plan: StagePlan, result: TrainResult, out
         metadata={
             "stage": stage.name,
             **stage.checkpoint_metadata(),
-            "tokenizer": {"name": "gpt2", "eot_token": plan.tokenizer.eot_token},
+            "tokenizer": _tokenizer_metadata(plan),
             "metrics": stage.saved_metrics(metrics),
         },
-        extra_files=plan.tokenizer_files,
+        extra_files=tokenizer_extra_files(plan.tokenizer_dir) if plan.tokenizer_dir else {},
     )
     return metrics
+
+
+def _tokenizer_metadata(plan: StagePlan) -> dict[str, Any]:
+    if plan.tokenizer_dir is None:
+        return {"n_vocab": plan.tokenizer.n_vocab, "eot_token": plan.tokenizer.eot_token}
+    return tokenizer_info(plan.tokenizer_dir).as_dict()
+
+
+def _log_tokenizer(tracker: StageRun, tokenizer_dir: Path | None) -> None:
+    """The tokenizer as the run's dataset input (context `tokenizer`) and params."""
+    if tokenizer_dir is None:
+        return
+    info = tokenizer_info(tokenizer_dir)
+    tracker.log_datasets([{"name": "tokenizer", "source": tokenizer_dir, "digest": info.sha256,
+                           "profile": info.as_dict()}], context="tokenizer")  # fmt: skip
+    tracker.log_params({f"tokenizer_{key}": value for key, value in info.as_dict().items()})
 
 
 def _same(logged: float | None, value: float) -> bool:

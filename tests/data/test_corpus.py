@@ -4,6 +4,9 @@ with on_bad_record: skip, skipped and counted."""
 
 import gzip
 import json
+import random
+import re
+from itertools import pairwise
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -289,3 +292,52 @@ def test_a_long_file_that_is_not_utf8_is_skipped_whole(tmp_path, monkeypatch):
         documents(CorpusFile(path, "text"))
     texts, report = documents(CorpusFile(path, "text"), skip=True)
     assert texts == [] and report.skipped == {"not UTF-8": 1}
+
+
+OLD_CUT = re.compile(r"(?<=\S)\s(?=\S)")
+"""Where a long text was cut before issue 29: exact for GPT-2's split pattern only."""
+
+
+def cut_everywhere(text: str, cut: re.Pattern[str]) -> list[str]:
+    starts = [0, *(m.start() for m in cut.finditer(text)), len(text)]
+    return [text[a:b] for a, b in pairwise(starts)]
+
+
+def cut_test_text(mirror) -> str:
+    """Tiny Shakespeare, punctuation before newlines, and seeded random strings over letters,
+    digits, punctuation and every kind of whitespace (\\x1c-\\x1f: whitespace to Python only)."""
+    rng = random.Random(29)
+    alphabet = "ab Z.\n\r\t\x1c\x1f\x85\u00a0'5_é東😀,:-\u0301"
+    noise = "".join(rng.choice(alphabet) for _ in range(30_000))
+    synthetic = "end.\nNext a:\n\nb x  \n y word.\x1cnext 1.\r\nB, \u00a0c\n" * 200
+    return (mirror / "tinyshakespeare.txt").read_text()[:100_000] + synthetic + noise
+
+
+@pytest.mark.parametrize("name", ["gpt2", "trained-gpt2", "trained-gpt4"])
+def test_a_text_cut_at_every_cut_place_encodes_as_the_whole(mirror, name):
+    """Both split patterns: GPT-2's vocabulary, and vocabularies trained on the text itself
+    (so chunks such as `.\\n`, `:\\n\\n` and `.\\x1c` are tokens)."""
+    import tiktoken  # deferred: only this test encodes
+
+    from pipeline.data.tokenizer import PATTERNS, gpt2_tokenizer
+    from pipeline.stages.tokenizer import train_ranks
+
+    text = cut_test_text(mirror)
+    if name == "gpt2":
+        tokenizer = gpt2_tokenizer(mirror / "gpt2-bpe")
+    else:
+        pattern = name.removeprefix("trained-")
+        ranks = train_ranks([text], 1024, pattern)
+        tokenizer = tiktoken.Encoding(
+            name, pat_str=PATTERNS[pattern], mergeable_ranks=ranks, special_tokens={}
+        )
+
+    def encoded(pieces: list[str]) -> list[int]:
+        return [i for piece in pieces for i in tokenizer.encode_ordinary(piece)]
+
+    pieces = cut_everywhere(text, corpus._CUT)
+    assert len(pieces) > 15_000 and "".join(pieces) == text
+    assert sum(piece.startswith("\n") for piece in pieces) > 1_000
+    assert encoded(pieces) == tokenizer.encode_ordinary(text)
+    if name.startswith("trained"):  # the same data catches a wrong cut
+        assert encoded(cut_everywhere(text, OLD_CUT)) != tokenizer.encode_ordinary(text)

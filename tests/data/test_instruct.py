@@ -263,9 +263,9 @@ def test_collate_never_gives_a_nan_loss():
 
 def test_collate_errors():
     with pytest.raises(ValueError, match="at least one example"):
-        collate([], context_length=4)
+        collate([], context_length=4, eos_id=EOS)
     with pytest.raises(ValueError, match="context_length must be >= 1"):
-        collate(EXAMPLES, context_length=0)
+        collate(EXAMPLES, context_length=0, eos_id=EOS)
     with pytest.raises(ValueError, match="at least one prompt token"):
         InstructionExample((), (1,))
 

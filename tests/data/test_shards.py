@@ -22,7 +22,7 @@ def token_dir(tmp_path, mirror):
     verdict = CorpusFile(mirror / "the-verdict.txt", "text")
     tokenize_part([verdict], tmp_path / "part", tokenizer, workers=1, split="tail",
                   val_fraction=0.1)  # fmt: skip
-    gather_parts([tmp_path / "part"], tmp_path / "tokens", tokenizer, split="tail",
+    gather_parts([tmp_path / "part"], tmp_path / "tokens", mirror / "gpt2-bpe", split="tail",
                  val_fraction=0.1, shard_tokens=2000)  # fmt: skip
     return tmp_path / "tokens"
 

@@ -33,7 +33,7 @@ def test_padding_does_not_change_a_texts_logits(pooling):
     model = GPTClassifier(tiny(), ["a", "b", "c"], pooling).eval()
     short, long = [5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]
     tokens, lengths = collate_texts([short, long])
-    assert tokens[0].tolist() == [5, 6, 7] + [50256] * 6 and lengths.tolist() == [3, 9]
+    assert tokens[0].tolist() == [5, 6, 7] + [0] * 6 and lengths.tolist() == [3, 9]
     tokens[0, 3:] = 11  # padding is within this toy vocabulary
     batched = model(tokens, lengths)
     alone = model(torch.tensor([short]), torch.tensor([3]))

@@ -30,7 +30,7 @@ def test_import_gpt2_from_hf_writes_our_checkpoint_with_tokenizer(tmp_path, mirr
     assert out == tmp_path / "ckpt"
     config = load_checkpoint_config(out)
     assert config["stage"] == "import" and config["source"] == str(src)
-    assert config["tokenizer"] == {"name": "gpt2", "eot_token": 50256}
+    assert config["tokenizer"] == {"kind": "gpt2", "n_vocab": 50257, "eot_token": 50256}
     assert "attention" not in config["model"]
     for name, digest in GPT2_BPE_FILES.items():
         assert sha256_file(out / "tokenizer" / name) == digest

@@ -22,7 +22,7 @@ def checkpoints(tmp_path_factory, mirror) -> dict[str, Path]:
     import torch
 
     from pipeline.model import GPT, GPTConfig, save_checkpoint
-    from pipeline.model.checkpoint import tokenizer_files
+    from pipeline.model.checkpoint import tokenizer_extra_files
     from pipeline.model.classifier import GPTClassifier
 
     root = tmp_path_factory.mktemp("checkpoints")
@@ -31,7 +31,7 @@ def checkpoints(tmp_path_factory, mirror) -> dict[str, Path]:
         vocab_size=50257, context_length=CONTEXT_LENGTH, n_layer=1, n_head=2, n_embd=16
     )
     model = GPT(config)
-    tokenizer = tokenizer_files(mirror / "gpt2-bpe")
+    tokenizer = tokenizer_extra_files(mirror / "gpt2-bpe")
     made = {}
     for stage, metadata in STAGE_METADATA.items():
         labels = metadata.get("classifier", {}).get("labels")

@@ -59,7 +59,7 @@ def test_the_schemas_enums_are_the_codes_registries():
     assert set(ATTENTION_CHOICES) == {"auto", *ATTENTION_BACKENDS}
     sections = [name for name, stage in STAGES.items() if stage.settings is not None]
     assert set(sections) <= set(props)
-    assert list(props["resources"]["properties"]) == ["prepare", *training_stages()]
+    assert list(props["resources"]["properties"]) == ["tokenizer", "prepare", *training_stages()]
 
 
 @pytest.mark.parametrize(
@@ -286,3 +286,47 @@ def test_snakemake_configfile_takes_an_exponent_without_a_dot(tmp_path, repo):
     failed = snakemake(tmp_path, "-n", *target, configfiles=("bad.yaml",), check=False)
     assert failed.returncode != 0
     assert "pretrain.train: min_lr (0.01) must be ≤ lr (0.001)" in failed.stdout + failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tokenizer.vocab_size=70000"], r"tokenizer\.vocab_size: 70000 is greater than the max"),
+        (
+            ["tokenizer.kind=trained", "finetune-classifier.init_from=gpt2-124m"],
+            r"finetune-classifier\.init_from: 'gpt2-124m' is GPT-2's weights, which come with "
+            r"GPT-2's tokenizer, but tokenizer\.kind is trained",
+        ),
+        (
+            ["tokenizer.special_tokens=[<|x|>, <|endoftext|>]"],
+            r"tokenizer\.special_tokens: the first must be <\|endoftext\|> .*not '<\|x\|>'",
+        ),
+        (
+            ["tokenizer.fine_tuning=[pretrain]"],
+            r"tokenizer\.fine_tuning: 'pretrain' is not a fine-tuning stage; expected one of: "
+            r"finetune-classifier, finetune-instruct, align-dpo",
+        ),
+        (
+            ["tokenizer.kind=trained", "tokenizer.vocab_size=257",
+             "tokenizer.special_tokens=[<|endoftext|>, <|im_start|>]"],
+            r"tokenizer\.vocab_size: 257 leaves no room for the 256 byte tokens and 2 special "
+            r"tokens; expected at least 258",
+        ),
+    ],
+)  # fmt: skip
+def test_tokenizer_settings_that_contradict_each_other_are_one_line_each(repo, overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config([repo / "config.yaml"], overrides)
+    assert len(str(error.value).splitlines()) == 2  # the heading and the one problem
+
+
+def test_tokenizer_settings_that_agree_are_accepted(repo):
+    gpt2 = load_config([repo / "config.yaml"], ["finetune-classifier.init_from=gpt2-124m"])
+    assert gpt2["tokenizer"]["kind"] == "gpt2"  # GPT-2's weights with GPT-2's tokenizer
+    trained = load_config([repo / "config.yaml"], [
+        "tokenizer.kind=trained", "tokenizer.vocab_size=258",
+        "tokenizer.special_tokens=[<|endoftext|>, <|im_start|>]",
+        "tokenizer.fine_tuning=[finetune-instruct, align-dpo]",
+    ])  # fmt: skip
+    assert trained["tokenizer"]["vocab_size"] == 258
+    assert trained["finetune-classifier"]["init_from"] == "pretrain"

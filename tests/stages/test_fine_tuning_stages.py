@@ -17,7 +17,7 @@ import pipeline.train.loop as loop
 from pipeline.errors import InputError
 from pipeline.evaluate.diversity import STATS
 from pipeline.model import GPT, GPTConfig, save_checkpoint
-from pipeline.model.checkpoint import tokenizer_files
+from pipeline.model.checkpoint import tokenizer_extra_files
 from pipeline.model.classifier import GPTClassifier
 from pipeline.settings.load import deep_merge, load_config, stage_config
 from pipeline.stages import align_dpo, finetune_classifier, finetune_instruct
@@ -53,7 +53,7 @@ def workdir(tmp_path_factory, mirror):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, context_length=32, n_layer=1, n_head=2, n_embd=32)
     model = GPT(config)
-    tokenizer = tokenizer_files(root / "data" / "raw" / "gpt2-bpe")
+    tokenizer = tokenizer_extra_files(root / "data" / "raw" / "gpt2-bpe")
     save_checkpoint(model, root / "results" / "pretrain" / "model", {}, tokenizer)
     save_checkpoint(model, root / "instructed", {"instruct": {"template": "alpaca"}}, tokenizer)
     classifier = GPTClassifier.from_language_model(model, ["ham", "spam"])
@@ -178,7 +178,8 @@ def assert_split_datasets(workdir: Path, section: str, results: Path) -> None:
     source = config[section]["data"]
     [expected_sha256] = [s["sha256"] for s in config["data"]["sources"] if s["name"] == source]
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
-    assert len(run.inputs.dataset_inputs) == 3
+    assert len(run.inputs.dataset_inputs) == 4  # and the tokenizer its start carries
+    assert inputs["tokenizer"].name == "tokenizer"
     for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
         dataset = inputs[context]
         [split_file] = (results / section).glob(f"{split}.*")

@@ -76,6 +76,7 @@ def test_dag_produces_every_stage_output(done):
 
 # What `make report` shows of each stage (its category): {subcategory: file names}.
 REPORTED = {
+    "tokenizer": {"Metrics": {"metrics.json"}},
     "pretrain": {
         "Metrics": {"metrics.json"},
         "Training": {"loss.png"},
@@ -188,7 +189,7 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    stages = "download+prepare+pretrain+finetune-classifier+finetune-instruct+align-dpo"
+    stages = "download+tokenizer+prepare+pretrain+finetune-classifier+finetune-instruct+align-dpo"
     assert re.fullmatch(
         rf"{re.escape(stages)} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ", parents[0].info.run_name
     )
@@ -198,7 +199,8 @@ def test_mlflow_has_a_parent_run_with_a_child_per_stage(done):
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     }
     assert set(children) == {
-        "download", "prepare", "pretrain", "finetune-classifier", "finetune-instruct", "align-dpo"
+        "download", "tokenizer", "prepare", "pretrain", "finetune-classifier",
+        "finetune-instruct", "align-dpo",
     }  # fmt: skip
     assert all(r.info.status == "FINISHED" for r in children.values())
     pretrain = children["pretrain"]

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.tokens import in_val
 from pipeline.settings.load import load_config, stage_config
-from pipeline.stages import prepare
+from pipeline.stages import prepare, tokenizer
 
 
 def run_prepare(repo, mirror, tmp_path, *overrides: str) -> tuple[dict, dict, dict]:
@@ -24,11 +24,12 @@ def run_prepare(repo, mirror, tmp_path, *overrides: str) -> tuple[dict, dict, di
         f"prepare.corpus={json.dumps([{'path': str(tmp_path / 'corpus')}])}",
         *overrides,
     ])  # fmt: skip
+    tokenizer.main(stage_config(config, "tokenizer"))
     meta = prepare.main(stage_config(config, "prepare"))
     assert json.loads((tmp_path / "data" / "tokens" / "meta.json").read_text()) == meta
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'prepare'")
     assert not run.data.metrics  # its counts are params
     return meta, run.data.params, run.data.tags
 

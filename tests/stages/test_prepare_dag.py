@@ -33,7 +33,9 @@ def own_corpus(root, mirror):
 
 
 def tokens_of(workdir):
-    return {p.name: p.read_bytes() for p in sorted((workdir / "data" / "tokens").iterdir())}
+    tokens = workdir / "data" / "tokens"
+    return {str(p.relative_to(tokens)): p.read_bytes() for p in sorted(tokens.rglob("*"))
+            if p.is_file()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

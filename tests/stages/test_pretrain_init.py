@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.data.loader import evaluation_batches
-from pipeline.data.tokenizer import GPT2_BPE_FILES, gpt2_tokenizer
+from pipeline.data.tokenizer import TOKENIZER_FILES, gpt2_tokenizer
 from pipeline.data.tokens import load_tokens
 from pipeline.io import sha256_file
 from pipeline.model import GPTConfig, load_checkpoint, load_checkpoint_config
@@ -23,7 +23,7 @@ from pipeline.model.gpt2_import import weight_files
 from pipeline.model.weights import init_from_input
 from pipeline.settings import ModelSettings
 from pipeline.settings.load import load_config, stage_config
-from pipeline.stages import download, prepare, pretrain, training
+from pipeline.stages import download, prepare, pretrain, tokenizer, training
 from pipeline.stages.common import weights_sha256
 
 transformers = pytest.importorskip("transformers")
@@ -80,6 +80,7 @@ def base(tmp_path_factory, repo, mirror):
     ]
     config = load_config([repo / "config.yaml"], overrides)
     download.main(stage_config(config, "download"))
+    tokenizer.main(stage_config(config, "tokenizer"))
     prepare.main(stage_config(config, "prepare"))
     return repo, overrides
 
@@ -147,8 +148,9 @@ def test_imported_weights_are_evaluated_and_saved_untrained(base, tmp_path, hf_d
 
     meta = load_checkpoint_config(out / "model")
     assert meta["model"]["dropout"] == 0.0  # the model section's, not HF's resid_pdrop 0.1
-    for name in GPT2_BPE_FILES:
+    for name in TOKENIZER_FILES:  # the token files' tokenizer: GPT-2's, in our format
         assert (out / "model" / "tokenizer" / name).is_file()
+    assert meta["tokenizer"]["kind"] == "gpt2" and meta["tokenizer"]["n_vocab"] == 50257
     assert (out / "samples.txt").read_text().startswith(config["pretrain"]["sample_prompt"])
     assert (out / "loss.png").is_file()
     tags = run_tags(config)

@@ -36,7 +36,7 @@ def prepared(tmp_path_factory, repo, mirror) -> Path:
     """A work directory with the tiny config, downloaded and prepared once."""
     config = tiny_config(mirror, max_steps=MAX_STEPS, checkpoint_every=10, eval_every=60)
     workdir = make_workdir(tmp_path_factory.mktemp("training"), repo, config)
-    for stage in ("download", "prepare"):
+    for stage in ("download", "tokenizer", "prepare"):
         command = [sys.executable, "-m", "pipeline", stage, *CONFIGS]
         done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
@@ -124,7 +124,8 @@ def assert_token_datasets(run, token_dir: Path) -> None:
     a digest of what made them (the inputs' sha256s and the split)."""
     meta = json.loads((token_dir / "meta.json").read_text())
     inputs = {i.dataset.name: (i.tags[0].value, i.dataset) for i in run.inputs.dataset_inputs}
-    assert sorted(inputs) == ["tokens/train", "tokens/val"]
+    assert sorted(inputs) == ["tokenizer", "tokens/train", "tokens/val"]
+    assert inputs["tokenizer"][1].digest == meta["tokenizer"]["sha256"][:36]
     made_of = [[r["file"], r["sha256"]] for r in meta["inputs"]]
     for split, context in (("train", "training"), ("val", "validation")):
         logged_context, dataset = inputs[f"tokens/{split}"]
@@ -203,8 +204,9 @@ def test_a_failed_stage_leaves_the_previous_complete_folder(workdir, monkeypatch
     with pytest.raises(OSError, match="(?i)no space left"):
         pretrain.main(stage_config(config, "pretrain"))
     assert folder(results / "pretrain") == complete
-    # no temp folder left (results/prepare holds prepare's warnings.json)
-    assert sorted(p.name for p in results.iterdir()) == ["prepare", "pretrain"]
+    # no temp folder left (results/prepare holds prepare's warnings.json, results/tokenizer
+    # the tokenizer's training.json)
+    assert sorted(p.name for p in results.iterdir()) == ["prepare", "pretrain", "tokenizer"]
 
 
 def test_final_metrics_end_their_series_and_are_not_copied_as_final(

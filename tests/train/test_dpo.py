@@ -69,7 +69,7 @@ def test_response_logprobs_sum_only_unmasked_targets():
 def test_fused_head_gives_the_full_logits_result_and_gradients():
     chosen, rejected = toy_pairs()
     model, ref_model = toy_model(3).eval(), toy_model(3).eval()
-    inputs, targets = collate_pairs(chosen, rejected, context_length=16)
+    inputs, targets = collate_pairs(chosen, rejected, context_length=16, eos_id=EOT)
     full = response_logprobs(ref_model(inputs), targets)
     fused = model_response_logprobs(model, inputs, targets)
     torch.testing.assert_close(fused, full)
@@ -87,6 +87,9 @@ def toy_pairs():
     return chosen, rejected
 
 
+EOT = 50256  # the end-of-text id of the toy model's (GPT-2-sized) vocabulary
+
+
 def toy_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=50257, context_length=16, n_layer=2, n_head=2, n_embd=32)
@@ -95,16 +98,16 @@ def toy_model(seed: int = 0) -> GPT:
 
 def test_pairs_mask_prompts_and_padding_and_the_reference_gets_no_gradient():
     chosen, rejected = toy_pairs()
-    inputs, targets = collate_pairs(chosen, rejected, context_length=16)
+    inputs, targets = collate_pairs(chosen, rejected, context_length=16, eos_id=EOT)
     assert inputs.shape[0] == 4
     # chosen[0]: prompt 5 6 7, response 8 9, eot: learned targets are 8, 9, eot only
     assert targets[0].tolist()[:5] == [-100, -100, 8, 9, 50256]
     assert (targets[0, 5:] == -100).all()
     model = toy_model()
-    ref_c, ref_r = reference_logprobs(model, chosen, rejected, 16, batch_size=1)
+    ref_c, ref_r = reference_logprobs(model, chosen, rejected, 16, batch_size=1, eos_id=EOT)
     assert not ref_c.requires_grad and not ref_r.requires_grad
     assert all(p.grad is None for p in model.parameters())
-    inputs, targets = collate_pairs(chosen, rejected, context_length=16)
+    inputs, targets = collate_pairs(chosen, rejected, context_length=16, eos_id=EOT)
     with torch.no_grad():
         direct_c, direct_r = pair_logprobs(model.eval(), inputs, targets)
     torch.testing.assert_close(ref_c, direct_c)  # batch size and padding do not change them
@@ -114,7 +117,7 @@ def test_pairs_mask_prompts_and_padding_and_the_reference_gets_no_gradient():
 def test_one_step_raises_the_chosen_over_rejected_margin():
     chosen, rejected = toy_pairs()
     model = toy_model(1)
-    inputs, targets = collate_pairs(chosen, rejected, context_length=16)
+    inputs, targets = collate_pairs(chosen, rejected, context_length=16, eos_id=EOT)
     model.eval()
     with torch.no_grad():
         ref_c, ref_r = pair_logprobs(model, inputs, targets)
