@@ -292,6 +292,35 @@ def cross_check(nanogpt: Path, checkpoint: Path, mapped: GPT, tokens: np.ndarray
     return abs(their_loss.item() - lm_loss(mapped.eval(), batch).item())
 
 
+def add_turn_arguments(parser: argparse.ArgumentParser, trainers: str, overrides: str) -> None:
+    """The options of every benchmark that runs trainers in turns."""
+    parser.add_argument("--workdir", type=Path, help="scratch directory (default: a new temp one)")
+    parser.add_argument("--mirror", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--chunk", type=float, default=30.0, help="seconds per turn")
+    parser.add_argument("--threads", type=int, help=f"OMP_NUM_THREADS for {trainers}")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY.PATH=VALUE", help=overrides)  # fmt: skip
+
+
+def empty_workdir(parser: argparse.ArgumentParser, given: Path | None, prefix: str) -> Path:
+    """`--workdir`, which must be empty (a pretrain there would resume), or a new temp one."""
+    workdir = (given or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        parser.error(f"--workdir {workdir} is not empty (a pretrain there would resume)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def evaluated(trainer: Trainer, metric: str) -> dict[int, float]:
+    """Step -> `metric` at each of our evaluations in the trainer's log."""
+    line = re.compile(rf"step (\d+)/\d+ \| eval \|.*\| {metric} ([\d.]+)")
+    return {
+        int(m.group(1)): float(m.group(2))
+        for _, _, text in trainer.lines
+        if (m := line.search(text))
+    }
+
+
 def machine() -> str:
     """The CPU's vector flags, torch's kernel ISA and threads, and the load."""
     flags: set[str] = set()
@@ -320,18 +349,7 @@ def median_ms(seconds: Mapping[int, float], first: int, last: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a karpathy/nanoGPT checkout")
-    parser.add_argument("--workdir", type=Path, help="scratch directory (default: a new temp one)")
-    parser.add_argument("--mirror", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--chunk", type=float, default=30.0, help="seconds per turn")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both trainers")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="overrides",
-        metavar="KEY.PATH=VALUE",
-        help="our config override (both follow it)",
-    )
+    add_turn_arguments(parser, "both trainers", "our config override (both follow it)")
     args = parser.parse_args(argv)
     if not (args.nanogpt / "train.py").is_file():
         parser.error(f"--nanogpt {args.nanogpt}: no train.py there (a karpathy/nanoGPT checkout?)")

@@ -24,11 +24,9 @@ The goal (issue 16): default / before <= 0.5.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +39,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from nanogpt_side_by_side import (  # noqa: E402
     OUR_STEP,
     Trainer,
+    add_turn_arguments,
+    empty_workdir,
     environment,
+    evaluated,
     machine,
     pipeline_command,
     run_in_turns,
@@ -68,7 +69,6 @@ EVAL_WINDOWS = 272
 """272 windows of 128 tokens spread evenly over 34k val tokens: the whole split (17 batches of
 16, 34 of 8)."""
 
-EVAL_LINE = re.compile(r"step (\d+)/\d+ \| eval \|.*\| val_loss ([\d.]+)")
 
 
 def materialised_head_loss(self, hidden, targets, reduction="mean"):
@@ -91,11 +91,7 @@ def run_materialised(argv: list[str]) -> None:
 
 
 def evaluations(trainer: Trainer) -> dict[int, float]:
-    return {
-        int(m.group(1)): float(m.group(2))
-        for _, _, line in trainer.lines
-        if (m := EVAL_LINE.search(line))
-    }
+    return evaluated(trainer, "val_loss")
 
 
 def time_to(trainer: Trainer, target: float, tokens_per_step: int) -> tuple[float, int] | None:
@@ -110,18 +106,10 @@ def time_to(trainer: Trainer, target: float, tokens_per_step: int) -> tuple[floa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, help="scratch directory (default: a new temp one)")
-    parser.add_argument("--mirror", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--chunk", type=float, default=30.0, help="seconds per turn")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both trainers")
+    add_turn_arguments(parser, "both trainers", "override for the default trainer")
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        metavar="KEY.PATH=VALUE", help="override for the default trainer")
     args = parser.parse_args(argv)
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="time-to-loss-"))).resolve()
-    if workdir.exists() and any(workdir.iterdir()):
-        parser.error(f"--workdir {workdir} is not empty (a pretrain there would resume)")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = empty_workdir(parser, args.workdir, "time-to-loss-")
     mirror = args.mirror.resolve()
     sets = {}
     for name, extra in (("before", BEFORE), ("default", args.overrides)):

@@ -165,7 +165,8 @@ def test_dag_fine_tunes_the_classifier_from_the_pretrained_model(done):
     assert (out / "misclassified.tsv").read_text().startswith("label\tpredicted\tprobability")
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["classifier"]["labels"] == ["ham", "spam"]
-    assert (out / "model" / "tokenizer" / "encoder.json").is_file()
+    assert (out / "model" / "tokenizer" / "encoding.json").is_file()  # pretrain's, carried on
+    assert config["tokenizer"]["kind"] == "gpt2" and config["tokenizer"]["n_vocab"] == 50257
 
 
 def evaluated_sha256(workdir: Path, stage: str) -> str:
@@ -545,7 +546,7 @@ def test_concurrent_invocations_each_train_and_track_their_own_config(tmp_path, 
         for r in client.search_runs([experiment.experiment_id])
         if r.data.tags.get("pipeline.role") == "parent"
     }
-    assert set(parents) == {"download+prepare+pretrain", *targets.values()}
+    assert set(parents) == {"download+tokenizer+prepare+pretrain", *targets.values()}
     for name, stage in targets.items():
         parent = parents[stage]
         assert parent.info.status == "FINISHED"
