@@ -98,7 +98,9 @@ def test_profiles_are_yaml_mappings_of_snakemake_options(repo):
 
 def test_slurm_profile_dry_runs_the_whole_dag(workdir):
     jobs = dry_run_jobs(snakemake(workdir, "--profile", "profiles/slurm", "--dry-run"))
-    assert set(jobs) == {"download", "tokenize", "prepare", *TRAINING_RULES, "all"}
+    assert set(jobs) == {
+        "download", "tokenizer", "tokenize", "prepare", "tokenizer_report", *TRAINING_RULES, "all"
+    }  # fmt: skip
     assert jobs["prepare"].resources["slurm_partition"] == "$SBATCH_PARTITION"  # as written
 
 

@@ -39,7 +39,7 @@ from pipeline.data.tokenizer_sample import capped, corpus_train_text, fine_tunin
 from pipeline.data.tokens import load_tokens
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.settings import StageConfig, TokenizerSettings
+from pipeline.settings import END_OF_TEXT, StageConfig, TokenizerSettings
 from pipeline.stages.registry import training_stages
 from pipeline.tracking import WARNINGS_FILE, stage_run
 
@@ -52,17 +52,17 @@ RATIOS = ("bytes_per_token", "gpt2_bytes_per_token", "vs_gpt2")
 log = logging.getLogger("pipeline.tokenizer")
 
 
-def train_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> dict[bytes, int]:
-    """A byte-level BPE of `vocab_size` ranks (256 bytes + merges) learned from `texts`.
-    rustbpe uses every core unless RAYON_NUM_THREADS says otherwise (the rule sets it)."""
+def train_ranks(texts: Iterable[str], ranks: int, pattern: str) -> dict[bytes, int]:
+    """A byte-level BPE of `ranks` tokens (256 bytes + merges) learned from `texts`; fewer
+    when the text has too few distinct pairs. rustbpe uses every core unless
+    RAYON_NUM_THREADS says otherwise (the rule sets it)."""
     import rustbpe  # deferred: only a trained tokenizer needs it
 
     logging.getLogger("rustbpe").setLevel(logging.WARNING)  # a line per 1% of the merges
-    log.info("learning %d merges (%s pattern)", vocab_size - 256, pattern)
+    log.info("learning %d merges (%s pattern)", ranks - 256, pattern)
     trainer = rustbpe.Tokenizer()  # pyright: ignore[reportAttributeAccessIssue]  (no stubs)
-    trainer.train_from_iterator(iter(texts), vocab_size, pattern=PATTERNS[pattern])
-    ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-    return ranks
+    trainer.train_from_iterator(iter(texts), ranks, pattern=PATTERNS[pattern])
+    return {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
 
 
 class _Counted:
@@ -93,15 +93,15 @@ def sample(config: TokenizerConfig) -> Iterator[str]:
 def learn(config: TokenizerConfig) -> tuple[dict[bytes, int], dict[str, Any]]:
     """The trained ranks and how they were learned (characters, seconds, peak memory)."""
     section = config.section
-    merges_wanted = section.vocab_size - len(section.special_tokens)
+    wanted = section.vocab_size - len(section.special_tokens)
     text = _Counted(sample(config))
     start = time.perf_counter()
-    ranks = train_ranks(text, merges_wanted, section.pattern)
+    ranks = train_ranks(text, wanted, section.pattern)
     seconds = time.perf_counter() - start
-    if len(ranks) < merges_wanted:
+    if len(ranks) < wanted:
         raise InputError(
             f"tokenizer: learned {len(ranks) - 256:,} merges from {text.chars:,} characters; "
-            f"vocab_size {section.vocab_size:,} needs {merges_wanted - 256:,}: lower "
+            f"vocab_size {section.vocab_size:,} needs {wanted - 256:,}: lower "
             "tokenizer.vocab_size or learn from more text (prepare.corpus, "
             "tokenizer.max_chars, tokenizer.fine_tuning)"
         )
@@ -120,7 +120,7 @@ def build(config: TokenizerConfig) -> dict[str, Any]:
     section, paths = config.section, config.paths
     if section.kind == "gpt2":
         ranks, how = gpt2_ranks(paths.bpe), {"source": str(paths.bpe)}
-        pattern, specials = "gpt2", ["<|endoftext|>"]
+        pattern, specials = "gpt2", [END_OF_TEXT]
     else:
         ranks, how = learn(config)
         pattern, specials = section.pattern, section.special_tokens

@@ -230,18 +230,25 @@ def test_system_metrics_are_sampled_at_the_interval_or_not_at_all(tracked_config
     """MLflow's monitor on a real store: samples every `interval` s while the block runs (a
     training step's work here is a sleep); 0 or null logs none."""
     uri = tracked_config["tracking"]["uri"]
-    with tracked_run(tracked_config, "pretrain") as run, system_metrics(run, uri, interval):
-        time.sleep(1.5)
     client = MlflowClient(uri)
+    cpu = "system/cpu_utilization_percentage"
+    start = time.monotonic()
+    with tracked_run(tracked_config, "pretrain") as run, system_metrics(run, uri, interval):
+        # at least 1.5 s, longer (up to 15 s) until two samples are in, as a loaded machine
+        # may start the monitor late
+        while time.monotonic() - start < 1.5 or (
+            interval and time.monotonic() - start < 15
+            and len(client.get_metric_history(run.run_id, cpu)) < 2
+        ):  # fmt: skip
+            time.sleep(0.1)
+    ran = time.monotonic() - start
     logged = [k for k in client.get_run(run.run_id).data.metrics if k.startswith("system/")]
     if not interval:
         assert logged == []
         return
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
-        logged
-    )
-    history = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
-    assert 2 <= len(history) <= 1.5 / interval + 1  # one sample per interval, none after
+    assert {cpu, "system/system_memory_usage_megabytes"} <= set(logged)
+    history = client.get_metric_history(run.run_id, cpu)
+    assert 2 <= len(history) <= ran / interval + 1  # one sample per interval, none after
 
 
 def test_flatten_for_mlflow_params():

@@ -88,6 +88,7 @@ def workdir(tmp_path_factory, mirror) -> Path:
     workdir = tmp_path_factory.mktemp("distributed")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_pretrain(mirror, workdir)))
     run(workdir, "download")
+    run(workdir, "tokenizer")
     run(workdir, "prepare")
     run(workdir, "pretrain", *run_name("one"))
     return workdir
