@@ -26,6 +26,8 @@ from pipeline.settings.load import (
     write_config,
 )
 from pipeline.launch import (
+    keep_attempt_logs,
+    cluster_threads,
     prepare_params,
     progress_filter,
     rule_resources,
@@ -181,6 +183,18 @@ def show_run_end() -> None:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def clear_accepted_resume_states() -> None:
+    """Delete the resume checkpoint of each training stage whose job THIS invocation finished:
+    its jobs keep it (--keep-resume-state) until Snakemake has accepted their outputs, so a
+    retry of a job killed after its work resumes at the last step instead of from scratch."""
+    # deferred: torch, which building the DAG never imports
+    from pipeline.train import clear_resume_state
+
+    for stage in stages_of(workflow.dag.finished_jobs):
+        if stage in TRAINING:
+            clear_resume_state(PATHS.stage_resume(stage))
+
+
 onstart:
     write_config(config, RESOLVED_CONFIG)
     write_config(config, LATEST_CONFIG)
@@ -190,12 +204,14 @@ onstart:
 
 
 onsuccess:
+    clear_accepted_resume_states()
     if PARENT_RUN_ENV in os.environ:
         end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], True, finished_metrics())
     show_run_end()
 
 
 onerror:
+    clear_accepted_resume_states()
     if PARENT_RUN_ENV in os.environ:
         end_parent_run(TRACKING.uri, os.environ[PARENT_RUN_ENV], False, finished_metrics())
     show_run_end()
@@ -218,7 +234,10 @@ rule all:
     default_target: True
 
 
-rule download:
+# A checkpoint: the tokenize parts are groups of corpus files of about equal size, which is known
+# only once the files are downloaded (before, every size would be 0 and the DAG would name the
+# wrong files for each part).
+checkpoint download:
     output:
         [str(PATHS.source(source.name)) for source in CONFIG.data.sources],
     params:
@@ -238,7 +257,15 @@ scattergather:
     tokenize=config["prepare"]["scatter"],
 
 
-CORPUS_PARTS = corpus_parts(CONFIG.for_stage("prepare", PrepareSettings))  # globs expanded here
+PREPARE = CONFIG.for_stage("prepare", PrepareSettings)
+CORPUS_FILES = [str(f.path) for part in corpus_parts(PREPARE).values() for f in part]
+
+
+def part_files(wildcards) -> list[str]:
+    """The corpus files one tokenize job reads, as its own job computes them: from the files'
+    sizes, after the download checkpoint (Snakemake re-evaluates this once it has run)."""
+    checkpoints.download.get()
+    return [str(f.path) for f in corpus_parts(PREPARE)[wildcards.scatteritem]]
 
 
 def force_rerun(rule: str) -> None:
@@ -277,7 +304,7 @@ def tokenizer_inputs() -> dict:
     if TOKENIZER.kind == "gpt2":
         return {"bpe": [str(path) for path in PATHS.bpe_files]}
     return {
-        "corpus": [str(f.path) for part in CORPUS_PARTS.values() for f in part],
+        "corpus": CORPUS_FILES,
         "fine_tuning": [source_of(stage) for stage in TOKENIZER.fine_tuning],
     }
 
@@ -327,7 +354,7 @@ rule tokenizer_report:
 
 rule tokenize:
     input:
-        corpus=lambda wildcards: [str(f.path) for f in CORPUS_PARTS[wildcards.scatteritem]],
+        corpus=part_files,
         tokenizer=str(PATHS.tokenizer),
     output:
         temp(directory(str(PATHS.token_parts / "{scatteritem}"))),
@@ -366,19 +393,26 @@ rule prepare:
 
 
 def stage_threads(stage: str) -> int:
-    """`resources.<stage>.threads`, or every core Snakemake was given (a local run)."""
+    """`resources.<stage>.threads`; if null, every core Snakemake was given in a local run, and
+    `cluster_threads` on a cluster (--cores there only caps what each job gets)."""
     threads = CONFIG.resources[stage].threads
     if threads is not None:
         return threads
     if workflow.executor_plugin is None:
         return 1  # --dag, --report: no job runs (a rule's threads are evaluated as jobs are made)
-    try:
-        return workflow.cores
-    except WorkflowError:
-        raise WorkflowError(
-            f"resources.{stage}.threads is null (all of --cores) but Snakemake has no --cores:"
-            " on a cluster, set each training stage's resources.<stage>.threads"
-        ) from None
+    train = CONFIG.sections[stage].train if stage in TRAINING else None
+    if not workflow.is_main_process:  # inside a cluster job, whose Snakemake has --cores all
+        return int(os.environ.get("SLURM_CPUS_PER_TASK") or cluster_threads(train))
+    return cluster_threads(train) if on_cluster() else workflow.cores
+
+
+def on_cluster() -> bool:
+    """Whether jobs go to a cluster executor (SLURM), in a --dry-run too: Snakemake swaps in its
+    local dryrun executor then, and shows the intended one only by forcing `use_threads`."""
+    settings = workflow.executor_plugin.common_settings
+    if settings.dryrun_exec:
+        return workflow.execution_settings.use_threads
+    return not settings.local_exec
 
 
 def launch_command(stage: str):
@@ -418,6 +452,9 @@ for stage in TRAINING.values():
             # A function (of `input`, so no rerun trigger): the shell directive is run at job
             # time, when the loop's `stage` is the last one.
             progress=lambda wildcards, input, name=stage.name: progress_filter(name),
+            keep_logs=lambda wildcards, resources, name=stage.name: keep_attempt_logs(
+                f"logs/{name}.log", resources.attempt
+            ),
         log:
             f"logs/{stage.name}.log",
         benchmark:
@@ -425,6 +462,8 @@ for stage in TRAINING.values():
         threads: lambda wildcards, name=stage.name: stage_threads(name)
         resources:
             **rule_resources(CONFIG.resources[stage.name], CONFIG.sections[stage.name].train),
+            attempt=lambda wildcards, attempt: attempt,  # for keep_logs; SLURM ignores it
         shell:
-            # The whole output in the log; the training loop's step lines on the terminal too.
-            "{params.command} 2>&1 | tee {log} | {params.progress} >&2"
+            # The whole output in the log (an earlier attempt's kept beside it); the training
+            # loop's step lines on the terminal too.
+            "{params.keep_logs}; {params.command} 2>&1 | tee {log} | {params.progress} >&2"

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if stage.report:
             command.add_argument("--report", action="store_true", help=stage.report)
+        if stage.trains:
+            command.add_argument(
+                "--keep-resume-state",
+                action="store_true",
+                help="keep the resume checkpoint after the outputs are written (Snakemake "
+                "deletes it once it has accepted them, so a job killed after its work resumes)",
+            )
     config = commands.add_parser(
         "config", help="print the resolved configuration (every setting, defaults included)"
     )
@@ -381,6 +388,8 @@ def _run_command(args: argparse.Namespace) -> None:
     options = {"part": args.part, "gather_only": args.gather} if stage.parts else {}
     if stage.report:
         options["report_only"] = args.report
+    if stage.trains:
+        options["keep_resume_state"] = args.keep_resume_state
     run_stage(stage, config, threads=args.threads, **options)
 
 

@@ -72,6 +72,17 @@ def stage_params(section: Mapping[str, Any]) -> dict[str, Any]:
     return _sorted(stripped)
 
 
+CLUSTER_THREADS_PER_PROCESS = 2
+"""A cluster job's CPU cores per process when `resources.<stage>.threads` is null: the default
+config's laptop size, so the default config runs under the SLURM profile as written."""
+
+
+def cluster_threads(train: TrainSettings | None = None) -> int:
+    """A stage's threads on a cluster (no --cores to take them all from) when its
+    `resources.<stage>.threads` is null: CLUSTER_THREADS_PER_PROCESS per process of a node."""
+    return CLUSTER_THREADS_PER_PROCESS * (train.nproc_per_node if train else 1)
+
+
 def threads_per_process(threads: int, train: TrainSettings) -> int:
     """The rule's threads shared among the processes of one node (torchrun would set 1)."""
     return max(1, threads // train.nproc_per_node)
@@ -96,7 +107,8 @@ def stage_command(
     config_path: str,
     gpus_per_node: int = 0,
 ) -> str:
-    """The shell command that runs `python -m pipeline <stage>` with `train`'s world size.
+    """The shell command that runs `python -m pipeline <stage>` with `train`'s world size,
+    keeping its resume checkpoint for the Snakefile to delete once the outputs are accepted.
 
     One node: `single_node_launcher`. Several nodes: `srun` starts one torchrun per node of the
     SLURM allocation, meeting at a c10d rendezvous on the batch host (the allocation's first node,
@@ -104,7 +116,9 @@ def stage_command(
     plugin removes the allocation's SLURM_* variables before running the job's shell.
     """
     per_process = threads_per_process(threads, train)
-    args = f"{stage} --config {shlex.quote(config_path)} --threads {per_process}"
+    args = (
+        f"{stage} --config {shlex.quote(config_path)} --threads {per_process} --keep-resume-state"
+    )
     nproc, nodes = train.nproc_per_node, train.nnodes
     if nodes == 1:
         return f"{shlex.join(single_node_launcher(nproc))} {args}"
@@ -118,6 +132,17 @@ def stage_command(
         f"--rdzv-backend c10d --rdzv-endpoint $(hostname):{RENDEZVOUS_PORT} "
         f"--rdzv-id $SLURM_JOB_ID -m pipeline {args}"
     )
+
+
+def keep_attempt_logs(log: str, attempt: int) -> str:
+    """The shell that keeps every attempt's log of a retried job: attempt N > 1 first moves
+    attempt N-1's `<name>.log` to `<name>.attempt-<N-1>.log`; attempt 1 removes those left by
+    an earlier run, so the files beside the log are this run's attempts."""
+    stem = shlex.quote(log.removesuffix(".log"))
+    if attempt == 1:
+        return f"rm -f {stem}.attempt-*.log"
+    quoted = shlex.quote(log)
+    return f"if [ -e {quoted} ]; then mv {quoted} {stem}.attempt-{attempt - 1}.log; fi"
 
 
 def progress_filter(stage: str) -> str:

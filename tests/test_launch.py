@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.launch import (
     LAUNCH_KEYS,
+    cluster_threads,
+    keep_attempt_logs,
     progress_filter,
     rule_resources,
     stage_command,
@@ -25,6 +27,7 @@ def test_one_process_runs_the_entry_point_with_every_thread():
     command = stage_command("pretrain", TrainSettings(batch_size=16), 8, CONFIG)
     assert (
         command == "python -m pipeline pretrain --config results/config.resolved.yaml --threads 8"
+        " --keep-resume-state"
     )
 
 
@@ -33,6 +36,7 @@ def test_several_processes_on_one_node_share_the_threads_under_torchrun():
     assert stage_command("align-dpo", train, 32, CONFIG) == (
         "python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
         "-m pipeline align-dpo --config results/config.resolved.yaml --threads 8"
+        " --keep-resume-state"
     )
 
 
@@ -49,8 +53,38 @@ def test_several_nodes_start_one_torchrun_per_node_with_srun():
         "--kill-on-bad-exit 1 python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
         "--rdzv-backend c10d --rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID "
         "-m pipeline pretrain --config results/config.resolved.yaml --threads 8"
+        " --keep-resume-state"
     )
     assert train.world_size == 8
+
+
+def test_a_cluster_job_gets_two_threads_per_process_when_its_stage_names_none():
+    assert cluster_threads() == 2
+    assert cluster_threads(TrainSettings(batch_size=16, nproc_per_node=4)) == 8
+
+
+def test_every_attempt_of_a_retried_job_keeps_its_log(tmp_path):
+    """The shell snippet run before each attempt, in a real bash: attempt 1 clears an earlier
+    run's attempts, attempt N moves attempt N-1's log aside."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "pretrain.attempt-1.log").write_text("an earlier run's attempt 1")
+
+    def attempt(number: int) -> None:
+        snippet = keep_attempt_logs("logs/pretrain.log", number)
+        subprocess.run(["bash", "-c", snippet], cwd=tmp_path, check=True)
+        (logs / "pretrain.log").write_text(f"attempt {number}")
+
+    for number in (1, 2, 3):
+        attempt(number)
+    kept = {p.name: p.read_text() for p in sorted(logs.iterdir())}
+    assert kept == {
+        "pretrain.attempt-1.log": "attempt 1",
+        "pretrain.attempt-2.log": "attempt 2",
+        "pretrain.log": "attempt 3",
+    }
+    attempt(1)  # a new run
+    assert sorted(p.name for p in logs.iterdir()) == ["pretrain.log"]
 
 
 def test_a_config_path_with_spaces_is_quoted():

@@ -20,11 +20,13 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TRAINING_RULES = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
 SLURM_ENV = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu"}
 CONFIG_FILE = r"results/configs/[0-9a-f]{16}\.yaml"  # the invocation's config, by its content
+KEEP_LOGS = r"^rm -f logs/[\w-]+\.attempt-\*\.log; "  # a training job's first attempt keeps logs
 
 
 def logged(stage: str) -> str:
-    """How a training job's command ends: all output to its log, step lines to the terminal."""
-    return f" 2>&1 | tee logs/{stage}.log | {progress_filter(stage)} >&2"
+    """How a training job's command ends: its resume state kept for Snakemake to delete, all
+    output to its log, step lines to the terminal."""
+    return f" --keep-resume-state 2>&1 | tee logs/{stage}.log | {progress_filter(stage)} >&2"
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def dry_run_jobs(output: str) -> dict[str, SimpleNamespace]:
     jobs: dict[str, SimpleNamespace] = {}
     job = None
     for line in output.splitlines():
-        if match := re.fullmatch(r"(?:local)?rule (\w+):", line):
+        if match := re.fullmatch(r"(?:local)?(?:rule|checkpoint) (\w+):", line):
             job = jobs[match[1]] = SimpleNamespace(threads=1, resources={}, shell=None)
         elif job is None:
             continue
@@ -73,7 +75,8 @@ def dry_run_jobs(output: str) -> dict[str, SimpleNamespace]:
             pairs = (item.split("=", 1) for item in items)
             job.resources = {k: int(v) if v.isdigit() else v for k, v in pairs}
         elif line.startswith("Shell command: "):
-            job.shell = re.sub(CONFIG_FILE, "<config>", line.removeprefix("Shell command: "))
+            shell = re.sub(CONFIG_FILE, "<config>", line.removeprefix("Shell command: "))
+            job.shell = re.sub(KEEP_LOGS, "", shell)
     return jobs
 
 
@@ -92,6 +95,9 @@ def test_profiles_are_yaml_mappings_of_snakemake_options(repo):
     )
     # no per-stage settings: a stage's partition is its config's resources.<stage>.partition
     assert "set-resources" not in slurm
+    # squeue works with and without job accounting (sacct hangs without; issue 30)
+    assert slurm["slurm-status-command"] == "squeue"
+    assert slurm["slurm-init-seconds-before-status-checks"] <= 10
     # Snakemake would apply a profiles/default to every run, the SLURM one included.
     assert not (repo / "profiles" / "default").exists()
 
@@ -102,6 +108,23 @@ def test_slurm_profile_dry_runs_the_whole_dag(workdir):
         "download", "tokenizer", "tokenize", "prepare", "tokenizer_report", *TRAINING_RULES, "all"
     }  # fmt: skip
     assert jobs["prepare"].resources["slurm_partition"] == "$SBATCH_PARTITION"  # as written
+
+
+def test_slurm_profile_gives_stages_without_threads_two_per_process(workdir):
+    """The default config (no resources.<stage>.threads) and the GPU preset (none for prepare)
+    run under the SLURM profile as they are: 2 threads per process, however many --cores (a
+    dry run without --cores shows 1 thread for every job; the real run's are tests/cluster's)."""
+    config = _training()
+    config["pretrain"]["train"] = {"nproc_per_node": 2}
+    args = ("--profile", "profiles/slurm", "--cores", "1024", "--dry-run")
+    jobs = dry_run_jobs(snakemake(workdir, *args, config=config, env=SLURM_ENV))
+    expected = {"tokenizer": 2, "tokenize": 2, "pretrain": 4, "finetune_classifier": 2}
+    assert {rule: jobs[rule].threads for rule in expected} == expected
+    assert "--threads 2 " in jobs["tokenize"].shell and "--threads 2 " in jobs["pretrain"].shell
+
+    preset = ("--configfile", "configs/gpu-cluster.yaml")
+    jobs = dry_run_jobs(snakemake(workdir, *args, *preset, env=SLURM_ENV))
+    assert (jobs["tokenize"].threads, jobs["pretrain"].threads) == (2, 32)
 
 
 def test_slurm_profile_tokenizes_in_scattered_jobs_with_their_resources(workdir):
@@ -200,7 +223,8 @@ def test_processes_gpus_and_nodes_reach_the_rules(workdir):
     assert not any(o.startswith(("--gpus", "--ntasks-per-gpu")) for o in options)
     assert instruct.shell.startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node 1 ")
     assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in instruct.shell
-    assert "--threads 2 2>&1 | tee logs/finetune-instruct.log |" in instruct.shell
+    logged_to = "--threads 2 --keep-resume-state 2>&1 | tee logs/finetune-instruct.log |"
+    assert logged_to in instruct.shell
     for rule in ("finetune_classifier", "align_dpo"):  # untouched: one process, all 8 cores
         assert jobs[rule].shell.startswith(f"python -m pipeline {rule.replace('_', '-')} ")
         assert "--threads 8 " in jobs[rule].shell and jobs[rule].threads == 8

@@ -304,5 +304,7 @@ class AlignDpo(TrainingStage[DpoSettings]):
         return {k: metrics[k] for k in ("val_loss", "val_reward_accuracy", "val_reward_margin")}
 
 
-def main(config: StageConfig[DpoSettings], threads: int | None = None) -> dict[str, Any]:
-    return run_training_stage(AlignDpo(), config, threads)
+def main(
+    config: StageConfig[DpoSettings], threads: int | None = None, keep_resume_state: bool = False
+) -> dict[str, Any]:
+    return run_training_stage(AlignDpo(), config, threads, keep_resume_state)

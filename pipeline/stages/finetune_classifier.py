@@ -260,8 +260,12 @@ class FinetuneClassifier(TrainingStage[ClassifierSettings]):
         return {k: v for k, v in metrics.items() if k.startswith("test_")}
 
 
-def main(config: StageConfig[ClassifierSettings], threads: int | None = None) -> dict[str, Any]:
-    return run_training_stage(FinetuneClassifier(), config, threads)
+def main(
+    config: StageConfig[ClassifierSettings],
+    threads: int | None = None,
+    keep_resume_state: bool = False,
+) -> dict[str, Any]:
+    return run_training_stage(FinetuneClassifier(), config, threads, keep_resume_state)
 
 
 def _write_misclassified(

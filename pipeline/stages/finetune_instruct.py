@@ -211,5 +211,9 @@ class FinetuneInstruct(TrainingStage[InstructSettings]):
         return {k: metrics[k] for k in ("val_loss", "test_rouge_l", "test_exact_match")}
 
 
-def main(config: StageConfig[InstructSettings], threads: int | None = None) -> dict[str, Any]:
-    return run_training_stage(FinetuneInstruct(), config, threads)
+def main(
+    config: StageConfig[InstructSettings],
+    threads: int | None = None,
+    keep_resume_state: bool = False,
+) -> dict[str, Any]:
+    return run_training_stage(FinetuneInstruct(), config, threads, keep_resume_state)

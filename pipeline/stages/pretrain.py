@@ -336,5 +336,9 @@ class Pretrain(TrainingStage[PretrainSettings]):
         return metrics
 
 
-def main(config: StageConfig[PretrainSettings], threads: int | None = None) -> dict[str, Any]:
-    return run_training_stage(Pretrain(), config, threads)
+def main(
+    config: StageConfig[PretrainSettings],
+    threads: int | None = None,
+    keep_resume_state: bool = False,
+) -> dict[str, Any]:
+    return run_training_stage(Pretrain(), config, threads, keep_resume_state)

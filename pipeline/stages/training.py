@@ -154,10 +154,15 @@ def _stage_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def run_training_stage(
-    stage: TrainingStage[Section], config: StageConfig[Section], threads: int | None = None
+    stage: TrainingStage[Section],
+    config: StageConfig[Section],
+    threads: int | None = None,
+    keep_resume_state: bool = False,
 ) -> dict[str, Any]:
     """Set up, train, report and save one stage; returns its metrics (rank 0's final ones).
-    `threads`: torch's CPU threads (default: torch's choice)."""
+    `threads`: torch's CPU threads (default: torch's choice). `keep_resume_state`: leave the
+    resume checkpoint (at the last step) for whoever accepts the outputs to delete: a job killed
+    between writing them and Snakemake accepting them then reruns only the evaluation."""
     if threads:
         torch.set_num_threads(threads)
     out_dir, resume_dir = config.paths.stage(stage.name), config.paths.stage_resume(stage.name)
@@ -203,7 +208,8 @@ def run_training_stage(
                     tracking.uri, stage.name, config.section.registered_model_name, model,
                     tracker.run_id, registered.headline, metrics, plan.eval_data,
                 )  # fmt: skip
-    clear_resume_state(resume_dir)
+    if not keep_resume_state:
+        clear_resume_state(resume_dir)
     return metrics
 
 

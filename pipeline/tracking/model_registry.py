@@ -213,8 +213,18 @@ def register_stage(
     if model_uri is None:
         log.info("%s: no model logged (tracking.log_model false), so none registered", stage)
         return None
-    parent = os.environ.get(PARENT_RUN_ENV) or None
+    parent, model_name = os.environ.get(PARENT_RUN_ENV) or None, registered_model_name(stage, name)
+    earlier = _version_of_run(uri, model_name, run_id)
+    if earlier is not None:  # a retried job, whose earlier attempt was killed after registering
+        log.info("%s version %s is this run's already (an earlier attempt registered it)",
+                 model_name, earlier.version)  # fmt: skip
+        return earlier
     return register_stage_model(
-        uri, model_uri, registered_model_name(stage, name), run_id, parent, headline,
-        headline.value(metrics), eval_data,
-    )  # fmt: skip
+        uri, model_uri, model_name, run_id, parent, headline, headline.value(metrics), eval_data
+    )
+
+
+def _version_of_run(uri: str, name: str, run_id: str) -> ModelVersion | None:
+    """The version of `name` that run `run_id` registered, if any: one training, one version."""
+    found = _client(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return found[0] if found else None

@@ -50,9 +50,9 @@ def workdir(prepared, tmp_path) -> Path:
     return Path(shutil.copytree(prepared, tmp_path / "work", ignore=ignore))
 
 
-def pretrain_job(workdir: Path, log: str, *sets: str) -> subprocess.Popen:
+def pretrain_job(workdir: Path, log: str, *sets: str, keep: bool = False) -> subprocess.Popen:
     command = [sys.executable, "-m", "pipeline", "pretrain", *CONFIGS]
-    command += [f"--set={s}" for s in sets]
+    command += [f"--set={s}" for s in sets] + (["--keep-resume-state"] if keep else [])
     with open(workdir / log, "w") as out:
         return subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
 
@@ -84,9 +84,9 @@ def pretrain_runs(workdir: Path) -> list:
     )
 
 
-def rerun(workdir: Path, *sets: str) -> str:
+def rerun(workdir: Path, *sets: str, keep: bool = False) -> str:
     """Pretraining run again to its end; returns its log."""
-    returncode = pretrain_job(workdir, "rerun.log", *sets).wait(timeout=600)
+    returncode = pretrain_job(workdir, "rerun.log", *sets, keep=keep).wait(timeout=600)
     log = (workdir / "rerun.log").read_text()
     assert returncode == 0, log
     return log
@@ -117,6 +117,30 @@ def test_a_killed_training_resumes_in_its_own_mlflow_run(workdir):
     steps = [m.step for m in sorted(cpu, key=lambda m: m.timestamp)]
     assert steps and steps == sorted(set(steps))  # the rerun's samples go on after the killed's
     assert_token_datasets(run, workdir / "data" / "tokens")
+
+
+def test_a_job_killed_after_its_work_reruns_only_the_evaluation(workdir):
+    """--keep-resume-state (what a Snakemake job runs with) leaves the last step's resume state:
+    a job whose outputs Snakemake deleted (killed before they were accepted) writes them again
+    without training, in the same MLflow run, registering no second version."""
+    rerun(workdir, keep=True)
+    resume = workdir / ".resume" / "pretrain"
+    assert read_resume_meta(resume)["step"] == MAX_STEPS
+    finished = json.loads((workdir / "results" / "pretrain" / "metrics.json").read_text())
+    shutil.rmtree(workdir / "results" / "pretrain")
+
+    log = rerun(workdir, keep=True)
+    assert f"resume state is at step {MAX_STEPS} >= max_steps; evaluating only" in log
+    assert f"step 1/{MAX_STEPS}" not in log
+    again = json.loads((workdir / "results" / "pretrain" / "metrics.json").read_text())
+    assert again["val_loss"] == finished["val_loss"] and again["steps"] == MAX_STEPS
+    [run] = pretrain_runs(workdir)
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'gpt-pipeline-pretrain'")) == 1
+
+    rerun(workdir)  # run alone, without Snakemake: nobody else deletes it
+    assert not resume.exists()
 
 
 def assert_token_datasets(run, token_dir: Path) -> None:

@@ -232,6 +232,20 @@ def test_register_stage_names_the_model_and_tags_its_headline(store, monkeypatch
     assert store.aliases("spam filter") == ("1", "1")
 
 
+def test_a_retried_training_keeps_the_version_its_killed_attempt_registered(store):
+    run_id, model_uri = store.log_model()
+    other_run, other_uri = store.log_model()
+    first = register_stage(store.uri, "pretrain", None, model_uri, run_id, VAL_LOSS,
+                           {"val_loss": 2.0}, SHAKESPEARE)  # fmt: skip
+    again = register_stage(store.uri, "pretrain", None, model_uri, run_id, VAL_LOSS,
+                           {"val_loss": 2.0}, SHAKESPEARE)  # fmt: skip
+    other = register_stage(store.uri, "pretrain", None, other_uri, other_run, VAL_LOSS,
+                           {"val_loss": 3.0}, SHAKESPEARE)  # fmt: skip
+    assert [int(v.version) for v in (first, again, other)] == [1, 1, 2]
+    versions = store.client.search_model_versions("name = 'gpt-pipeline-pretrain'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
 def test_concurrent_trainings_each_get_a_version_of_one_new_model(store):
     run_id, model_uri = store.log_model()
     start = threading.Barrier(4)
