@@ -26,6 +26,7 @@ from pipeline.settings.load import (
     write_config,
 )
 from pipeline.launch import (
+    attempt_log,
     keep_attempt_logs,
     cluster_threads,
     prepare_params,
@@ -41,6 +42,7 @@ from pipeline.settings import PrepareSettings, TokenizerSettings
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
 from pipeline.errors import last_error_line
+from pipeline.slurm_queue import wait_for_earlier_jobs
 from pipeline.tracking import (
     PARENT_RUN_ENV,
     end_parent_run,
@@ -196,6 +198,8 @@ def clear_accepted_resume_states() -> None:
 
 
 onstart:
+    if not workflow.executor_plugin.common_settings.local_exec:  # jobs go to SLURM
+        wait_for_earlier_jobs(say=lambda line: print(line, file=sys.stderr, flush=True))
     write_config(config, RESOLVED_CONFIG)
     write_config(config, LATEST_CONFIG)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -452,8 +456,11 @@ for stage in TRAINING.values():
             # A function (of `input`, so no rerun trigger): the shell directive is run at job
             # time, when the loop's `stage` is the last one.
             progress=lambda wildcards, input, name=stage.name: progress_filter(name),
-            keep_logs=lambda wildcards, resources, name=stage.name: keep_attempt_logs(
-                f"logs/{name}.log", resources.attempt
+            keep_logs=lambda wildcards, input, name=stage.name: keep_attempt_logs(
+                f"logs/{name}.log", "$attempt"
+            ),
+            attempt_log=lambda wildcards, input, name=stage.name: attempt_log(
+                f"logs/{name}.log", "$attempt"
             ),
         log:
             f"logs/{stage.name}.log",
@@ -462,8 +469,9 @@ for stage in TRAINING.values():
         threads: lambda wildcards, name=stage.name: stage_threads(name)
         resources:
             **rule_resources(CONFIG.resources[stage.name], CONFIG.sections[stage.name].train),
-            attempt=lambda wildcards, attempt: attempt,  # for keep_logs; SLURM ignores it
+            attempt=lambda wildcards, attempt: attempt,  # for the shell's; SLURM ignores it
         shell:
-            # The whole output in the log (an earlier attempt's kept beside it); the training
-            # loop's step lines on the terminal too.
-            "{params.keep_logs}; {params.command} 2>&1 | tee {log} | {params.progress} >&2"
+            # The whole output in the log and in logs/attempts/ (Snakemake deletes the log
+            # before a retry); the training loop's step lines on the terminal too.
+            "attempt={resources.attempt}; {params.keep_logs}; {params.command} 2>&1"
+            " | tee {log} {params.attempt_log} | {params.progress} >&2"

@@ -134,15 +134,20 @@ def stage_command(
     )
 
 
-def keep_attempt_logs(log: str, attempt: int) -> str:
-    """The shell that keeps every attempt's log of a retried job: attempt N > 1 first moves
-    attempt N-1's `<name>.log` to `<name>.attempt-<N-1>.log`; attempt 1 removes those left by
-    an earlier run, so the files beside the log are this run's attempts."""
-    stem = shlex.quote(log.removesuffix(".log"))
-    if attempt == 1:
-        return f"rm -f {stem}.attempt-*.log"
-    quoted = shlex.quote(log)
-    return f"if [ -e {quoted} ]; then mv {quoted} {stem}.attempt-{attempt - 1}.log; fi"
+def attempt_log(log: str, attempt: int | str) -> str:
+    """Where an attempt of a training job writes its log too: `logs/attempts/<name>.<N>.log`.
+    Snakemake deletes a job's declared log before each attempt, so only these keep a retried
+    job's earlier attempts. `attempt` is a number or a shell word that expands to one."""
+    directory, name = log.rsplit("/", 1) if "/" in log else (".", log)
+    return f"{directory}/attempts/{name.removesuffix('.log')}.{attempt}.log"
+
+
+def keep_attempt_logs(log: str, attempt: int | str) -> str:
+    """The shell run before each attempt: makes attempt_log's folder and, at attempt 1, removes
+    the attempts of an earlier run, so those left are this run's."""
+    folder = shlex.quote(attempt_log(log, 0).rsplit("/", 1)[0])
+    earlier = shlex.quote(attempt_log(log, "").removesuffix(".log"))
+    return f'mkdir -p {folder}; if [ "{attempt}" -eq 1 ]; then rm -f {earlier}*.log; fi'
 
 
 def progress_filter(stage: str) -> str:

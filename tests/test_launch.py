@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.launch import (
     LAUNCH_KEYS,
+    attempt_log,
     cluster_threads,
     keep_attempt_logs,
     progress_filter,
@@ -64,27 +65,29 @@ def test_a_cluster_job_gets_two_threads_per_process_when_its_stage_names_none():
 
 
 def test_every_attempt_of_a_retried_job_keeps_its_log(tmp_path):
-    """The shell snippet run before each attempt, in a real bash: attempt 1 clears an earlier
-    run's attempts, attempt N moves attempt N-1's log aside."""
+    """What a training job runs before and during each attempt, in a real bash: attempt 1
+    clears an earlier run's attempts; each writes logs/attempts/<stage>.<N>.log beside the log
+    Snakemake deletes before a retry."""
     logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / "pretrain.attempt-1.log").write_text("an earlier run's attempt 1")
+    (logs / "attempts").mkdir(parents=True)
+    (logs / "attempts" / "pretrain.2.log").write_text("an earlier run's attempt 2")
 
     def attempt(number: int) -> None:
-        snippet = keep_attempt_logs("logs/pretrain.log", number)
-        subprocess.run(["bash", "-c", snippet], cwd=tmp_path, check=True)
-        (logs / "pretrain.log").write_text(f"attempt {number}")
+        (logs / "pretrain.log").unlink(missing_ok=True)  # as Snakemake does
+        log = "logs/pretrain.log"
+        script = (
+            f"attempt={number}; {keep_attempt_logs(log, '$attempt')}; "
+            f"echo attempt $attempt | tee {log} {attempt_log(log, '$attempt')}"
+        )
+        subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, capture_output=True)
 
     for number in (1, 2, 3):
         attempt(number)
-    kept = {p.name: p.read_text() for p in sorted(logs.iterdir())}
-    assert kept == {
-        "pretrain.attempt-1.log": "attempt 1",
-        "pretrain.attempt-2.log": "attempt 2",
-        "pretrain.log": "attempt 3",
-    }
+    kept = {p.name: p.read_text() for p in sorted((logs / "attempts").iterdir())}
+    assert kept == {f"pretrain.{n}.log": f"attempt {n}\n" for n in (1, 2, 3)}
+    assert (logs / "pretrain.log").read_text() == "attempt 3\n"
     attempt(1)  # a new run
-    assert sorted(p.name for p in logs.iterdir()) == ["pretrain.log"]
+    assert sorted(p.name for p in (logs / "attempts").iterdir()) == ["pretrain.1.log"]
 
 
 def test_a_config_path_with_spaces_is_quoted():

@@ -20,13 +20,14 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TRAINING_RULES = ("pretrain", "finetune_classifier", "finetune_instruct", "align_dpo")
 SLURM_ENV = {"SBATCH_ACCOUNT": "proj42", "SBATCH_PARTITION": "cpu"}
 CONFIG_FILE = r"results/configs/[0-9a-f]{16}\.yaml"  # the invocation's config, by its content
-KEEP_LOGS = r"^rm -f logs/[\w-]+\.attempt-\*\.log; "  # a training job's first attempt keeps logs
+KEEP_LOGS = r"^attempt=1; mkdir .*?; fi; "  # a training job keeps the logs of earlier attempts
 
 
 def logged(stage: str) -> str:
     """How a training job's command ends: its resume state kept for Snakemake to delete, all
     output to its log, step lines to the terminal."""
-    return f" --keep-resume-state 2>&1 | tee logs/{stage}.log | {progress_filter(stage)} >&2"
+    tee = f"tee logs/{stage}.log logs/attempts/{stage}.$attempt.log"
+    return f" --keep-resume-state 2>&1 | {tee} | {progress_filter(stage)} >&2"
 
 
 @pytest.fixture
@@ -223,7 +224,7 @@ def test_processes_gpus_and_nodes_reach_the_rules(workdir):
     assert not any(o.startswith(("--gpus", "--ntasks-per-gpu")) for o in options)
     assert instruct.shell.startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node 1 ")
     assert "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in instruct.shell
-    logged_to = "--threads 2 --keep-resume-state 2>&1 | tee logs/finetune-instruct.log |"
+    logged_to = "--threads 2 --keep-resume-state 2>&1 | tee logs/finetune-instruct.log "
     assert logged_to in instruct.shell
     for rule in ("finetune_classifier", "align_dpo"):  # untouched: one process, all 8 cores
         assert jobs[rule].shell.startswith(f"python -m pipeline {rule.replace('_', '-')} ")

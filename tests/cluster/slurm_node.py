@@ -1,5 +1,5 @@
-"""The one-node SLURM of the cluster tests as they see it (conftest.py's `slurm_cluster`), and
-tests/cluster/slurm_up.sh, which starts, switches and stops it."""
+"""The SLURM of the cluster tests as they see it (conftest.py's `slurm_cluster`: one node, or
+several on this one host), and tests/cluster/slurm_up.sh, which starts, switches and stops it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ READY = {"idle", "mixed", "allocated", "completing"}
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 CORE_PACKAGES = "munge slurmctld slurmd slurm-client"
 ACCOUNTING = re.compile(r"^AccountingStorageType\s*=\s*accounting_storage/slurmdbd", re.M)
+QUEUE_WAIT_S = 600  # how long a mode switch waits for others' jobs to leave the queue
 
 
 def command(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -69,6 +71,19 @@ def ours() -> bool:
         return False
 
 
+def wait_for_empty_queue(timeout: float = QUEUE_WAIT_S) -> None:
+    """A mode switch restarts slurmctld and every slurmd: it waits until no job (another
+    test's, someone's) is queued or running, and skips where the queue stays busy."""
+    deadline = time.monotonic() + timeout
+    while jobs := command("squeue", "-h", "-o", "%i").stdout.split():
+        if time.monotonic() >= deadline:
+            pytest.skip(
+                f"squeue still lists jobs {' '.join(jobs)} after {timeout:.0f} s: "
+                "the cluster cannot switch modes under them"
+            )
+        time.sleep(1)
+
+
 def missing(*programs: str) -> list[str]:
     return [name for name in programs if shutil.which(name, path=SBIN_PATH) is None]
 
@@ -104,20 +119,41 @@ class SlurmCluster:
         """The environment for sbatch and Snakemake's SLURM profile (profiles/slurm reads these)."""
         return {**os.environ, "SBATCH_ACCOUNT": self.account(), "SBATCH_PARTITION": self.partition}
 
+    def node_names(self) -> list[str]:
+        """The nodes' names, sorted (slurm_up.sh's several nodes all run on this host)."""
+        return sorted(set(command("sinfo", "-h", "-N", "-o", "%N").stdout.split()))
+
+    def node_count(self) -> int:
+        return len(self.node_names())
+
     def accounting(self, on: bool) -> bool:
-        """Switch job accounting on or off (slurm_up.sh restarts slurmctld and slurmd); skips the
-        test where this cluster is not slurm_up.sh's to switch. Returns whether it is on."""
+        """Switch job accounting on or off, keeping the nodes; skips the test where this cluster
+        is not slurm_up.sh's to switch. Returns whether it is on."""
         if self.accounting_on() == on:
             return on
-        if os.geteuid() != 0 or not ours():
-            pytest.skip("job accounting can be switched only as root on slurm_up.sh's cluster")
         if on and missing("slurmdbd", "mariadbd"):
             pytest.skip(
                 f"missing {', '.join(missing('slurmdbd', 'mariadbd'))} for job accounting "
                 "(apt-get install slurmdbd mariadb-server)"
             )
-        slurm_up("up", *(["--accounting"] if on else []))
+        self._switch("job accounting", on, self.node_count() or 1)
         return self.accounting_on()
+
+    def nodes(self, count: int) -> int:
+        """Switch to that many nodes, keeping accounting as it is; skips the test where this
+        cluster is not slurm_up.sh's to switch. Returns the node count."""
+        if self.node_count() == count:
+            return count
+        self._switch("the node count", self.accounting_on(), count)
+        return self.node_count()
+
+    def _switch(self, what: str, accounting: bool, nodes: int) -> None:
+        """slurm_up.sh up in that mode: it rewrites slurm.conf and restarts the daemons, once the
+        queue is empty."""
+        if os.geteuid() != 0 or not ours():
+            pytest.skip(f"{what} can be switched only as root on slurm_up.sh's cluster")
+        wait_for_empty_queue()
+        slurm_up("up", *(["--accounting"] if accounting else []), "--nodes", str(nodes))
 
 
 def default_partition() -> str:

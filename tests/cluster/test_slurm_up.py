@@ -1,12 +1,14 @@
-"""slurm_up.sh on this machine: a real one-node SLURM that runs sbatch jobs with the resources
-they ask for, with and without job accounting, and whose `down` stops only its own daemons.
-Every test leaves the cluster up, without accounting."""
+"""slurm_up.sh on this machine: a real SLURM that runs sbatch jobs with the resources they ask
+for, with and without job accounting, on one node or on two on this host, and whose `down` stops
+only its own daemons. Every test leaves the cluster up, on one node, without accounting."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,18 @@ PID_FILES = {
 }
 SYSTEM_MUNGE_PID = Path("/run/munge/munged.pid")  # where a munged started by anyone else writes
 JOB_WAIT_S = 60
+# each rank of a 2-node torchrun job: one gloo all_reduce across the nodes
+ALL_REDUCE = """
+import os
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+rank, world, node = dist.get_rank(), dist.get_world_size(), os.environ["SLURMD_NODENAME"]
+print("all_reduce", rank, world, node, int(total.item()))
+dist.destroy_process_group()
+"""
 
 
 @pytest.fixture
@@ -88,7 +102,7 @@ def test_up_again_only_checks(own_cluster):
     assert daemon_pids() == before
     assert {"slurmctld", "slurmd"} <= before.keys()
     assert "stopping" not in result.stdout
-    assert result.stdout.strip().splitlines()[-1].endswith("(accounting: no)")
+    assert result.stdout.strip().splitlines()[-1].endswith("(accounting: no, nodes: 1)")
 
 
 def test_a_job_gets_the_resources_it_asked_for(own_cluster, tmp_path):
@@ -113,6 +127,70 @@ def test_accounting_on_then_off(own_cluster, tmp_path):
     assert sacct.returncode != 0
     assert "accounting storage is disabled" in sacct.stdout + sacct.stderr
     assert finished_job(submit(own_cluster, tmp_path / "after.out"))["JobState"] == "COMPLETED"
+
+
+def free_port() -> int:
+    """A port no one listens on now (torchrun's default 29500 may be another job's)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def submit_torchrun(cluster: SlurmCluster, tmp_path: Path) -> str:
+    """An sbatch job on 2 nodes, one task each, whose srun starts torchrun on both: they meet
+    through c10d rendezvous on this host and run ALL_REDUCE; returns its id."""
+    (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
+    (tmp_path / "job.sh").write_text(
+        "#!/bin/bash\n"
+        f"srun --nodes 2 --ntasks 2 --ntasks-per-node 1 {sys.executable} -m torch.distributed.run"
+        " --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d"
+        f" --rdzv-endpoint $(hostname):{free_port()} --rdzv-id $SLURM_JOB_ID all_reduce.py\n"
+    )
+    result = command(
+        "sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "1",
+        "--mem", "1000", "--time", "1", "--account", cluster.account(),
+        "--partition", cluster.partition, "--chdir", str(tmp_path),
+        "--output", str(tmp_path / "job.out"), str(tmp_path / "job.sh"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def node_slurmds() -> list[int]:
+    """The pids of the slurmd slurm_up.sh started per node, where it runs several."""
+    return [int(path.read_text()) for path in RUN.glob("slurmd-*.pid")]
+
+
+def test_a_torchrun_job_across_two_nodes(own_cluster, tmp_path):
+    job, slurmds = None, []
+    try:
+        assert own_cluster.nodes(2) == 2
+        slurmds = node_slurmds()
+        assert len([pid for pid in slurmds if running(pid, "slurmd")]) == 2
+        job = submit_torchrun(own_cluster, tmp_path)
+        fields = finished_job(job)
+        output = (tmp_path / "job.out").read_text()
+        assert fields["JobState"] == "COMPLETED", output
+        lines = sorted(line.split()[1:] for line in output.splitlines() if "all_reduce " in line)
+        assert [(rank, world, total) for rank, world, _, total in lines] == [
+            ("0", "2", "3"),
+            ("1", "2", "3"),
+        ], output
+        assert sorted(node for _, _, node, _ in lines) == own_cluster.node_names()
+    finally:
+        if job is not None:
+            command("scancel", job)
+        assert own_cluster.nodes(1) == 1
+    assert not [pid for pid in slurmds if running(pid)]
+    assert node_slurmds() == []
+
+
+def test_a_bad_node_count_is_one_clear_error():
+    result = command(str(SCRIPT), "up", "--nodes", "two")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "slurm_up.sh: --nodes takes a node count (1 or more), not 'two'"
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs it as another user with runuser: needs root")

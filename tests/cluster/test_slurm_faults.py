@@ -1,0 +1,129 @@
+"""Faults under the scheduler, on tests/cluster's SLURM, each run as the README runs the DAG
+(`snakemake --profile profiles/slurm`, retries 2): the pretrain job scancelled in the middle of
+training (with and without job accounting) and again just after its work, before Snakemake took
+its outputs; and the login-side Snakemake killed and restarted while its job runs. Each ends with
+the loss of the uninterrupted local run in one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from slurm_runs import MAX_STEPS, SNAKEMAKE, squeue_state, start_slurm_run, wait_until
+
+from pipeline.train import read_resume_meta
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+TARGET = "results/pretrain/metrics.json"
+
+
+@pytest.fixture
+def prepared(local_run, repo, tmp_path) -> Path:
+    """The local run's work directory up to its tokens (and their Snakemake records), with no
+    pretraining, MLflow store or logs: only pretrain is left to run."""
+    skipped = shutil.ignore_patterns("pretrain", "mlflow.db", "mlartifacts", ".resume", "logs")
+    workdir = Path(shutil.copytree(local_run, tmp_path / "work", ignore=skipped, symlinks=True))
+    shutil.copytree(repo / "profiles", workdir / "profiles")
+    return workdir
+
+
+def pretrain_log(workdir: Path) -> str:
+    path = workdir / "logs" / "pretrain.log"
+    return path.read_text() if path.exists() else ""
+
+
+def scancel(job: str) -> float:
+    subprocess.run(["scancel", job], check=True)
+    return time.monotonic()
+
+
+def pretrain_runs(workdir: Path) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-pipeline").experiment_id
+    return client.search_runs([experiment], "tags.`pipeline.stage` = 'pretrain'")
+
+
+def assert_ends_as_the_local_run(workdir: Path, local: Path) -> None:
+    ours = json.loads((workdir / TARGET).read_text())
+    reference = json.loads((local / TARGET).read_text())
+    assert ours["steps"] == MAX_STEPS
+    assert (ours["val_loss"], ours["train_loss"]) == (
+        reference["val_loss"],
+        reference["train_loss"],
+    )
+    [run] = pretrain_runs(workdir)
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(client.search_model_versions("name = 'gpt-pipeline-pretrain'")) == 1
+    assert not (workdir / ".resume" / "pretrain").exists()  # deleted once accepted
+
+
+@pytest.mark.parametrize("accounting", [False, True], ids=["no-accounting", "accounting"])
+def test_a_cancelled_pretrain_job_resumes_and_one_killed_after_its_work_evaluates_only(
+    slurm_cluster, prepared, local_run, accounting, capsys
+):
+    slurm_cluster.accounting(accounting)
+    try:
+        run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+        # attempt 1: cancelled two steps past a checkpoint
+        [first] = wait_until(lambda: run.job_ids("pretrain"), "the pretrain job")
+        resume = prepared / ".resume" / "pretrain"
+
+        def past_a_checkpoint() -> bool:
+            meta = read_resume_meta(resume)
+            return meta is not None and f"step {meta['step'] + 2}/" in pretrain_log(prepared)
+
+        wait_until(past_a_checkpoint, "a resume checkpoint", timeout=600)
+        checkpoint = read_resume_meta(resume)["step"]
+        cancelled = scancel(first)
+        second = wait_until(lambda: run.job_ids("pretrain")[1:], "the resubmission")[0]
+        noticed = time.monotonic() - cancelled
+        # attempt 2: resumes; cancelled once its outputs are written, before they are accepted
+        wait_until(lambda: (prepared / TARGET).exists(), "attempt 2's outputs", timeout=600)
+        scancel(second)
+        run.finish()
+    finally:
+        slurm_cluster.accounting(False)
+
+    with capsys.disabled():
+        print(f"\nscancel -> resubmitted in {noticed:.1f} s (accounting: {accounting})")
+    assert len(run.job_ids("pretrain")) == 3
+    logs = prepared / "logs"
+    first_log = (logs / "attempts" / "pretrain.1.log").read_text()
+    second_log = (logs / "attempts" / "pretrain.2.log").read_text()
+    assert (logs / "attempts" / "pretrain.3.log").read_text() == pretrain_log(prepared)
+    assert f"resumed from step {checkpoint}/{MAX_STEPS}" not in first_log
+    assert f"resumed from step {checkpoint}/{MAX_STEPS}" in second_log
+    assert "evaluating only" in pretrain_log(prepared)  # attempt 3: no training again
+    assert "CANCELLED" in run.text() and "Error in rule pretrain" in run.text()
+    assert_ends_as_the_local_run(prepared, local_run)
+
+
+def test_a_restarted_snakemake_waits_for_the_job_still_running(slurm_cluster, prepared, local_run):
+    """The login-side Snakemake SIGKILLed while its pretrain job runs, unlocked and started
+    again: it submits no second pretrain job while the first is queued."""
+    run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+    [job] = wait_until(lambda: run.job_ids("pretrain"), "the pretrain job")
+    wait_until(lambda: "step 20/" in pretrain_log(prepared), "pretraining", timeout=600)
+    os.kill(run.process.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert squeue_state(job) == "RUNNING"  # the job goes on without its Snakemake
+    unlock = [SNAKEMAKE, "--unlock", "--profile", "profiles/slurm", "--configfile", "tiny.yaml"]
+    subprocess.run(unlock, cwd=prepared, env=slurm_cluster.env(), check=True, capture_output=True)
+
+    again = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+    output = again.finish()
+    assert f"waiting for SLURM jobs an earlier Snakemake left in {prepared.resolve()}: {job} " in (
+        output
+    )
+    for resubmitted in again.job_ids("pretrain"):  # only once the first left the queue
+        assert int(resubmitted) > int(job)
+    assert squeue_state(job) in ("", "COMPLETED")
+    assert_ends_as_the_local_run(prepared, local_run)
