@@ -42,7 +42,7 @@ from pipeline.settings import PrepareSettings, TokenizerSettings
 from pipeline.stages.prepare import corpus_parts
 from pipeline.stages.registry import training_stages
 from pipeline.errors import last_error_line
-from pipeline.slurm_queue import wait_for_earlier_jobs
+from pipeline.slurm import killed_for, wait_for_earlier_jobs
 from pipeline.tracking import (
     PARENT_RUN_ENV,
     end_parent_run,
@@ -172,9 +172,14 @@ def finished_warnings() -> dict:
 
 def failed_job_errors() -> list[str]:
     """`<log>: <error line>` of each job that failed in this invocation: without a profile's
-    show-failed-logs, Snakemake names only the log, and the reason is its last `error:` line."""
+    show-failed-logs, Snakemake names only the log, and the reason is its last `error:` line;
+    and `<stage>: SLURM job <id> went over its memory/time limit` for one SLURM killed."""
     failed = workflow.scheduler.failed
-    return [f"{log}: {line}" for job in failed for log in job.log if (line := last_error_line(log))]
+    errors = [
+        f"{log}: {line}" for job in failed for log in job.log if (line := last_error_line(log))
+    ]
+    killed = [(STAGE_OF_RULE[job.rule.name], killed_for(job.rule.name)) for job in failed]
+    return errors + [f"{stage}: {reason}" for stage, reason in killed if reason]
 
 
 def show_run_end() -> None:

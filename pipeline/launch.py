@@ -9,7 +9,7 @@ running Snakemake.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pipeline.settings import LAUNCH_KEYS, PREPARE_RUN_KEYS, StageResources, TrainSettings
@@ -157,9 +157,17 @@ def progress_filter(stage: str) -> str:
     return f"sed -un 's/.* pipeline\\.train: \\(step .*\\)/{stage}: \\1/p'"
 
 
+def per_attempt(amount: int) -> Callable[[Any, int], int]:
+    """A resource that grows with the attempt (Snakemake passes it): a job SLURM killed over its
+    --mem or --time is resubmitted with twice as much, then three times (and resumes from its
+    checkpoint); attempt 1 asks for `amount`."""
+    return lambda wildcards, attempt: amount * attempt
+
+
 def rule_resources(stage_resources: StageResources, train: TrainSettings | None = None) -> dict:
     """A training rule's Snakemake `resources` (the SLURM executor plugin's names; a
-    `partition` becomes `slurm_partition`, else the profile's default applies).
+    `partition` becomes `slurm_partition`, else the profile's default applies; memory and time
+    `per_attempt`).
 
     One node: `gpu` (sbatch --gpus). Several nodes: one task per node (`nodes`, `tasks`) and
     `gres=gpu:N` per node, because the plugin's `gpu` is a total, not a per-node count;
@@ -167,8 +175,8 @@ def rule_resources(stage_resources: StageResources, train: TrainSettings | None 
     0` keeps it from turning `tasks` into `--ntasks-per-gpu`.
     """
     resources: dict[str, Any] = {
-        "mem_mb": stage_resources.mem_mb,
-        "runtime": stage_resources.runtime,
+        "mem_mb": per_attempt(stage_resources.mem_mb),
+        "runtime": per_attempt(stage_resources.runtime),
     }
     if stage_resources.partition:
         resources["slurm_partition"] = stage_resources.partition

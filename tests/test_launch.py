@@ -103,13 +103,24 @@ def test_stage_params_drop_the_launch_keys_and_sort_the_rest():
     assert set(section["train"]) >= set(LAUNCH_KEYS)  # the config itself is left alone
 
 
+def at_attempt(resources: dict, attempt: int = 1) -> dict:
+    """Snakemake's view of `resources` at `attempt` (callables called as it calls them)."""
+    return {k: v(None, attempt) if callable(v) else v for k, v in resources.items()}
+
+
+def test_a_resubmitted_job_asks_for_more_memory_and_time():
+    resources = rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4))
+    assert at_attempt(resources, 2) == {"mem_mb": 256000, "runtime": 480, "gpu": 4}
+    assert at_attempt(resources, 3)["mem_mb"] == 384000
+
+
 def test_one_node_asks_for_gpus_several_nodes_for_a_gres_per_node():
-    assert rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4)) == {
+    assert at_attempt(rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4))) == {
         "mem_mb": 128000,
         "runtime": 240,
         "gpu": 4,
     }
-    assert rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4, nnodes=2)) == {
+    assert at_attempt(rule_resources(GPU_NODE, TrainSettings(nproc_per_node=4, nnodes=2))) == {
         "mem_mb": 128000,
         "runtime": 240,
         "nodes": 2,

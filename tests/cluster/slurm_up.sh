@@ -151,7 +151,10 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
+# memory use sampled every second and a job step over its --mem killed (no cgroups here)
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/$storage
 JobCompType=jobcomp/none
 MpiDefault=none

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from slurm_runs import MAX_STEPS, SNAKEMAKE, squeue_state, start_slurm_run, wait_until
 
@@ -127,3 +129,57 @@ def test_a_restarted_snakemake_waits_for_the_job_still_running(slurm_cluster, pr
         assert int(resubmitted) > int(job)
     assert squeue_state(job) in ("", "COMPLETED")
     assert_ends_as_the_local_run(prepared, local_run)
+
+
+def with_pretrain(workdir: Path, train: dict, resources: dict) -> None:
+    """The work directory's tiny.yaml with pretrain's train and resources sections updated."""
+    config = yaml.safe_load((workdir / "tiny.yaml").read_text())
+    config["pretrain"]["train"].update(train)
+    config["resources"]["pretrain"].update(resources)
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
+
+
+def assert_no_half_written_results(workdir: Path) -> None:
+    leftovers = [p.name for p in (workdir / "results").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_a_job_over_its_time_limit_resumes_in_a_longer_one(slurm_cluster, prepared):
+    """runtime 1 (minute) for about two minutes of pretraining: SLURM kills attempt 1, the
+    failure names the stage and the limit, attempt 2 asks for 2 minutes and resumes."""
+    steps = 2400
+    with_pretrain(prepared, {"max_steps": steps, "checkpoint_every": 100, "eval_every": steps},
+                  {"runtime": 1})  # fmt: skip
+    run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+    output = run.finish(timeout=900)
+    first, second = run.job_ids("pretrain")
+    assert f"SLURM-job '{first}' failed, SLURM status is: 'TIMEOUT'" in output
+    assert "Error in rule pretrain:" in output
+    assert (
+        "TIME LIMIT"
+        in (prepared / ".snakemake/slurm_logs/rule_pretrain" / f"{first}.log").read_text()
+    )
+    assert "runtime=2" in output.split(f"SLURM jobid {second}")[0].rsplit("rule pretrain:", 1)[1]
+    resumed = (prepared / "logs" / "attempts" / "pretrain.2.log").read_text()
+    assert re.search(rf"resumed from step \d+/{steps}", resumed)
+    assert json.loads((prepared / TARGET).read_text())["steps"] == steps
+    [run_] = pretrain_runs(prepared)
+    assert run_.info.status == "FINISHED"
+    assert_no_half_written_results(prepared)
+
+
+def test_a_job_over_its_memory_limit_is_resubmitted_with_more_and_named(slurm_cluster, prepared):
+    """mem_mb 150 is too little for even a job's Snakemake: SLURM kills each attempt (150, 300,
+    then 450 MB), and the run ends naming the stage, the limit and the memory used."""
+    with_pretrain(prepared, {}, {"mem_mb": 150})
+    run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+    assert run.wait() != 0
+    output = run.text()
+    first, _, third = run.job_ids("pretrain")
+    assert f"SLURM-job '{first}' failed" in output and "Error in rule pretrain:" in output
+    assert "mem_mb=300" in output and "mem_mb=450" in output
+    limit = r"went over its memory limit \(--mem 450 MB; it used \d+ MB\)"
+    named = rf"^pretrain: SLURM job {third} {limit}$"
+    assert re.search(named, output, flags=re.MULTILINE), output[-2000:]
+    assert not (prepared / "results" / "pretrain").exists()
+    assert_no_half_written_results(prepared)

@@ -1,4 +1,5 @@
-"""The SLURM jobs an earlier Snakemake left in the queue of this work directory.
+"""What the pipeline reads from SLURM: the jobs an earlier Snakemake left in the queue of this
+work directory, and the limit a killed job went over.
 
 A login-side Snakemake that is killed (a closed terminal, a lost tmux) leaves its jobs running.
 Restarted, it would submit the unfinished ones again, and two jobs of one stage would write one
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("pipeline")
 
@@ -78,3 +81,30 @@ def wait_for_earlier_jobs(
             )
             waited.update(job.job_id for job in new)
         time.sleep(poll_seconds)
+
+
+SLURM_LOGS = Path(
+    ".snakemake/slurm_logs"
+)  # the executor plugin's: rule_<name>/[wildcards/]<id>.log
+MEMORY = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+TIME = re.compile(r"CANCELLED AT \S+ DUE TO TIME LIMIT")
+
+
+def limit_hit(slurm_log: str) -> str | None:
+    """The limit SLURM killed a job for, from the job's SLURM log, in words; None if neither."""
+    if match := MEMORY.search(slurm_log):
+        used, limit = (int(n) // 2**20 for n in match.groups())
+        return f"went over its memory limit (--mem {limit} MB; it used {used} MB)"
+    if TIME.search(slurm_log):
+        return "went over its time limit (--time)"
+    return None
+
+
+def killed_for(rule: str, logs: Path = SLURM_LOGS) -> str | None:
+    """Why SLURM killed the latest job of `rule`, from its log (the plugin keeps a failed job's
+    log): `SLURM job <id> <limit_hit>`, or None."""
+    found = sorted((logs / f"rule_{rule}").rglob("*.log"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    reason = limit_hit(found[-1].read_text(errors="replace"))
+    return f"SLURM job {found[-1].stem} {reason}" if reason else None
