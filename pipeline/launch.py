@@ -125,7 +125,7 @@ def stage_command(
     step = (
         f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task {threads}"
         + (f" --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
-        + " --kill-on-bad-exit 1"
+        + " --kill-on-bad-exit=1"
     )
     return (
         f"{step} python -m torch.distributed.run --nnodes {nodes} --nproc-per-node {nproc} "

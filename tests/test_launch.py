@@ -51,7 +51,7 @@ def test_several_nodes_start_one_torchrun_per_node_with_srun():
     command = stage_command("pretrain", train, 32, CONFIG, gpus_per_node=4)
     assert command == (
         "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task 32 --gpus-per-node 4 "
-        "--kill-on-bad-exit 1 python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
+        "--kill-on-bad-exit=1 python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
         "--rdzv-backend c10d --rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID "
         "-m pipeline pretrain --config results/config.resolved.yaml --threads 8"
         " --keep-resume-state"

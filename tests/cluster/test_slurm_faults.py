@@ -147,7 +147,7 @@ def assert_no_half_written_results(workdir: Path) -> None:
 def test_a_job_over_its_time_limit_resumes_in_a_longer_one(slurm_cluster, prepared):
     """runtime 1 (minute) for about two minutes of pretraining: SLURM kills attempt 1, the
     failure names the stage and the limit, attempt 2 asks for 2 minutes and resumes."""
-    steps = 2400
+    steps = 2000
     with_pretrain(prepared, {"max_steps": steps, "checkpoint_every": 100, "eval_every": steps},
                   {"runtime": 1})  # fmt: skip
     run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
@@ -183,3 +183,26 @@ def test_a_job_over_its_memory_limit_is_resubmitted_with_more_and_named(slurm_cl
     assert re.search(named, output, flags=re.MULTILINE), output[-2000:]
     assert not (prepared / "results" / "pretrain").exists()
     assert_no_half_written_results(prepared)
+
+
+def test_pretrain_across_two_nodes_ends_as_the_local_two_process_run(
+    slurm_cluster, prepared, local_run
+):
+    """train.nnodes 2 (one process per node) on two slurmd of this host: one job on both
+    nodes, `srun` starting a torchrun per node at a c10d rendezvous, the same world of 2 as
+    the local run's 2 processes, so the same loss."""
+    slurm_cluster.nodes(2)
+    try:
+        with_pretrain(prepared, {"nproc_per_node": 1, "nnodes": 2}, {})
+        run = start_slurm_run(prepared, slurm_cluster.env(), TARGET)
+        run.finish()
+        [job] = run.job_ids("pretrain")
+        shown = subprocess.run(
+            ["scontrol", "show", "job", job], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        slurm_cluster.nodes(1)
+    assert "NumNodes=2 " in shown and "JobState=COMPLETED" in shown, shown
+    assert "srun --nodes 2 --ntasks 2 --ntasks-per-node 1" in run.text()
+    assert "--rdzv-backend c10d" in run.text()
+    assert_ends_as_the_local_run(prepared, local_run)
