@@ -40,7 +40,7 @@ from pipeline.launch import (
 from pipeline.data.shards import changed_line, changed_shards
 from pipeline.settings import PrepareSettings, TokenizerSettings
 from pipeline.stages.prepare import corpus_parts
-from pipeline.stages.registry import training_stages
+from pipeline.stages.registry import fine_tuning_stages, training_stages
 from pipeline.errors import last_error_line
 from pipeline.slurm import killed_for, wait_for_earlier_jobs
 from pipeline.tracking import (
@@ -300,7 +300,7 @@ if _CHANGED_SHARDS:
 
 
 TOKENIZER = CONFIG.section_of("tokenizer", TokenizerSettings)
-FINE_TUNING = [name for name in TRAINING if name != "pretrain"]
+FINE_TUNING = fine_tuning_stages()
 
 
 def source_of(stage: str) -> str:

@@ -30,7 +30,13 @@ from pipeline.model.weights import PRESET_FOR_WEIGHTS_NAME, SCRATCH
 from pipeline.paths import Paths
 from pipeline.settings import END_OF_TEXT, Config, Split, StageConfig, schema
 from pipeline.settings.schema import MISSING, FieldSpec, Group, fields_of, is_settings, record_type
-from pipeline.stages.registry import STAGES, FineTuningSection, scheduled_stages, training_stages
+from pipeline.stages.registry import (
+    STAGES,
+    FineTuningSection,
+    fine_tuning_stages,
+    scheduled_stages,
+    training_stages,
+)
 
 DEFAULT_CONFIG = Path("config.yaml")
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
@@ -329,7 +335,7 @@ def _tokenizer_problems(config: Config) -> list[str]:
             f"tokenizer.special_tokens: the first must be {END_OF_TEXT} (document separator, "
             f"eos and padding), not {section.special_tokens[0]!r}"
         )
-    fine_tuning = [name for name, stage in training_stages().items() if name != "pretrain"]
+    fine_tuning = fine_tuning_stages()
     problems += [
         f"tokenizer.fine_tuning: {name!r} is not a fine-tuning stage; expected one of: "
         f"{', '.join(fine_tuning)}"

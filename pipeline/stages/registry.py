@@ -198,6 +198,11 @@ def training_stages() -> dict[str, Stage]:
     return {name: stage for name, stage in STAGES.items() if stage.trains}
 
 
+def fine_tuning_stages() -> list[str]:
+    """The training stages after pretraining, each with its own data source (`<stage>.data`)."""
+    return [name for name in training_stages() if name != "pretrain"]
+
+
 def scheduled_stages() -> dict[str, Stage]:
     """Stages with `resources.<name>`: what their jobs ask a scheduler for."""
     return {name: stage for name, stage in STAGES.items() if stage.resources is not None}

@@ -40,7 +40,7 @@ from pipeline.data.tokens import load_tokens
 from pipeline.errors import InputError
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.settings import END_OF_TEXT, StageConfig, TokenizerSettings
-from pipeline.stages.registry import training_stages
+from pipeline.stages.registry import fine_tuning_stages
 from pipeline.tracking import WARNINGS_FILE, stage_run
 
 TokenizerConfig = StageConfig[TokenizerSettings]
@@ -157,19 +157,13 @@ def compression(texts: Sequence[bytes], tokenizer: tiktoken.Encoding, gpt2: tikt
             "vs_gpt2": round(ours / theirs, 4)}  # fmt: skip
 
 
-def fine_tuning_stages(config: TokenizerConfig) -> list[str]:
-    """The training stages that read a data source (the fine-tuning ones)."""
-    stages = training_stages()
-    return [n for n in stages if isinstance(getattr(config.sections[n], "data", None), str)]
-
-
 def report(config: TokenizerConfig) -> dict[str, Any]:
     """results/tokenizer/metrics.json and the MLflow run: compression on held-out text."""
     paths = config.paths
     tokenizer = load_tokenizer(paths.tokenizer)
     gpt2 = gpt2_tokenizer(paths.bpe)
     metrics = {"val": compression(val_documents(paths.tokens, tokenizer), tokenizer, gpt2)}
-    for stage in fine_tuning_stages(config):
+    for stage in fine_tuning_stages():
         texts = fine_tuning_texts(config, stage).evaluation
         metrics[stage] = compression([t.encode() for t in texts], tokenizer, gpt2)
     info = tokenizer_info(paths.tokenizer)

@@ -123,7 +123,8 @@ def test_a_registered_stage_joins_the_config_the_cli_and_the_dag(tmp_path, repo,
     assert "output: results/distill/model, results/distill/metrics.json, " in out
     assert re.search(
         r"python -m pipeline distill --config results/configs/[0-9a-f]{16}\.yaml --threads 2 "
-        r"2>&1 \| tee logs/distill\.log \| sed ",
+        r"--keep-resume-state 2>&1 \| tee logs/distill\.log logs/attempts/distill\.\$attempt\.log"
+        r" \| sed ",
         out,
     )
     assert "rule finetune_instruct:" in out and "rule pretrain:" in out  # what it builds on
