@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.io import atomic_directory, old_sibling
+from pipeline.train.distributed import is_main_process
 
 log = logging.getLogger("pipeline.train")
 
@@ -208,10 +209,11 @@ def load_resume_state(
     meta = json.loads((found / STATE_FILE).read_text())
     mismatch = _mismatch(meta, fingerprint)
     if mismatch is not None:
-        log.warning(
-            "discarding resume state in %s (step %s): %s; starting fresh",
-            found, meta.get("step"), mismatch,
-        )  # fmt: skip
+        if is_main_process():  # every rank discards it; one says so
+            log.warning(
+                "discarding resume state in %s (step %s): %s; starting fresh",
+                found, meta.get("step"), mismatch,
+            )  # fmt: skip
         return None
     safetensors.torch.load_model(model, str(found / MODEL_FILE), strict=True, device=str(device))
     optimizer_state = torch.load(found / OPTIMIZER_FILE, map_location="cpu", weights_only=True)

@@ -149,6 +149,17 @@ def test_other_fingerprint_or_config_starts_fresh(toy, tmp_path, caplog):
     assert run(toy, cfg(lr=2e-2, log_every=5), resume_dir=resume).resumed_from == 10
 
 
+def test_only_the_main_process_says_it_discards_a_resume_state(toy, tmp_path, caplog, monkeypatch):
+    """Under torchrun every rank loads (and discards) the state; the warning is printed once."""
+    resume = tmp_path / "resume"
+    with pytest.raises(toy.SimulatedKill):
+        run(toy, cfg(), resume_dir=resume, logger=toy.RecordingLogger(kill_at=5))
+    monkeypatch.setattr("pipeline.train.state.is_main_process", lambda: False)  # rank 1
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        result = run(toy, cfg(lr=2e-2), resume_dir=resume)
+    assert result.resumed_from is None and "discarding resume state" not in caplog.text
+
+
 def test_a_discarded_resume_state_names_the_settings_that_changed(toy, tmp_path, caplog):
     """The dotted path of each changed leaf (the stage's own fingerprint without its wrapper),
     a few of them, then how many more."""
