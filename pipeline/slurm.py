@@ -87,6 +87,7 @@ SLURM_LOGS = Path(
     ".snakemake/slurm_logs"
 )  # the executor plugin's: rule_<name>/[wildcards/]<id>.log
 MEMORY = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+OOM_KILL = re.compile(r"Detected \d+ oom[-_]kill event")  # where cgroups enforce --mem
 TIME = re.compile(r"CANCELLED AT \S+ DUE TO TIME LIMIT")
 
 
@@ -95,6 +96,8 @@ def limit_hit(slurm_log: str) -> str | None:
     if match := MEMORY.search(slurm_log):
         used, limit = (int(n) // 2**20 for n in match.groups())
         return f"went over its memory limit (--mem {limit} MB; it used {used} MB)"
+    if OOM_KILL.search(slurm_log):
+        return "went over its memory limit (--mem)"
     if TIME.search(slurm_log):
         return "went over its time limit (--time)"
     return None

@@ -34,6 +34,11 @@ def test_a_killed_jobs_slurm_log_names_the_limit_it_went_over(tmp_path):
     time = "slurmstepd: error: *** JOB 95 ON vm CANCELLED AT 2026-12-05T12:01:02 DUE TO TIME LIMIT"
     assert limit_hit(memory) == "went over its memory limit (--mem 300 MB; it used 610 MB)"
     assert limit_hit(time) == "went over its time limit (--time)"
+    cgroup = (  # a cluster whose cgroups enforce --mem (SLURM's task/cgroup wording)
+        "slurmstepd: error: Detected 1 oom_kill event in StepId=7.0. Some of the step tasks "
+        "have been OOM Killed.\n"
+    )
+    assert limit_hit(cgroup) == "went over its memory limit (--mem)"
     assert limit_hit("srun: error: vm: task 0: Exited with exit code 1\n") is None
 
     logs = tmp_path / "slurm_logs"
