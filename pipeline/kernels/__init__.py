@@ -52,6 +52,26 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _check_one_device_and_dtype(q: Tensor, *others: Tensor) -> None:
+    """What the C++ checks beside the shapes, checked here too: the fake kernel runs where an
+    input is on the meta device (a CPU q with a meta k would otherwise return an empty CPU
+    tensor) and under torch.compile."""
+    torch._check(
+        all(t.device == q.device for t in others),
+        lambda: (
+            "causal_attention: q, k and v must be on the same device, got "
+            + ", ".join(str(t.device) for t in (q, *others))
+        ),
+    )
+    torch._check(
+        all(t.dtype == q.dtype for t in others[:2]),
+        lambda: (
+            "causal_attention: q, k and v must have the same dtype, got "
+            + ", ".join(str(t.dtype) for t in (q, *others[:2]))
+        ),
+    )
+
+
 @torch.library.register_fake("pipeline::causal_attention_fwd")
 def _causal_attention_fwd_fake(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     torch._check(
@@ -62,6 +82,7 @@ def _causal_attention_fwd_fake(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
         k.shape == q.shape and v.shape == q.shape,
         lambda: "causal_attention: q, k and v must have the same shape",
     )
+    _check_one_device_and_dtype(q, k, v)
     batch, heads, seq_len, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads, seq_len), dtype=_lse_dtype(q.dtype))
@@ -72,6 +93,7 @@ def _causal_attention_fwd_fake(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
 def _causal_attention_bwd_fake(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_one_device_and_dtype(q, k, v, grad_out, out, lse)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
