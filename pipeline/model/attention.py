@@ -14,7 +14,10 @@ and `fused` is this project's compiled op (pipeline/kernels).
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,8 +26,30 @@ from torch import Tensor, nn
 
 from pipeline.errors import InputError
 
-FUSED_KERNEL_DEVICES = ("cpu",)
-"""Device types where the fused op's kernel is verified (its CUDA kernel has not run yet)."""
+FUSED_KERNEL_DEVICES = ("cpu", "cuda")
+"""Device types the fused op has kernels for (CUDA's where the extension was built with them)."""
+FUSED_CUDA_SPEEDUPS = Path(__file__).with_name("fused_cuda_speedups.json")
+"""The CUDA kernel's measured speed against SDPA flash per GPU and shape, shipped with the code:
+what `auto` decides from on a GPU."""
+
+
+@dataclass(frozen=True)
+class AttentionWorkload:
+    """What `auto` weighs on a GPU: the attention inputs' dtype, head width and length, and
+    whether it trains (forward + backward) or only runs forward."""
+
+    dtype: torch.dtype
+    head_dim: int
+    seq_len: int
+    backward: bool = True
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The backend a run uses and why (logged, and recorded in MLflow)."""
+
+    name: str
+    reason: str
 
 
 def split_heads(qkv: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,30 +232,94 @@ def build_attention(
 
 
 def resolve_attention(
-    requested: str, device: torch.device, attn_dropout: float = 0.0, key: str = "model.attention"
+    requested: str,
+    device: torch.device,
+    attn_dropout: float = 0.0,
+    key: str = "model.attention",
+    workload: AttentionWorkload | None = None,
 ) -> str:
-    """The backend a run uses on `device`: the one place that decides what runs where.
+    """The backend a run uses on `device` (`choose_attention`'s name)."""
+    return choose_attention(requested, device, attn_dropout, key, workload).name
 
-    `auto` is the fused op where its kernel is verified for the device (FUSED_KERNEL_DEVICES)
-    and the model has no attention dropout (the op has none), else sdpa. A backend named
-    explicitly is used as it is, except `fused` where its kernel is not verified. Errors name
-    `key`: the setting, or the command-line option, that asked.
+
+def choose_attention(
+    requested: str,
+    device: torch.device,
+    attn_dropout: float = 0.0,
+    key: str = "model.attention",
+    workload: AttentionWorkload | None = None,
+) -> AttentionChoice:
+    """The backend a run uses on `device`, and why: the one place that decides what runs where.
+
+    `auto` is sdpa with attention dropout (the op has none); else the fused op on the CPU, and
+    on a GPU only where FUSED_CUDA_SPEEDUPS measured it faster for that GPU generation and
+    `workload`; sdpa everywhere else. A backend named explicitly is used as it is, except
+    `fused` where the op has no kernel for the device. Errors name `key`: the setting, or the
+    command-line option, that asked.
     """
     device = torch.device(device)
-    fused_runs_here = device.type in FUSED_KERNEL_DEVICES
-    if requested == "auto":
-        return "fused" if fused_runs_here and not attn_dropout else "sdpa"
-    if requested not in _BUILDERS:
+    if requested not in ("auto", *_BUILDERS):
         raise InputError(
             f"{key}: unknown backend {requested!r}; expected auto or one of "
             f"{', '.join(ATTENTION_BACKENDS)}"
         )
-    if requested == "fused" and not fused_runs_here:
-        raise InputError(
-            f"{key}: 'fused' has a verified kernel for {', '.join(FUSED_KERNEL_DEVICES)} only, "
-            f"but the device is {device.type}; use auto (sdpa on this device) or sdpa"
-        )
-    return requested
+    fused_here, why_not = _fused_kernel(device)
+    if requested == "fused" and not fused_here:
+        raise InputError(f"{key}: 'fused' {why_not}; use auto (sdpa on this device) or sdpa")
+    if requested != "auto":
+        return AttentionChoice(requested, f"{key} asks for {requested}")
+    if attn_dropout:
+        return AttentionChoice("sdpa", f"attention dropout {attn_dropout} (the fused op has none)")
+    if not fused_here:
+        return AttentionChoice("sdpa", f"the fused op {why_not}")
+    if device.type == "cpu":
+        return AttentionChoice("fused", "the fused op's CPU kernels (faster than SDPA on CPUs)")
+    return measured_choice(torch.cuda.get_device_capability(device), workload)
+
+
+def _fused_kernel(device: torch.device) -> tuple[bool, str]:
+    """Whether the fused op has a kernel for `device`, and if not, why not (in words)."""
+    if device.type not in FUSED_KERNEL_DEVICES:
+        return False, f"has kernels for {', '.join(FUSED_KERNEL_DEVICES)} only, not {device.type}"
+    if device.type == "cpu":
+        return True, ""
+    try:
+        # deferred: the compiled extension is optional; importing it registers the op
+        import pipeline.kernels  # noqa: F401
+    except ImportError:
+        return False, "needs the compiled extension pipeline/kernels/_C, which is not built"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pipeline::causal_attention_fwd", "CUDA"):
+        return False, "was built without its CUDA kernels (a CPU-only torch at build time)"
+    return True, ""
+
+
+def measured_choice(
+    capability: tuple[int, int],
+    workload: AttentionWorkload | None,
+    measurements: Path = FUSED_CUDA_SPEEDUPS,
+) -> AttentionChoice:
+    """fused on a GPU of compute `capability` if `measurements` found it faster than SDPA flash
+    for that generation, the workload's dtype, head width and a length within 2x, else sdpa."""
+    if workload is None:
+        return AttentionChoice("sdpa", "no workload given to weigh the measurements against")
+    dtype = str(workload.dtype).removeprefix("torch.")
+    shape = f"sm_{capability[0]}{capability[1]} {dtype} D{workload.head_dim} T{workload.seq_len}"
+    rows = [
+        row for row in json.loads(measurements.read_text())["measurements"]
+        if tuple(row["capability"]) == tuple(capability) and row["dtype"] == dtype
+        and row["head_dim"] == workload.head_dim
+        and abs(math.log2(row["seq_len"] / workload.seq_len)) <= 1
+    ]  # fmt: skip
+    if not rows:
+        return AttentionChoice("sdpa", f"no measurement of the fused op for {shape}")
+    row = min(rows, key=lambda r: abs(math.log2(r["seq_len"] / workload.seq_len)))
+    passes = "forward_backward" if workload.backward else "forward"
+    speed = row[passes]
+    said = (
+        f"{speed:.2f}x SDPA flash measured on {row['gpu']} ({dtype}, D{row['head_dim']}, "
+        f"T{row['seq_len']}, {passes.replace('_', '+')}, commit {row['commit']}) for {shape}"
+    )
+    return AttentionChoice("fused" if speed > 1 else "sdpa", said)
 
 
 def attend_to_cache(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:

@@ -124,7 +124,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attention: str = "sdpa") -> None:
         super().__init__()
         self.config = config
-        self.attention = attention
+        self.attention, self.attention_reason = attention, ""
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.context_length, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -226,9 +226,10 @@ class GPT(nn.Module):
         n = self.num_parameters(exclude_position_embeddings=True)
         return float(6 * n + 12 * self.config.n_layer * self.config.n_embd * t)
 
-    def set_attention(self, name: str) -> None:
-        """Switch every layer to another attention backend; weights are untouched."""
-        self.attention = name
+    def set_attention(self, name: str, reason: str = "") -> None:
+        """Switch every layer to another attention backend (`reason`: why it was chosen, for
+        the run's records); weights are untouched."""
+        self.attention, self.attention_reason = name, reason
         device = self.tok_emb.weight.device
         for block in self.blocks:
             assert isinstance(block, Block)

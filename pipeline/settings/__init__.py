@@ -204,8 +204,8 @@ class ModelSettings:
     attention: str = setting(
         "auto",
         enum=ATTENTION_CHOICES,
-        help="run-time choice, not stored in checkpoints: auto = the fused op where it has a "
-        "verified kernel (the CPU), sdpa elsewhere",
+        help="run-time choice, not stored in checkpoints: auto = the fused op on the CPU, and "
+        "on a GPU where its shipped measurements say it is faster, else sdpa",
     )
     context_length: int | None = setting(None, minimum=1, help="null: the preset's")
     n_layer: int | None = setting(None, minimum=1, help="null: the preset's")

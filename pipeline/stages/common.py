@@ -18,7 +18,7 @@ from pipeline.errors import InputError
 from pipeline.evaluate.diversity import compare_answers
 from pipeline.io import atomic_write_json, sha256_file
 from pipeline.model import GPT, load_checkpoint
-from pipeline.model.attention import resolve_attention
+from pipeline.model.attention import AttentionWorkload, choose_attention
 from pipeline.model.checkpoint import (
     TOKENIZER_DIR,
     checkpoint_tokenizer,
@@ -44,6 +44,7 @@ from pipeline.settings import (
 from pipeline.settings.schema import to_plain
 from pipeline.stages.registry import FineTuningSection, init_checkpoint_path
 from pipeline.train import pick_device
+from pipeline.train.device import resolve_precision
 from pipeline.train.distributed import current_world
 
 if TYPE_CHECKING:
@@ -67,12 +68,19 @@ def stage_device(config: Config) -> torch.device:
     return device
 
 
-def use_attention(model: GPT, config: Config, device: torch.device) -> str:
-    """Switch `model` to the backend `model.attention` asks for on `device` (`auto`: fused on
-    the CPU, sdpa elsewhere; see `resolve_attention`); returns its name."""
-    name = resolve_attention(config.model.attention, device, model.config.attn_dropout)
-    model.set_attention(name)
-    return name
+def use_attention(model: GPT, config: Config, device: torch.device, train: TrainSettings) -> str:
+    """Switch `model` to the backend `model.attention` asks for on `device` for training with
+    `train` (`auto`: fused on the CPU, on a GPU where measured faster; see
+    `choose_attention`), saying which and why; returns its name."""
+    cfg = model.config
+    bf16 = resolve_precision(train.precision, device, cfg.n_embd) == "bf16"
+    workload = AttentionWorkload(
+        torch.bfloat16 if bf16 else torch.float32, cfg.n_embd // cfg.n_head, cfg.context_length
+    )
+    choice = choose_attention(config.model.attention, device, cfg.attn_dropout, workload=workload)
+    model.set_attention(choice.name, choice.reason)
+    log.info("attention: %s (%s)", choice.name, choice.reason)
+    return choice.name
 
 
 def epoch_train_settings(train: TrainSettings, epochs: int, batches_per_epoch: int
@@ -211,7 +219,7 @@ def load_language_model(config: StageConfig[FineTuning], device: torch.device) -
         model = weights_model(start, config.model).to(device)
     if type(model) is not GPT:
         raise InputError(f"{config.stage}.init_from {start} is not a language-model checkpoint")
-    use_attention(model, config, device)
+    use_attention(model, config, device, config.section.train)
     return model, start
 
 

@@ -256,7 +256,7 @@ class Pretrain(TrainingStage[PretrainSettings]):
             model = load_init_model(init_dir, cfg, config.model, init_from)
             trains, init_sha = self.section.continue_pretraining, weights_sha256(init_dir)
             self.init_info["init_weights_sha256"] = init_sha
-        attention = use_attention(model, config, device)
+        attention = use_attention(model, config, device, self.section.train)
         log.info(
             "model: %s, %s parameters, attention=%s, device=%s, init_from=%s%s",
             config.model.preset, f"{model.num_parameters():,}", attention, device,

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from pipeline import settings as s
 from pipeline.errors import InputError
 from pipeline.model.weights import init_from_input
-from pipeline.settings import Config
+from pipeline.settings import Config, TrainSettings
 from pipeline.tracking.headline import Headline
 
 EXTRA_STAGES_ENV = "PIPELINE_EXTRA_STAGES"
@@ -84,6 +84,9 @@ class FineTuningSection(Protocol):
 
     @property
     def data(self) -> str: ...
+
+    @property
+    def train(self) -> TrainSettings: ...
 
 
 def fine_tuning_inputs(stage: str) -> Inputs:

@@ -181,7 +181,7 @@ def run_training_stage(
             ) as tracker,
             system_metrics(tracker, tracking.uri, tracking.system_metrics_interval),
         ):
-            tracker.set_tags({**plan.tags, DATA_TAG: plan.eval_data})
+            tracker.set_tags({**plan.tags, DATA_TAG: plan.eval_data, **_attention_tags(plan)})
             for context, files in plan.datasets.items():
                 tracker.log_datasets(files, context)
             _log_tokenizer(tracker, plan.tokenizer_dir)
@@ -211,6 +211,14 @@ def run_training_stage(
     if not keep_resume_state:
         clear_resume_state(resume_dir)
     return metrics
+
+
+def _attention_tags(plan: StagePlan) -> dict[str, str]:
+    """The attention backend the stage's GPT runs and why (`choose_attention`), as run tags."""
+    for module in plan.model.modules():
+        if isinstance(module, GPT):
+            return {"attention": module.attention, "attention_reason": module.attention_reason}
+    return {}
 
 
 def _report(stage: TrainingStage[Any], plan: StagePlan, result: TrainResult, out_dir: Path,

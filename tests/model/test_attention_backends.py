@@ -1,11 +1,19 @@
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.model import ATTENTION_BACKENDS, GPT, GPTConfig, KVCache, build_attention
-from pipeline.model.attention import attend_to_cache, resolve_attention
+from pipeline.model.attention import (
+    AttentionChoice,
+    AttentionWorkload,
+    attend_to_cache,
+    choose_attention,
+    measured_choice,
+    resolve_attention,
+)
 
 OTHERS = [name for name in ATTENTION_BACKENDS if name != "sdpa"]
 
@@ -139,13 +147,68 @@ def test_fused_matches_sdpa_under_bf16_autocast():
     torch.testing.assert_close(logits["fused"], logits["sdpa"], atol=5e-2, rtol=5e-2)
 
 
-def test_auto_runs_the_fused_op_where_its_kernel_is_verified_and_sdpa_elsewhere():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_attention("auto", cpu) == "fused"
-    assert resolve_attention("auto", cuda) == "sdpa"
+def test_auto_runs_the_fused_op_on_the_cpu_and_on_a_gpu_only_where_measured_faster():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert choose_attention("auto", cpu) == AttentionChoice(
+        "fused", "the fused op's CPU kernels (faster than SDPA on CPUs)"
+    )
     assert resolve_attention("auto", cpu, attn_dropout=0.1) == "sdpa"  # the op has no dropout
     assert resolve_attention("multihead", cuda) == "multihead"
-    with pytest.raises(ValueError, match=r"'fused' has a verified kernel for cpu only.*auto"):
-        resolve_attention("fused", cuda)
+    assert resolve_attention("auto", mps) == "sdpa"
+    with pytest.raises(ValueError, match=r"'fused' has kernels for cpu, cuda only, not mps"):
+        resolve_attention("fused", mps)
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         resolve_attention("flash", cpu)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pipeline::causal_attention_fwd", "CUDA"):
+        # this torch is a CPU wheel: the extension has no CUDA kernels to run
+        assert choose_attention("auto", cuda).reason == (
+            "the fused op was built without its CUDA kernels (a CPU-only torch at build time)"
+        )
+        with pytest.raises(ValueError, match="'fused' was built without its CUDA kernels"):
+            resolve_attention("fused", cuda)
+
+
+H200 = (9, 0)
+
+
+def workload(seq_len: int, head_dim: int = 64, backward: bool = True) -> AttentionWorkload:
+    return AttentionWorkload(torch.bfloat16, head_dim, seq_len, backward)
+
+
+def test_on_a_gpu_auto_follows_the_shipped_measurements():
+    """The H200 figures shipped in fused_cuda_speedups.json: slower than SDPA flash when
+    training, 1.04x forward at T1024; nothing measured: sdpa."""
+    trains = measured_choice(H200, workload(1024))
+    assert trains == AttentionChoice(
+        "sdpa",
+        "0.89x SDPA flash measured on NVIDIA H200 (bfloat16, D64, T1024, forward+backward, "
+        "commit d3ca21d) for sm_90 bfloat16 D64 T1024",
+    )
+    assert measured_choice(H200, workload(1024, backward=False)).name == "fused"
+    assert measured_choice(H200, workload(1500)).reason.startswith("0.86x")  # nearest: T2048
+    for capability, work in [((8, 0), workload(1024)), (H200, workload(1024, head_dim=128)),
+                             (H200, workload(8192))]:  # fmt: skip
+        choice = measured_choice(capability, work)
+        assert choice.name == "sdpa" and choice.reason.startswith("no measurement"), choice
+    assert measured_choice(H200, None).name == "sdpa"
+
+
+def test_a_faster_measurement_makes_auto_pick_the_fused_op(tmp_path):
+    rows = {
+        "measurements": [
+            {
+                "gpu": "G",
+                "capability": [9, 0],
+                "commit": "abc",
+                "dtype": "bfloat16",
+                "head_dim": 64,
+                "seq_len": 2048,
+                "forward": 1.3,
+                "forward_backward": 1.1,
+            }
+        ]
+    }
+    table = tmp_path / "speedups.json"
+    table.write_text(json.dumps(rows))
+    assert measured_choice(H200, workload(2048), table).name == "fused"
+    assert measured_choice(H200, workload(1024), table).name == "fused"  # within 2x

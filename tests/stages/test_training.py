@@ -138,6 +138,10 @@ def test_a_job_killed_after_its_work_reruns_only_the_evaluation(workdir):
     assert run.info.status == "FINISHED"
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert len(client.search_model_versions("name = 'gpt-pipeline-pretrain'")) == 1
+    assert run.data.tags["attention"] == "fused"  # model.attention: auto, and why
+    assert (
+        run.data.tags["attention_reason"] == "the fused op's CPU kernels (faster than SDPA on CPUs)"
+    )
 
     rerun(workdir)  # run alone, without Snakemake: nobody else deletes it
     assert not resume.exists()
