@@ -1,14 +1,17 @@
 """Every error the fused op raises reaches Python as an exception, on every instruction-set path
 this CPU has, with and without autograd (torch 2.11 crashed in `redispatch` under
-`register_autograd` instead; issue 32). Each path runs its cases in a subprocess that names
-each case before it runs it, so a segfault fails the test naming the case instead of killing
-pytest."""
+`register_autograd` instead, on one GPU host; issue 32). Each path runs its cases in a
+subprocess that names each case before it runs it, so a segfault fails the test naming the case
+and the signal instead of killing pytest; three controls run first (torch's own error, torch's
+error under a Python `register_autograd` op, ours below autograd), so the first to crash names
+the layer."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -35,7 +38,22 @@ def qkv(shapes, dtypes=(torch.float32,) * 3, grad=False):
 
 good = [(1, 2, 5, 8)] * 3
 f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
-cases = {}
+
+
+@torch.library.custom_op("errorpaths::mm", mutates_args=())
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b)
+
+
+mm.register_autograd(lambda ctx, g: (g, g), setup_context=lambda ctx, inputs, output: None)
+d0 = qkv([(1, 2, 5, 0)] * 3)
+cases = {  # controls first: whichever layer crashes first names it
+    "control: torch's own error": lambda: torch.mm(torch.zeros(2, 3), torch.zeros(2, 3)),
+    "control: torch's error under register_autograd": lambda: mm(
+        torch.zeros(2, 3, requires_grad=True), torch.zeros(2, 3)),
+    "control: ours below autograd": lambda: fwd.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *d0),
+}
 for grad in (False, True):
     tag = "autograd " if grad else ""
     cases.update({
@@ -74,6 +92,9 @@ print(json.dumps(results))
 """
 
 EXPECTED = {  # case (without its "autograd " prefix): the start of what Python gets
+    "control: torch's own error": "RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+    "control: torch's error under register_autograd": "RuntimeError: mat1 and mat2 shapes",
+    "control: ours below autograd": "RuntimeError: causal_attention: head dimension D must be",
     "2-d inputs": r"RuntimeError: causal_attention: q must have shape \(B, H, T, D\)",
     "5-d inputs": r"RuntimeError: causal_attention: q must have shape \(B, H, T, D\)",
     "k of another length": "RuntimeError: causal_attention: k must have the shape of q",
@@ -89,22 +110,33 @@ EXPECTED = {  # case (without its "autograd " prefix): the start of what Python 
 }
 
 
-@pytest.mark.parametrize("capability", CAPABILITIES)
-def test_every_error_is_an_exception_on_every_instruction_set(capability: str) -> None:
+@pytest.mark.parametrize(
+    ("capability", "cpp_stacktraces"),
+    [(capability, False) for capability in CAPABILITIES] + [("avx512_bf16", True)],
+)
+def test_every_error_is_an_exception_on_every_instruction_set(
+    capability: str, cpp_stacktraces: bool
+) -> None:
+    """With TORCH_SHOW_CPP_STACKTRACES=1 too (each error then walks the C++ stack, which a
+    crash of the unwinder would show), under faulthandler, which names a crash's signal."""
     env = {**os.environ, "PIPELINE_CPU_CAPABILITY": capability}
+    env.pop("TORCH_SHOW_CPP_STACKTRACES", None)
+    if cpp_stacktraces:
+        env["TORCH_SHOW_CPP_STACKTRACES"] = "1"
     probe = [sys.executable, "-c", "from pipeline.kernels import cpu_capability as c; print(c())"]
     if subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() != capability:
         pytest.skip(f"this CPU does not support {capability}")
     done = subprocess.run(
-        [sys.executable, "-c", CASES], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-X", "faulthandler", "-c", CASES],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     started = [line.removeprefix("case: ") for line in done.stderr.splitlines() if "case: " in line]
+    died = signal.Signals(-done.returncode).name if done.returncode < 0 else done.returncode
     assert done.returncode == 0, (
-        f"{capability}: the process died with {done.returncode} in case {started[-1:]!r}:\n"
-        f"{done.stderr[-3000:]}"
+        f"{capability}: the process died ({died}) in case {started[-1:]!r}:\n{done.stderr[-3000:]}"
     )
     results = json.loads(done.stdout.splitlines()[-1])
-    assert len(results) == 2 * 9 + 3
+    assert len(results) == 3 + 2 * 9 + 3
     for name, got in results.items():
         expected = EXPECTED[name.removeprefix("autograd ")]
         assert re.match(expected, got), f"{capability}, {name}: {got}"
