@@ -8,11 +8,13 @@ builds the extension once, incrementally, with `setup.py build_ext --inplace`).
 The CUDA sources (csrc/*.cu) are compiled only when the installed torch is a CUDA build
 (torch.version.cuda is set) and a CUDA toolkit is found; PIPELINE_NO_CUDA=1 skips them. A
 CPU-only torch cannot link a CUDA extension, so a machine that merely has nvcc installed still
-gets the CPU-only build.
+gets the CPU-only build. They are compiled for sm_80 and sm_90, or for TORCH_CUDA_ARCH_LIST
+where it is set (benchmarks/device_check.py sets it to the GPU's compute capability).
 """
 
 import glob
 import os
+import re
 
 import torch
 from setuptools import setup
@@ -27,6 +29,19 @@ def avx512_wanted() -> bool:
     if choice not in ("native", "all"):
         raise SystemExit(f"PIPELINE_CPU_ISAS must be native or all, not {choice!r}")
     return choice == "all" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def cuda_arch_flags() -> list[str]:
+    """-gencode flags. The kernels use bf16 mma.sync, cp.async and ldmatrix: sm_80 (A100) and
+    newer, so archs below 8.0 in TORCH_CUDA_ARCH_LIST are dropped (container images list every
+    arch); without one left, sm_80 and sm_90. Explicit flags also stop torch from adding its own
+    (every arch it knows, or the visible GPUs')."""
+    listed = re.findall(r"(\d+)\.(\d+)(\+PTX)?", os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+    archs = [(major + minor, ptx) for major, minor, ptx in listed if int(major) >= 8]
+    archs = archs or [("80", ""), ("90", "")]
+    flags = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch, _ in archs]
+    ptx = [f"-gencode=arch=compute_{arch},code=compute_{arch}" for arch, p in archs if p]
+    return flags + ptx
 
 
 with_avx512 = avx512_wanted()
@@ -52,15 +67,7 @@ cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-g0", "-fno-gcse"]
 extension_cls = CUDAExtension if use_cuda else CppExtension
 extra_compile_args = {"cxx": cxx_flags}
 if use_cuda:
-    # The kernels use bf16 mma.sync, cp.async and ldmatrix: sm_80 (A100) and newer. Explicit
-    # -gencode flags also stop torch from adding its own TORCH_CUDA_ARCH_LIST defaults.
-    extra_compile_args["nvcc"] = [
-        "-O3",
-        "--use_fast_math",
-        "-std=c++17",
-        "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90,code=sm_90",
-    ]
+    extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", *cuda_arch_flags()]
 
 setup(
     ext_modules=[] if os.environ.get("PIPELINE_SKIP_EXTENSION") == "1" else [

@@ -10,6 +10,7 @@ backend (CUDA events, warmup, median of repeats), and prints milliseconds, the r
 (forward: 4 * B * H * D * T(T+1)/2 FLOPs; forward+backward: 3.5x that, as in the
 FlashAttention papers — our deterministic backward actually does 7 matmuls, not 5).
 Exits with a message (status 0) when there is no GPU or the CUDA kernels are not built.
+benchmarks/device_check.py times its grid with these functions (and SDPA's efficient backend).
 """
 
 from __future__ import annotations
@@ -27,12 +28,35 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import AttentionFn, attention_passes  # noqa: E402  (benchmarks/attention.py)
+from attention import AttentionFn, Case, attention_passes  # noqa: E402  (benchmarks/attention.py)
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+Timer = Callable[[Callable[[], object], int, int], float]
 
 
-def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def sdpa_with(backend: SDPBackend) -> AttentionFn:
+    """Causal SDPA restricted to one backend (an error, not a silent fallback, if it cannot run)."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return attention
+
+
+sdpa_flash = sdpa_with(SDPBackend.FLASH_ATTENTION)
+
+
+def cuda_kernels_built() -> bool:
+    """Whether the loaded pipeline.kernels._C has CUDA kernels (a CPU torch builds none)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pipeline::causal_attention_fwd", "CUDA")
+
+
+def case_tensors(case: Case, dtype: torch.dtype, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """q, k, v and the output gradient of `case`, seeded: every contender gets the same values."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    return tuple(torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(4))
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -51,10 +75,15 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 
 def time_fn(
-    attention: AttentionFn, tensors: tuple[torch.Tensor, ...], warmup: int, repeats: int
+    attention: AttentionFn,
+    tensors: tuple[torch.Tensor, ...],
+    warmup: int,
+    repeats: int,
+    timer: Timer = median_ms,
 ) -> tuple[float, float]:
+    """Median ms of the forward and of the forward + backward (`timer`: CUDA events by default)."""
     forward, forward_backward = attention_passes(attention, *tensors)
-    return median_ms(forward, warmup, repeats), median_ms(forward_backward, warmup, repeats)
+    return timer(forward, warmup, repeats), timer(forward_backward, warmup, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.kernels import causal_attention
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("pipeline::causal_attention_fwd", "CUDA"):
+    if not cuda_kernels_built():
         print(
             "pipeline.kernels._C has no CUDA kernels (built with a CPU-only torch or "
             "PIPELINE_NO_CUDA=1): rebuild with `python setup.py build_ext --inplace`"
@@ -89,16 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ours TF/s':>11}{'sdpa TF/s':>11}"
     )
     print(header)
-    gen = torch.Generator(device="cuda").manual_seed(0)
     for seq_len in args.seq_lens:
-        shape = (args.batch, args.heads, seq_len, args.head_dim)
-        tensors = tuple(
-            torch.randn(shape, generator=gen, device="cuda").to(dtype) for _ in range(4)
-        )
+        case = Case(args.batch, args.heads, seq_len, args.head_dim)
+        tensors = case_tensors(case, dtype)
         ours = time_fn(causal_attention, tensors, warmup=5, repeats=args.repeats)
         base = time_fn(sdpa_flash, tensors, warmup=5, repeats=args.repeats)
-        fwd_flops = 4.0 * args.batch * args.heads * args.head_dim * seq_len * (seq_len + 1) / 2
-        name = f"B{args.batch} H{args.heads} T{seq_len} D{args.head_dim}"
+        fwd_flops = case.forward_flops()
+        name = str(case)
         for label, flops, mine, theirs in (
             ("fwd", fwd_flops, ours[0], base[0]),
             ("fwd+bwd", 3.5 * fwd_flops, ours[1], base[1]),

@@ -2,6 +2,7 @@
 
     python benchmarks/pretrain_throughput.py [--compare attention|loss] [--preset P]
         [--batch B] [--context T] [--steps N] [--warmup N] [--bf16] [--compile] [--profile]
+        [--device cpu|cuda]
 
 One step is what pretraining does per batch: forward, next-token cross-entropy, backward,
 AdamW update, on random token ids (batch 16, context 128 by default). `--compare attention`:
@@ -10,13 +11,16 @@ today's path before the fused head (F.cross_entropy of the materialised (tokens 
 logits), vs `fused` (`GPT.head_loss`, pipeline/model/head_loss.py), both with the fused
 attention. Both contenders start from the same weights, see the same batches and are timed in
 the same process, alternating step by step so that load from other processes hits both alike.
-Prints the median tokens/s of each and their ratio (> 1: the second is slower).
+Prints the median tokens/s of each and their ratio (> 1: the second is slower). --device cuda
+runs the steps on the GPU (each step timed to its end: the device is synchronised);
+benchmarks/device_check.py measures gpt2-124m that way.
 
 With --compare loss it also prints each loss path's peak memory: the growth of the process's
 peak resident set (VmHWM, reset through /proc/self/clear_refs) over one forward + backward of
 the loss alone on the same hidden states, so it counts the logits, their softmax and gradients
 (every large tensor is its own mmap, given back on free). --profile prints the share of a
-step's CPU time by category (torch.profiler, self time of each op) for each contender.
+step's CPU time by category (torch.profiler, self time of each op) for each contender. Both
+need --device cpu.
 """
 
 from __future__ import annotations
@@ -46,14 +50,16 @@ class Trainer:
 
     def __init__(self, attention: str, loss: str, args: argparse.Namespace) -> None:
         torch.manual_seed(0)  # same initial weights for every contender
-        self.model = GPT(GPTConfig.from_preset(args.preset), attention=attention).train()
+        self.device = torch.device(args.device)
+        model = GPT(GPTConfig.from_preset(args.preset), attention=attention)
+        self.model = model.to(self.device).train()
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.1)
         self.bf16 = args.bf16
         self.loss = loss
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def step(self, idx: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -68,6 +74,8 @@ class Trainer:
         with torch.profiler.record_function("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's kernels, not only their launches
         return time.perf_counter() - start
 
     def loss_peak_bytes(self, idx: torch.Tensor) -> int:
@@ -140,7 +148,8 @@ def report_rates(times: dict[str, list[float]], tokens: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options; benchmarks/device_check.py parses its runs with them too."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", choices=tuple(CONTENDERS), default="loss")
     parser.add_argument("--preset", default="tiny")
@@ -153,19 +162,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as precision: bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--profile", action="store_true", help="print a step profile of each")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    return parser
 
+
+def make_batches(args: argparse.Namespace, seed: int = 0) -> list[torch.Tensor]:
+    """Random token ids for the warmup and timed steps, on the device (`seed`: per process)."""
+    config = GPTConfig.from_preset(args.preset)
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, config.vocab_size, (args.batch, args.context + 1), generator=gen).to(
+            args.device
+        )
+        for _ in range(max(1, args.warmup + args.steps))
+    ]
+
+
+def make_trainers(args: argparse.Namespace) -> dict[str, Trainer]:
+    """One trainer per contender of `args.compare`, in the order their ratio is taken."""
+    names = CONTENDERS[args.compare]
+    if args.compare == "attention":
+        return {n: Trainer(n, "fused", args) for n in names}
+    return {n: Trainer("fused", n, args) for n in names}
+
+
+def time_steps(
+    trainers: dict[str, Trainer], batches: list[torch.Tensor], warmup: int
+) -> dict[str, list[float]]:
+    """Seconds of each timed step per contender, alternating step by step."""
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for i, idx in enumerate(batches):
+        for name, trainer in trainers.items():
+            seconds = trainer.step(idx)
+            if i >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = GPTConfig.from_preset(args.preset)
     if args.context > config.context_length:
         parser.error(f"--context {args.context} > context_length {config.context_length}")
-    gen = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, config.vocab_size, (args.batch, args.context + 1), generator=gen)
-        for _ in range(max(1, args.warmup + args.steps))
-    ]
+    if torch.device(args.device).type != "cpu" and (args.profile or args.compare == "loss"):
+        parser.error("--profile and --compare loss (its memory peaks) need --device cpu")
+    batches = make_batches(args)
     load = os.getloadavg()[0]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernel ISA: "
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+        "kernel ISA: "
         f"{cpu_capability()}, load average {load:.1f}, preset {args.preset} (n_layer "
         f"{config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}), batch {args.batch}, "
         f"context {args.context}, {'bf16 autocast' if args.bf16 else 'float32'}"
@@ -174,16 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     if load > os.cpu_count():
         print(f"warning: load average {load:.1f} > {os.cpu_count()} cores; ratios only")
     names = CONTENDERS[args.compare]
-    trainers = {
-        n: Trainer(n, "fused", args) if args.compare == "attention" else Trainer("fused", n, args)
-        for n in names
-    }
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i, idx in enumerate(batches):
-        for name, trainer in trainers.items():
-            seconds = trainer.step(idx)
-            if i >= args.warmup:
-                times[name].append(seconds)
+    trainers = make_trainers(args)
+    times = time_steps(trainers, batches, args.warmup)
 
     if args.steps:
         report_rates(times, args.batch * args.context)
