@@ -195,7 +195,12 @@ def test_a_bad_node_count_is_one_clear_error():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs it as another user with runuser: needs root")
 def test_not_root_is_one_clear_error():
-    result = command("runuser", "-u", "nobody", "--", str(SCRIPT), "up")
+    """Run as nobody, reading the script from stdin: a fresh clone's folder (mktemp's 0700)
+    may be closed to nobody, which would fail before the script's own check."""
+    result = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "bash", "-s", "up"],
+        stdin=SCRIPT.open(), capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "slurm_up.sh: must run as root: it writes /etc/slurm and starts daemons"
