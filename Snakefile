@@ -16,7 +16,6 @@ import sys
 from datetime import datetime, timezone
 
 from snakemake.common.configfile import load_configfile
-from snakemake.exceptions import WorkflowError
 
 from pipeline.settings.load import (
     ConfigError,

@@ -27,7 +27,7 @@ from pipeline.data.loader import TokenWindows, evaluation_batches  # noqa: E402
 from pipeline.data.tokenizer import gpt2_tokenizer, token_byte_lengths  # noqa: E402
 from pipeline.data.tokens import load_tokens  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
-from pipeline.model.attention import resolve_attention  # noqa: E402
+from pipeline.model.attention import choose_attention  # noqa: E402
 from pipeline.settings import PretrainTrain  # noqa: E402
 from pipeline.train import TrainTask, evaluate_losses, fit  # noqa: E402
 from pipeline.train.losses import lm_loss  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = settings(contender, args.steps, args.batch)
         torch.manual_seed(SEED)
         model = GPT(config)
-        model.set_attention(resolve_attention("auto", CPU, 0.0))
+        model.set_attention(choose_attention("auto", CPU, 0.0).name)
         batches = TokenWindows(train, ctx, args.batch, seed=SEED)
         start = time.perf_counter()
         fit(model, TrainTask(lm_loss, batches), cfg, device=CPU, seed=SEED)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.kernels import cpu_capability  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
-from pipeline.model.attention import resolve_attention  # noqa: E402
+from pipeline.model.attention import choose_attention  # noqa: E402
 from pipeline.settings import TrainSettings  # noqa: E402
 from pipeline.train.device import native_bf16  # noqa: E402
 from pipeline.train.loop import autocast  # noqa: E402
@@ -56,7 +56,7 @@ class Trainer:
     def __init__(self, config: GPTConfig, precision: str) -> None:
         torch.manual_seed(0)  # the same initial weights for both
         self.model = GPT(config).train()
-        self.model.set_attention(resolve_attention("auto", CPU, config.attn_dropout))
+        self.model.set_attention(choose_attention("auto", CPU, config.attn_dropout).name)
         self.optimizer = configure_optimizer(self.model, TrainSettings(lr=3e-4), CPU)
         self.precision = precision
 

@@ -70,7 +70,6 @@ EVAL_WINDOWS = 272
 16, 34 of 8)."""
 
 
-
 def materialised_head_loss(self, hidden, targets, reduction="mean"):
     """The LM head's loss as it was before the fused head: logits, then cross-entropy."""
     logits = self.lm_head(hidden).float()
@@ -124,16 +123,26 @@ def main(argv: list[str] | None = None) -> None:
         (workdir / name).mkdir()
         for stage in ("download", "prepare"):
             with open(workdir / name / f"{stage}.log", "w") as log:
-                done = subprocess.run(pipeline_command(stage, name_sets), cwd=workdir / name,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run(
+                    pipeline_command(stage, name_sets),
+                    cwd=workdir / name,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             if done.returncode:
                 raise SystemExit(f"{stage} failed: see {workdir / name / stage}.log")
     before_cmd = pipeline_command("pretrain", sets["before"])
     before_cmd[1:3] = [__file__, "--materialised-head"]  # this script, not `-m pipeline`
     trainers = run_in_turns(
-        {"before": (before_cmd, workdir / "before"),
-         "default": (pipeline_command("pretrain", sets["default"]), workdir / "default")},
-        workdir, env, args.chunk)
+        {
+            "before": (before_cmd, workdir / "before"),
+            "default": (pipeline_command("pretrain", sets["default"]), workdir / "default"),
+        },
+        workdir,
+        env,
+        args.chunk,
+    )
     report(trainers, {n: load_config([ROOT / "config.yaml"], s) for n, s in sets.items()})
 
 
@@ -143,8 +152,10 @@ def report(trainers: dict[str, Trainer], configs: dict) -> None:
     target = before_evals[last]
     print(f"target: before's val loss at its step {last}: {target:.4f}")
     times = {}
-    print(f"{'trainer':<8} {'steps':>6} {'final val':>9} {'median ms/step':>14} "
-          f"{'step reached':>12} {'time to target':>14}")
+    print(
+        f"{'trainer':<8} {'steps':>6} {'final val':>9} {'median ms/step':>14} "
+        f"{'step reached':>12} {'time to target':>14}"
+    )
     for name, trainer in trainers.items():
         train = configs[name]["pretrain"]["train"]
         context = model_config(typed_config(configs[name]).model, vocab_size=50257).context_length
@@ -153,12 +164,15 @@ def report(trainers: dict[str, Trainer], configs: dict) -> None:
         evals = evaluations(trainer)
         reached = time_to(trainer, target, tokens)
         times[name] = reached[0] if reached else float("nan")
-        print(f"{name:<8} {train['max_steps']:>6} {evals[max(evals)]:>9.4f} "
-              f"{1000 * statistics.median(clean.values()):>14.1f} "
-              f"{reached[1] if reached else '-':>12} "
-              f"{(f'{reached[0]:.1f} s' if reached else 'not reached'):>14}")
-    print(f"time to target, default / before: {times['default'] / times['before']:.2f} "
-          "(goal <= 0.5)")
+        print(
+            f"{name:<8} {train['max_steps']:>6} {evals[max(evals)]:>9.4f} "
+            f"{1000 * statistics.median(clean.values()):>14.1f} "
+            f"{reached[1] if reached else '-':>12} "
+            f"{(f'{reached[0]:.1f} s' if reached else 'not reached'):>14}"
+        )
+    print(
+        f"time to target, default / before: {times['default'] / times['before']:.2f} (goal <= 0.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The GPT architecture: one validated dataclass (GPTConfig), plus the GPT-2 size presets.
 
 The architecture only: which attention backend runs it is chosen at run time
-(`pipeline.model.attention.resolve_attention`), never stored. No torch import here.
+(`pipeline.model.attention.choose_attention`), never stored. No torch import here.
 """
 
 from __future__ import annotations

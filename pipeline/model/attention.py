@@ -231,17 +231,6 @@ def build_attention(
     return _BUILDERS[name](context_length, attn_dropout)
 
 
-def resolve_attention(
-    requested: str,
-    device: torch.device,
-    attn_dropout: float = 0.0,
-    key: str = "model.attention",
-    workload: AttentionWorkload | None = None,
-) -> str:
-    """The backend a run uses on `device` (`choose_attention`'s name)."""
-    return choose_attention(requested, device, attn_dropout, key, workload).name
-
-
 def choose_attention(
     requested: str,
     device: torch.device,

@@ -14,7 +14,7 @@ import torch
 from pipeline.data.instruct import format_prompt, get_template
 from pipeline.errors import InputError
 from pipeline.model import GPT, load_checkpoint
-from pipeline.model.attention import resolve_attention
+from pipeline.model.attention import choose_attention
 from pipeline.model.checkpoint import (
     checkpoint_tokenizer,
     load_checkpoint_config,
@@ -32,10 +32,10 @@ def load_for_inference(checkpoint: Path, device: str = "auto", attention: str = 
     """A checkpoint's model in eval mode on `device`, running the `attention` backend; `key`
     prefixes the option names in errors (`--device`)."""
     dev = pick_device(device, key=f"{key}device")
-    resolve_attention(attention, dev, key=f"{key}attention")  # fails before the loading
+    choose_attention(attention, dev, key=f"{key}attention")  # fails before the loading
     model = load_checkpoint(checkpoint, device=dev)
-    model.set_attention(resolve_attention(attention, dev, model.config.attn_dropout,
-                                          f"{key}attention"))  # fmt: skip
+    choice = choose_attention(attention, dev, model.config.attn_dropout, f"{key}attention")
+    model.set_attention(choice.name)
     return model.eval(), dev
 
 

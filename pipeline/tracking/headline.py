@@ -32,5 +32,3 @@ class Headline:
         if math.isnan(other):
             return True
         return value > other if self.higher_is_better else value < other
-
-

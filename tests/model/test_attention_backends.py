@@ -12,7 +12,6 @@ from pipeline.model.attention import (
     attend_to_cache,
     choose_attention,
     measured_choice,
-    resolve_attention,
 )
 
 OTHERS = [name for name in ATTENTION_BACKENDS if name != "sdpa"]
@@ -152,20 +151,20 @@ def test_auto_runs_the_fused_op_on_the_cpu_and_on_a_gpu_only_where_measured_fast
     assert choose_attention("auto", cpu) == AttentionChoice(
         "fused", "the fused op's CPU kernels (faster than SDPA on CPUs)"
     )
-    assert resolve_attention("auto", cpu, attn_dropout=0.1) == "sdpa"  # the op has no dropout
-    assert resolve_attention("multihead", cuda) == "multihead"
-    assert resolve_attention("auto", mps) == "sdpa"
+    assert choose_attention("auto", cpu, attn_dropout=0.1).name == "sdpa"  # the op has no dropout
+    assert choose_attention("multihead", cuda).name == "multihead"
+    assert choose_attention("auto", mps).name == "sdpa"
     with pytest.raises(ValueError, match=r"'fused' has kernels for cpu, cuda only, not mps"):
-        resolve_attention("fused", mps)
+        choose_attention("fused", mps)
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
-        resolve_attention("flash", cpu)
+        choose_attention("flash", cpu)
     if not torch._C._dispatch_has_kernel_for_dispatch_key("pipeline::causal_attention_fwd", "CUDA"):
         # this torch is a CPU wheel: the extension has no CUDA kernels to run
         assert choose_attention("auto", cuda).reason == (
             "the fused op was built without its CUDA kernels (a CPU-only torch at build time)"
         )
         with pytest.raises(ValueError, match="'fused' was built without its CUDA kernels"):
-            resolve_attention("fused", cuda)
+            choose_attention("fused", cuda)
 
 
 H200 = (9, 0)

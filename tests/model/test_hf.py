@@ -20,7 +20,7 @@ from pipeline.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.model.attention import resolve_attention
+from pipeline.model.attention import choose_attention
 from pipeline.model.generate import generate
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +77,7 @@ def test_import_config_keeps_both_dropouts(hf_dir):
     model = hf.load_hf_gpt2(src)
     assert (model.config.dropout, model.config.attn_dropout) == (0.1, 0.1)
     # with attention dropout, `auto` trains with sdpa: the fused op has none
-    assert resolve_attention("auto", torch.device("cpu"), model.config.attn_dropout) == "sdpa"
+    assert choose_attention("auto", torch.device("cpu"), model.config.attn_dropout).name == "sdpa"
 
 
 def test_greedy_generation_matches_transformers(tmp_path):

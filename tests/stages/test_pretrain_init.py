@@ -35,6 +35,8 @@ MODEL = {"preset": "tiny", "n_layer": 2, "n_head": 2, "n_embd": 32, "context_len
 def init_from(config: dict) -> tuple[str, Path]:
     """`init_from_input`'s arguments: pretrain.init_from and paths.weights."""
     return config["pretrain"]["init_from"], Path(config["paths"]["weights"])
+
+
 TRAIN = {"max_steps": 2, "batch_size": 4, "eval_batches": 2, "eval_every": 2, "warmup_steps": 1}
 
 
