@@ -69,8 +69,10 @@ pipeline: setup
 pipeline-slurm: setup
 	$(VENV)/bin/snakemake --profile profiles/slurm $(SNAKEMAKE_ARGS)
 
+# -n 2: the cluster tests (mostly waiting on SLURM) in one worker beside the
+# rest (tests/conftest.py); --durations: the slowest tests, to keep the suite's time in view.
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=25
 
 # ruff; pyright over pipeline/ (pyproject.toml: [tool.pyright]); snakemake --lint, failing on
 # every finding but its conda/container advisory: no conda channel
