@@ -1,0 +1,79 @@
+// The AMX bf16 forward of the CPU attention op (capability amx_bf16): both tile products,
+// S = Q K^T and O += P V, run on AMX tiles (_tile_dpbf16ps: bf16 products summed in float32),
+// the online softmax in AVX-512 float32 with softmax_exp. On a CPU with AMX the products cost
+// a few percent of what AVX-512 FMAs do, so what remains is the softmax and the packing.
+//
+// Why a forward of its own rather than another Isa of forward_tile_scores: AMX tiles want
+// operands in VNNI layout (two bf16 neighbours along the contracted dimension in one 32-bit
+// word) and 16-row blocks, and P must be bf16 for the second product. Here the scores keep
+// queries as rows (P's rows are then the bf16 A operand as they are), and the keys' operands,
+// K^T as words and V as pairs of rows, are packed once per key tile for the whole op
+// (amx_pack_keys), not once per tile pair. P is rounded to bf16 for P V (as flash attention
+// does on GPUs); the row sums and lse use P in float32, and out is rounded to bf16 once.
+//
+// Shapes: any T (the last tiles ragged), any D (padded with zeros to a multiple of 32, the
+// depth of a tile product), strided inputs as HeadView gives them. bf16 only; the backward
+// runs the avx512 kernels. On the diagonal tile a 32-row block of P V reads the values of
+// its first 32 keys whatever the causal mask: an infinite value there makes the outputs of
+// the earlier queries of its block NaN (0 * inf), as in the other kernels' register tiles.
+//
+// Determinism: each (batch*head, query tile) is computed by one thread in a fixed order.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+
+#include "causal_attention_kernel.h"
+
+PIPELINE_KERNEL_OPTIONS_BEGIN
+
+namespace pipeline::attention {
+
+// Depth of one tile product in bf16 elements: Dp for AMX is D rounded up to it.
+constexpr int64_t kAmxDepth = 32;
+
+// The keys' operands of every (batch*head, key tile), one block each of amx_block_words(Dp)
+// words: K^T as words, (Dp / 2, kTile) (word p of key n at [p][n]), then V as pairs of key
+// rows, (kTile / 2, Dp) (keys 2j and 2j + 1 of column d at [j][d]); zero-padded.
+struct AmxKeys {
+  uint32_t* data;
+  int64_t num_tiles;
+  int64_t Dp;  // D rounded up to kAmxDepth
+
+  uint32_t* block(int64_t bh, int64_t tile) const {
+    return data + (bh * num_tiles + tile) * kTile * Dp;
+  }
+};
+
+// Per-thread scratch of forward_tile_amx, sizes in elements.
+struct AmxForwardScratch {
+  uint32_t* q;      // (kTile, Dp / 2) the query tile's rows as words
+  float* s;         // (kTile, kTile) scores, row = query
+  uint16_t* p;      // (kTile, kTile) bf16 probabilities, row = query
+  float* o;         // (kTile, Dp) unnormalised output
+  float* row_max;   // (kTile)
+  float* row_sum;   // (kTile)
+};
+
+// Asks Linux for the AMX tile state (once per process); false where it is refused or the
+// CPU or kernel has no AMX, and then no tile instruction may run.
+bool amx_tile_state_granted();
+
+// The tile configuration is per thread: every thread loads it before its first tile
+// instruction and releases it after its last.
+PIPELINE_TARGET_AMX_BF16 void amx_tiles_begin();
+PIPELINE_TARGET_AMX_BF16 void amx_tiles_end();
+
+// Packs key tile `tile` of head bh into keys.block(bh, tile).
+PIPELINE_TARGET_AMX_BF16 void amx_pack_keys(const ForwardArgs<c10::BFloat16>& args,
+                                            const AmxKeys& keys, int64_t bh, int64_t tile);
+
+// The forward of query tile `tile` of head bh (out and lse), from the packed keys.
+PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>& args,
+                                               const AmxKeys& keys, int64_t bh, int64_t tile,
+                                               const AmxForwardScratch& s);
+
+}  // namespace pipeline::attention
+
+PIPELINE_KERNEL_OPTIONS_END
