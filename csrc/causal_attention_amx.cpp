@@ -92,41 +92,44 @@ PIPELINE_ALWAYS_INLINE void load_row_pairs(const c10::BFloat16* src, int64_t ld,
   }
 }
 
-// One query row's step of the online softmax over a key tile: scores scaled, running max and
-// sum updated, its output row rescaled, and its probabilities (keys [0, valid), zero beyond)
-// written as bf16 to p. A NaN or infinite score makes the row's output NaN, as elsewhere.
+// One query row's step of the online softmax over a key tile: scores scaled (keys from
+// `valid` on set to -inf, whose exp is 0), running max and sum updated, the output row
+// rescaled, and the probabilities written as bf16 to p. Whole vectors only, in a fixed order.
+// A NaN or infinite score makes the row's output NaN, as elsewhere.
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_row(
     float* __restrict s, int64_t valid, float scale, float& row_max, float& row_sum,
     float* __restrict o, int64_t Dp, uint16_t* __restrict p) {
-  __m512 largest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t n = 0; n < valid; n += 16) {
-    const __mmask16 lanes = _cvtu32_mask16(valid - n >= 16 ? 0xFFFFu : (1u << (valid - n)) - 1);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + n), _mm512_set1_ps(scale));
-    _mm512_mask_storeu_ps(s + n, lanes, x);
-    largest = _mm512_mask_max_ps(largest, lanes, largest, x);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 largest = minus_inf;
+  for (int64_t n = 0; n < kTile; n += 16) {
+    const int64_t visible = std::clamp<int64_t>(valid - n, 0, 16);
+    const __mmask16 lanes = _cvtu32_mask16(static_cast<uint32_t>((1ull << visible) - 1));
+    const __m512 x =
+        _mm512_mask_mul_ps(minus_inf, lanes, _mm512_loadu_ps(s + n), _mm512_set1_ps(scale));
+    _mm512_storeu_ps(s + n, x);
+    largest = _mm512_max_ps(largest, x);
   }
-  const float old_max = row_max;
   // All lanes the largest (_mm512_reduce_max_ps trips GCC 12's -Wmaybe-uninitialized).
   largest = _mm512_max_ps(largest, _mm512_shuffle_f32x4(largest, largest, 0x4E));
   largest = _mm512_max_ps(largest, _mm512_shuffle_f32x4(largest, largest, 0xB1));
   largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0x4E));
   largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0xB1));
+  const float old_max = row_max;
   const float tile_max = _mm512_cvtss_f32(largest);
   const float new_max = old_max < tile_max ? tile_max : old_max;
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t n = 0; n < valid; ++n) {
-    const float e = softmax_exp(s[n] - new_max);
-    s[n] = e;
-    sum += e;
+#pragma omp simd
+  for (int64_t n = 0; n < kTile; ++n) {
+    s[n] = softmax_exp(s[n] - new_max);
   }
-  fill(s + valid, kTile - valid, 0.0f);
+  __m512 sums = _mm512_setzero_ps();
   for (int64_t n = 0; n < kTile; n += 32) {
-    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + n + 16), _mm512_loadu_ps(s + n));
-    _mm512_storeu_si512(p + n, (__m512i)pair);
+    const __m512 low = _mm512_loadu_ps(s + n);
+    const __m512 high = _mm512_loadu_ps(s + n + 16);
+    sums = _mm512_add_ps(_mm512_add_ps(sums, low), high);
+    _mm512_storeu_si512(p + n, (__m512i)_mm512_cvtne2ps_pbh(high, low));
   }
   const float alpha = softmax_exp(old_max - new_max);  // 0 on the first key tile
-  row_sum = row_sum * alpha + sum;
+  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sums);
   row_max = new_max;
   if (alpha != 1.0f) {
 #pragma omp simd
