@@ -68,79 +68,96 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void tile_block_32x32(
   _tile_stored(3, c_bytes + 16 * ldc + 64, ldc);
 }
 
-// V rows [0, rows) (ld apart) as pairs of rows, (kTile / 2, Dp) words, zero-padded.
-PIPELINE_ALWAYS_INLINE void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows,
-                                           int64_t D, int64_t Dp, uint32_t* __restrict dst) {
+// V rows [0, rows) (ld apart) transposed into pairs of rows, (Dp, kTile / 2) words: keys 2j
+// and 2j + 1 of column d at [d][j]; zero-padded.
+PIPELINE_ALWAYS_INLINE void load_row_pairs_transposed(const c10::BFloat16* src, int64_t ld,
+                                                      int64_t rows, int64_t D, int64_t Dp,
+                                                      uint32_t* __restrict dst) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  fill(dst, Dp * (kTile / 2), 0u);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* __restrict row = bits + r * ld;
+    const int shift = r % 2 == 0 ? 0 : 16;
+    for (int64_t d = 0; d < D; ++d) {
+      dst[d * (kTile / 2) + r / 2] |= static_cast<uint32_t>(row[d]) << shift;
+    }
+  }
+}
+
+// Two rows of P^T (keys 2j and 2j + 1, queries [m0, m0 + 16)) as bf16 word pairs, the B
+// operand layout of O^T += V^T P^T.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i interleave_bf16(const float* even,
+                                                                        const float* odd) {
+  // cvtne2ps puts `even` in the low 16 bf16, `odd` in the high 16; then even[i], odd[i].
+  const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd), _mm512_loadu_ps(even));
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+  return _mm512_permutexvar_epi16(order, pairs);
+}
+
+// The online softmax of one key tile on S^T (row = key n, column = query m), vectorised
+// across queries as in forward_tile_scores: scores scaled, keys after a query on the diagonal
+// set to -inf, running max and sums, O^T's columns rescaled, and P^T written as bf16 word
+// pairs (s.p, (kTile / 2, kTile), zero for keys >= cols).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
+    bool diagonal, int64_t cols, int64_t q_cols, float scale, int64_t Dp,
+    const AmxForwardScratch& s) {
+  float m_new[kTile];
+  float sum[kTile];
+  std::copy(s.row_max, s.row_max + q_cols, m_new);
+  fill(sum, q_cols, 0.0f);
+  for (int64_t n = 0; n < cols; ++n) {
+    float* __restrict st = s.s + n * kTile;
+    const int64_t first = diagonal ? n / 16 * 16 : 0;  // the columns computed for key n
+#pragma omp simd
+    for (int64_t m = first; m < q_cols; ++m) {
+      st[m] *= scale;
+    }
+    if (diagonal) {
+      fill(st + first, n - first, -std::numeric_limits<float>::infinity());
+    }
+#pragma omp simd
+    for (int64_t m = first; m < q_cols; ++m) {
+      m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
+    }
+  }
+  for (int64_t n = 0; n < cols; ++n) {
+    float* __restrict st = s.s + n * kTile;
+    const int64_t first = diagonal ? n / 16 * 16 : 0;
+    fill(st, first, 0.0f);
+#pragma omp simd
+    for (int64_t m = first; m < q_cols; ++m) {
+      const float e = softmax_exp(st[m] - m_new[m]);
+      st[m] = e;
+      sum[m] += e;
+    }
+  }
+  fill(s.s + cols * kTile, (kTile - cols) * kTile, 0.0f);
   for (int64_t j = 0; j < kTile / 2; ++j) {
-    uint32_t* __restrict out = dst + j * Dp;
-    const int64_t valid = 2 * j < rows ? D : 0;
-    const uint16_t* __restrict even = bits + 2 * j * ld;
-    if (2 * j + 1 < rows) {
-      const uint16_t* __restrict odd = bits + (2 * j + 1) * ld;
-#pragma omp simd
-      for (int64_t d = 0; d < valid; ++d) {
-        out[d] = even[d] | static_cast<uint32_t>(odd[d]) << 16;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t d = 0; d < valid; ++d) {
-        out[d] = even[d];
-      }
+    for (int64_t m = 0; m < q_cols; m += 16) {
+      _mm512_storeu_si512(s.p + j * kTile + m,
+                          interleave_bf16(s.s + 2 * j * kTile + m, s.s + (2 * j + 1) * kTile + m));
     }
-    fill(out + valid, Dp - valid, 0u);
   }
-}
-
-// One query row's step of the online softmax over a key tile: scores scaled (keys from
-// `valid` on set to -inf, whose exp is 0), running max and sum updated, the output row
-// rescaled, and the probabilities written as bf16 to p. Whole vectors only, in a fixed order.
-// A NaN or infinite score makes the row's output NaN, as elsewhere.
-PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_row(
-    float* __restrict s, int64_t valid, float scale, float& row_max, float& row_sum,
-    float* __restrict o, int64_t Dp, uint16_t* __restrict p) {
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 largest = minus_inf;
-  for (int64_t n = 0; n < kTile; n += 16) {
-    const int64_t visible = std::clamp<int64_t>(valid - n, 0, 16);
-    const __mmask16 lanes = _cvtu32_mask16(static_cast<uint32_t>((1ull << visible) - 1));
-    const __m512 x =
-        _mm512_mask_mul_ps(minus_inf, lanes, _mm512_loadu_ps(s + n), _mm512_set1_ps(scale));
-    _mm512_storeu_ps(s + n, x);
-    largest = _mm512_max_ps(largest, x);
-  }
-  // All lanes the largest (_mm512_reduce_max_ps trips GCC 12's -Wmaybe-uninitialized).
-  largest = _mm512_max_ps(largest, _mm512_shuffle_f32x4(largest, largest, 0x4E));
-  largest = _mm512_max_ps(largest, _mm512_shuffle_f32x4(largest, largest, 0xB1));
-  largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0x4E));
-  largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0xB1));
-  const float old_max = row_max;
-  const float tile_max = _mm512_cvtss_f32(largest);
-  const float new_max = old_max < tile_max ? tile_max : old_max;
+  float alpha[kTile];
 #pragma omp simd
-  for (int64_t n = 0; n < kTile; ++n) {
-    s[n] = softmax_exp(s[n] - new_max);
+  for (int64_t m = 0; m < q_cols; ++m) {
+    alpha[m] = softmax_exp(s.row_max[m] - m_new[m]);  // 0 on the first key tile
+    s.row_sum[m] = s.row_sum[m] * alpha[m] + sum[m];
+    s.row_max[m] = m_new[m];
   }
-  __m512 sums = _mm512_setzero_ps();
-  for (int64_t n = 0; n < kTile; n += 32) {
-    const __m512 low = _mm512_loadu_ps(s + n);
-    const __m512 high = _mm512_loadu_ps(s + n + 16);
-    sums = _mm512_add_ps(_mm512_add_ps(sums, low), high);
-    _mm512_storeu_si512(p + n, (__m512i)_mm512_cvtne2ps_pbh(high, low));
-  }
-  const float alpha = softmax_exp(old_max - new_max);  // 0 on the first key tile
-  row_sum = row_sum * alpha + _mm512_reduce_add_ps(sums);
-  row_max = new_max;
-  if (alpha != 1.0f) {
+  for (int64_t d = 0; d < Dp; ++d) {
+    float* __restrict ot = s.o + d * kTile;
 #pragma omp simd
-    for (int64_t d = 0; d < Dp; ++d) {
-      o[d] *= alpha;
+    for (int64_t m = 0; m < q_cols; ++m) {
+      ot[m] *= alpha[m];
     }
   }
 }
 
-// Key tile kv_tile's step for the query tile at row0: S = Q K^T, the softmax, O += P V. On
-// the diagonal, 32-row blocks skip the key blocks after them.
+// Key tile kv_tile's step for the query tile at row0: S^T = K Q^T, the softmax, O^T += V^T
+// P^T. On the diagonal, 32-query blocks skip the key blocks after them.
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tile(
     const ForwardArgs<c10::BFloat16>& args, const AmxKeys& keys, int64_t bh, int64_t row0,
     int64_t kv_tile, int64_t query_blocks, const AmxForwardScratch& s) {
@@ -149,24 +166,20 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tile(
   const bool diagonal = col0 == row0;
   const int64_t cols = std::min(kTile, args.T - col0);
   const int64_t key_blocks = (cols + 31) / 32;
-  const uint32_t* kt = keys.block(bh, kv_tile);
-  const uint32_t* v_pairs = kt + kTile * Dp / 2;
-  for (int64_t mb = 0; mb < query_blocks; ++mb) {
-    for (int64_t nb = 0; nb < (diagonal ? std::min(mb + 1, key_blocks) : key_blocks); ++nb) {
-      tile_block_32x32<false>(s.q + mb * 32 * (Dp / 2), Dp * 2, kt + nb * 32, kTile * 4,
-                              Dp / kAmxDepth, s.s + mb * 32 * kTile + nb * 32, kTile * 4);
+  const uint32_t* k_words = keys.block(bh, kv_tile);
+  const uint32_t* vt_pairs = k_words + kTile * Dp / 2;
+  for (int64_t nb = 0; nb < key_blocks; ++nb) {
+    for (int64_t mb = diagonal ? nb : 0; mb < query_blocks; ++mb) {
+      tile_block_32x32<false>(k_words + nb * 32 * (Dp / 2), Dp * 2, s.q + mb * 32, kTile * 4,
+                              Dp / kAmxDepth, s.s + nb * 32 * kTile + mb * 32, kTile * 4);
     }
   }
-  for (int64_t r = 0; r < query_blocks * 32; ++r) {
-    const int64_t valid = diagonal ? std::min(r + 1, cols) : cols;
-    softmax_row(s.s + r * kTile, valid, args.scale, s.row_max[r], s.row_sum[r], s.o + r * Dp,
-                Dp, s.p + r * kTile);
-  }
-  for (int64_t mb = 0; mb < query_blocks; ++mb) {
-    const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
-    for (int64_t db = 0; db < Dp / 32; ++db) {
-      tile_block_32x32<true>(s.p + mb * 32 * kTile, kTile * 2, v_pairs + db * 32, Dp * 4, steps,
-                             s.o + mb * 32 * Dp + db * 32, Dp * 4);
+  softmax_columns(diagonal, cols, query_blocks * 32, args.scale, Dp, s);
+  for (int64_t db = 0; db < Dp / 32; ++db) {
+    for (int64_t mb = 0; mb < query_blocks; ++mb) {
+      const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
+      tile_block_32x32<true>(vt_pairs + db * 32 * (kTile / 2), kTile * 2, s.p + mb * 32,
+                             kTile * 4, steps, s.o + db * 32 * kTile + mb * 32, kTile * 4);
     }
   }
 }
@@ -200,9 +213,9 @@ PIPELINE_TARGET_AMX_BF16 void amx_pack_keys(const ForwardArgs<c10::BFloat16>& ar
   const int64_t col0 = tile * kTile;
   const int64_t cols = std::min(kTile, args.T - col0);
   uint32_t* kt = keys.block(bh, tile);
-  load_words<true>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, keys.Dp, kt);
-  load_row_pairs(args.v.row(bh, col0), args.v.row_stride, cols, args.D, keys.Dp,
-                 kt + kTile * keys.Dp / 2);
+  load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, keys.Dp, kt);
+  load_row_pairs_transposed(args.v.row(bh, col0), args.v.row_stride, cols, args.D, keys.Dp,
+                            kt + kTile * keys.Dp / 2);
 }
 
 PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>& args,
@@ -212,7 +225,7 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
   const int64_t Dp = keys.Dp;
   const int64_t row0 = tile * kTile;
   const int64_t rows = std::min(kTile, args.T - row0);
-  load_words<false>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q);
+  load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q);
   fill(s.o, kTile * Dp, 0.0f);
   fill(s.row_max, kTile, -std::numeric_limits<float>::infinity());
   fill(s.row_sum, kTile, 0.0f);
@@ -224,10 +237,9 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
   float* lse = args.lse + bh * args.T + row0;
   for (int64_t r = 0; r < rows; ++r) {
     const float inv_sum = 1.0f / s.row_sum[r];
-    const float* __restrict o = s.o + r * Dp;
     c10::BFloat16* __restrict out_row = out + r * args.out.row_stride;
     for (int64_t d = 0; d < D; ++d) {
-      out_row[d] = from_acc<c10::BFloat16>(o[d] * inv_sum);
+      out_row[d] = from_acc<c10::BFloat16>(s.o[d * kTile + r] * inv_sum);
     }
     lse[r] = s.row_max[r] + std::log(s.row_sum[r]);
   }

@@ -5,10 +5,12 @@
 //
 // Why a forward of its own rather than another Isa of forward_tile_scores: AMX tiles want
 // operands in VNNI layout (two bf16 neighbours along the contracted dimension in one 32-bit
-// word) and 16-row blocks, and P must be bf16 for the second product. Here the scores keep
-// queries as rows (P's rows are then the bf16 A operand as they are), and the keys' operands,
-// K^T as words and V as pairs of rows, are packed once per key tile for the whole op
-// (amx_pack_keys), not once per tile pair. P is rounded to bf16 for P V (as flash attention
+// word) and 16-row blocks, and P must be bf16 for the second product. As in
+// forward_tile_scores the scores are computed transposed, S^T = K Q^T (row = key), so the
+// softmax runs down columns, vectorised across queries with no horizontal reductions; the
+// second product is then O^T += V^T P^T, whose B operand is P^T's rows interleaved in pairs.
+// The keys' operands, K's rows as words and V^T as pairs of keys, are packed once per key
+// tile for the whole op (amx_pack_keys), not once per tile pair. P is rounded to bf16 for P V (as flash attention
 // does on GPUs); the row sums and lse use P in float32, and out is rounded to bf16 once.
 //
 // Shapes: any T (the last tiles ragged), any D (padded with zeros to a multiple of 32, the
@@ -33,9 +35,9 @@ namespace pipeline::attention {
 // Depth of one tile product in bf16 elements: Dp for AMX is D rounded up to it.
 constexpr int64_t kAmxDepth = 32;
 
-// The keys' operands of every (batch*head, key tile), one block each of amx_block_words(Dp)
-// words: K^T as words, (Dp / 2, kTile) (word p of key n at [p][n]), then V as pairs of key
-// rows, (kTile / 2, Dp) (keys 2j and 2j + 1 of column d at [j][d]); zero-padded.
+// The keys' operands of every (batch*head, key tile), one block each of kTile * Dp words: K's
+// rows as words, (kTile, Dp / 2), then V^T as pairs of keys, (Dp, kTile / 2) (keys 2j and
+// 2j + 1 of column d at [d][j]); zero-padded.
 struct AmxKeys {
   uint32_t* data;
   int64_t num_tiles;
@@ -48,11 +50,11 @@ struct AmxKeys {
 
 // Per-thread scratch of forward_tile_amx, sizes in elements.
 struct AmxForwardScratch {
-  uint32_t* q;      // (kTile, Dp / 2) the query tile's rows as words
-  float* s;         // (kTile, kTile) scores, row = query
-  uint16_t* p;      // (kTile, kTile) bf16 probabilities, row = query
-  float* o;         // (kTile, Dp) unnormalised output
-  float* row_max;   // (kTile)
+  uint32_t* q;      // (Dp / 2, kTile) Q^T as words: word p of query m at [p][m]
+  float* s;         // (kTile, kTile) S^T, then P^T: row = key
+  uint32_t* p;      // (kTile / 2, kTile) P^T as bf16 pairs of keys (rows 2j, 2j + 1 at [j])
+  float* o;         // (Dp, kTile) O^T, unnormalised
+  float* row_max;   // (kTile) per query
   float* row_sum;   // (kTile)
 };
 
