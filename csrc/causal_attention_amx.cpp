@@ -1,9 +1,6 @@
 // The AMX bf16 forward (see causal_attention_amx.h). setup.py compiles this file with the
 // AVX-512 one; the dispatcher uses it only where the CPU has AMX and Linux grants the tile
 // state (amx_tile_state_granted).
-// GCC 12's AVX-512 intrinsics (masked loads, shuffles) start from _mm512_undefined values,
-// which -Wmaybe-uninitialized reports once inlined here: false positives.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "causal_attention_amx.h"
 
 #include <immintrin.h>
@@ -13,7 +10,6 @@
 #endif
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 
 PIPELINE_KERNEL_OPTIONS_BEGIN
@@ -98,11 +94,10 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i interleave_bf16(const fl
 
 // The online softmax of one key tile on S^T (row = key n, column = query m), vectorised
 // across queries as in forward_tile_scores: scores scaled, keys after a query on the diagonal
-// set to -inf, running max and sums, O^T's columns rescaled, and P^T written as bf16 word
-// pairs (s.p, (kTile / 2, kTile), zero for keys >= cols).
+// set to -inf, running max and sums, the factors of O^T's columns (s.alpha), and P^T written
+// as bf16 word pairs (s.p, (kTile / 2, kTile), zero for keys >= cols).
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
-    bool diagonal, int64_t cols, int64_t q_cols, float scale, int64_t Dp,
-    const AmxForwardScratch& s) {
+    bool diagonal, int64_t cols, int64_t q_cols, float scale, const AmxForwardScratch& s) {
   float m_new[kTile];
   float sum[kTile];
   std::copy(s.row_max, s.row_max + q_cols, m_new);
@@ -140,18 +135,24 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
                           interleave_bf16(s.s + 2 * j * kTile + m, s.s + (2 * j + 1) * kTile + m));
     }
   }
-  float alpha[kTile];
 #pragma omp simd
   for (int64_t m = 0; m < q_cols; ++m) {
-    alpha[m] = softmax_exp(s.row_max[m] - m_new[m]);  // 0 on the first key tile
-    s.row_sum[m] = s.row_sum[m] * alpha[m] + sum[m];
+    s.alpha[m] = softmax_exp(s.row_max[m] - m_new[m]);  // 0 on the first key tile
+    s.row_sum[m] = s.row_sum[m] * s.alpha[m] + sum[m];
     s.row_max[m] = m_new[m];
   }
+}
+
+// O^T = O^T alpha + (V^T P^T), column m scaled by alpha[m]: the tile pair's product is summed
+// from zero on the tiles and added once (blocked, as the other kernels accumulate).
+PIPELINE_ALWAYS_INLINE void rescale_and_add(int64_t Dp, int64_t q_cols,
+                                            const AmxForwardScratch& s) {
   for (int64_t d = 0; d < Dp; ++d) {
     float* __restrict ot = s.o + d * kTile;
+    const float* __restrict pv = s.pv + d * kTile;
 #pragma omp simd
     for (int64_t m = 0; m < q_cols; ++m) {
-      ot[m] *= alpha[m];
+      ot[m] = ot[m] * s.alpha[m] + pv[m];
     }
   }
 }
@@ -174,14 +175,15 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tile(
                               Dp / kAmxDepth, s.s + nb * 32 * kTile + mb * 32, kTile * 4);
     }
   }
-  softmax_columns(diagonal, cols, query_blocks * 32, args.scale, Dp, s);
+  softmax_columns(diagonal, cols, query_blocks * 32, args.scale, s);
   for (int64_t db = 0; db < Dp / 32; ++db) {
     for (int64_t mb = 0; mb < query_blocks; ++mb) {
       const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
-      tile_block_32x32<true>(vt_pairs + db * 32 * (kTile / 2), kTile * 2, s.p + mb * 32,
-                             kTile * 4, steps, s.o + db * 32 * kTile + mb * 32, kTile * 4);
+      tile_block_32x32<false>(vt_pairs + db * 32 * (kTile / 2), kTile * 2, s.p + mb * 32,
+                              kTile * 4, steps, s.pv + db * 32 * kTile + mb * 32, kTile * 4);
     }
   }
+  rescale_and_add(Dp, query_blocks * 32, s);
 }
 
 }  // namespace
