@@ -288,7 +288,9 @@ void run_forward_amx(const ForwardArgs<c10::BFloat16>& args, int64_t BH) {
   const at::Tensor packed = at::empty({BH * num_tiles * kTile * Dp}, at::kInt);
   const AmxKeys keys{reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()),
                      num_tiles, Dp};
-  at::parallel_for(0, BH * num_tiles, grain_size(kTile * Dp), [&](int64_t begin, int64_t end) {
+  // Packing a tile (scalar transposes) costs about what one tile pair's products do.
+  const int64_t pack_work = kTile * kTile * Dp;
+  at::parallel_for(0, BH * num_tiles, grain_size(pack_work), [&](int64_t begin, int64_t end) {
     for (const auto item : c10::irange(begin, end)) {
       amx_pack_keys(args, keys, item / num_tiles, item % num_tiles);
     }

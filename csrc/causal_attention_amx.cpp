@@ -64,19 +64,19 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void tile_block_32x32(
   _tile_stored(3, c_bytes + 16 * ldc + 64, ldc);
 }
 
-// V rows [0, rows) (ld apart) transposed into pairs of rows, (Dp, kTile / 2) words: keys 2j
-// and 2j + 1 of column d at [d][j]; zero-padded.
-PIPELINE_ALWAYS_INLINE void load_row_pairs_transposed(const c10::BFloat16* src, int64_t ld,
-                                                      int64_t rows, int64_t D, int64_t Dp,
-                                                      uint32_t* __restrict dst) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  fill(dst, Dp * (kTile / 2), 0u);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* __restrict row = bits + r * ld;
-    const int shift = r % 2 == 0 ? 0 : 16;
-    for (int64_t d = 0; d < D; ++d) {
-      dst[d * (kTile / 2) + r / 2] |= static_cast<uint32_t>(row[d]) << shift;
+// V rows [0, rows) (ld apart) transposed, (Dp, kTile) bf16, zero-padded: as words, keys 2j
+// and 2j + 1 of column d at [d][j] (the low half is the even key), V^T's A operand layout.
+PIPELINE_ALWAYS_INLINE void load_transposed_bf16(const c10::BFloat16* src, int64_t ld,
+                                                 int64_t rows, int64_t D, int64_t Dp,
+                                                 uint32_t* dst) {
+  const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* __restrict out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t d = 0; d < Dp; ++d) {
+    const int64_t valid = d < D ? rows : 0;
+    for (int64_t r = 0; r < valid; ++r) {
+      out[d * kTile + r] = bits[r * ld + d];
     }
+    fill(out + d * kTile + valid, kTile - valid, uint16_t{0});
   }
 }
 
@@ -216,8 +216,8 @@ PIPELINE_TARGET_AMX_BF16 void amx_pack_keys(const ForwardArgs<c10::BFloat16>& ar
   const int64_t cols = std::min(kTile, args.T - col0);
   uint32_t* kt = keys.block(bh, tile);
   load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, keys.Dp, kt);
-  load_row_pairs_transposed(args.v.row(bh, col0), args.v.row_stride, cols, args.D, keys.Dp,
-                            kt + kTile * keys.Dp / 2);
+  load_transposed_bf16(args.v.row(bh, col0), args.v.row_stride, cols, args.D, keys.Dp,
+                       kt + kTile * keys.Dp / 2);
 }
 
 PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>& args,
