@@ -186,6 +186,37 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tile(
   rescale_and_add(Dp, query_blocks * 32, s);
 }
 
+// out = O^T / row sums, rounded once to bf16 (to nearest even, in vectors down O^T's rows;
+// float subnormals flush to 0) and transposed back to rows; lse = max + log(sum).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void store_output(
+    const ForwardArgs<c10::BFloat16>& args, int64_t bh, int64_t row0, int64_t rows,
+    int64_t q_cols, const AmxForwardScratch& s) {
+  float* __restrict inv_sum = s.alpha;  // free after the last key tile, as is s.pv
+#pragma omp simd
+  for (int64_t m = 0; m < q_cols; ++m) {
+    inv_sum[m] = 1.0f / s.row_sum[m];
+  }
+  uint16_t* __restrict rounded = reinterpret_cast<uint16_t*>(s.pv);  // (D, kTile) bf16
+  for (int64_t d = 0; d < args.D; ++d) {
+    for (int64_t m = 0; m < q_cols; m += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s.o + d * kTile + m),
+                                     _mm512_loadu_ps(inv_sum + m));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + d * kTile + m),
+                          (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* __restrict out = reinterpret_cast<uint16_t*>(args.out.row(bh, row0 + r));
+    for (int64_t d = 0; d < args.D; ++d) {
+      out[d] = rounded[d * kTile + r];
+    }
+  }
+  float* __restrict lse = args.lse + bh * args.T + row0;
+  for (int64_t r = 0; r < rows; ++r) {
+    lse[r] = s.row_max[r] + std::log(s.row_sum[r]);
+  }
+}
+
 }  // namespace
 
 bool amx_tile_state_granted() {
@@ -235,16 +266,7 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
   for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
     forward_key_tile(args, keys, bh, row0, kv_tile, query_blocks, s);
   }
-  c10::BFloat16* out = args.out.row(bh, row0);
-  float* lse = args.lse + bh * args.T + row0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv_sum = 1.0f / s.row_sum[r];
-    c10::BFloat16* __restrict out_row = out + r * args.out.row_stride;
-    for (int64_t d = 0; d < D; ++d) {
-      out_row[d] = from_acc<c10::BFloat16>(s.o[d * kTile + r] * inv_sum);
-    }
-    lse[r] = s.row_max[r] + std::log(s.row_sum[r]);
-  }
+  store_output(args, bh, row0, rows, query_blocks * 32, s);
 }
 
 }  // namespace pipeline::attention
