@@ -93,22 +93,19 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i interleave_bf16(const fl
 }
 
 // The online softmax of one key tile on S^T (row = key n, column = query m), vectorised
-// across queries as in forward_tile_scores: scores scaled, keys after a query on the diagonal
-// set to -inf, running max and sums, the factors of O^T's columns (s.alpha), and P^T written
-// as bf16 word pairs (s.p, (kTile / 2, kTile), zero for keys >= cols).
+// across queries as in forward_tile_scores: keys after a query on the diagonal set to -inf,
+// running max and sums, the factors of O^T's columns (s.alpha), and P^T written as bf16 word
+// pairs (s.p, (kTile / 2, kTile), zero for keys >= cols). The scale (> 0) is applied to the
+// tile's largest score and inside the exp's argument, not in a pass of its own.
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
     bool diagonal, int64_t cols, int64_t q_cols, float scale, const AmxForwardScratch& s) {
   float m_new[kTile];
   float sum[kTile];
-  std::copy(s.row_max, s.row_max + q_cols, m_new);
+  fill(m_new, q_cols, -std::numeric_limits<float>::infinity());
   fill(sum, q_cols, 0.0f);
   for (int64_t n = 0; n < cols; ++n) {
     float* __restrict st = s.s + n * kTile;
     const int64_t first = diagonal ? n / 16 * 16 : 0;  // the columns computed for key n
-#pragma omp simd
-    for (int64_t m = first; m < q_cols; ++m) {
-      st[m] *= scale;
-    }
     if (diagonal) {
       fill(st + first, n - first, -std::numeric_limits<float>::infinity());
     }
@@ -117,13 +114,18 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
       m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
     }
   }
+#pragma omp simd
+  for (int64_t m = 0; m < q_cols; ++m) {
+    const float tile_max = m_new[m] * scale;
+    m_new[m] = s.row_max[m] < tile_max ? tile_max : s.row_max[m];
+  }
   for (int64_t n = 0; n < cols; ++n) {
     float* __restrict st = s.s + n * kTile;
     const int64_t first = diagonal ? n / 16 * 16 : 0;
     fill(st, first, 0.0f);
 #pragma omp simd
     for (int64_t m = first; m < q_cols; ++m) {
-      const float e = softmax_exp(st[m] - m_new[m]);
+      const float e = softmax_exp(st[m] * scale - m_new[m]);
       st[m] = e;
       sum[m] += e;
     }
