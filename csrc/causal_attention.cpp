@@ -15,11 +15,13 @@
 // projection and return a (B, T, C) output and the projection's gradient in place. The tile
 // kernels live in causal_attention_kernel.h and are compiled (one file each,
 // causal_attention_<isa>.cpp) for baseline x86-64, AVX2 and AVX-512, and for AVX-512 with
-// AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs; the
-// widest one the CPU supports and the build has is used (setup.py leaves AVX-512 out on a
-// machine without it unless PIPELINE_CPU_ISAS=all; environment variable
-// PIPELINE_CPU_CAPABILITY = default | avx2 | avx512 | avx512_bf16 caps the choice, e.g. to
-// test the narrower code paths).
+// AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs, and
+// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward for bf16 inputs
+// whose two products run on AMX tiles, used where Linux grants the tile state; the widest one
+// the CPU supports and the build has is used (setup.py leaves AVX-512 out on a machine
+// without it unless PIPELINE_CPU_ISAS=all; environment variable PIPELINE_CPU_CAPABILITY =
+// default | avx2 | avx512 | avx512_bf16 | amx_bf16 caps the choice, e.g. to test the
+// narrower code paths).
 //
 // Work split (at::parallel_for): the forward over (batch*head, query tile) items, the
 // backward over batch*head items, or, when there are fewer heads than threads, over
