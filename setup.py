@@ -48,7 +48,7 @@ with_avx512 = avx512_wanted()
 cpu_sources = sorted(
     path
     for path in glob.glob("csrc/*.cpp")
-    if with_avx512 or not path.endswith("_avx512.cpp")
+    if with_avx512 or not path.endswith(("_avx512.cpp", "_amx.cpp"))
 )
 cuda_sources = sorted(glob.glob("csrc/*.cu"))
 use_cuda = (

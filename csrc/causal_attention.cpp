@@ -15,11 +15,13 @@
 // projection and return a (B, T, C) output and the projection's gradient in place. The tile
 // kernels live in causal_attention_kernel.h and are compiled (one file each,
 // causal_attention_<isa>.cpp) for baseline x86-64, AVX2 and AVX-512, and for AVX-512 with
-// AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs; the
-// widest one the CPU supports and the build has is used (setup.py leaves AVX-512 out on a
-// machine without it unless PIPELINE_CPU_ISAS=all; environment variable
-// PIPELINE_CPU_CAPABILITY = default | avx2 | avx512 | avx512_bf16 caps the choice, e.g. to
-// test the narrower code paths).
+// AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs, and
+// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward for bf16 inputs
+// whose two products run on AMX tiles, used where Linux grants the tile state; the widest one
+// the CPU supports and the build has is used (setup.py leaves AVX-512 out on a machine
+// without it unless PIPELINE_CPU_ISAS=all; environment variable PIPELINE_CPU_CAPABILITY =
+// default | avx2 | avx512 | avx512_bf16 | amx_bf16 caps the choice, e.g. to test the
+// narrower code paths).
 //
 // Work split (at::parallel_for): the forward over (batch*head, query tile) items, the
 // backward over batch*head items, or, when there are fewer heads than threads, over
@@ -48,6 +50,7 @@
 #include <utility>
 
 #include "causal_attention_checks.h"
+#include "causal_attention_amx.h"
 #include "causal_attention_kernel.h"
 #include "causal_attention_ops.h"
 
@@ -57,7 +60,16 @@ namespace {
 // ----------------------------------------------------------------------------------------
 // Run-time choice of the instruction set.
 
-enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class Capability { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmxBf16 = 4 };
+
+#ifdef PIPELINE_WITH_AVX512
+// AMX (compiled with the AVX-512 kernels): where the CPU has its bf16 tiles and Linux grants
+// this process the tile state (without which a tile instruction would fault).
+bool amx_usable() {
+  return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+         amx_tile_state_granted();
+}
+#endif
 
 // The widest instruction set both the CPU and this build have.
 Capability supported_capability() {
@@ -67,8 +79,10 @@ Capability supported_capability() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma")) {
-      return __builtin_cpu_supports("avx512bf16") ? Capability::kAvx512Bf16
-                                                  : Capability::kAvx512;
+      if (!__builtin_cpu_supports("avx512bf16")) {
+        return Capability::kAvx512;
+      }
+      return amx_usable() ? Capability::kAmxBf16 : Capability::kAvx512Bf16;
     }
 #endif
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -96,10 +110,12 @@ Capability active_capability() {
     cap = Capability::kAvx512;
   } else if (std::strcmp(requested, "avx512_bf16") == 0) {
     cap = Capability::kAvx512Bf16;
+  } else if (std::strcmp(requested, "amx_bf16") == 0) {
+    cap = Capability::kAmxBf16;
   } else {
     TORCH_CHECK(false,
-                "PIPELINE_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16; "
-                "got '",
+                "PIPELINE_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16, "
+                "amx_bf16; got '",
                 requested, "'");
   }
   return static_cast<int>(cap) < static_cast<int>(supported) ? cap : supported;
@@ -107,6 +123,8 @@ Capability active_capability() {
 
 const char* capability_name(Capability cap) {
   switch (cap) {
+    case Capability::kAmxBf16:
+      return "amx_bf16";
     case Capability::kAvx512Bf16:
       return "avx512_bf16";
     case Capability::kAvx512:
@@ -209,6 +227,7 @@ template <typename scalar_t>
 ForwardFn<scalar_t> forward_kernel(Capability cap) {
   switch (cap) {
 #ifdef PIPELINE_WITH_AVX512
+    case Capability::kAmxBf16:  // bf16 runs run_forward_amx; the other dtypes as here
     case Capability::kAvx512Bf16:
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         return &forward_tile_avx512_bf16;
@@ -262,6 +281,63 @@ void run_forward(const ForwardArgs<scalar_t>& args, int64_t BH) {
   });
 }
 
+#ifdef PIPELINE_WITH_AVX512
+// The AMX forward of bf16 inputs (causal_attention_amx.h): the keys' operands packed once,
+// then the same items as run_forward, each thread with its own tile configuration.
+void run_forward_amx(const ForwardArgs<c10::BFloat16>& args, int64_t BH) {
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t Dp = round_up(args.D, kAmxDepth);
+  const at::Tensor packed = at::empty({BH * num_tiles * kTile * Dp}, at::kInt);
+  const AmxKeys keys{reinterpret_cast<uint32_t*>(packed.mutable_data_ptr<int32_t>()),
+                     num_tiles, Dp};
+  // Packing a tile (scalar transposes) costs about what one tile pair's products do.
+  const int64_t pack_work = kTile * kTile * Dp;
+  at::parallel_for(0, BH * num_tiles, grain_size(pack_work), [&](int64_t begin, int64_t end) {
+    for (const auto item : c10::irange(begin, end)) {
+      amx_pack_keys(args, keys, item / num_tiles, item % num_tiles);
+    }
+  });
+  using Arena = ScratchArena;
+  const int64_t scratch_size =
+      Arena::footprint<uint32_t>(kTile * Dp / 2) + Arena::footprint<float>(kTile * kTile) +
+      Arena::footprint<uint32_t>(kTile * kTile / 2) + 2 * Arena::footprint<float>(kTile * Dp) +
+      3 * Arena::footprint<float>(kTile);
+  const int64_t work = (num_tiles + 1) * kTile * kTile * Dp;
+  at::parallel_for(0, BH * num_tiles, grain_size(work), [&](int64_t begin, int64_t end) {
+    Arena arena(scratch_size);
+    AmxForwardScratch scratch{};
+    scratch.q = arena.take<uint32_t>(kTile * Dp / 2);
+    scratch.s = arena.take<float>(kTile * kTile);
+    scratch.p = arena.take<uint32_t>(kTile * kTile / 2);
+    scratch.o = arena.take<float>(kTile * Dp);
+    scratch.pv = arena.take<float>(kTile * Dp);
+    scratch.row_max = arena.take<float>(kTile);
+    scratch.row_sum = arena.take<float>(kTile);
+    scratch.alpha = arena.take<float>(kTile);
+    amx_tiles_begin();
+    for (const auto item : c10::irange(begin, end)) {
+      const int64_t bh = item / num_tiles;
+      forward_tile_amx(args, keys, bh, interleaved_tile(item % num_tiles, num_tiles), scratch);
+    }
+    amx_tiles_end();
+  });
+}
+#endif
+
+// run_forward, or the AMX forward for bf16 where the capability is amx_bf16.
+template <typename scalar_t>
+void run_forward_any(const ForwardArgs<scalar_t>& args, int64_t BH) {
+#ifdef PIPELINE_WITH_AVX512
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (active_capability() == Capability::kAmxBf16) {
+      run_forward_amx(args, BH);
+      return;
+    }
+  }
+#endif
+  run_forward(args, BH);
+}
+
 // The tensor itself when its last dimension is contiguous (the kernels read any other
 // strides), else a contiguous copy.
 at::Tensor rows_contiguous(const at::Tensor& t) {
@@ -307,7 +383,7 @@ void forward_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         args.T = q.size(2);
         args.D = q.size(3);
         args.scale = softmax_scale<acc_t>(args.D);
-        run_forward(args, q.size(0) * q.size(1));
+        run_forward_any(args, q.size(0) * q.size(1));
       });
 }
 
@@ -333,6 +409,7 @@ template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
 #ifdef PIPELINE_WITH_AVX512
+    case Capability::kAmxBf16:  // no AMX backward yet
     case Capability::kAvx512Bf16:
     case Capability::kAvx512:
       return &backward_item_avx512<scalar_t>;

@@ -18,6 +18,10 @@
 #define PIPELINE_TARGET_AVX512_BF16                                                         \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,"          \
                         "prefer-vector-width=512")))
+// AVX512_BF16 plus the AMX tiles and their bf16 products (causal_attention_amx.h).
+#define PIPELINE_TARGET_AMX_BF16                                                          \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,"         \
+                        "amx-tile,amx-bf16,prefer-vector-width=512")))
 
 // The kernels never read floating-point exception flags. Under GCC's default
 // -ftrapping-math the selects in softmax_exp stay branches (a comparison might trap), which

@@ -190,9 +190,10 @@ def causal_attention_qkv(qkv: Tensor, n_head: int) -> Tensor:
 
 
 def cpu_capability() -> str:
-    """Instruction set the CPU kernels run with: ``"avx512_bf16"``, ``"avx512"``, ``"avx2"``
-    or ``"default"``. ``avx512_bf16`` is AVX-512 plus bf16 dot products, which the forward
-    uses for the scores ``q kᵀ`` of bfloat16 inputs.
+    """Instruction set the CPU kernels run with: ``"amx_bf16"``, ``"avx512_bf16"``,
+    ``"avx512"``, ``"avx2"`` or ``"default"``. ``avx512_bf16`` is AVX-512 plus bf16 dot
+    products, which the forward uses for the scores ``q kᵀ`` of bfloat16 inputs; ``amx_bf16``
+    runs both products of the bfloat16 forward on AMX tiles (where Linux grants them).
 
     Detected at run time; the environment variable ``PIPELINE_CPU_CAPABILITY`` caps it.
     """

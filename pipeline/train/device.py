@@ -89,7 +89,7 @@ def native_bf16(device: torch.device) -> bool:
         # deferred: pipeline.kernels loads the compiled extension, needed only on this path
         from pipeline.kernels import cpu_capability
 
-        return cpu_capability() == "avx512_bf16"
+        return cpu_capability() in ("avx512_bf16", "amx_bf16")
     return False
 
 

@@ -15,8 +15,9 @@ kernels = pytest.importorskip(
 causal_attention = kernels.causal_attention
 fwd_op = torch.ops.pipeline.causal_attention_fwd.default
 bwd_op = torch.ops.pipeline.causal_attention_bwd.default
-# avx512_bf16: AVX-512, and bf16 dot products for the scores of bf16 inputs.
-CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]
+# avx512_bf16: AVX-512, and bf16 dot products for the scores of bf16 inputs. amx_bf16: the
+# bf16 forward's products on AMX tiles (the rest as avx512_bf16).
+CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 
 
 def make_qkv(
@@ -184,12 +185,39 @@ def test_every_instruction_set(capability: str, monkeypatch: pytest.MonkeyPatch)
 def test_bf16_dot_products_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under avx512_bf16 the bf16 forward takes its own path (its scores are summed in another
     order), not the avx512 one; both are held to SDPA's accuracy above."""
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx512_bf16")
     if kernels.cpu_capability() != "avx512_bf16":
         pytest.skip("this CPU has no AVX512_BF16")
     q, k, v = make_qkv((1, 2, 300, 64), torch.bfloat16)
     dots = causal_attention(q, k, v)
     monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx512")
     assert not torch.equal(dots, causal_attention(q, k, v))
+
+
+def cpu_has_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX's bf16 tiles (with AVX512_BF16, which amx_bf16 needs)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+def test_amx_tiles_are_used_where_the_cpu_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AMX CPU runs the bf16 forward on AMX tiles (its own path: P rounded to bf16 for P V),
+    and PIPELINE_CPU_CAPABILITY=avx512_bf16 takes it off them; other dtypes are unchanged."""
+    if not cpu_has_amx():
+        pytest.skip("this CPU has no AMX bf16 tiles (/proc/cpuinfo: amx_tile, amx_bf16)")
+    monkeypatch.delenv("PIPELINE_CPU_CAPABILITY", raising=False)
+    assert kernels.cpu_capability() == "amx_bf16"
+    q, k, v = make_qkv((1, 2, 300, 64), torch.bfloat16)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    tiles, tiles32 = causal_attention(q, k, v), causal_attention(q32, k32, v32)
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx512_bf16")
+    assert kernels.cpu_capability() == "avx512_bf16"
+    assert not torch.equal(tiles, causal_attention(q, k, v))
+    assert torch.equal(tiles32, causal_attention(q32, k32, v32))
 
 
 def test_unknown_capability_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

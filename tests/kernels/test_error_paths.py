@@ -20,7 +20,7 @@ import pytest
 kernels = pytest.importorskip(
     "pipeline.kernels", reason="pipeline.kernels._C is not built", exc_type=ImportError
 )
-CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16"]
+CAPABILITIES = ["default", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 
 CASES = r"""
 import json, sys

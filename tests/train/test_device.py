@@ -110,7 +110,7 @@ def test_mfu_cannot_exceed_100_percent_of_a_peak_measured_while_the_machine_was_
 
 def test_auto_precision_is_bf16_only_where_bf16_is_native_and_measured_faster():
     cpu = torch.device("cpu")
-    native = cpu_capability() == "avx512_bf16"  # AVX2 (no bf16 dot products): fp32
+    native = cpu_capability() in ("avx512_bf16", "amx_bf16")  # AVX2 (no bf16 dots): fp32
     assert native_bf16(cpu) == native
     # On a CPU, bf16 paid from gpt2-124m's width up and lost at tiny's (CPU_BF16_MIN_WIDTH).
     assert resolve_precision("auto", cpu, 768) == ("bf16" if native else "fp32")

@@ -1,0 +1,86 @@
+// The AMX bf16 forward of the CPU attention op (capability amx_bf16): both tile products,
+// S = Q K^T and O += P V, run on AMX tiles (_tile_dpbf16ps: bf16 products summed in float32),
+// the online softmax in AVX-512 float32 with softmax_exp. A tile product (16 x 16 x 32) was
+// measured at 20-35 ns on the 2-core KVM Xeon this was written on (~500-800 GFLOP/s per core,
+// against ~250 for AVX512_BF16 dot products): the products of a 64 x 64 tile pair still take
+// about half of its time, the softmax, tile loads and stores the rest.
+//
+// Why a forward of its own rather than another Isa of forward_tile_scores: AMX tiles want
+// operands in VNNI layout (two bf16 neighbours along the contracted dimension in one 32-bit
+// word) and 16-row blocks, and P must be bf16 for the second product. As in
+// forward_tile_scores the scores are computed transposed, S^T = K Q^T (row = key), so the
+// softmax runs down columns, vectorised across queries with no horizontal reductions; the
+// second product is then O^T += V^T P^T, whose B operand is P^T's rows interleaved in pairs.
+// The keys' operands, K's rows as words and V^T as pairs of keys, are packed once per key
+// tile for the whole op (amx_pack_keys), not once per tile pair. P is rounded to bf16 for
+// P V (as flash attention does on GPUs); the row sums and lse use P in float32, and out is
+// rounded to bf16 once.
+//
+// Shapes: any T (the last tiles ragged), any D (padded with zeros to a multiple of 32, the
+// depth of a tile product), strided inputs as HeadView gives them. bf16 only; the backward
+// runs the avx512 kernels. On the diagonal tile a block of 32 queries reads the values of
+// the keys up to its end whatever the causal mask: an infinite value there makes the outputs
+// of the earlier queries of its block NaN (0 * inf), as in the other kernels' register tiles.
+//
+// Determinism: each (batch*head, query tile) is computed by one thread in a fixed order.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+
+#include "causal_attention_kernel.h"
+
+PIPELINE_KERNEL_OPTIONS_BEGIN
+
+namespace pipeline::attention {
+
+// Depth of one tile product in bf16 elements: Dp for AMX is D rounded up to it.
+constexpr int64_t kAmxDepth = 32;
+
+// The keys' operands of every (batch*head, key tile), one block each of kTile * Dp words: K's
+// rows as words, (kTile, Dp / 2), then V^T as pairs of keys, (Dp, kTile / 2) (keys 2j and
+// 2j + 1 of column d at [d][j]); zero-padded.
+struct AmxKeys {
+  uint32_t* data;
+  int64_t num_tiles;
+  int64_t Dp;  // D rounded up to kAmxDepth
+
+  uint32_t* block(int64_t bh, int64_t tile) const {
+    return data + (bh * num_tiles + tile) * kTile * Dp;
+  }
+};
+
+// Per-thread scratch of forward_tile_amx, sizes in elements.
+struct AmxForwardScratch {
+  uint32_t* q;      // (Dp / 2, kTile) Q^T as words: word p of query m at [p][m]
+  float* s;         // (kTile, kTile) S^T, then P^T: row = key
+  uint32_t* p;      // (kTile / 2, kTile) P^T as bf16 pairs of keys (rows 2j, 2j + 1 at [j])
+  float* o;         // (Dp, kTile) O^T, unnormalised
+  float* pv;        // (Dp, kTile) one tile pair's V^T P^T
+  float* row_max;   // (kTile) per query
+  float* row_sum;   // (kTile)
+  float* alpha;     // (kTile) exp(old max - new max), O^T's column factors
+};
+
+// Asks Linux for the AMX tile state (once per process); false where it is refused or the
+// CPU or kernel has no AMX, and then no tile instruction may run.
+bool amx_tile_state_granted();
+
+// The tile configuration is per thread: every thread loads it before its first tile
+// instruction and releases it after its last.
+PIPELINE_TARGET_AMX_BF16 void amx_tiles_begin();
+PIPELINE_TARGET_AMX_BF16 void amx_tiles_end();
+
+// Packs key tile `tile` of head bh into keys.block(bh, tile).
+PIPELINE_TARGET_AMX_BF16 void amx_pack_keys(const ForwardArgs<c10::BFloat16>& args,
+                                            const AmxKeys& keys, int64_t bh, int64_t tile);
+
+// The forward of query tile `tile` of head bh (out and lse), from the packed keys.
+PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>& args,
+                                               const AmxKeys& keys, int64_t bh, int64_t tile,
+                                               const AmxForwardScratch& s);
+
+}  // namespace pipeline::attention
+
+PIPELINE_KERNEL_OPTIONS_END
