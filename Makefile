@@ -18,7 +18,7 @@ TEAM_STAMP := $(VENV)/.team-installed
 EXT_STAMP := $(VENV)/.ext-built
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup setup-dev pipeline pipeline-slurm test lint bench dag report clean-results mlflow-ui mlflow-server
+.PHONY: setup setup-dev pipeline pipeline-slurm test lint bench dag report docs docs-dag clean-results mlflow-ui mlflow-server
 
 # The runtime set-up (what `make pipeline` needs): the project's dependencies and the extension,
 # side by side (two make jobs: pip mostly waits on files, the compiler on the CPU).
@@ -69,7 +69,7 @@ pipeline: setup
 pipeline-slurm: setup
 	$(VENV)/bin/snakemake --profile profiles/slurm $(SNAKEMAKE_ARGS)
 
-# -n 2: the cluster tests (mostly waiting on SLURM) in one worker beside the
+# -n 2: the cluster tests (mostly waiting on SLURM) and the tutorials in one worker beside the
 # rest (tests/conftest.py); --durations: the slowest tests, to keep the suite's time in view.
 test: setup-dev
 	$(PY) -m pytest -q -n 2 --durations=25
@@ -101,6 +101,19 @@ report: setup
 	$(VENV)/bin/snakemake --report "$$tmp/report.html" $(SNAKEMAKE_ARGS); \
 	mv "$$tmp/report.html" report.html
 	@echo "wrote report.html"
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor, or a
+# page missing from the nav, fails it. The reference pages are rendered from the code
+# (docs/hooks.py). Needs the `dev` extra (mkdocs-material).
+docs: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The picture of the rules on the site and in README.md (needs Graphviz's dot).
+docs-dag: setup
+	@set -e; tmp=$$(mktemp); trap 'rm -f "$$tmp" "$$tmp.svg"' EXIT; \
+	$(VENV)/bin/snakemake --rulegraph > "$$tmp"; dot -Tsvg -Grankdir=LR "$$tmp" > "$$tmp.svg"; \
+	mv "$$tmp.svg" docs/images/dag.svg
+	@echo "wrote docs/images/dag.svg"
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -8,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = (REPO.parent / "shared" / "data").resolve()
+SIDE_WORKER_TESTS = ("tests/cluster/", "tests/docs/test_tutorials.py")
 
 
 # Defined only where xdist is installed (the dev extra): pytest refuses a hook it does not know.
@@ -15,17 +16,18 @@ if importlib.util.find_spec("xdist") is not None:
 
     def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         """`make test` runs `pytest -n 2`: tests/cluster, which mostly waits on SLURM's jobs and
-        status checks, in one worker, and the rest of the suite, in its usual order, in the other.
-        (xdist's own `--dist loadgroup` marks do not work under pytest 9.2: it renames node ids
-        through an attribute pytest no longer reads.)"""
+        status checks, and the tutorials' runs (each in a copy of its own) in one worker, and the
+        rest of the suite, in its usual order, in the other. (xdist's own `--dist loadgroup` marks
+        do not work under pytest 9.2: it renames node ids through an attribute pytest no longer
+        reads.)"""
         # deferred: xdist is imported only when it runs the suite
         from xdist.scheduler import LoadScopeScheduling
 
-        class ClusterApart(LoadScopeScheduling):
+        class SideWorker(LoadScopeScheduling):
             def _split_scope(self, nodeid: str) -> str:
-                return "cluster" if nodeid.startswith("tests/cluster/") else "main"
+                return "side" if nodeid.startswith(SIDE_WORKER_TESTS) else "main"
 
-        return ClusterApart(config, log)
+        return SideWorker(config, log)
 
 
 @pytest.fixture(scope="session")
