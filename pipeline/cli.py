@@ -272,20 +272,24 @@ def _stored_parameters(weights: Path) -> int:
 def import_gpt2_command(args: argparse.Namespace) -> None:
     """Convert once, so every stage and command reads GPT-2 in our own checkpoint format."""
     # deferred: both modules import torch (~3 s)
-    from pipeline.model.checkpoint import TOKENIZER_DIR, WEIGHTS_FILE, load_checkpoint_config
+    from pipeline.model.checkpoint import (
+        WEIGHTS_FILE,
+        checkpoint_tokenizer_info,
+        load_checkpoint_config,
+    )
     from pipeline.model.gpt2_import import import_gpt2
 
     out = import_gpt2(args.src, args.out)
     model = load_checkpoint_config(out)["model"]
     shape = ", ".join(f"{k}={model[k]}" for k in ("n_layer", "n_head", "n_embd", "context_length"))
-    has_tokenizer = (out / TOKENIZER_DIR / "encoder.json").is_file()
+    tokenizer = checkpoint_tokenizer_info(out)
     log.info(
         "wrote %s: %s parameters (%s), %s",
         out,
         f"{_stored_parameters(out / WEIGHTS_FILE):,}",
         shape,
-        "with GPT-2's tokenizer files"
-        if has_tokenizer
+        f"with its {tokenizer.kind} tokenizer ({tokenizer.n_vocab} ids)"
+        if tokenizer
         else "without tokenizer files (generate will use tiktoken's GPT-2 encoding)",
     )
 

@@ -11,9 +11,11 @@ which swaps in GPT-2's pattern), it encodes every text as tiktoken does with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from functools import cache
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
@@ -37,6 +39,17 @@ def byte_level(token: bytes) -> str:
     """A token's bytes as byte-level BPE writes them."""
     chars = _byte_chars()
     return "".join(chars[b] for b in token)
+
+
+@cache
+def _byte_values() -> dict[str, int]:
+    return {char: b for b, char in enumerate(_byte_chars())}
+
+
+def from_byte_level(text: str) -> bytes:
+    """The bytes of a token byte-level BPE writes as `text` (KeyError: not of its alphabet)."""
+    values = _byte_values()
+    return bytes(values[char] for char in text)
 
 
 def merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -131,3 +144,25 @@ def tokenizer_config(specials: Mapping[str, int], eot: str) -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         "additional_special_tokens": [s for s in specials if s != eot],
     }
+
+
+def read_tokenizer_json(data: bytes, where: Path) -> tuple[dict[bytes, int], str, dict[str, int]]:
+    """(ranks, split pattern, special tokens) of a `tokenizer.json` as `tokenizer_json` writes
+    it, for turning an exported tokenizer back into ranks. Whether it is exactly that file (its
+    merges those of the ranks) is for the caller to check by writing it again."""
+    try:
+        hf = json.loads(data)
+        split = hf["pre_tokenizer"]["pretokenizers"][0]
+        pattern = split["pattern"]["Regex"]
+        if hf["model"]["type"] != "BPE" or split["type"] != "Split":
+            raise ValueError("not a BPE with a Split pre-tokenizer")
+        ranks = {from_byte_level(token): rank for token, rank in hf["model"]["vocab"].items()}
+        specials = {added["content"]: added["id"] for added in hf["added_tokens"]}
+        if not isinstance(pattern, str) or not all(type(i) is int for i in ranks.values()):
+            raise ValueError("the pattern is not a string or a rank not an integer")
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # JSONDecodeError included
+        raise InputError(
+            f"{where}: expected a byte-level BPE tokenizer.json as export-hf writes it "
+            f"(BPE model, Split + ByteLevel pre-tokenizer): {exc!r}"
+        ) from None
+    return ranks, pattern, dict(sorted(specials.items(), key=lambda item: item[1]))

@@ -37,6 +37,8 @@ GPT2_BPE_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+"""The sha256 of GPT-2's ranks as `ranks.tiktoken`: how GPT-2 is known in a bare tokenizer.json."""
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -139,6 +141,44 @@ def write_tokenizer(directory: Path, ranks: Mapping[bytes, int], kind: str, patt
     atomic_write_bytes(directory / HF_FILE, (json.dumps(hf, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(directory / ENCODING_FILE, _encoding_bytes(encoding))
     return tokenizer_info(directory)
+
+
+def import_hf_tokenizer(directory: Path, source: Path) -> TokenizerInfo:
+    """Write the tokenizer of `source`, a tokenizer.json as export-hf writes it, to `directory`
+    in this format (kind gpt2 if it is GPT-2's). Refused unless writing it again gives the same
+    file, so the ranks encode exactly as `source` does."""
+    from pipeline.data.hf_tokenizer import read_tokenizer_json  # deferred: only importers need it
+
+    ranks, regex, specials = read_tokenizer_json(source.read_bytes(), source)
+    pattern = next((name for name, known in PATTERNS.items() if known == regex), None)
+    if pattern is None:
+        raise InputError(
+            f"{source}: the split pattern {regex!r} is none of ours ({', '.join(PATTERNS)}); "
+            "expected a tokenizer export-hf wrote"
+        )
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise InputError(f"{source}: the vocabulary's ids are not 0..{len(ranks) - 1}, each once")
+    if list(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+        raise InputError(f"{source}: expected the special tokens to follow the vocabulary from "
+                         f"id {len(ranks)}, got {specials}")  # fmt: skip
+    is_gpt2 = (pattern, list(specials)) == ("gpt2", [END_OF_TEXT]) and (
+        hashlib.sha256(ranks_bytes(ranks)).hexdigest() == GPT2_RANKS_SHA256)  # fmt: skip
+    try:
+        info = write_tokenizer(directory, ranks, "gpt2" if is_gpt2 else "trained", pattern,
+                               list(specials))  # fmt: skip
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    if _encodes(directory / HF_FILE) != _encodes(source):
+        raise InputError(f"{source}: its merges, pre-tokenizer, decoder or special tokens differ "
+                         "from what export-hf writes for its vocabulary: not a tokenizer "
+                         "tiktoken encodes the same way")  # fmt: skip
+    return info
+
+
+def _encodes(hf_file: Path) -> dict[str, Any]:
+    """What in a tokenizer.json decides the ids (not its truncation and padding settings)."""
+    hf = json.loads(hf_file.read_bytes())
+    return {key: value for key, value in hf.items() if key not in ("truncation", "padding")}
 
 
 def _encoding(ranks_data: bytes, n_ranks: int, kind: str, pattern: str,

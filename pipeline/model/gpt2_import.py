@@ -12,8 +12,15 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pipeline.data.tokenizer import END_OF_TEXT_ID, GPT2_BPE_FILES, VOCAB_SIZE
+from pipeline.data.tokenizer import (
+    END_OF_TEXT_ID,
+    GPT2_BPE_FILES,
+    HF_FILE,
+    VOCAB_SIZE,
+    import_hf_tokenizer,
+)
 from pipeline.errors import InputError
 from pipeline.io import sha256_bytes
 from pipeline.model.architecture import GPTConfig
@@ -24,6 +31,7 @@ from pipeline.model.checkpoint import (
     load_checkpoint,
     load_checkpoint_config,
     save_checkpoint,
+    tokenizer_extra_files,
 )
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_tensors import check_dir, read_json
@@ -163,27 +171,39 @@ def _tokenizer_files(src: Path, names: Mapping[str, str], staging: Path) -> dict
     return files
 
 
+def _own_tokenizer(src: Path, staging: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(metadata, extra_files) for the tokenizer.json export-hf wrote: the files and metadata
+    of a checkpoint trained with that tokenizer, so a round trip keeps it."""
+    info = import_hf_tokenizer(staging, src / HF_FILE)
+    vocab_size = hf_dir_config(src)[1].vocab_size
+    if info.n_vocab != vocab_size:
+        raise InputError(
+            f"{src / HF_FILE}: the tokenizer has {info.n_vocab} ids but the model "
+            f"({src / HF_CONFIG}) has vocab_size {vocab_size}; they must be equal"
+        )
+    return info.as_dict(), tokenizer_extra_files(staging)
+
+
 def import_gpt2(src: Path, out: Path) -> Path:
     """Convert a Hugging Face or OpenAI TF GPT-2 directory into our checkpoint at `out`.
 
     The layout is detected from the files (config.json: Hugging Face; hparams.json: OpenAI).
-    GPT-2's tokenizer files are copied into `tokenizer/` when SRC has them.
+    GPT-2's tokenizer files are copied into `tokenizer/` when SRC has them; a Hugging Face
+    directory with a tokenizer.json and neither of them (what export-hf writes for a checkpoint
+    with its own tokenizer) keeps that tokenizer.
     """
     src = Path(src)
     layout = gpt2_layout(src)
-    if layout == LAYOUT_HF:
-        model = load_hf_gpt2(src)
-        names = HF_TOKENIZER_NAMES
-    elif layout == LAYOUT_TF:
-        model = load_tf_gpt2(src)
-        names = {name: name for name in GPT2_BPE_FILES}
-    else:
+    if layout == LAYOUT_CHECKPOINT:
         raise InputError(f"{src} is already a {CHECKPOINT_FORMAT} directory; nothing to import")
-    metadata = {
-        "stage": "import",
-        "source": str(src),
-        "tokenizer": {"kind": "gpt2", "n_vocab": VOCAB_SIZE, "eot_token": END_OF_TEXT_ID},
-    }
+    names = HF_TOKENIZER_NAMES if layout == LAYOUT_HF else {name: name for name in GPT2_BPE_FILES}
+    own = (src / HF_FILE).is_file() and not any((src / n).is_file() for n in names.values())
     with tempfile.TemporaryDirectory() as staging:
-        extra_files = _tokenizer_files(src, names, Path(staging))
+        if layout == LAYOUT_HF and own:
+            tokenizer, extra_files = _own_tokenizer(src, Path(staging))
+        else:
+            tokenizer = {"kind": "gpt2", "n_vocab": VOCAB_SIZE, "eot_token": END_OF_TEXT_ID}
+            extra_files = _tokenizer_files(src, names, Path(staging))
+        model = load_hf_gpt2(src) if layout == LAYOUT_HF else load_tf_gpt2(src)
+        metadata = {"stage": "import", "source": str(src), "tokenizer": tokenizer}
         return save_checkpoint(model, out, metadata=metadata, extra_files=extra_files)
