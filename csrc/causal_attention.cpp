@@ -16,8 +16,9 @@
 // kernels live in causal_attention_kernel.h and are compiled (one file each,
 // causal_attention_<isa>.cpp) for baseline x86-64, AVX2 and AVX-512, and for AVX-512 with
 // AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs, and
-// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward for bf16 inputs
-// whose two products run on AMX tiles, used where Linux grants the tile state; the widest one
+// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward and backward for
+// bf16 inputs whose products run on AMX tiles, used where Linux grants the tile state; the
+// widest one
 // the CPU supports and the build has is used (setup.py leaves AVX-512 out on a machine
 // without it unless PIPELINE_CPU_ISAS=all; environment variable PIPELINE_CPU_CAPABILITY =
 // default | avx2 | avx512 | avx512_bf16 | amx_bf16 caps the choice, e.g. to test the
@@ -28,7 +29,7 @@
 // (batch*head, key tile) items for dK, dV and then (batch*head, query tile) items for dQ.
 // Each item is computed by one thread in a fixed order, and both backward splits sum in
 // the same order, so results are bitwise identical from run to run and for any number of
-// threads.
+// threads. The AMX backward runs batch*head items only (see causal_attention_amx.h).
 //
 // The operators' schemas and all their registrations are in registration.cpp; the CPU
 // functions it registers are the ones at the end of this file (causal_attention_ops.h).
@@ -409,7 +410,7 @@ template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
 #ifdef PIPELINE_WITH_AVX512
-    case Capability::kAmxBf16:  // no AMX backward yet
+    case Capability::kAmxBf16:  // bf16 runs run_backward_amx; the other dtypes as here
     case Capability::kAvx512Bf16:
     case Capability::kAvx512:
       return &backward_item_avx512<scalar_t>;
@@ -502,6 +503,59 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
             pairs_per_tile * (kept ? kTile * Dp : 3 * pair_work));
 }
 
+#ifdef PIPELINE_WITH_AVX512
+// The AMX backward of bf16 inputs (backward_head_amx): one item per head whatever the
+// number of threads (no split inside a head, so that the bits do not depend on it).
+void run_backward_amx(const BackwardArgs<c10::BFloat16>& args, int64_t BH) {
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t Tp = num_tiles * kTile;
+  const int64_t Dp = round_up(args.D, kAmxDepth);
+  const int64_t block = kTile * Dp / 2;
+  using Arena = ScratchArena;
+  const int64_t scratch_size =
+      Arena::footprint<uint32_t>(num_tiles * 4 * block) + 2 * Arena::footprint<float>(Tp) +
+      Arena::footprint<uint32_t>(3 * block) + 2 * Arena::footprint<float>(kTile * kTile) +
+      Arena::footprint<uint32_t>(kTile * kTile / 2) + 2 * Arena::footprint<uint32_t>(kTile * kTile) +
+      2 * Arena::footprint<float>(kTile * Dp) + Arena::footprint<float>(Dp * amx_dqt_stride(args.T));
+  const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * kTile * kTile * Dp;
+  at::parallel_for(0, BH, grain_size(head_work), [&](int64_t begin, int64_t end) {
+    Arena arena(scratch_size);
+    AmxBackwardScratch scratch{};
+    scratch.queries = arena.take<uint32_t>(num_tiles * 4 * block);
+    scratch.lse = arena.take<float>(Tp);
+    scratch.delta = arena.take<float>(Tp);
+    scratch.keys = arena.take<uint32_t>(3 * block);
+    scratch.s = arena.take<float>(kTile * kTile);
+    scratch.dp = arena.take<float>(kTile * kTile);
+    scratch.p_rows = arena.take<uint32_t>(kTile * kTile / 2);
+    scratch.ds_rows = arena.take<uint32_t>(kTile * kTile);
+    scratch.ds_pairs = arena.take<uint32_t>(kTile * kTile);
+    scratch.dk = arena.take<float>(kTile * Dp);
+    scratch.dv = arena.take<float>(kTile * Dp);
+    scratch.dqt = arena.take<float>(Dp * amx_dqt_stride(args.T));
+    amx_tiles_begin();
+    for (const auto bh : c10::irange(begin, end)) {
+      backward_head_amx(args, bh, Dp, scratch);
+    }
+    amx_tiles_end();
+  });
+}
+#endif
+
+// run_backward, or the AMX backward for bf16 where the capability is amx_bf16.
+template <typename scalar_t>
+void run_backward_any(BackwardArgs<scalar_t>& args, int64_t BH) {
+#ifdef PIPELINE_WITH_AVX512
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (active_capability() == Capability::kAmxBf16) {
+      run_backward_amx(args, BH);
+      return;
+    }
+  }
+#endif
+  run_backward(args, BH);
+}
+
 // The backward on (B, H, T, D) tensors with a contiguous last dimension (dq, dk, dv
 // allocated by the caller in any such layout).
 void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -530,7 +584,7 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         args.T = q.size(2);
         args.D = q.size(3);
         args.scale = softmax_scale<acc_t>(args.D);
-        run_backward(args, q.size(0) * q.size(1));
+        run_backward_any(args, q.size(0) * q.size(1));
       });
 }
 

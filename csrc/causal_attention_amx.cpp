@@ -219,6 +219,207 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void store_output(
   }
 }
 
+// ----------------------------------------------------------------------------------------
+// Backward. Each (query tile, key tile) pair on S^T as in the forward (row = key): S^T = K
+// Q^T and dP^T = V dO^T on the tiles, P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T -
+// delta) in AVX-512 float32 vectorised across queries, then dV += P^T dO, dK += dS^T Q and
+// dQ^T += K^T dS^T on the tiles, P^T and dS^T rounded to bf16 for them (all sums float32).
+
+// Rows [0, rows) of a (rows, D) bf16 matrix (ld apart) as pairs of rows, (kTile / 2, Dp)
+// words, zero-padded: rows 2j and 2j + 1 of column d at [j][d] (the low half is the even
+// row), the B operand layout of a product contracted over those rows.
+PIPELINE_ALWAYS_INLINE void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows,
+                                           int64_t D, int64_t Dp, uint32_t* dst) {
+  const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* __restrict out = dst;
+  for (int64_t j = 0; j < kTile / 2; ++j) {
+    const int64_t even = 2 * j < rows ? D : 0;
+    const int64_t odd = 2 * j + 1 < rows ? D : 0;
+    for (int64_t d = 0; d < Dp; ++d) {
+      const uint32_t lo = d < even ? bits[2 * j * ld + d] : 0;
+      const uint32_t hi = d < odd ? bits[(2 * j + 1) * ld + d] : 0;
+      out[j * Dp + d] = lo | (hi << 16);
+    }
+  }
+}
+
+// The query tile operands of a head (AmxBackwardScratch::queries), its lse and delta.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pack_queries(
+    const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t tile, int64_t Dp,
+    const AmxBackwardScratch& s) {
+  const int64_t D = args.D;
+  const int64_t row0 = tile * kTile;
+  const int64_t rows = std::min(kTile, args.T - row0);
+  const int64_t block = kTile * Dp / 2;
+  uint32_t* ops = s.queries + tile * 4 * block;
+  load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, ops);
+  load_row_pairs(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, ops + block);
+  load_words<true>(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
+                   ops + 2 * block);
+  load_row_pairs(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
+                 ops + 3 * block);
+  const float* lse = args.lse + bh * args.T + row0;
+  for (int64_t r = 0; r < kTile; ++r) {
+    float delta = 0.0f;
+    if (r < rows) {
+      const c10::BFloat16* g = args.grad_out.row(bh, row0 + r);
+      const c10::BFloat16* o = args.out.row(bh, row0 + r);
+#pragma omp simd reduction(+ : delta)
+      for (int64_t d = 0; d < D; ++d) {
+        delta += to_acc<float>(g, d) * to_acc<float>(o, d);
+      }
+    }
+    s.delta[row0 + r] = delta;
+    s.lse[row0 + r] = r < rows ? lse[r] : 0.0f;
+  }
+}
+
+// The key tile operands (AmxBackwardScratch::keys).
+PIPELINE_ALWAYS_INLINE void backward_pack_keys(const BackwardArgs<c10::BFloat16>& args,
+                                               int64_t bh, int64_t tile, int64_t Dp,
+                                               const AmxBackwardScratch& s) {
+  const int64_t col0 = tile * kTile;
+  const int64_t cols = std::min(kTile, args.T - col0);
+  const int64_t block = kTile * Dp / 2;
+  load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, Dp, s.keys);
+  load_words<false>(args.v.row(bh, col0), args.v.row_stride, cols, args.D, Dp,
+                    s.keys + block);
+  load_transposed_bf16(args.k.row(bh, col0), args.k.row_stride, cols, args.D, Dp,
+                       s.keys + 2 * block);
+}
+
+// (kTile, kTile) floats as bf16 rows, to nearest even.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void round_rows_bf16(const float* src,
+                                                                     uint32_t* dst) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < kTile * kTile; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  }
+}
+
+// P^T and dS^T of one pair from S^T (s.s) and dP^T (s.dp), in place; zero outside the
+// causal mask and the ragged tiles' rows and columns (selected, so that what the products
+// computed there, even NaN, does not reach the sums). Where one key holds most of a query's
+// probability, dS is formed as dO . (V_j - O) as in the avx512 backward (backward_pair).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_softmax(
+    const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t row0, int64_t col0,
+    const AmxBackwardScratch& s) {
+  const bool diagonal = row0 == col0;
+  const int64_t rows = std::min(kTile, args.T - row0);
+  const int64_t cols = std::min(kTile, args.T - col0);
+  const float* __restrict lse = s.lse + row0;
+  const float* __restrict delta = s.delta + row0;
+  const float scale = args.scale;
+  float p_max[kTile];
+  int32_t p_arg[kTile];
+  fill(p_max, kTile, 0.0f);
+  fill(p_arg, kTile, int32_t{0});
+  for (int64_t n = 0; n < kTile; ++n) {
+    float* __restrict st = s.s + n * kTile;
+    float* __restrict dpt = s.dp + n * kTile;
+    const int64_t first = n >= cols ? kTile : (diagonal ? n : 0);  // the queries key n sees
+#pragma omp simd
+    for (int64_t m = 0; m < kTile; ++m) {
+      const bool valid = m >= first && m < rows;
+      const float p = valid ? softmax_exp(st[m] * scale - lse[m]) : 0.0f;
+      st[m] = p;
+      dpt[m] = valid ? p * (dpt[m] - delta[m]) : 0.0f;
+      p_arg[m] = p > p_max[m] ? static_cast<int32_t>(n) : p_arg[m];
+      p_max[m] = p > p_max[m] ? p : p_max[m];
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    if (p_max[m] > 0.5f) {
+      const int64_t n = p_arg[m];
+      s.dp[n * kTile + m] =
+          p_max[m] * dot_with_difference(args.grad_out.row(bh, row0 + m),
+                                         args.v.row(bh, col0 + n), args.out.row(bh, row0 + m),
+                                         args.D);
+    }
+  }
+  round_rows_bf16(s.s, s.p_rows);
+  float* residual = s.s;  // free once P^T is rounded
+  for (int64_t i = 0; i < kTile * kTile; i += 16) {
+    const __m512 x = _mm512_loadu_ps(s.dp + i);
+    const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(s.ds_rows) + i),
+                        hi);
+    const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+    _mm512_storeu_ps(residual + i, _mm512_sub_ps(x, back));
+  }
+  round_rows_bf16(residual, s.ds_rows + kTile * kTile / 2);
+  for (int64_t j = 0; j < kTile / 2; ++j) {
+    for (int64_t m = 0; m < kTile; m += 16) {
+      _mm512_storeu_si512(s.ds_pairs + j * kTile + m,
+                          interleave_bf16(s.dp + 2 * j * kTile + m,
+                                          s.dp + (2 * j + 1) * kTile + m));
+      _mm512_storeu_si512(s.ds_pairs + (kTile / 2 + j) * kTile + m,
+                          interleave_bf16(residual + 2 * j * kTile + m,
+                                          residual + (2 * j + 1) * kTile + m));
+    }
+  }
+}
+
+// One (query tile, key tile) pair: dV and dK of the key tile (s.dv, s.dk) and dQ^T of the
+// query tile (s.dqt, rows ldq floats apart) accumulated on the tiles. 32 x 32 blocks that
+// the causal mask or a ragged tile leaves all zero are skipped (in S^T and dP^T what they
+// would hold is masked by backward_softmax).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pair_amx(
+    const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
+    int64_t Dp, int64_t ldq, const AmxBackwardScratch& s) {
+  const int64_t block = kTile * Dp / 2;
+  const uint32_t* qt_words = s.queries + q_tile * 4 * block;
+  const uint32_t* q_pairs = qt_words + block;
+  const uint32_t* dot_words = qt_words + 2 * block;
+  const uint32_t* do_pairs = qt_words + 3 * block;
+  const uint32_t* k_words = s.keys;
+  const uint32_t* v_words = s.keys + block;
+  const uint32_t* kt_rows = s.keys + 2 * block;
+  const int64_t depth = Dp / kAmxDepth;
+  const bool diagonal = q_tile == kv_tile;
+  const int64_t query_blocks = (std::min(kTile, args.T - q_tile * kTile) + 31) / 32;
+  const int64_t key_blocks = (std::min(kTile, args.T - kv_tile * kTile) + 31) / 32;
+  for (int64_t nb = 0; nb < key_blocks; ++nb) {
+    for (int64_t mb = diagonal ? nb : 0; mb < query_blocks; ++mb) {
+      tile_block_32x32<false>(k_words + nb * 32 * (Dp / 2), Dp * 2, qt_words + mb * 32,
+                              kTile * 4, depth, s.s + nb * 32 * kTile + mb * 32, kTile * 4);
+      tile_block_32x32<false>(v_words + nb * 32 * (Dp / 2), Dp * 2, dot_words + mb * 32,
+                              kTile * 4, depth, s.dp + nb * 32 * kTile + mb * 32, kTile * 4);
+    }
+  }
+  backward_softmax(args, bh, q_tile * kTile, kv_tile * kTile, s);
+  // dV += P^T dO, dK += dS^T Q: key block nb over the query blocks it sees.
+  for (int64_t nb = 0; nb < key_blocks; ++nb) {
+    const int64_t first = diagonal ? nb : 0;
+    const int64_t steps = query_blocks - first;
+    const int64_t a_offset = nb * 32 * (kTile / 2) + first * 16;  // words
+    for (int64_t db = 0; db < Dp / 32; ++db) {
+      const int64_t b_offset = first * 16 * Dp + db * 32;
+      float* dv = s.dv + nb * 32 * Dp + db * 32;
+      float* dk = s.dk + nb * 32 * Dp + db * 32;
+      tile_block_32x32<true>(s.p_rows + a_offset, kTile * 2, do_pairs + b_offset, Dp * 4,
+                             steps, dv, Dp * 4);
+      for (int64_t part = 0; part < 2; ++part) {  // dS^T's bf16 and its residual's
+        tile_block_32x32<true>(s.ds_rows + part * kTile * kTile / 2 + a_offset, kTile * 2,
+                               q_pairs + b_offset, Dp * 4, steps, dk, Dp * 4);
+      }
+    }
+  }
+  // dQ^T += K^T dS^T: query block mb over the key blocks it sees.
+  for (int64_t db = 0; db < Dp / 32; ++db) {
+    for (int64_t mb = 0; mb < query_blocks; ++mb) {
+      const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
+      float* dqt = s.dqt + db * 32 * ldq + q_tile * kTile + mb * 32;
+      for (int64_t part = 0; part < 2; ++part) {
+        tile_block_32x32<true>(kt_rows + db * 32 * (kTile / 2), kTile * 2,
+                               s.ds_pairs + part * kTile * kTile / 2 + mb * 32, kTile * 4, steps,
+                               dqt, ldq * 4);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool amx_tile_state_granted() {
@@ -269,6 +470,37 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
     forward_key_tile(args, keys, bh, row0, kv_tile, query_blocks, s);
   }
   store_output(args, bh, row0, rows, query_blocks * 32, s);
+}
+
+PIPELINE_TARGET_AMX_BF16 void backward_head_amx(const BackwardArgs<c10::BFloat16>& args,
+                                                int64_t bh, int64_t Dp,
+                                                const AmxBackwardScratch& s) {
+  const int64_t T = args.T;
+  const int64_t D = args.D;
+  const int64_t num_tiles = (T + kTile - 1) / kTile;
+  const int64_t ldq = amx_dqt_stride(T);
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    backward_pack_queries(args, bh, tile, Dp, s);
+  }
+  fill(s.dqt, Dp * ldq, 0.0f);
+  for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
+    backward_pack_keys(args, bh, kv_tile, Dp, s);
+    fill(s.dk, kTile * Dp, 0.0f);
+    fill(s.dv, kTile * Dp, 0.0f);
+    for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
+      backward_pair_amx(args, bh, q_tile, kv_tile, Dp, ldq, s);
+    }
+    const int64_t col0 = kv_tile * kTile;
+    const int64_t cols = std::min(kTile, T - col0);
+    store_tile(s.dk, cols, D, Dp, args.dk.row(bh, col0), args.dk.row_stride, args.scale);
+    store_tile(s.dv, cols, D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
+  }
+  for (int64_t r = 0; r < T; ++r) {
+    c10::BFloat16* dq = args.dq.row(bh, r);
+    for (int64_t d = 0; d < D; ++d) {
+      dq[d] = from_acc<c10::BFloat16>(s.dqt[d * ldq + r] * args.scale);
+    }
+  }
 }
 
 }  // namespace pipeline::attention
