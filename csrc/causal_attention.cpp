@@ -29,7 +29,8 @@
 // (batch*head, key tile) items for dK, dV and then (batch*head, query tile) items for dQ.
 // Each item is computed by one thread in a fixed order, and both backward splits sum in
 // the same order, so results are bitwise identical from run to run and for any number of
-// threads. The AMX backward runs batch*head items only (see causal_attention_amx.h).
+// threads. The AMX backward splits a head only where its dQ products are kept (see
+// run_backward_amx).
 //
 // The operators' schemas and all their registrations are in registration.cpp; the CPU
 // functions it registers are the ones at the end of this file (causal_attention_ops.h).
@@ -504,41 +505,83 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
 }
 
 #ifdef PIPELINE_WITH_AVX512
-// The AMX backward of bf16 inputs (backward_head_amx): one item per head whatever the
-// number of threads (no split inside a head, so that the bits do not depend on it).
+// The AMX backward of bf16 inputs (causal_attention_amx.h): batch*head items, or with fewer
+// heads than threads the split items of backward_item_amx (same bits) where the dQ products
+// fit kMaxDqPartials; beyond, one item per head even then (the split that computes P and dS
+// again has no AMX version).
 void run_backward_amx(const BackwardArgs<c10::BFloat16>& args, int64_t BH) {
   const int64_t num_tiles = (args.T + kTile - 1) / kTile;
   const int64_t Tp = num_tiles * kTile;
   const int64_t Dp = round_up(args.D, kAmxDepth);
   const int64_t block = kTile * Dp / 2;
+  const int64_t pair_work = kTile * kTile * Dp;
+  const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * pair_work;
+  const int64_t threads = at::get_num_threads();
+  const int64_t partials_size = BH * dq_partials_size(num_tiles, Dp);
+  const bool split = BH < threads && BH * head_work >= 2 * threads * kMinParallelWork &&
+                     partials_size <= kMaxDqPartials;
   using Arena = ScratchArena;
-  const int64_t scratch_size =
+  // Per thread: the pair's buffers, and for whole heads the head's operands and dQ^T.
+  const int64_t pair_size =
+      2 * Arena::footprint<float>(kTile * kTile) + Arena::footprint<uint32_t>(kTile * kTile / 2) +
+      2 * Arena::footprint<uint32_t>(kTile * kTile) + 3 * Arena::footprint<float>(kTile * Dp);
+  const int64_t head_size =
       Arena::footprint<uint32_t>(num_tiles * 4 * block) + 2 * Arena::footprint<float>(Tp) +
-      Arena::footprint<uint32_t>(3 * block) + 2 * Arena::footprint<float>(kTile * kTile) +
-      Arena::footprint<uint32_t>(kTile * kTile / 2) + 2 * Arena::footprint<uint32_t>(kTile * kTile) +
-      2 * Arena::footprint<float>(kTile * Dp) + Arena::footprint<float>(Dp * amx_dqt_stride(args.T));
-  const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * kTile * kTile * Dp;
-  at::parallel_for(0, BH, grain_size(head_work), [&](int64_t begin, int64_t end) {
-    Arena arena(scratch_size);
-    AmxBackwardScratch scratch{};
-    scratch.queries = arena.take<uint32_t>(num_tiles * 4 * block);
-    scratch.lse = arena.take<float>(Tp);
-    scratch.delta = arena.take<float>(Tp);
-    scratch.keys = arena.take<uint32_t>(3 * block);
-    scratch.s = arena.take<float>(kTile * kTile);
-    scratch.dp = arena.take<float>(kTile * kTile);
-    scratch.p_rows = arena.take<uint32_t>(kTile * kTile / 2);
-    scratch.ds_rows = arena.take<uint32_t>(kTile * kTile);
-    scratch.ds_pairs = arena.take<uint32_t>(kTile * kTile);
-    scratch.dk = arena.take<float>(kTile * Dp);
-    scratch.dv = arena.take<float>(kTile * Dp);
-    scratch.dqt = arena.take<float>(Dp * amx_dqt_stride(args.T));
-    amx_tiles_begin();
-    for (const auto bh : c10::irange(begin, end)) {
-      backward_head_amx(args, bh, Dp, scratch);
-    }
-    amx_tiles_end();
-  });
+      Arena::footprint<uint32_t>(3 * block) + Arena::footprint<float>(Dp * amx_dqt_stride(args.T));
+  AmxBackwardScratch shared{};
+  at::Tensor shared_queries, shared_lse, shared_keys, partials;
+  if (split) {
+    shared_queries = at::empty({BH * num_tiles * 4 * block}, at::kInt);
+    shared_lse = at::empty({2 * BH * Tp}, at::kFloat);
+    shared_keys = at::empty({BH * num_tiles * 3 * block}, at::kInt);
+    partials = at::empty({partials_size}, at::kFloat);
+    shared.queries = reinterpret_cast<uint32_t*>(shared_queries.mutable_data_ptr<int32_t>());
+    shared.lse = shared_lse.mutable_data_ptr<float>();
+    shared.delta = shared.lse + BH * Tp;
+    shared.keys = reinterpret_cast<uint32_t*>(shared_keys.mutable_data_ptr<int32_t>());
+  }
+  auto for_items = [&](BackwardItem kind, int64_t num_items, int64_t work_per_item) {
+    at::parallel_for(0, num_items, grain_size(work_per_item), [&](int64_t begin, int64_t end) {
+      Arena arena(pair_size + (split ? 0 : head_size));
+      AmxBackwardScratch scratch = shared;
+      if (!split) {
+        scratch.queries = arena.take<uint32_t>(num_tiles * 4 * block);
+        scratch.lse = arena.take<float>(Tp);
+        scratch.delta = arena.take<float>(Tp);
+        scratch.keys = arena.take<uint32_t>(3 * block);
+        scratch.dqt = arena.take<float>(Dp * amx_dqt_stride(args.T));
+      }
+      scratch.s = arena.take<float>(kTile * kTile);
+      scratch.dp = arena.take<float>(kTile * kTile);
+      scratch.p_rows = arena.take<uint32_t>(kTile * kTile / 2);
+      scratch.ds_rows = arena.take<uint32_t>(kTile * kTile);
+      scratch.ds_pairs = arena.take<uint32_t>(kTile * kTile);
+      scratch.dk = arena.take<float>(kTile * Dp);
+      scratch.dv = arena.take<float>(kTile * Dp);
+      scratch.dq_pair = arena.take<float>(kTile * Dp);
+      amx_tiles_begin();
+      for (const auto i : c10::irange(begin, end)) {
+        if (kind == BackwardItem::kHead) {
+          backward_head_amx(args, i, Dp, scratch);
+        } else {
+          const int64_t tile = kind == BackwardItem::kPrepare
+                                   ? i % num_tiles
+                                   : interleaved_tile(i % num_tiles, num_tiles);
+          backward_item_amx(args, kind, i / num_tiles, tile, Dp, scratch,
+                            split ? partials.mutable_data_ptr<float>() : nullptr);
+        }
+      }
+      amx_tiles_end();
+    });
+  };
+  if (!split) {
+    for_items(BackwardItem::kHead, BH, head_work);
+    return;
+  }
+  const int64_t pairs_per_tile = (num_tiles + 1) / 2;
+  for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
+  for_items(BackwardItem::kKeys, BH * num_tiles, pairs_per_tile * 5 * pair_work);
+  for_items(BackwardItem::kQueries, BH * num_tiles, pairs_per_tile * kTile * Dp);
 }
 #endif
 

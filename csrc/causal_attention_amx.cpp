@@ -274,18 +274,17 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pack_queries(
   }
 }
 
-// The key tile operands (AmxBackwardScratch::keys).
+// The key tile operands (AmxBackwardScratch::keys) into keys.
 PIPELINE_ALWAYS_INLINE void backward_pack_keys(const BackwardArgs<c10::BFloat16>& args,
                                                int64_t bh, int64_t tile, int64_t Dp,
-                                               const AmxBackwardScratch& s) {
+                                               uint32_t* keys) {
   const int64_t col0 = tile * kTile;
   const int64_t cols = std::min(kTile, args.T - col0);
   const int64_t block = kTile * Dp / 2;
-  load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, Dp, s.keys);
-  load_words<false>(args.v.row(bh, col0), args.v.row_stride, cols, args.D, Dp,
-                    s.keys + block);
+  load_words<false>(args.k.row(bh, col0), args.k.row_stride, cols, args.D, Dp, keys);
+  load_words<false>(args.v.row(bh, col0), args.v.row_stride, cols, args.D, Dp, keys + block);
   load_transposed_bf16(args.k.row(bh, col0), args.k.row_stride, cols, args.D, Dp,
-                       s.keys + 2 * block);
+                       keys + 2 * block);
 }
 
 // (kTile, kTile) floats as bf16 rows, to nearest even.
@@ -361,21 +360,23 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_softmax(
   }
 }
 
-// One (query tile, key tile) pair: dV and dK of the key tile (s.dv, s.dk) and dQ^T of the
-// query tile (s.dqt, rows ldq floats apart) accumulated on the tiles. 32 x 32 blocks that
-// the causal mask or a ragged tile leaves all zero are skipped (in S^T and dP^T what they
-// would hold is masked by backward_softmax).
+// One (query tile, key tile) pair, the key operands at `keys`: dV and dK of the key tile
+// accumulated on the tiles into s.dv, s.dk, and the pair's dQ^T product (Dp, kTile) summed
+// from zero into dq (its columns past the query tile's last 32-query block untouched), which
+// the caller adds to dQ^T (so that the split adds the same blocks in the same order). 32 x 32
+// blocks that the causal mask or a ragged tile leaves all zero are skipped (in S^T and dP^T
+// what they would hold is masked by backward_softmax).
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pair_amx(
     const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t q_tile, int64_t kv_tile,
-    int64_t Dp, int64_t ldq, const AmxBackwardScratch& s) {
+    int64_t Dp, const uint32_t* keys, const AmxBackwardScratch& s, float* dq) {
   const int64_t block = kTile * Dp / 2;
   const uint32_t* qt_words = s.queries + q_tile * 4 * block;
   const uint32_t* q_pairs = qt_words + block;
   const uint32_t* dot_words = qt_words + 2 * block;
   const uint32_t* do_pairs = qt_words + 3 * block;
-  const uint32_t* k_words = s.keys;
-  const uint32_t* v_words = s.keys + block;
-  const uint32_t* kt_rows = s.keys + 2 * block;
+  const uint32_t* k_words = keys;
+  const uint32_t* v_words = keys + block;
+  const uint32_t* kt_rows = keys + 2 * block;
   const int64_t depth = Dp / kAmxDepth;
   const bool diagonal = q_tile == kv_tile;
   const int64_t query_blocks = (std::min(kTile, args.T - q_tile * kTile) + 31) / 32;
@@ -406,16 +407,65 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pair_amx(
       }
     }
   }
-  // dQ^T += K^T dS^T: query block mb over the key blocks it sees.
+  // K^T dS^T: query block mb over the key blocks it sees.
   for (int64_t db = 0; db < Dp / 32; ++db) {
     for (int64_t mb = 0; mb < query_blocks; ++mb) {
       const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
-      float* dqt = s.dqt + db * 32 * ldq + q_tile * kTile + mb * 32;
-      for (int64_t part = 0; part < 2; ++part) {
-        tile_block_32x32<true>(kt_rows + db * 32 * (kTile / 2), kTile * 2,
-                               s.ds_pairs + part * kTile * kTile / 2 + mb * 32, kTile * 4, steps,
-                               dqt, ldq * 4);
-      }
+      const uint32_t* a = kt_rows + db * 32 * (kTile / 2);
+      float* c = dq + db * 32 * kTile + mb * 32;
+      tile_block_32x32<false>(a, kTile * 2, s.ds_pairs + mb * 32, kTile * 4, steps, c,
+                              kTile * 4);
+      tile_block_32x32<true>(a, kTile * 2, s.ds_pairs + kTile * kTile / 2 + mb * 32, kTile * 4,
+                             steps, c, kTile * 4);
+    }
+  }
+}
+
+// dst (Dp columns ld apart) += src (Dp, kTile), columns [0, cols).
+PIPELINE_ALWAYS_INLINE void add_columns(const float* src, int64_t Dp, int64_t cols, float* dst,
+                                        int64_t ld) {
+  for (int64_t d = 0; d < Dp; ++d) {
+    const float* __restrict from = src + d * kTile;
+    float* __restrict to = dst + d * ld;
+#pragma omp simd
+    for (int64_t m = 0; m < cols; ++m) {
+      to[m] += from[m];
+    }
+  }
+}
+
+// dK and dV of key tile kv_tile over query tiles kv_tile..; each pair's dQ^T product into
+// `partials` (blocks of (Dp, kTile), query tile kv_tile first) where it is not null, else
+// added to s.dqt (the whole head's dQ^T).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_keys_amx(
+    const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t kv_tile, int64_t Dp,
+    const uint32_t* keys, const AmxBackwardScratch& s, float* partials) {
+  const int64_t T = args.T;
+  const int64_t num_tiles = (T + kTile - 1) / kTile;
+  const int64_t ldq = amx_dqt_stride(T);
+  fill(s.dk, kTile * Dp, 0.0f);
+  fill(s.dv, kTile * Dp, 0.0f);
+  for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
+    float* dq = partials != nullptr ? partials + (q_tile - kv_tile) * kTile * Dp : s.dq_pair;
+    backward_pair_amx(args, bh, q_tile, kv_tile, Dp, keys, s, dq);
+    if (partials == nullptr) {
+      const int64_t cols = round_up(std::min(kTile, T - q_tile * kTile), int64_t{32});
+      add_columns(dq, Dp, cols, s.dqt + q_tile * kTile, ldq);
+    }
+  }
+  const int64_t col0 = kv_tile * kTile;
+  const int64_t cols = std::min(kTile, T - col0);
+  store_tile(s.dk, cols, args.D, Dp, args.dk.row(bh, col0), args.dk.row_stride, args.scale);
+  store_tile(s.dv, cols, args.D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
+}
+
+// dq rows [row0, row0 + rows) from dQ^T (src, columns ld apart, the first one row0's).
+PIPELINE_ALWAYS_INLINE void store_dq(const BackwardArgs<c10::BFloat16>& args, int64_t bh,
+                                     int64_t row0, int64_t rows, const float* src, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    c10::BFloat16* dq = args.dq.row(bh, row0 + r);
+    for (int64_t d = 0; d < args.D; ++d) {
+      dq[d] = from_acc<c10::BFloat16>(src[d * ld + r] * args.scale);
     }
   }
 }
@@ -475,31 +525,51 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
 PIPELINE_TARGET_AMX_BF16 void backward_head_amx(const BackwardArgs<c10::BFloat16>& args,
                                                 int64_t bh, int64_t Dp,
                                                 const AmxBackwardScratch& s) {
-  const int64_t T = args.T;
-  const int64_t D = args.D;
-  const int64_t num_tiles = (T + kTile - 1) / kTile;
-  const int64_t ldq = amx_dqt_stride(T);
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     backward_pack_queries(args, bh, tile, Dp, s);
   }
-  fill(s.dqt, Dp * ldq, 0.0f);
+  fill(s.dqt, Dp * amx_dqt_stride(args.T), 0.0f);
   for (int64_t kv_tile = 0; kv_tile < num_tiles; ++kv_tile) {
-    backward_pack_keys(args, bh, kv_tile, Dp, s);
-    fill(s.dk, kTile * Dp, 0.0f);
-    fill(s.dv, kTile * Dp, 0.0f);
-    for (int64_t q_tile = kv_tile; q_tile < num_tiles; ++q_tile) {
-      backward_pair_amx(args, bh, q_tile, kv_tile, Dp, ldq, s);
-    }
-    const int64_t col0 = kv_tile * kTile;
-    const int64_t cols = std::min(kTile, T - col0);
-    store_tile(s.dk, cols, D, Dp, args.dk.row(bh, col0), args.dk.row_stride, args.scale);
-    store_tile(s.dv, cols, D, Dp, args.dv.row(bh, col0), args.dv.row_stride);
+    backward_pack_keys(args, bh, kv_tile, Dp, s.keys);
+    backward_keys_amx(args, bh, kv_tile, Dp, s.keys, s, nullptr);
   }
-  for (int64_t r = 0; r < T; ++r) {
-    c10::BFloat16* dq = args.dq.row(bh, r);
-    for (int64_t d = 0; d < D; ++d) {
-      dq[d] = from_acc<c10::BFloat16>(s.dqt[d * ldq + r] * args.scale);
+  store_dq(args, bh, 0, args.T, s.dqt, amx_dqt_stride(args.T));
+}
+
+PIPELINE_TARGET_AMX_BF16 void backward_item_amx(const BackwardArgs<c10::BFloat16>& args,
+                                                BackwardItem item, int64_t bh, int64_t tile,
+                                                int64_t Dp, const AmxBackwardScratch& shared,
+                                                float* partials) {
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t block = kTile * Dp / 2;
+  AmxBackwardScratch s = shared;  // the head's part of the op-wide operands
+  s.queries += bh * num_tiles * 4 * block;
+  s.lse += bh * num_tiles * kTile;
+  s.delta += bh * num_tiles * kTile;
+  uint32_t* keys = shared.keys + (bh * num_tiles + tile) * 3 * block;
+  switch (item) {
+    case BackwardItem::kPrepare:
+      backward_pack_queries(args, bh, tile, Dp, s);
+      backward_pack_keys(args, bh, tile, Dp, keys);
+      break;
+    case BackwardItem::kKeys:
+      backward_keys_amx(args, bh, tile, Dp, keys, s,
+                        dq_partials_block(partials, bh, tile, num_tiles, Dp));
+      break;
+    case BackwardItem::kQueries: {  // the kept products, in the order backward_head_amx adds
+      fill(s.dq_pair, Dp * kTile, 0.0f);
+      for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
+        const float* part = dq_partials_block(partials, bh, kv_tile, num_tiles, Dp) +
+                            (tile - kv_tile) * kTile * Dp;
+        add_columns(part, Dp, kTile, s.dq_pair, kTile);
+      }
+      const int64_t rows = std::min(kTile, args.T - tile * kTile);
+      store_dq(args, bh, tile * kTile, rows, s.dq_pair, kTile);
+      break;
     }
+    case BackwardItem::kHead:  // backward_head_amx
+      break;
   }
 }
 

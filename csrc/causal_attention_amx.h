@@ -33,9 +33,11 @@
 // what that rounding left (two products each: ~16 bits). The query operands are packed
 // once per head, the key operands once per key tile.
 //
-// Determinism: each (batch*head, query tile) of the forward and each head of the backward
-// is computed by one thread in a fixed order. The backward has no split inside a head (the
-// avx512 split's bits are not the AMX kHead's): with fewer heads than threads some idle.
+// Determinism: each (batch*head, query tile) of the forward and each backward item is
+// computed by one thread in a fixed order. With fewer heads than threads the backward splits
+// each head as the avx512 one does with its dQ products kept (backward_item_amx), and adds
+// the same blocks in the same order as per head: the same bits for any number of threads.
+// Where those products do not fit (kMaxDqPartials) it runs one item per head even then.
 #pragma once
 
 #include <cstdint>
@@ -98,6 +100,7 @@ struct AmxBackwardScratch {
   float* dk;          // (kTile, Dp)
   float* dv;          // (kTile, Dp)
   float* dqt;         // (Dp, amx_dqt_stride(T)) dQ^T of the whole head
+  float* dq_pair;     // (Dp, kTile) one pair's dQ^T product, or a query tile's dQ^T
 };
 
 // Asks Linux for the AMX tile state (once per process); false where it is refused or the
@@ -123,6 +126,17 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
 PIPELINE_TARGET_AMX_BF16 void backward_head_amx(const BackwardArgs<c10::BFloat16>& args,
                                                 int64_t bh, int64_t Dp,
                                                 const AmxBackwardScratch& s);
+
+// An item of the split backward (as the avx512 one's with dQ products kept: kPrepare packs a
+// query tile's and a key tile's operands, kKeys is backward_head_amx's work for one key tile
+// with each pair's dQ^T product kept in `partials` (dq_partials_block), kQueries sums them in
+// backward_head_amx's order: the same bits). `shared` holds the op-wide operands: queries,
+// lse and delta for all heads (BH times backward_head_amx's), keys for every (head, key
+// tile) (3 * kTile * Dp / 2 words each); its per-thread buffers as backward_head_amx's.
+PIPELINE_TARGET_AMX_BF16 void backward_item_amx(const BackwardArgs<c10::BFloat16>& args,
+                                                BackwardItem item, int64_t bh, int64_t tile,
+                                                int64_t Dp, const AmxBackwardScratch& shared,
+                                                float* partials);
 
 }  // namespace pipeline::attention
 
