@@ -29,11 +29,12 @@ struct TileConfig {
 
 // C (32 x 32 floats, ldc bytes apart) = or += A B, over `steps` products of depth kAmxDepth:
 // A is 32 rows of bf16 pairs (lda bytes apart; a step is the next 64 bytes of each row), B
-// is 16 rows of 32 words per step (ldb bytes apart; 16 columns per tile).
+// is 16 rows of 32 words per step (ldb bytes apart; 16 columns per tile). Where a2 is not
+// null, then += A2 B2 (same shapes) before C is stored.
 template <bool kAccumulate>
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void tile_block_32x32(
     const void* a, int64_t lda, const void* b, int64_t ldb, int64_t steps, float* c,
-    int64_t ldc) {
+    int64_t ldc, const void* a2 = nullptr, const void* b2 = nullptr) {
   const char* a_bytes = static_cast<const char*>(a);
   const char* b_bytes = static_cast<const char*>(b);
   char* c_bytes = reinterpret_cast<char*>(c);
@@ -48,15 +49,21 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void tile_block_32x32(
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t step = 0; step < steps; ++step) {
-    _tile_loadd(4, a_bytes + 64 * step, lda);
-    _tile_loadd(5, a_bytes + 16 * lda + 64 * step, lda);
-    _tile_loadd(6, b_bytes + 16 * ldb * step, ldb);
-    _tile_loadd(7, b_bytes + 16 * ldb * step + 64, ldb);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+  for (int64_t part = 0; part < (a2 == nullptr ? 1 : 2); ++part) {
+    if (part == 1) {
+      a_bytes = static_cast<const char*>(a2);
+      b_bytes = static_cast<const char*>(b2);
+    }
+    for (int64_t step = 0; step < steps; ++step) {
+      _tile_loadd(4, a_bytes + 64 * step, lda);
+      _tile_loadd(5, a_bytes + 16 * lda + 64 * step, lda);
+      _tile_loadd(6, b_bytes + 16 * ldb * step, ldb);
+      _tile_loadd(7, b_bytes + 16 * ldb * step + 64, ldb);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c_bytes, ldc);
   _tile_stored(1, c_bytes + 64, ldc);
@@ -311,26 +318,40 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_softmax(
   const float* __restrict delta = s.delta + row0;
   const float scale = args.scale;
   float p_max[kTile];
-  int32_t p_arg[kTile];
   fill(p_max, kTile, 0.0f);
-  fill(p_arg, kTile, int32_t{0});
-  for (int64_t n = 0; n < kTile; ++n) {
-    float* __restrict st = s.s + n * kTile;
-    float* __restrict dpt = s.dp + n * kTile;
-    const int64_t first = n >= cols ? kTile : (diagonal ? n : 0);  // the queries key n sees
+  if (!diagonal && rows == kTile && cols == kTile) {  // no mask (most pairs)
+    for (int64_t n = 0; n < kTile; ++n) {
+      float* __restrict st = s.s + n * kTile;
+      float* __restrict dpt = s.dp + n * kTile;
 #pragma omp simd
-    for (int64_t m = 0; m < kTile; ++m) {
-      const bool valid = m >= first && m < rows;
-      const float p = valid ? softmax_exp(st[m] * scale - lse[m]) : 0.0f;
-      st[m] = p;
-      dpt[m] = valid ? p * (dpt[m] - delta[m]) : 0.0f;
-      p_arg[m] = p > p_max[m] ? static_cast<int32_t>(n) : p_arg[m];
-      p_max[m] = p > p_max[m] ? p : p_max[m];
+      for (int64_t m = 0; m < kTile; ++m) {
+        const float p = softmax_exp(st[m] * scale - lse[m]);
+        st[m] = p;
+        dpt[m] = p * (dpt[m] - delta[m]);
+        p_max[m] = p > p_max[m] ? p : p_max[m];
+      }
+    }
+  } else {
+    for (int64_t n = 0; n < kTile; ++n) {
+      float* __restrict st = s.s + n * kTile;
+      float* __restrict dpt = s.dp + n * kTile;
+      const int64_t first = n >= cols ? kTile : (diagonal ? n : 0);  // the queries key n sees
+#pragma omp simd
+      for (int64_t m = 0; m < kTile; ++m) {
+        const bool valid = m >= first && m < rows;
+        const float p = valid ? softmax_exp(st[m] * scale - lse[m]) : 0.0f;
+        st[m] = p;
+        dpt[m] = valid ? p * (dpt[m] - delta[m]) : 0.0f;
+        p_max[m] = p > p_max[m] ? p : p_max[m];
+      }
     }
   }
   for (int64_t m = 0; m < rows; ++m) {
     if (p_max[m] > 0.5f) {
-      const int64_t n = p_arg[m];
+      int64_t n = 0;
+      while (s.s[n * kTile + m] != p_max[m]) {
+        ++n;
+      }
       s.dp[n * kTile + m] =
           p_max[m] * dot_with_difference(args.grad_out.row(bh, row0 + m),
                                          args.v.row(bh, col0 + n), args.out.row(bh, row0 + m),
@@ -401,10 +422,10 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pair_amx(
       float* dk = s.dk + nb * 32 * Dp + db * 32;
       tile_block_32x32<true>(s.p_rows + a_offset, kTile * 2, do_pairs + b_offset, Dp * 4,
                              steps, dv, Dp * 4);
-      for (int64_t part = 0; part < 2; ++part) {  // dS^T's bf16 and its residual's
-        tile_block_32x32<true>(s.ds_rows + part * kTile * kTile / 2 + a_offset, kTile * 2,
-                               q_pairs + b_offset, Dp * 4, steps, dk, Dp * 4);
-      }
+      // dS^T's bf16, then its residual's
+      tile_block_32x32<true>(s.ds_rows + a_offset, kTile * 2, q_pairs + b_offset, Dp * 4, steps,
+                             dk, Dp * 4, s.ds_rows + kTile * kTile / 2 + a_offset,
+                             q_pairs + b_offset);
     }
   }
   // K^T dS^T: query block mb over the key blocks it sees.
@@ -414,9 +435,7 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pair_amx(
       const uint32_t* a = kt_rows + db * 32 * (kTile / 2);
       float* c = dq + db * 32 * kTile + mb * 32;
       tile_block_32x32<false>(a, kTile * 2, s.ds_pairs + mb * 32, kTile * 4, steps, c,
-                              kTile * 4);
-      tile_block_32x32<true>(a, kTile * 2, s.ds_pairs + kTile * kTile / 2 + mb * 32, kTile * 4,
-                             steps, c, kTile * 4);
+                              kTile * 4, a, s.ds_pairs + kTile * kTile / 2 + mb * 32);
     }
   }
 }
