@@ -71,19 +71,73 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void tile_block_32x32(
   _tile_stored(3, c_bytes + 16 * ldc + 64, ldc);
 }
 
+// Byte offsets of 16 rows ld elements apart, for gathers; the gathers below need them in
+// int32 (ld below 2^25) and whole words (D even), else the scalar loops run.
+PIPELINE_ALWAYS_INLINE bool gathers_fit(int64_t ld, int64_t D) {
+  return D % 2 == 0 && ld < (int64_t{1} << 25);
+}
+
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i row_offsets(int64_t ld) {
+  return _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(ld * 2)));
+}
+
+// Word p (elements 2p, 2p + 1) of rows [r0, r0 + 16), 0 for rows past `rows` and words past
+// D / 2 (D even).
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i gather_words(
+    const c10::BFloat16* src, int64_t ld, __m512i offsets, int64_t r0, int64_t rows, int64_t D,
+    int64_t p) {
+  const int64_t left = 2 * p < D ? rows - r0 : 0;
+  if (left <= 0) {
+    return _mm512_setzero_si512();
+  }
+  const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets,
+                                     src + r0 * ld + 2 * p, 1);
+}
+
+// load_words<true> (Q^T as words, (Dp / 2, kTile)) with gathers, 16 rows at a time.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void load_words_transposed(
+    const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, uint32_t* dst) {
+  if (!gathers_fit(ld, D)) {
+    load_words<true>(src, ld, rows, D, Dp, dst);
+    return;
+  }
+  const __m512i offsets = row_offsets(ld);
+  for (int64_t p = 0; p < Dp / 2; ++p) {
+    for (int64_t r0 = 0; r0 < kTile; r0 += 16) {
+      _mm512_storeu_si512(dst + p * kTile + r0, gather_words(src, ld, offsets, r0, rows, D, p));
+    }
+  }
+}
+
 // V rows [0, rows) (ld apart) transposed, (Dp, kTile) bf16, zero-padded: as words, keys 2j
 // and 2j + 1 of column d at [d][j] (the low half is the even key), V^T's A operand layout.
-PIPELINE_ALWAYS_INLINE void load_transposed_bf16(const c10::BFloat16* src, int64_t ld,
-                                                 int64_t rows, int64_t D, int64_t Dp,
-                                                 uint32_t* dst) {
-  const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+// Gathers a word (two columns) of 16 rows at a time and splits its halves.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void load_transposed_bf16(
+    const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, uint32_t* dst) {
   uint16_t* __restrict out = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t d = 0; d < Dp; ++d) {
-    const int64_t valid = d < D ? rows : 0;
-    for (int64_t r = 0; r < valid; ++r) {
-      out[d * kTile + r] = bits[r * ld + d];
+  if (!gathers_fit(ld, D)) {
+    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t d = 0; d < Dp; ++d) {
+      const int64_t valid = d < D ? rows : 0;
+      for (int64_t r = 0; r < valid; ++r) {
+        out[d * kTile + r] = bits[r * ld + d];
+      }
+      fill(out + d * kTile + valid, kTile - valid, uint16_t{0});
     }
-    fill(out + d * kTile + valid, kTile - valid, uint16_t{0});
+    return;
+  }
+  const __m512i offsets = row_offsets(ld);
+  for (int64_t p = 0; p < Dp / 2; ++p) {
+    for (int64_t r0 = 0; r0 < kTile; r0 += 16) {
+      const __m512i words = gather_words(src, ld, offsets, r0, rows, D, p);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * p * kTile + r0),
+                          _mm512_cvtepi32_epi16(words));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * p + 1) * kTile + r0),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
+    }
   }
 }
 
@@ -234,18 +288,30 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void store_output(
 
 // Rows [0, rows) of a (rows, D) bf16 matrix (ld apart) as pairs of rows, (kTile / 2, Dp)
 // words, zero-padded: rows 2j and 2j + 1 of column d at [j][d] (the low half is the even
-// row), the B operand layout of a product contracted over those rows.
-PIPELINE_ALWAYS_INLINE void load_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t rows,
-                                           int64_t D, int64_t Dp, uint32_t* dst) {
-  const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* __restrict out = dst;
+// row), the B operand layout of a product contracted over those rows. 32 columns at a time.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void load_row_pairs(
+    const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t D, int64_t Dp, uint32_t* dst) {
+  alignas(64) uint16_t low[32];
+  alignas(64) uint16_t high[32];
+  for (int i = 0; i < 16; ++i) {  // even[i], odd[i] from the even row (0-31), the odd (32-63)
+    low[2 * i] = static_cast<uint16_t>(i);
+    low[2 * i + 1] = static_cast<uint16_t>(32 + i);
+    high[2 * i] = static_cast<uint16_t>(16 + i);
+    high[2 * i + 1] = static_cast<uint16_t>(48 + i);
+  }
+  const __m512i low_order = _mm512_load_si512(low);
+  const __m512i high_order = _mm512_load_si512(high);
   for (int64_t j = 0; j < kTile / 2; ++j) {
-    const int64_t even = 2 * j < rows ? D : 0;
-    const int64_t odd = 2 * j + 1 < rows ? D : 0;
-    for (int64_t d = 0; d < Dp; ++d) {
-      const uint32_t lo = d < even ? bits[2 * j * ld + d] : 0;
-      const uint32_t hi = d < odd ? bits[(2 * j + 1) * ld + d] : 0;
-      out[j * Dp + d] = lo | (hi << 16);
+    for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+      const int64_t n = std::min<int64_t>(32, std::max<int64_t>(0, D - d0));
+      const __mmask32 cols = n == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+      const __mmask32 even_cols = 2 * j < rows ? cols : 0;
+      const __mmask32 odd_cols = 2 * j + 1 < rows ? cols : 0;
+      const __m512i even = _mm512_maskz_loadu_epi16(even_cols, src + 2 * j * ld + d0);
+      const __m512i odd = _mm512_maskz_loadu_epi16(odd_cols, src + (2 * j + 1) * ld + d0);
+      _mm512_storeu_si512(dst + j * Dp + d0, _mm512_permutex2var_epi16(even, low_order, odd));
+      _mm512_storeu_si512(dst + j * Dp + d0 + 16,
+                          _mm512_permutex2var_epi16(even, high_order, odd));
     }
   }
 }
@@ -259,10 +325,10 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pack_queries(
   const int64_t rows = std::min(kTile, args.T - row0);
   const int64_t block = kTile * Dp / 2;
   uint32_t* ops = s.queries + tile * 4 * block;
-  load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, ops);
+  load_words_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, ops);
   load_row_pairs(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, ops + block);
-  load_words<true>(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
-                   ops + 2 * block);
+  load_words_transposed(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
+                        ops + 2 * block);
   load_row_pairs(args.grad_out.row(bh, row0), args.grad_out.row_stride, rows, D, Dp,
                  ops + 3 * block);
   const float* lse = args.lse + bh * args.T + row0;
@@ -282,9 +348,9 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pack_queries(
 }
 
 // The key tile operands (AmxBackwardScratch::keys) into keys.
-PIPELINE_ALWAYS_INLINE void backward_pack_keys(const BackwardArgs<c10::BFloat16>& args,
-                                               int64_t bh, int64_t tile, int64_t Dp,
-                                               uint32_t* keys) {
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void backward_pack_keys(
+    const BackwardArgs<c10::BFloat16>& args, int64_t bh, int64_t tile, int64_t Dp,
+    uint32_t* keys) {
   const int64_t col0 = tile * kTile;
   const int64_t cols = std::min(kTile, args.T - col0);
   const int64_t block = kTile * Dp / 2;
@@ -530,7 +596,7 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
   const int64_t Dp = keys.Dp;
   const int64_t row0 = tile * kTile;
   const int64_t rows = std::min(kTile, args.T - row0);
-  load_words<true>(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q);
+  load_words_transposed(args.q.row(bh, row0), args.q.row_stride, rows, D, Dp, s.q);
   fill(s.o, kTile * Dp, 0.0f);
   fill(s.row_max, kTile, -std::numeric_limits<float>::infinity());
   fill(s.row_sum, kTile, 0.0f);
