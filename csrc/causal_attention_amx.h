@@ -92,7 +92,7 @@ struct AmxBackwardScratch {
   float* lse;         // (Tp) zero-padded
   float* delta;       // (Tp) rowsum(dO * O), zero-padded
   uint32_t* keys;     // 3 blocks of kTile * Dp / 2 words: K and V as words, K^T as bf16
-  float* s;           // (kTile, kTile) S^T, then P^T: row = key
+  float* s;           // (kTile, kTile) S^T, then P^T (row = key), then dS^T's residual
   float* dp;          // (kTile, kTile) dP^T, then dS^T
   uint32_t* p_rows;   // (kTile, kTile) P^T as bf16
   uint32_t* ds_rows;  // 2 (kTile, kTile) bf16: dS^T rounded, then what rounding left
