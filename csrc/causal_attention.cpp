@@ -16,8 +16,9 @@
 // kernels live in causal_attention_kernel.h and are compiled (one file each,
 // causal_attention_<isa>.cpp) for baseline x86-64, AVX2 and AVX-512, and for AVX-512 with
 // AVX512_BF16, whose bf16 dot products the forward uses for the scores of bf16 inputs, and
-// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward for bf16 inputs
-// whose two products run on AMX tiles, used where Linux grants the tile state; the widest one
+// (causal_attention_amx.cpp, built with the AVX-512 unit) an AMX forward and backward for
+// bf16 inputs whose products run on AMX tiles, used where Linux grants the tile state; the
+// widest one
 // the CPU supports and the build has is used (setup.py leaves AVX-512 out on a machine
 // without it unless PIPELINE_CPU_ISAS=all; environment variable PIPELINE_CPU_CAPABILITY =
 // default | avx2 | avx512 | avx512_bf16 | amx_bf16 caps the choice, e.g. to test the
@@ -28,7 +29,8 @@
 // (batch*head, key tile) items for dK, dV and then (batch*head, query tile) items for dQ.
 // Each item is computed by one thread in a fixed order, and both backward splits sum in
 // the same order, so results are bitwise identical from run to run and for any number of
-// threads.
+// threads. The AMX backward splits a head only where its dQ products are kept (see
+// run_backward_amx).
 //
 // The operators' schemas and all their registrations are in registration.cpp; the CPU
 // functions it registers are the ones at the end of this file (causal_attention_ops.h).
@@ -409,7 +411,7 @@ template <typename scalar_t>
 BackwardFn<scalar_t> backward_kernel(Capability cap) {
   switch (cap) {
 #ifdef PIPELINE_WITH_AVX512
-    case Capability::kAmxBf16:  // no AMX backward yet
+    case Capability::kAmxBf16:  // bf16 runs run_backward_amx; the other dtypes as here
     case Capability::kAvx512Bf16:
     case Capability::kAvx512:
       return &backward_item_avx512<scalar_t>;
@@ -502,6 +504,101 @@ void run_backward(BackwardArgs<scalar_t>& args, int64_t BH) {
             pairs_per_tile * (kept ? kTile * Dp : 3 * pair_work));
 }
 
+#ifdef PIPELINE_WITH_AVX512
+// The AMX backward of bf16 inputs (causal_attention_amx.h): batch*head items, or with fewer
+// heads than threads the split items of backward_item_amx (same bits) where the dQ products
+// fit kMaxDqPartials; beyond, one item per head even then (the split that computes P and dS
+// again has no AMX version).
+void run_backward_amx(const BackwardArgs<c10::BFloat16>& args, int64_t BH) {
+  const int64_t num_tiles = (args.T + kTile - 1) / kTile;
+  const int64_t Tp = num_tiles * kTile;
+  const int64_t Dp = round_up(args.D, kAmxDepth);
+  const int64_t block = kTile * Dp / 2;
+  const int64_t pair_work = kTile * kTile * Dp;
+  const int64_t head_work = num_tiles * (num_tiles + 1) / 2 * 5 * pair_work;
+  const int64_t threads = at::get_num_threads();
+  const int64_t partials_size = BH * dq_partials_size(num_tiles, Dp);
+  const bool split = BH < threads && BH * head_work >= 2 * threads * kMinParallelWork &&
+                     partials_size <= kMaxDqPartials;
+  using Arena = ScratchArena;
+  // Per thread: the pair's buffers, and for whole heads the head's operands and dQ^T.
+  const int64_t pair_size =
+      2 * Arena::footprint<float>(kTile * kTile) + Arena::footprint<uint32_t>(kTile * kTile / 2) +
+      2 * Arena::footprint<uint32_t>(kTile * kTile) + 3 * Arena::footprint<float>(kTile * Dp);
+  const int64_t head_size =
+      Arena::footprint<uint32_t>(num_tiles * 4 * block) + 2 * Arena::footprint<float>(Tp) +
+      Arena::footprint<uint32_t>(3 * block) + Arena::footprint<float>(Dp * amx_dqt_stride(args.T));
+  AmxBackwardScratch shared{};
+  at::Tensor shared_queries, shared_lse, shared_keys, partials;
+  if (split) {
+    shared_queries = at::empty({BH * num_tiles * 4 * block}, at::kInt);
+    shared_lse = at::empty({2 * BH * Tp}, at::kFloat);
+    shared_keys = at::empty({BH * num_tiles * 3 * block}, at::kInt);
+    partials = at::empty({partials_size}, at::kFloat);
+    shared.queries = reinterpret_cast<uint32_t*>(shared_queries.mutable_data_ptr<int32_t>());
+    shared.lse = shared_lse.mutable_data_ptr<float>();
+    shared.delta = shared.lse + BH * Tp;
+    shared.keys = reinterpret_cast<uint32_t*>(shared_keys.mutable_data_ptr<int32_t>());
+  }
+  auto for_items = [&](BackwardItem kind, int64_t num_items, int64_t work_per_item) {
+    at::parallel_for(0, num_items, grain_size(work_per_item), [&](int64_t begin, int64_t end) {
+      Arena arena(pair_size + (split ? 0 : head_size));
+      AmxBackwardScratch scratch = shared;
+      if (!split) {
+        scratch.queries = arena.take<uint32_t>(num_tiles * 4 * block);
+        scratch.lse = arena.take<float>(Tp);
+        scratch.delta = arena.take<float>(Tp);
+        scratch.keys = arena.take<uint32_t>(3 * block);
+        scratch.dqt = arena.take<float>(Dp * amx_dqt_stride(args.T));
+      }
+      scratch.s = arena.take<float>(kTile * kTile);
+      scratch.dp = arena.take<float>(kTile * kTile);
+      scratch.p_rows = arena.take<uint32_t>(kTile * kTile / 2);
+      scratch.ds_rows = arena.take<uint32_t>(kTile * kTile);
+      scratch.ds_pairs = arena.take<uint32_t>(kTile * kTile);
+      scratch.dk = arena.take<float>(kTile * Dp);
+      scratch.dv = arena.take<float>(kTile * Dp);
+      scratch.dq_pair = arena.take<float>(kTile * Dp);
+      amx_tiles_begin();
+      for (const auto i : c10::irange(begin, end)) {
+        if (kind == BackwardItem::kHead) {
+          backward_head_amx(args, i, Dp, scratch);
+        } else {
+          const int64_t tile = kind == BackwardItem::kPrepare
+                                   ? i % num_tiles
+                                   : interleaved_tile(i % num_tiles, num_tiles);
+          backward_item_amx(args, kind, i / num_tiles, tile, Dp, scratch,
+                            split ? partials.mutable_data_ptr<float>() : nullptr);
+        }
+      }
+      amx_tiles_end();
+    });
+  };
+  if (!split) {
+    for_items(BackwardItem::kHead, BH, head_work);
+    return;
+  }
+  const int64_t pairs_per_tile = (num_tiles + 1) / 2;
+  for_items(BackwardItem::kPrepare, BH * num_tiles, 5 * kTile * Dp);
+  for_items(BackwardItem::kKeys, BH * num_tiles, pairs_per_tile * 5 * pair_work);
+  for_items(BackwardItem::kQueries, BH * num_tiles, pairs_per_tile * kTile * Dp);
+}
+#endif
+
+// run_backward, or the AMX backward for bf16 where the capability is amx_bf16.
+template <typename scalar_t>
+void run_backward_any(BackwardArgs<scalar_t>& args, int64_t BH) {
+#ifdef PIPELINE_WITH_AVX512
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (active_capability() == Capability::kAmxBf16) {
+      run_backward_amx(args, BH);
+      return;
+    }
+  }
+#endif
+  run_backward(args, BH);
+}
+
 // The backward on (B, H, T, D) tensors with a contiguous last dimension (dq, dk, dv
 // allocated by the caller in any such layout).
 void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -530,7 +627,7 @@ void backward_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         args.T = q.size(2);
         args.D = q.size(3);
         args.scale = softmax_scale<acc_t>(args.D);
-        run_backward(args, q.size(0) * q.size(1));
+        run_backward_any(args, q.size(0) * q.size(1));
       });
 }
 

@@ -220,6 +220,24 @@ def test_amx_tiles_are_used_where_the_cpu_has_them(monkeypatch: pytest.MonkeyPat
     assert torch.equal(tiles32, causal_attention(q32, k32, v32))
 
 
+def test_amx_backward_runs_on_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AMX CPU runs the bf16 backward on AMX tiles too (P and dS rounded to bf16 for their
+    products): from the same out and lse its gradients are not avx512_bf16's, and both are as
+    accurate as SDPA's (test_every_instruction_set, test_matches_sdpa_bfloat16)."""
+    if not cpu_has_amx():
+        pytest.skip("this CPU has no AMX bf16 tiles (/proc/cpuinfo: amx_tile, amx_bf16)")
+    monkeypatch.delenv("PIPELINE_CPU_CAPABILITY", raising=False)
+    q, k, v = make_qkv((1, 2, 300, 64), torch.bfloat16)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out, lse = fwd_op(q, k, v)
+    tiles = bwd_op(grad_out, q, k, v, out, lse)
+    monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx512_bf16")
+    vectors = bwd_op(grad_out, q, k, v, out, lse)
+    for name, a, b in zip(("dq", "dk", "dv"), tiles, vectors, strict=True):
+        assert not torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
 def test_unknown_capability_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_CPU_CAPABILITY", "avx9000")
     with pytest.raises(RuntimeError, match="PIPELINE_CPU_CAPABILITY must be one of"):

@@ -67,3 +67,4 @@ def test_the_avx512_kernels_left_out_here_still_compile(tmp_path: Path) -> None:
     assert "forward_tile_avx512_bf16(" in symbols
     amx = compiled_symbols("causal_attention_amx.cpp", tmp_path)  # built with the AVX-512 unit
     assert "forward_tile_amx(" in amx and "amx_pack_keys(" in amx
+    assert "backward_head_amx(" in amx and "backward_item_amx(" in amx
