@@ -301,16 +301,16 @@ void run_forward_amx(const ForwardArgs<c10::BFloat16>& args, int64_t BH) {
   });
   using Arena = ScratchArena;
   const int64_t scratch_size =
-      Arena::footprint<uint32_t>(kTile * Dp / 2) + Arena::footprint<float>(kTile * kTile) +
-      Arena::footprint<uint32_t>(kTile * kTile / 2) + 2 * Arena::footprint<float>(kTile * Dp) +
+      Arena::footprint<uint32_t>(kTile * Dp / 2) + Arena::footprint<float>(2 * kTile * kTile) +
+      Arena::footprint<uint32_t>(kTile * kTile) + 2 * Arena::footprint<float>(kTile * Dp) +
       3 * Arena::footprint<float>(kTile);
   const int64_t work = (num_tiles + 1) * kTile * kTile * Dp;
   at::parallel_for(0, BH * num_tiles, grain_size(work), [&](int64_t begin, int64_t end) {
     Arena arena(scratch_size);
     AmxForwardScratch scratch{};
     scratch.q = arena.take<uint32_t>(kTile * Dp / 2);
-    scratch.s = arena.take<float>(kTile * kTile);
-    scratch.p = arena.take<uint32_t>(kTile * kTile / 2);
+    scratch.s = arena.take<float>(2 * kTile * kTile);
+    scratch.p = arena.take<uint32_t>(kTile * kTile);
     scratch.o = arena.take<float>(kTile * Dp);
     scratch.pv = arena.take<float>(kTile * Dp);
     scratch.row_max = arena.take<float>(kTile);

@@ -153,11 +153,12 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i interleave_bf16(const fl
   return _mm512_permutexvar_epi16(order, pairs);
 }
 
-// The online softmax of one key tile on S^T (row = key n, column = query m), vectorised
-// across queries as in forward_tile_scores: keys after a query on the diagonal set to -inf,
-// running max and sums, the factors of O^T's columns (s.alpha), and P^T written as bf16 word
-// pairs (s.p, (kTile / 2, kTile), zero for keys >= cols). The scale (> 0) is applied to the
-// tile's largest score and inside the exp's argument, not in a pass of its own.
+// The online softmax of one step's keys (one key tile, or two) on S^T (row = key n, column =
+// query m), vectorised across queries as in forward_tile_scores: keys after a query on the
+// diagonal set to -inf, running max and sums, the factors of O^T's columns (s.alpha), and
+// P^T written as bf16 word pairs (s.p, (kTile / 2, kTile) per key tile, zero for keys >=
+// cols). The scale (> 0) is applied to the step's largest score and inside the exp's
+// argument, not in a pass of its own.
 PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
     bool diagonal, int64_t cols, int64_t q_cols, float scale, const AmxForwardScratch& s) {
   float m_new[kTile];
@@ -191,8 +192,9 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
       sum[m] += e;
     }
   }
-  fill(s.s + cols * kTile, (kTile - cols) * kTile, 0.0f);
-  for (int64_t j = 0; j < kTile / 2; ++j) {
+  const int64_t key_rows = round_up(cols, kTile);
+  fill(s.s + cols * kTile, (key_rows - cols) * kTile, 0.0f);
+  for (int64_t j = 0; j < key_rows / 2; ++j) {
     for (int64_t m = 0; m < q_cols; m += 16) {
       _mm512_storeu_si512(s.p + j * kTile + m,
                           interleave_bf16(s.s + 2 * j * kTile + m, s.s + (2 * j + 1) * kTile + m));
@@ -220,30 +222,42 @@ PIPELINE_ALWAYS_INLINE void rescale_and_add(int64_t Dp, int64_t q_cols,
   }
 }
 
-// Key tile kv_tile's step for the query tile at row0: S^T = K Q^T, the softmax, O^T += V^T
-// P^T. On the diagonal, 32-query blocks skip the key blocks after them.
-PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tile(
+// The step of `tiles` key tiles from kv_tile (2 only before the diagonal, where both are
+// whole) for the query tile at row0: S^T = K Q^T, the softmax, O^T += V^T P^T. Two tiles
+// at once give each block of P V 4 products of depth 32 between loading and storing its C
+// tiles, and halve the rescaling of O^T. On the diagonal, 32-query blocks skip the key blocks
+// after them.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void forward_key_tiles(
     const ForwardArgs<c10::BFloat16>& args, const AmxKeys& keys, int64_t bh, int64_t row0,
-    int64_t kv_tile, int64_t query_blocks, const AmxForwardScratch& s) {
+    int64_t kv_tile, int64_t tiles, int64_t query_blocks, const AmxForwardScratch& s) {
   const int64_t Dp = keys.Dp;
   const int64_t col0 = kv_tile * kTile;
   const bool diagonal = col0 == row0;
-  const int64_t cols = std::min(kTile, args.T - col0);
+  const int64_t cols = std::min(tiles * kTile, args.T - col0);
   const int64_t key_blocks = (cols + 31) / 32;
-  const uint32_t* k_words = keys.block(bh, kv_tile);
-  const uint32_t* vt_pairs = k_words + kTile * Dp / 2;
   for (int64_t nb = 0; nb < key_blocks; ++nb) {
+    const uint32_t* k_words = keys.block(bh, kv_tile + nb / 2) + nb % 2 * 32 * (Dp / 2);
     for (int64_t mb = diagonal ? nb : 0; mb < query_blocks; ++mb) {
-      tile_block_32x32<false>(k_words + nb * 32 * (Dp / 2), Dp * 2, s.q + mb * 32, kTile * 4,
-                              Dp / kAmxDepth, s.s + nb * 32 * kTile + mb * 32, kTile * 4);
+      tile_block_32x32<false>(k_words, Dp * 2, s.q + mb * 32, kTile * 4, Dp / kAmxDepth,
+                              s.s + nb * 32 * kTile + mb * 32, kTile * 4);
     }
   }
   softmax_columns(diagonal, cols, query_blocks * 32, args.scale, s);
+  const uint32_t* vt_pairs = keys.block(bh, kv_tile) + kTile * Dp / 2;
+  const uint32_t* vt_pairs2 = keys.block(bh, kv_tile + tiles - 1) + kTile * Dp / 2;
   for (int64_t db = 0; db < Dp / 32; ++db) {
+    const int64_t a_offset = db * 32 * (kTile / 2);
     for (int64_t mb = 0; mb < query_blocks; ++mb) {
       const int64_t steps = diagonal ? std::min(mb + 1, key_blocks) : key_blocks;
-      tile_block_32x32<false>(vt_pairs + db * 32 * (kTile / 2), kTile * 2, s.p + mb * 32,
-                              kTile * 4, steps, s.pv + db * 32 * kTile + mb * 32, kTile * 4);
+      float* pv = s.pv + db * 32 * kTile + mb * 32;
+      if (tiles == 2) {
+        tile_block_32x32<false>(vt_pairs + a_offset, kTile * 2, s.p + mb * 32, kTile * 4, 2, pv,
+                                kTile * 4, vt_pairs2 + a_offset,
+                                s.p + kTile / 2 * kTile + mb * 32);
+      } else {
+        tile_block_32x32<false>(vt_pairs + a_offset, kTile * 2, s.p + mb * 32, kTile * 4, steps,
+                                pv, kTile * 4);
+      }
     }
   }
   rescale_and_add(Dp, query_blocks * 32, s);
@@ -601,8 +615,10 @@ PIPELINE_TARGET_AMX_BF16 void forward_tile_amx(const ForwardArgs<c10::BFloat16>&
   fill(s.row_max, kTile, -std::numeric_limits<float>::infinity());
   fill(s.row_sum, kTile, 0.0f);
   const int64_t query_blocks = (rows + 31) / 32;
-  for (int64_t kv_tile = 0; kv_tile <= tile; ++kv_tile) {
-    forward_key_tile(args, keys, bh, row0, kv_tile, query_blocks, s);
+  for (int64_t kv_tile = 0; kv_tile <= tile;) {
+    const int64_t tiles = kv_tile + 1 < tile ? 2 : 1;
+    forward_key_tiles(args, keys, bh, row0, kv_tile, tiles, query_blocks, s);
+    kv_tile += tiles;
   }
   store_output(args, bh, row0, rows, query_blocks * 32, s);
 }

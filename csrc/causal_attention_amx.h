@@ -69,8 +69,8 @@ struct AmxKeys {
 // Per-thread scratch of forward_tile_amx, sizes in elements.
 struct AmxForwardScratch {
   uint32_t* q;      // (Dp / 2, kTile) Q^T as words: word p of query m at [p][m]
-  float* s;         // (kTile, kTile) S^T, then P^T: row = key
-  uint32_t* p;      // (kTile / 2, kTile) P^T as bf16 pairs of keys (rows 2j, 2j + 1 at [j])
+  float* s;         // (2 kTile, kTile) S^T, then P^T: row = key (two key tiles at most)
+  uint32_t* p;      // (kTile, kTile) P^T as bf16 pairs of keys (rows 2j, 2j + 1 at [j])
   float* o;         // (Dp, kTile) O^T, unnormalised
   float* pv;        // (Dp, kTile) one tile pair's V^T P^T
   float* row_max;   // (kTile) per query
