@@ -181,23 +181,31 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
     const float tile_max = m_new[m] * scale;
     m_new[m] = s.row_max[m] < tile_max ? tile_max : s.row_max[m];
   }
-  for (int64_t n = 0; n < cols; ++n) {
-    float* __restrict st = s.s + n * kTile;
-    const int64_t first = diagonal ? n / 16 * 16 : 0;
-    fill(st, first, 0.0f);
+  const int64_t key_rows = round_up(cols, kTile);
+  // Keys 2j and 2j + 1 at once: their exps are packed as bf16 pairs as soon as they are
+  // stored, in the same pass over S^T.
+  for (int64_t j = 0; j < key_rows / 2; ++j) {
+    float* __restrict even = s.s + 2 * j * kTile;
+    float* __restrict odd = even + kTile;
+    if (2 * j >= cols) {
+      fill(s.p + j * kTile, q_cols, uint32_t{0});
+      continue;
+    }
+    const bool has_odd = 2 * j + 1 < cols;
+    const int64_t first = diagonal ? 2 * j / 16 * 16 : 0;
+    fill(even, first, 0.0f);
+    fill(odd, first, 0.0f);
 #pragma omp simd
     for (int64_t m = first; m < q_cols; ++m) {
-      const float e = softmax_exp(st[m] * scale - m_new[m]);
-      st[m] = e;
-      sum[m] += e;
+      const float e0 = softmax_exp(even[m] * scale - m_new[m]);
+      const float e1 = has_odd ? softmax_exp(odd[m] * scale - m_new[m]) : 0.0f;
+      even[m] = e0;
+      odd[m] = e1;
+      sum[m] += e0;
+      sum[m] += e1;
     }
-  }
-  const int64_t key_rows = round_up(cols, kTile);
-  fill(s.s + cols * kTile, (key_rows - cols) * kTile, 0.0f);
-  for (int64_t j = 0; j < key_rows / 2; ++j) {
     for (int64_t m = 0; m < q_cols; m += 16) {
-      _mm512_storeu_si512(s.p + j * kTile + m,
-                          interleave_bf16(s.s + 2 * j * kTile + m, s.s + (2 * j + 1) * kTile + m));
+      _mm512_storeu_si512(s.p + j * kTile + m, interleave_bf16(even + m, odd + m));
     }
   }
 #pragma omp simd
