@@ -153,6 +153,29 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 __m512i interleave_bf16(const fl
   return _mm512_permutexvar_epi16(order, pairs);
 }
 
+// m_new (kTile) = the largest of each column of rows [0, cols) of scores (cols even), in
+// registers: in memory each row's maxima waited for the previous row's stores.
+PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void column_max(const float* scores,
+                                                                int64_t cols, float* m_new) {
+  constexpr int kVectors = kTile / 16;
+  __m512 even[kVectors];
+  __m512 odd[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    even[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    odd[v] = even[v];
+  }
+  for (int64_t n = 0; n < cols; n += 2) {
+    const float* row = scores + n * kTile;
+    for (int v = 0; v < kVectors; ++v) {
+      even[v] = _mm512_max_ps(_mm512_loadu_ps(row + 16 * v), even[v]);
+      odd[v] = _mm512_max_ps(_mm512_loadu_ps(row + kTile + 16 * v), odd[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    _mm512_storeu_ps(m_new + 16 * v, _mm512_max_ps(odd[v], even[v]));
+  }
+}
+
 // The online softmax of one step's keys (one key tile, or two) on S^T (row = key n, column =
 // query m), vectorised across queries as in forward_tile_scores: keys after a query on the
 // diagonal set to -inf, running max and sums, the factors of O^T's columns (s.alpha), and
@@ -163,17 +186,21 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void softmax_columns(
     bool diagonal, int64_t cols, int64_t q_cols, float scale, const AmxForwardScratch& s) {
   float m_new[kTile];
   float sum[kTile];
-  fill(m_new, q_cols, -std::numeric_limits<float>::infinity());
   fill(sum, q_cols, 0.0f);
-  for (int64_t n = 0; n < cols; ++n) {
-    float* __restrict st = s.s + n * kTile;
-    const int64_t first = diagonal ? n / 16 * 16 : 0;  // the columns computed for key n
-    if (diagonal) {
-      fill(st + first, n - first, -std::numeric_limits<float>::infinity());
-    }
+  if (!diagonal && q_cols == kTile && cols % 2 == 0) {  // whole tiles: most steps
+    column_max(s.s, cols, m_new);
+  } else {
+    fill(m_new, q_cols, -std::numeric_limits<float>::infinity());
+    for (int64_t n = 0; n < cols; ++n) {
+      float* __restrict st = s.s + n * kTile;
+      const int64_t first = diagonal ? n / 16 * 16 : 0;  // the columns computed for key n
+      if (diagonal) {
+        fill(st + first, n - first, -std::numeric_limits<float>::infinity());
+      }
 #pragma omp simd
-    for (int64_t m = first; m < q_cols; ++m) {
-      m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
+      for (int64_t m = first; m < q_cols; ++m) {
+        m_new[m] = m_new[m] < st[m] ? st[m] : m_new[m];
+      }
     }
   }
 #pragma omp simd
