@@ -317,10 +317,18 @@ PIPELINE_ALWAYS_INLINE PIPELINE_TARGET_AMX_BF16 void store_output(
                           (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
+  // Column r of `rounded` by gathers of 16 words at bf16 r of rows d..d + 15: the low half
+  // is the element, the high half (the next one; past the last row, still inside s.pv) is
+  // dropped.
+  const __m512i offsets = row_offsets(kTile);
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* __restrict out = reinterpret_cast<uint16_t*>(args.out.row(bh, row0 + r));
-    for (int64_t d = 0; d < args.D; ++d) {
-      out[d] = rounded[d * kTile + r];
+    for (int64_t d0 = 0; d0 < args.D; d0 += 16) {
+      const int64_t n = std::min<int64_t>(16, args.D - d0);
+      const __mmask16 mask = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets,
+                                                        rounded + d0 * kTile + r, 1);
+      _mm256_mask_storeu_epi16(out + d0, mask, _mm512_cvtepi32_epi16(words));
     }
   }
   float* __restrict lse = args.lse + bh * args.T + row0;
