@@ -123,14 +123,20 @@ def test_kv_cache_logits_match_full_forward(backend):
         model(idx[:, :1], cache)
 
 
-def test_fused_takes_bfloat16_inputs_with_float32_accumulation():
+def test_fused_takes_bfloat16_inputs_as_accurately_as_sdpa():
+    """bf16 in, bf16 out, accumulated in float32. On AMX the probabilities are rounded to bf16
+    for P V (as SDPA's bf16 path and FlashAttention do), so an output may be an ulp off the
+    float32 result rounded; its error against float64 stays within SDPA-bf16's."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.bfloat16) for _ in range(3))
     fused = build_attention("fused", context_length=16).eval()
-    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     out = fused(q, k, v)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected.bfloat16())
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rounded = exact.float().bfloat16()
+    error = (out.double() - exact).abs().max()
+    assert error <= max((sdpa.double() - exact).abs().max(), (rounded.double() - exact).abs().max())
 
 
 def test_fused_matches_sdpa_under_bf16_autocast():
